@@ -1,0 +1,908 @@
+//! The step scheduler: one [`Scheduler::schedule`] per model step builds the batch, one
+//! [`Scheduler::update`] applies what the model sampled.
+//!
+//! Every sequence just has "tokens computed so far" (vLLM-v1 style): a prefill chunk and
+//! a decode token are both "compute the next n tokens", so they share one token budget
+//! in the same step. Each step:
+//! 1. waiting requests strictly more urgent than the least urgent running ones take
+//!    their seats when the seat limit is what keeps them out (priority preemption);
+//! 2. running sequences, most urgent first, get their next tokens; when blocks run out
+//!    the least urgent running sequence is preempted (by recompute) until they fit;
+//! 3. waiting requests, most urgent first, are admitted while seats, budget and blocks
+//!    (above the watermark) allow, starting from their longest cached prefix. Admission
+//!    is strict: if the most urgent waiting request does not fit, nobody behind it
+//!    jumps ahead, so a big urgent request is not starved by small ones.
+//!
+//! Thrash guard: priority preemption only takes a sequence that has produced at least
+//! one token since it was last admitted, so every admission makes progress. Urgency keys
+//! are time-invariant (see [`crate::queue`]), so two requests can never preempt each
+//! other back and forth.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::batch::{SampledToken, ScheduledBatch, ScheduledSeq, SequenceTokens, StepEvent};
+use crate::error::CoreError;
+use crate::kv::{BlockPool, BlockTable, KvStats, DEFAULT_BLOCK_SIZE};
+use crate::queue::{AgingQueue, PutOutcome, UrgencyKey, DEFAULT_AGING_RATE};
+use crate::request::{FinishReason, Priority, Request, RequestId, RequestStatus, TokenId};
+
+/// Limits and policies of one scheduler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// Most sequences in one step.
+    pub max_running: usize,
+    /// Most tokens (prefill and decode together) in one step.
+    pub max_batched_tokens: usize,
+    /// Most prompt tokens of one sequence in one step.
+    pub prefill_chunk: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    /// Fraction of blocks kept free when admitting new sequences, so that running ones
+    /// can grow without being preempted at once.
+    pub watermark: f64,
+    /// Priority levels gained per second of waiting.
+    pub aging_rate: f64,
+    /// Most waiting requests; None is unbounded.
+    pub queue_capacity: Option<usize>,
+    /// The model's context length: prompt + max_tokens must fit.
+    pub max_model_len: usize,
+    pub enable_prefix_cache: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_running: 256,
+            max_batched_tokens: 2048,
+            prefill_chunk: 512,
+            num_blocks: 4096,
+            block_size: DEFAULT_BLOCK_SIZE,
+            watermark: 0.01,
+            aging_rate: DEFAULT_AGING_RATE,
+            queue_capacity: None,
+            max_model_len: 8192,
+            enable_prefix_cache: true,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    pub fn validate(&self) -> Result<(), CoreError> {
+        let bad = |param: &'static str, reason: &str| {
+            Err(CoreError::InvalidParam {
+                param,
+                reason: reason.to_string(),
+            })
+        };
+        if self.max_running == 0 {
+            return bad("max_running", "must be >= 1");
+        }
+        if self.max_batched_tokens == 0 {
+            return bad("max_batched_tokens", "must be >= 1");
+        }
+        if self.prefill_chunk == 0 {
+            return bad("prefill_chunk", "must be >= 1");
+        }
+        if self.num_blocks == 0 || self.block_size == 0 {
+            return bad("num_blocks", "blocks and block size must be >= 1");
+        }
+        if !(0.0..1.0).contains(&self.watermark) {
+            return bad("watermark", "must be in [0, 1)");
+        }
+        if !(self.aging_rate.is_finite() && self.aging_rate >= 0.0) {
+            return bad("aging_rate", "must be >= 0");
+        }
+        if self.queue_capacity == Some(0) {
+            return bad("queue_capacity", "must be >= 1 when set");
+        }
+        Ok(())
+    }
+
+    /// Longest sequence (prompt + output) this scheduler can ever hold.
+    pub fn max_sequence_len(&self) -> usize {
+        self.max_model_len.min(self.num_blocks * self.block_size)
+    }
+}
+
+/// A request accepted by [`Scheduler::add`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddOutcome {
+    Queued,
+    /// Queued by displacing this less urgent waiting request, which is now cancelled.
+    QueuedDisplacing(RequestId),
+}
+
+/// Why [`Scheduler::add`] turned a request away.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AddError {
+    #[error(transparent)]
+    Invalid(#[from] CoreError),
+    /// The waiting queue is full of requests at least as urgent (HTTP 429).
+    #[error("the waiting queue is full")]
+    QueueFull,
+}
+
+/// Counters of a scheduler, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SchedulerStats {
+    /// Waiting requests by base priority: [high, normal, low].
+    pub waiting: [usize; 3],
+    pub running: usize,
+    /// Preemptions since start (memory and priority).
+    pub preemptions: u64,
+    /// Requests refused because the queue was full, and those displaced from it.
+    pub refused: u64,
+    pub displaced: u64,
+    pub kv: KvStats,
+}
+
+#[derive(Debug)]
+struct Sequence {
+    priority: Priority,
+    arrival: f64,
+    key: UrgencyKey,
+    status: RequestStatus,
+    request: Request,
+    /// Prompt then generated tokens.
+    tokens: Vec<TokenId>,
+    /// Tokens whose keys and values are in the cache.
+    num_computed: usize,
+    table: BlockTable,
+    /// Prompt tokens served from the prefix cache at first admission (for usage).
+    cached_prompt_tokens: Option<usize>,
+    /// `tokens.len()` when last admitted: progress is measured from here.
+    len_at_admission: usize,
+}
+
+impl Sequence {
+    fn num_generated(&self) -> usize {
+        self.tokens.len() - self.request.prompt.len()
+    }
+}
+
+/// The continuous-batching scheduler of one model.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    pool: BlockPool,
+    waiting: AgingQueue<()>,
+    /// Running (and prefilling) sequences by urgency.
+    running: BTreeMap<UrgencyKey, RequestId>,
+    seqs: HashMap<RequestId, Sequence>,
+    /// (id, tokens) computed by the last scheduled batch, applied by `update`.
+    in_flight: Vec<(RequestId, usize)>,
+    preemptions: u64,
+    refused: u64,
+    displaced: u64,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Result<Self, CoreError> {
+        config.validate()?;
+        Ok(Scheduler {
+            pool: BlockPool::new(config.num_blocks, config.block_size),
+            waiting: AgingQueue::new(config.aging_rate, config.queue_capacity),
+            running: BTreeMap::new(),
+            seqs: HashMap::new(),
+            in_flight: Vec::new(),
+            preemptions: 0,
+            refused: 0,
+            displaced: 0,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Offers a request. Invalid requests and a full queue are refused; a full queue may
+    /// instead cancel a strictly less urgent waiting request to make room.
+    pub fn add(&mut self, request: Request) -> Result<AddOutcome, AddError> {
+        request.validate()?;
+        if self.seqs.contains_key(&request.id) {
+            return Err(CoreError::DuplicateRequest(request.id).into());
+        }
+        let needed = request.prompt.len() + request.stop.max_tokens;
+        let limit = self.config.max_sequence_len();
+        if needed > limit {
+            return Err(CoreError::ContextTooLong { needed, limit }.into());
+        }
+        let (id, priority, arrival) = (request.id, request.priority, request.arrival);
+        let outcome = match self.waiting.put(id, priority, arrival, ()) {
+            PutOutcome::Queued => AddOutcome::Queued,
+            PutOutcome::Displaced(victim, ()) => {
+                self.seqs.remove(&victim);
+                self.displaced += 1;
+                AddOutcome::QueuedDisplacing(victim)
+            }
+            PutOutcome::Refused(()) => {
+                self.refused += 1;
+                return Err(AddError::QueueFull);
+            }
+        };
+        let key = self.waiting.key(id).expect("just queued");
+        self.seqs.insert(
+            id,
+            Sequence {
+                priority,
+                arrival,
+                key,
+                status: RequestStatus::Waiting,
+                tokens: request.prompt.clone(),
+                request,
+                num_computed: 0,
+                table: BlockTable::default(),
+                cached_prompt_tokens: None,
+                len_at_admission: 0,
+            },
+        );
+        Ok(outcome)
+    }
+
+    /// Cancels a request wherever it is; its blocks return to the pool. False if unknown
+    /// (already ended).
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        self.end(id, RequestStatus::Cancelled).is_ok()
+    }
+
+    /// Ends a running request from outside, e.g. when the engine matched a stop string.
+    pub fn finish(&mut self, id: RequestId, reason: FinishReason) -> Result<(), CoreError> {
+        self.end(id, RequestStatus::Finished(reason))
+    }
+
+    /// Whether anything is waiting or running.
+    pub fn has_work(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+
+    pub fn status(&self, id: RequestId) -> Option<RequestStatus> {
+        self.seqs.get(&id).map(|s| s.status)
+    }
+
+    /// Prompt tokens of `id` served from the prefix cache when it was first admitted.
+    pub fn cached_prompt_tokens(&self, id: RequestId) -> Option<usize> {
+        self.seqs.get(&id).and_then(|s| s.cached_prompt_tokens)
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            waiting: self.waiting.len_per_priority(),
+            running: self.running.len(),
+            preemptions: self.preemptions,
+            refused: self.refused,
+            displaced: self.displaced,
+            kv: self.pool.stats(),
+        }
+    }
+
+    /// Builds the next step's batch.
+    ///
+    /// No clock is needed here: aging is carried by the requests' arrival times, which
+    /// order exactly like effective priorities at any common `now` (see [`crate::queue`]).
+    pub fn schedule(&mut self) -> ScheduledBatch {
+        debug_assert!(self.in_flight.is_empty(), "schedule called twice without update");
+        let mut batch = ScheduledBatch::default();
+        let mut budget = self.config.max_batched_tokens;
+
+        self.preempt_for_priority(&mut batch);
+        let priority_preemptions = batch.preempted.len();
+
+        // Running sequences, most urgent first.
+        let order: Vec<RequestId> = self.running.values().copied().collect();
+        for id in order {
+            if budget == 0 {
+                break;
+            }
+            if self.seqs[&id].status.is_waiting() {
+                continue; // preempted to make room for a more urgent sequence
+            }
+            let seq = &self.seqs[&id];
+            let remaining = seq.tokens.len() - seq.num_computed;
+            let n = remaining.min(budget).min(self.config.prefill_chunk);
+            let target = seq.num_computed + n;
+            if !self.make_room(id, target, &mut batch) {
+                continue; // preempted itself: nothing less urgent was left to take
+            }
+            budget -= n;
+            batch.seqs.push(self.scheduled(id, n));
+        }
+
+        // Admit waiting requests unless this step had to preempt for memory.
+        let memory_pressure = batch.preempted.len() > priority_preemptions;
+        while budget > 0
+            && self.running.len() < self.config.max_running
+            && !memory_pressure
+        {
+            let Some((id, _, _)) = self.waiting.peek() else { break };
+            let Some(n) = self.try_admit(id, budget) else { break };
+            budget -= n;
+            batch.seqs.push(self.scheduled(id, n));
+        }
+
+        self.in_flight = batch.seqs.iter().map(|s| (s.id, s.tokens.len())).collect();
+        batch
+    }
+
+    /// Applies a step's sampled tokens: appends them, applies EOS / stop-token /
+    /// max_tokens rules, frees finished sequences' blocks. Returns one event per token.
+    pub fn update(&mut self, sampled: &[SampledToken]) -> Vec<StepEvent> {
+        for (id, n) in std::mem::take(&mut self.in_flight) {
+            let Some(seq) = self.seqs.get_mut(&id) else { continue };
+            if !matches!(seq.status, RequestStatus::Prefilling | RequestStatus::Running) {
+                continue;
+            }
+            seq.num_computed += n;
+            if self.config.enable_prefix_cache {
+                self.pool
+                    .register_computed(&mut seq.table, &seq.tokens, seq.num_computed);
+            }
+        }
+
+        let mut events = Vec::with_capacity(sampled.len());
+        for s in sampled {
+            let Some(seq) = self.seqs.get_mut(&s.id) else { continue };
+            if seq.num_computed != seq.tokens.len() {
+                continue; // not a step that ends in logits, or a stale output
+            }
+            seq.tokens.push(s.token);
+            if seq.status == RequestStatus::Prefilling {
+                seq.status
+                    .transition(RequestStatus::Running)
+                    .expect("prefilling becomes running");
+            }
+            let finish = if seq.request.stop.is_stop_token(s.token) {
+                Some(FinishReason::Stop)
+            } else if seq.num_generated() >= seq.request.stop.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            events.push(StepEvent {
+                id: s.id,
+                token: s.token,
+                finish,
+            });
+            if let Some(reason) = finish {
+                self.end(s.id, RequestStatus::Finished(reason))
+                    .expect("a running sequence can finish");
+            }
+        }
+        events
+    }
+
+    /// Takes seats from the least urgent running sequences for strictly more urgent
+    /// waiting ones, when the seat limit is what keeps them out.
+    fn preempt_for_priority(&mut self, batch: &mut ScheduledBatch) {
+        if self.running.len() < self.config.max_running {
+            return;
+        }
+        let mut victims = Vec::new();
+        let mut candidates = self.running.iter().rev();
+        for (_, _, waiting_key) in self.waiting.iter() {
+            let Some((&key, &victim)) = candidates.next() else { break };
+            let seq = &self.seqs[&victim];
+            let progressed = seq.tokens.len() > seq.len_at_admission;
+            if !waiting_key.strictly_more_urgent(&key) || !progressed {
+                break;
+            }
+            victims.push(victim);
+        }
+        for victim in victims {
+            self.preempt(victim, batch);
+        }
+    }
+
+    /// Ensures `id` has blocks for `target` tokens, preempting the least urgent running
+    /// sequences as needed. False if `id` itself had to be preempted.
+    fn make_room(&mut self, id: RequestId, target: usize, batch: &mut ScheduledBatch) -> bool {
+        loop {
+            let seq = self.seqs.get_mut(&id).expect("running sequence exists");
+            if self.pool.grow(&mut seq.table, target) {
+                return true;
+            }
+            let (_, &victim) = self
+                .running
+                .last_key_value()
+                .expect("the sequence itself is running");
+            self.preempt(victim, batch);
+            if victim == id {
+                return false;
+            }
+        }
+    }
+
+    /// Admits the most urgent waiting request if seats, budget and blocks allow; returns
+    /// the number of tokens it computes this step.
+    fn try_admit(&mut self, id: RequestId, budget: usize) -> Option<usize> {
+        let watermark = (self.config.watermark * self.config.num_blocks as f64).ceil() as usize;
+        let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
+        let (mut table, cached) = if self.config.enable_prefix_cache {
+            self.pool.lookup_prefix(&seq.tokens, 1)
+        } else {
+            (BlockTable::default(), 0)
+        };
+        let n = (seq.tokens.len() - cached)
+            .min(budget)
+            .min(self.config.prefill_chunk);
+        let target = cached + n;
+        let new_blocks = self.pool.blocks_for(target) - table.len();
+        let fits = self.pool.num_allocatable() >= new_blocks + watermark
+            && self.pool.grow(&mut table, target);
+        if !fits {
+            self.pool
+                .free_table(table)
+                .expect("blocks retained by the lookup are released once");
+            return None;
+        }
+        self.waiting.pop();
+        if seq.cached_prompt_tokens.is_none() {
+            let prompt_len = seq.request.prompt.len();
+            let hit = cached.min(prompt_len);
+            seq.cached_prompt_tokens = Some(hit);
+            self.pool.record_prefix_lookup(hit, prompt_len - hit);
+        }
+        seq.table = table;
+        seq.num_computed = cached;
+        seq.len_at_admission = seq.tokens.len();
+        seq.status
+            .transition(RequestStatus::Prefilling)
+            .expect("a waiting sequence can be admitted");
+        self.running.insert(seq.key, id);
+        Some(n)
+    }
+
+    /// Preempts by recompute: blocks freed (cached ones stay findable), generated tokens
+    /// kept, back to the waiting queue with the original arrival so it keeps aging.
+    fn preempt(&mut self, id: RequestId, batch: &mut ScheduledBatch) {
+        let seq = self.seqs.get_mut(&id).expect("preempted sequence exists");
+        seq.status
+            .transition(RequestStatus::Preempted)
+            .expect("only running sequences are preempted");
+        self.running.remove(&seq.key);
+        let table = std::mem::take(&mut seq.table);
+        self.pool.free_table(table).expect("a table is freed once");
+        seq.num_computed = 0;
+        self.waiting.requeue(id, seq.priority, seq.arrival, ());
+        // The queue assigns a fresh tie-breaker; keep the sequence's key in sync.
+        seq.key = self.waiting.key(id).expect("just requeued");
+        self.preemptions += 1;
+        batch.seqs.retain(|s| s.id != id);
+        batch.preempted.push(id);
+    }
+
+    fn scheduled(&self, id: RequestId, n: usize) -> ScheduledSeq {
+        let seq = &self.seqs[&id];
+        let start = seq.num_computed;
+        ScheduledSeq {
+            id,
+            tokens: seq.tokens[start..start + n].to_vec(),
+            start_position: start,
+            block_table: seq.table.blocks().to_vec(),
+            needs_logits: start + n == seq.tokens.len(),
+            sampling: seq.request.sampling,
+            num_generated: seq.num_generated(),
+        }
+    }
+
+    fn end(&mut self, id: RequestId, to: RequestStatus) -> Result<(), CoreError> {
+        let seq = self.seqs.get_mut(&id).ok_or(CoreError::UnknownRequest(id))?;
+        seq.status.transition(to)?;
+        let seq = self.seqs.remove(&id).expect("checked above");
+        self.waiting.remove(id);
+        self.running.remove(&seq.key);
+        self.in_flight.retain(|(other, _)| *other != id);
+        self.pool.free_table(seq.table)
+    }
+}
+
+impl SequenceTokens for Scheduler {
+    fn sequence_tokens(&self, id: RequestId) -> &[TokenId] {
+        self.seqs.get(&id).map_or(&[], |s| &s.tokens)
+    }
+
+    fn prompt_len(&self, id: RequestId) -> usize {
+        self.seqs.get(&id).map_or(0, |s| s.request.prompt.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{SamplingParams, StopCriteria};
+
+    const EOS: TokenId = 2;
+
+    fn config(num_blocks: usize, block_size: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_running: 4,
+            max_batched_tokens: 64,
+            prefill_chunk: 32,
+            num_blocks,
+            block_size,
+            watermark: 0.0,
+            ..SchedulerConfig::default()
+        }
+    }
+
+    fn req(id: RequestId, prompt_len: usize, max_tokens: usize, priority: Priority, arrival: f64) -> Request {
+        Request {
+            id,
+            prompt: (0..prompt_len as TokenId).map(|t| 100 + t + id as TokenId * 1000).collect(),
+            priority,
+            sampling: SamplingParams::greedy(),
+            stop: StopCriteria {
+                eos_token_ids: vec![EOS],
+                ..StopCriteria::new(max_tokens)
+            },
+            arrival,
+        }
+    }
+
+    /// A fake model: the next token depends only on the sequence and its position.
+    fn fake_sample(batch: &ScheduledBatch) -> Vec<SampledToken> {
+        batch
+            .seqs
+            .iter()
+            .filter(|s| s.needs_logits)
+            .map(|s| SampledToken {
+                id: s.id,
+                token: 10 + (s.id as TokenId * 7 + s.end_position() as TokenId) % 50,
+            })
+            .collect()
+    }
+
+    fn step(sched: &mut Scheduler) -> (ScheduledBatch, Vec<StepEvent>) {
+        let batch = sched.schedule();
+        let events = sched.update(&fake_sample(&batch));
+        (batch, events)
+    }
+
+    fn ids(batch: &ScheduledBatch) -> Vec<RequestId> {
+        batch.seqs.iter().map(|s| s.id).collect()
+    }
+
+    fn assert_no_leak(sched: &Scheduler) {
+        let kv = sched.stats().kv;
+        assert_eq!(kv.free_blocks, kv.total_blocks, "blocks leaked: {kv:?}");
+        assert_eq!(kv.used_blocks, 0);
+    }
+
+    #[test]
+    fn a_request_prefills_decodes_and_ends_by_length() {
+        let mut sched = Scheduler::new(config(16, 4)).unwrap();
+        sched.add(req(1, 6, 3, Priority::Normal, 0.0)).unwrap();
+        let (batch, events) = step(&mut sched);
+        let s = &batch.seqs[0];
+        assert_eq!((s.start_position, s.tokens.len(), s.needs_logits), (0, 6, true));
+        assert_eq!(s.block_table.len(), 2);
+        assert_eq!(events.len(), 1);
+        assert_eq!(sched.status(1), Some(RequestStatus::Running));
+
+        let (batch, _) = step(&mut sched);
+        let s = &batch.seqs[0];
+        assert_eq!((s.start_position, s.tokens.len(), s.num_generated), (6, 1, 1));
+        let (_, events) = step(&mut sched);
+        assert_eq!(events[0].finish, Some(FinishReason::Length));
+        assert_eq!(sched.status(1), None);
+        assert!(!sched.has_work());
+        assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn long_prompts_are_prefilled_in_chunks_and_share_the_budget_with_decodes() {
+        let mut cfg = config(64, 4);
+        cfg.prefill_chunk = 16;
+        cfg.max_batched_tokens = 20;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 3, 10, Priority::Normal, 0.0)).unwrap();
+        step(&mut sched);
+        sched.add(req(2, 40, 10, Priority::Normal, 1.0)).unwrap();
+        // Step 2: one decode token for 1, a 16-token chunk for 2 (chunk limit).
+        let (batch, events) = step(&mut sched);
+        assert_eq!(ids(&batch), vec![1, 2]);
+        assert_eq!(batch.seqs[1].tokens.len(), 16);
+        assert!(!batch.seqs[1].needs_logits);
+        assert_eq!(events.len(), 1, "only the decode produced a token");
+        assert_eq!(sched.status(2), Some(RequestStatus::Prefilling));
+        // Step 3: 1 + 16; step 4: 1 + the last 8 tokens, with logits.
+        let (batch, _) = step(&mut sched);
+        assert_eq!(batch.seqs[1].start_position, 16);
+        let (batch, events) = step(&mut sched);
+        assert_eq!((batch.seqs[1].start_position, batch.seqs[1].tokens.len()), (32, 8));
+        assert!(batch.seqs[1].needs_logits);
+        assert_eq!(events.len(), 2);
+        assert!(batch.num_tokens() <= 20);
+        assert_eq!(sched.status(2), Some(RequestStatus::Running));
+    }
+
+    #[test]
+    fn the_token_budget_limits_a_prefill() {
+        let mut cfg = config(64, 4);
+        cfg.max_batched_tokens = 10;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 25, 2, Priority::Normal, 0.0)).unwrap();
+        let (batch, _) = step(&mut sched);
+        assert_eq!(batch.num_tokens(), 10);
+    }
+
+    #[test]
+    fn eos_and_stop_tokens_end_a_request_unless_eos_is_ignored() {
+        let mut sched = Scheduler::new(config(16, 4)).unwrap();
+        let mut r = req(1, 2, 10, Priority::Normal, 0.0);
+        r.stop.stop_token_ids = vec![42];
+        sched.add(r).unwrap();
+        let mut r = req(2, 2, 10, Priority::Normal, 0.0);
+        r.stop.ignore_eos = true;
+        sched.add(r).unwrap();
+        sched.schedule();
+        let events = sched.update(&[
+            SampledToken { id: 1, token: 42 },
+            SampledToken { id: 2, token: EOS },
+        ]);
+        assert_eq!(events[0].finish, Some(FinishReason::Stop));
+        assert_eq!(events[1].finish, None);
+        sched.schedule();
+        let events = sched.update(&[SampledToken { id: 2, token: 5 }]);
+        assert_eq!(events[0].finish, None);
+        let mut r = req(3, 2, 10, Priority::Normal, 0.0);
+        r.stop.ignore_eos = false;
+        sched.add(r).unwrap();
+        sched.schedule();
+        let events = sched.update(&[
+            SampledToken { id: 2, token: 6 },
+            SampledToken { id: 3, token: EOS },
+        ]);
+        assert_eq!(events[1].finish, Some(FinishReason::Stop));
+    }
+
+    #[test]
+    fn admission_follows_effective_priority() {
+        let mut cfg = config(64, 4);
+        cfg.max_running = 1;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 2, 1, Priority::Low, 0.0)).unwrap();
+        sched.add(req(2, 2, 1, Priority::Normal, 5.0)).unwrap();
+        sched.add(req(3, 2, 1, Priority::High, 6.0)).unwrap();
+        sched.add(req(4, 2, 1, Priority::Normal, 15.0)).unwrap();
+        // Keys: 1 → 2.0, 2 → 1.5, 3 → 0.6, 4 → 2.5.
+        let order: Vec<_> = (0..4).map(|_| ids(&step(&mut sched).0)).collect();
+        assert_eq!(order, vec![vec![3], vec![2], vec![1], vec![4]]);
+    }
+
+    #[test]
+    fn a_shared_prefix_is_reused_from_the_cache() {
+        let mut sched = Scheduler::new(config(32, 4)).unwrap();
+        let a = req(1, 10, 1, Priority::Normal, 0.0);
+        let mut b = req(2, 10, 1, Priority::Normal, 1.0);
+        b.prompt = a.prompt.clone();
+        b.prompt[9] = 7;
+        sched.add(a).unwrap();
+        step(&mut sched);
+        assert_eq!(sched.cached_prompt_tokens(1), None, "finished requests are gone");
+        sched.add(b).unwrap();
+        let batch = sched.schedule();
+        assert_eq!(batch.seqs[0].start_position, 8, "two full blocks were cached");
+        assert_eq!(batch.seqs[0].tokens.len(), 2);
+        assert_eq!(sched.cached_prompt_tokens(2), Some(8));
+        let kv = sched.stats().kv;
+        assert_eq!((kv.prefix_hit_tokens, kv.prefix_miss_tokens), (8, 12));
+        sched.update(&fake_sample(&batch));
+        assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn running_out_of_blocks_preempts_the_least_urgent_latest_arrival() {
+        // 6 blocks of 4 tokens; three sequences of 8-token prompts take 2 blocks each.
+        let mut cfg = config(6, 4);
+        cfg.max_running = 3;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 8, 8, Priority::Normal, 0.0)).unwrap();
+        sched.add(req(2, 8, 8, Priority::Normal, 1.0)).unwrap();
+        sched.add(req(3, 8, 8, Priority::Normal, 2.0)).unwrap();
+        let (batch, _) = step(&mut sched);
+        assert_eq!(ids(&batch), vec![1, 2, 3]);
+        // Every sequence now needs a third block: the latest arrival (3) goes first.
+        let (batch, _) = step(&mut sched);
+        assert_eq!(batch.preempted, vec![3]);
+        assert_eq!(ids(&batch), vec![1, 2]);
+        assert_eq!(sched.status(3), Some(RequestStatus::Preempted));
+        assert_eq!(sched.stats().preemptions, 1);
+        // Its generated token is kept: recompute covers prompt + output.
+        assert_eq!(sched.sequence_tokens(3).len(), 9);
+        while sched.status(1).is_some() || sched.status(2).is_some() {
+            step(&mut sched);
+        }
+        let batch = sched.schedule();
+        let s = &batch.seqs[0];
+        assert_eq!(s.id, 3);
+        assert_eq!(s.start_position + s.tokens.len(), 9);
+        assert!(s.needs_logits);
+        assert_eq!(s.num_generated, 1);
+        sched.update(&fake_sample(&batch));
+        while sched.has_work() {
+            step(&mut sched);
+        }
+        assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn a_less_urgent_victim_is_preempted_before_an_older_more_urgent_one() {
+        let mut cfg = config(6, 4);
+        cfg.max_running = 3;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 8, 8, Priority::Low, 0.0)).unwrap();
+        sched.add(req(2, 8, 8, Priority::High, 1.0)).unwrap();
+        sched.add(req(3, 8, 8, Priority::Normal, 2.0)).unwrap();
+        step(&mut sched);
+        let (batch, _) = step(&mut sched);
+        assert_eq!(batch.preempted, vec![1], "LOW has the largest key");
+    }
+
+    #[test]
+    fn a_strictly_more_urgent_request_takes_a_seat_but_only_after_progress() {
+        let mut cfg = config(64, 4);
+        cfg.max_running = 2;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 4, 20, Priority::Low, 0.0)).unwrap();
+        sched.add(req(2, 4, 20, Priority::Normal, 0.0)).unwrap();
+        step(&mut sched);
+        // An equally urgent request does not preempt.
+        sched.add(req(3, 4, 20, Priority::Low, 0.0)).unwrap();
+        let (batch, _) = step(&mut sched);
+        assert!(batch.preempted.is_empty());
+        // A HIGH one takes the LOW one's seat.
+        sched.add(req(4, 4, 20, Priority::High, 1.0)).unwrap();
+        let (batch, _) = step(&mut sched);
+        assert_eq!(batch.preempted, vec![1]);
+        assert_eq!(ids(&batch), vec![2, 4]);
+        // 4's prefill already sampled a token; still, a second HIGH takes the NORMAL
+        // seat, never the equally urgent HIGH one.
+        sched.add(req(5, 4, 20, Priority::High, 1.0)).unwrap();
+        let (batch, _) = step(&mut sched);
+        assert_eq!(batch.preempted, vec![2]);
+        assert_eq!(ids(&batch), vec![4, 5]);
+    }
+
+    #[test]
+    fn priority_preemption_waits_for_progress_during_a_long_prefill() {
+        let mut cfg = config(64, 4);
+        cfg.max_running = 1;
+        cfg.prefill_chunk = 8;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 30, 4, Priority::Low, 0.0)).unwrap();
+        step(&mut sched);
+        sched.add(req(2, 4, 4, Priority::High, 1.0)).unwrap();
+        // The LOW prefill is mid-way: it keeps its seat until it has produced a token.
+        for _ in 0..3 {
+            let (batch, _) = step(&mut sched);
+            assert_eq!(ids(&batch), vec![1]);
+        }
+        let (batch, _) = step(&mut sched);
+        assert_eq!(batch.preempted, vec![1]);
+        assert_eq!(ids(&batch), vec![2]);
+    }
+
+    #[test]
+    fn cancellation_works_in_every_stage_and_frees_blocks() {
+        let mut cfg = config(64, 4);
+        cfg.max_running = 2;
+        cfg.prefill_chunk = 4;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 3, 10, Priority::Normal, 0.0)).unwrap(); // will run
+        sched.add(req(2, 20, 10, Priority::Normal, 1.0)).unwrap(); // will prefill
+        sched.add(req(3, 3, 10, Priority::Normal, 2.0)).unwrap(); // will wait
+        step(&mut sched);
+        assert_eq!(sched.status(1), Some(RequestStatus::Running));
+        assert_eq!(sched.status(2), Some(RequestStatus::Prefilling));
+        assert_eq!(sched.status(3), Some(RequestStatus::Waiting));
+        assert!(sched.stats().kv.used_blocks > 0);
+        assert!(sched.cancel(3));
+        assert!(sched.cancel(2));
+        assert!(sched.cancel(1));
+        assert!(!sched.cancel(1), "a second cancel finds nothing");
+        assert!(!sched.has_work());
+        assert_eq!(sched.stats().waiting, [0, 0, 0]);
+        assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn cancelling_between_schedule_and_update_drops_the_output() {
+        let mut sched = Scheduler::new(config(16, 4)).unwrap();
+        sched.add(req(1, 3, 10, Priority::Normal, 0.0)).unwrap();
+        let batch = sched.schedule();
+        assert!(sched.cancel(1));
+        assert!(sched.update(&fake_sample(&batch)).is_empty());
+        assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn finish_ends_a_running_request_on_a_stop_string() {
+        let mut sched = Scheduler::new(config(16, 4)).unwrap();
+        sched.add(req(1, 3, 10, Priority::Normal, 0.0)).unwrap();
+        step(&mut sched);
+        sched.finish(1, FinishReason::Stop).unwrap();
+        assert!(sched.finish(1, FinishReason::Stop).is_err());
+        assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_or_displaces() {
+        let mut cfg = config(16, 4);
+        cfg.queue_capacity = Some(2);
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 3, 1, Priority::Normal, 0.0)).unwrap();
+        sched.add(req(2, 3, 1, Priority::Low, 0.0)).unwrap();
+        assert_eq!(sched.add(req(3, 3, 1, Priority::Low, 0.0)), Err(AddError::QueueFull));
+        assert_eq!(sched.add(req(4, 3, 1, Priority::High, 0.0)), Ok(AddOutcome::QueuedDisplacing(2)));
+        assert_eq!(sched.status(2), None);
+        let stats = sched.stats();
+        assert_eq!((stats.refused, stats.displaced, stats.waiting), (1, 1, [1, 1, 0]));
+    }
+
+    #[test]
+    fn invalid_and_oversized_requests_are_refused() {
+        let mut cfg = config(4, 4);
+        cfg.max_model_len = 100;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        let err = sched.add(req(1, 10, 7, Priority::Normal, 0.0)).unwrap_err();
+        assert_eq!(err, AddError::Invalid(CoreError::ContextTooLong { needed: 17, limit: 16 }));
+        sched.add(req(1, 10, 6, Priority::Normal, 0.0)).unwrap();
+        assert!(matches!(
+            sched.add(req(1, 2, 2, Priority::Normal, 0.0)),
+            Err(AddError::Invalid(CoreError::DuplicateRequest(1)))
+        ));
+        let mut bad = req(2, 2, 2, Priority::Normal, 0.0);
+        bad.sampling.top_p = 0.0;
+        assert!(sched.add(bad).is_err());
+        assert!(Scheduler::new(SchedulerConfig { max_running: 0, ..config(4, 4) }).is_err());
+    }
+
+    #[test]
+    fn a_low_request_is_not_starved_by_a_stream_of_high_ones() {
+        // One seat, one step per request (1-token prompt, 1 output token): 10 requests/s at
+        // 0.1 s per step. HIGH requests arrive at 20/s, twice what is served.
+        let mut cfg = config(64, 4);
+        cfg.max_running = 1;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        let (dt, high_per_step, low_arrival) = (0.1, 2, 1.0);
+        let mut next_id = 10;
+        let mut now = 0.0;
+        let mut low_admitted_at = None;
+        let mut highs_admitted_before_low = Vec::new();
+        for _ in 0..2000 {
+            for _ in 0..high_per_step {
+                sched.add(req(next_id, 1, 1, Priority::High, now)).unwrap();
+                next_id += 1;
+            }
+            if (now - low_arrival).abs() < 1e-9 {
+                sched.add(req(1, 1, 1, Priority::Low, now)).unwrap();
+            }
+            let batch = sched.schedule();
+            for s in &batch.seqs {
+                if s.id == 1 {
+                    low_admitted_at.get_or_insert(now);
+                } else if low_admitted_at.is_none() {
+                    highs_admitted_before_low.push((s.id - 10) / high_per_step as u64);
+                }
+            }
+            sched.update(&fake_sample(&batch));
+            now += dt;
+            if low_admitted_at.is_some() {
+                break;
+            }
+        }
+        let admitted = low_admitted_at.expect("the LOW request was starved");
+        // Aging makes LOW as urgent as HIGH after (2 − 0) / 0.1 = 20 s of waiting, so no
+        // HIGH request that arrived later than 21 s can go first...
+        let aging_crossover = low_arrival + 2.0 / DEFAULT_AGING_RATE;
+        let latest_high_arrival = *highs_admitted_before_low.iter().max().unwrap() as f64 * dt;
+        assert!(latest_high_arrival <= aging_crossover + 1e-9, "{latest_high_arrival}");
+        // ...so the LOW request waits at most for the HIGH ones that arrived before then,
+        // served at one per step.
+        let ahead = (aging_crossover / dt + 1.0) * high_per_step as f64;
+        let bound = ahead * dt + dt;
+        assert!(admitted <= bound, "admitted at {admitted} s, bound {bound} s");
+        assert!(admitted > aging_crossover, "saturated: it cannot go before the crossover");
+    }
+}

@@ -13,7 +13,12 @@ const PROMPT: usize = 64;
 const OUTPUT: usize = 128;
 
 fn request(id: u64) -> Request {
-    let mut r = Request::new(id, (0..PROMPT as u32).map(|t| t + id as u32).collect(), OUTPUT, id as f64 * 1e-3);
+    let mut r = Request::new(
+        id,
+        (0..PROMPT as u32).map(|t| t + id as u32).collect(),
+        OUTPUT,
+        id as f64 * 1e-3,
+    );
     r.priority = Priority::ALL[(id % 3) as usize];
     r
 }
@@ -34,7 +39,12 @@ fn step(c: &mut Criterion) {
     // Warm up until every seat is taken.
     for _ in 0..64 {
         let batch = sched.schedule();
-        let sampled: Vec<_> = batch.seqs.iter().filter(|s| s.needs_logits).map(|s| SampledToken { id: s.id, token: 1 }).collect();
+        let sampled: Vec<_> = batch
+            .seqs
+            .iter()
+            .filter(|s| s.needs_logits)
+            .map(|s| SampledToken { id: s.id, token: 1 })
+            .collect();
         sched.update(&sampled);
     }
     assert_eq!(sched.stats().running, RUNNING);
@@ -44,7 +54,13 @@ fn step(c: &mut Criterion) {
         b.iter(|| {
             let batch = sched.schedule();
             sampled.clear();
-            sampled.extend(batch.seqs.iter().filter(|s| s.needs_logits).map(|s| SampledToken { id: s.id, token: 1 }));
+            sampled.extend(
+                batch
+                    .seqs
+                    .iter()
+                    .filter(|s| s.needs_logits)
+                    .map(|s| SampledToken { id: s.id, token: 1 }),
+            );
             let events = sched.update(black_box(&sampled));
             for e in &events {
                 if e.finish.is_some() {

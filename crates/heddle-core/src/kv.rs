@@ -8,7 +8,9 @@
 //! then they are evicted least recently used first. Plain free blocks are handed out
 //! before any cached block is evicted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -107,7 +109,7 @@ pub struct BlockPool {
     free: Vec<BlockId>,
     /// Unused cached blocks by last use, oldest first.
     evictable: BTreeMap<u64, BlockId>,
-    cache: HashMap<BlockHash, BlockId>,
+    cache: FxHashMap<BlockHash, BlockId>,
     tick: u64,
     hit_tokens: u64,
     miss_tokens: u64,
@@ -126,7 +128,7 @@ impl BlockPool {
             // Reversed so that blocks are handed out from 0 upwards.
             free: (0..num_blocks as BlockId).rev().collect(),
             evictable: BTreeMap::new(),
-            cache: HashMap::new(),
+            cache: FxHashMap::default(),
             tick: 0,
             hit_tokens: 0,
             miss_tokens: 0,
@@ -170,7 +172,9 @@ impl BlockPool {
     /// Grows `table` to hold `num_tokens` tokens. All or nothing: returns false, changing
     /// nothing, when the pool has too few blocks.
     pub fn grow(&mut self, table: &mut BlockTable, num_tokens: usize) -> bool {
-        let needed = self.blocks_for(num_tokens).saturating_sub(table.blocks.len());
+        let needed = self
+            .blocks_for(num_tokens)
+            .saturating_sub(table.blocks.len());
         if needed > self.num_allocatable() {
             return false;
         }
@@ -184,13 +188,19 @@ impl BlockPool {
     /// Starts a table for `tokens` from the longest chain of cached full blocks, leaving
     /// at least `min_uncached` tokens uncached (a sequence must compute at least its last
     /// token to get logits). Returns the table and the number of tokens it covers.
-    pub fn lookup_prefix(&mut self, tokens: &[TokenId], min_uncached: usize) -> (BlockTable, usize) {
+    pub fn lookup_prefix(
+        &mut self,
+        tokens: &[TokenId],
+        min_uncached: usize,
+    ) -> (BlockTable, usize) {
         let mut table = BlockTable::default();
         let max_blocks = tokens.len().saturating_sub(min_uncached) / self.block_size;
         let mut parent = None;
         for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
             let hash = block_hash(parent, chunk);
-            let Some(&block) = self.cache.get(&hash) else { break };
+            let Some(&block) = self.cache.get(&hash) else {
+                break;
+            };
             let content = self.blocks[block as usize]
                 .cached
                 .as_ref()
@@ -215,7 +225,12 @@ impl BlockPool {
 
     /// Registers the full blocks of `table` whose tokens (`tokens[..num_computed]`) now
     /// hold computed keys and values, so that later sequences can reuse them.
-    pub fn register_computed(&mut self, table: &mut BlockTable, tokens: &[TokenId], num_computed: usize) {
+    pub fn register_computed(
+        &mut self,
+        table: &mut BlockTable,
+        tokens: &[TokenId],
+        num_computed: usize,
+    ) {
         let full = (num_computed / self.block_size).min(table.blocks.len());
         while table.hashes.len() < full {
             let index = table.hashes.len();
@@ -381,7 +396,10 @@ mod tests {
         let (table, _) = compute(&mut pool, &a);
         pool.free_table(table).unwrap();
         let (table, hit) = pool.lookup_prefix(&a, 1);
-        assert_eq!(hit, 4, "the last block is recomputed so the last token has logits");
+        assert_eq!(
+            hit, 4,
+            "the last block is recomputed so the last token has logits"
+        );
         pool.free_table(table).unwrap();
     }
 

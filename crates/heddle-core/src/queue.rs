@@ -8,7 +8,9 @@
 //! re-sorted as time passes. Ties go to the earlier arrival (FIFO), then to insertion order.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 
 use crate::request::{Priority, RequestId};
 
@@ -100,7 +102,7 @@ pub struct AgingQueue<T> {
     rate: f64,
     capacity: Option<usize>,
     order: BTreeMap<UrgencyKey, Entry<T>>,
-    keys: HashMap<RequestId, UrgencyKey>,
+    keys: FxHashMap<RequestId, UrgencyKey>,
     per_priority: [usize; 3],
     next_seq: u64,
 }
@@ -112,7 +114,7 @@ impl<T> AgingQueue<T> {
             rate,
             capacity,
             order: BTreeMap::new(),
-            keys: HashMap::new(),
+            keys: FxHashMap::default(),
             per_priority: [0; 3],
             next_seq: 0,
         }
@@ -152,7 +154,13 @@ impl<T> AgingQueue<T> {
     /// Offers a new request. When the queue is at capacity, the newcomer displaces the
     /// least urgent waiting request only if it is strictly more urgent. Ids must be
     /// unique; the caller checks.
-    pub fn put(&mut self, id: RequestId, priority: Priority, arrival: f64, item: T) -> PutOutcome<T> {
+    pub fn put(
+        &mut self,
+        id: RequestId,
+        priority: Priority,
+        arrival: f64,
+        item: T,
+    ) -> PutOutcome<T> {
         debug_assert!(!self.keys.contains_key(&id), "request {id} queued twice");
         let key = self.key_for(priority, arrival);
         if self.capacity.is_some_and(|cap| self.order.len() >= cap) {
@@ -200,17 +208,31 @@ impl<T> AgingQueue<T> {
 
     /// Requests from most to least urgent, with their keys.
     pub fn iter(&self) -> impl Iterator<Item = (RequestId, &T, UrgencyKey)> {
-        self.order.iter().map(|(key, entry)| (entry.id, &entry.item, *key))
+        self.order
+            .iter()
+            .map(|(key, entry)| (entry.id, &entry.item, *key))
     }
 
     /// The effective priority of a waiting request at `now`.
     pub fn effective_priority(&self, id: RequestId, now: f64) -> Option<f64> {
         let key = self.keys.get(&id)?;
         let entry = &self.order[key];
-        Some(effective_priority(entry.priority, entry.arrival, now, self.rate))
+        Some(effective_priority(
+            entry.priority,
+            entry.arrival,
+            now,
+            self.rate,
+        ))
     }
 
-    fn insert(&mut self, key: UrgencyKey, id: RequestId, priority: Priority, arrival: f64, item: T) {
+    fn insert(
+        &mut self,
+        key: UrgencyKey,
+        id: RequestId,
+        priority: Priority,
+        arrival: f64,
+        item: T,
+    ) {
         self.next_seq += 1;
         self.per_priority[priority as usize] += 1;
         self.keys.insert(id, key);
@@ -314,15 +336,27 @@ mod tests {
         // A later LOW is even less urgent: refused.
         assert_eq!(q.put(4, Priority::Low, 1.0, "d"), PutOutcome::Refused("d"));
         // A HIGH displaces the LOW one.
-        assert_eq!(q.put(5, Priority::High, 1.0, "e"), PutOutcome::Displaced(2, "b"));
+        assert_eq!(
+            q.put(5, Priority::High, 1.0, "e"),
+            PutOutcome::Displaced(2, "b")
+        );
         assert_eq!(q.len(), 2);
         // A NORMAL that arrives 1 s later is less urgent than the waiting NORMAL: refused.
-        assert_eq!(q.put(6, Priority::Normal, 1.0, "f"), PutOutcome::Refused("f"));
+        assert_eq!(
+            q.put(6, Priority::Normal, 1.0, "f"),
+            PutOutcome::Refused("f")
+        );
         // A LOW that aged past NORMAL is protected: a fresh NORMAL cannot displace it.
         let mut q = AgingQueue::new(DEFAULT_AGING_RATE, Some(1));
         q.put(1, Priority::Low, 0.0, "old low");
-        assert_eq!(q.put(2, Priority::Normal, 15.0, "x"), PutOutcome::Refused("x"));
-        assert_eq!(q.put(3, Priority::High, 5.0, "y"), PutOutcome::Displaced(1, "old low"));
+        assert_eq!(
+            q.put(2, Priority::Normal, 15.0, "x"),
+            PutOutcome::Refused("x")
+        );
+        assert_eq!(
+            q.put(3, Priority::High, 5.0, "y"),
+            PutOutcome::Displaced(1, "old low")
+        );
     }
 
     #[test]
@@ -335,7 +369,11 @@ mod tests {
     }
 
     /// The reference: recompute every effective priority on each pop.
-    fn naive_pop(items: &mut Vec<(RequestId, Priority, f64, u64)>, now: f64, rate: f64) -> Option<RequestId> {
+    fn naive_pop(
+        items: &mut Vec<(RequestId, Priority, f64, u64)>,
+        now: f64,
+        rate: f64,
+    ) -> Option<RequestId> {
         let best = (0..items.len()).min_by(|&a, &b| {
             let (_, pa, ta, sa) = items[a];
             let (_, pb, tb, sb) = items[b];

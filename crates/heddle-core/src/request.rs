@@ -217,9 +217,13 @@ impl SamplingParams {
     }
 
     pub fn validate(&self) -> Result<(), CoreError> {
-        let bad = |param: &'static str, reason: String| Err(CoreError::InvalidParam { param, reason });
+        let bad =
+            |param: &'static str, reason: String| Err(CoreError::InvalidParam { param, reason });
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad("temperature", format!("must be >= 0, got {}", self.temperature));
+            return bad(
+                "temperature",
+                format!("must be >= 0, got {}", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
@@ -248,7 +252,10 @@ impl SamplingParams {
         if self.top_logprobs > MAX_TOP_LOGPROBS {
             return bad(
                 "top_logprobs",
-                format!("must be in [0, {MAX_TOP_LOGPROBS}], got {}", self.top_logprobs),
+                format!(
+                    "must be in [0, {MAX_TOP_LOGPROBS}], got {}",
+                    self.top_logprobs
+                ),
             );
         }
         Ok(())
@@ -416,15 +423,69 @@ mod tests {
     fn sampling_validation_names_the_bad_parameter() {
         assert!(SamplingParams::default().validate().is_ok());
         let cases: Vec<(SamplingParams, &str)> = vec![
-            (SamplingParams { temperature: -0.1, ..Default::default() }, "temperature"),
-            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature"),
-            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
-            (SamplingParams { top_p: 1.01, ..Default::default() }, "top_p"),
-            (SamplingParams { min_p: 1.5, ..Default::default() }, "min_p"),
-            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
-            (SamplingParams { frequency_penalty: 2.5, ..Default::default() }, "frequency_penalty"),
-            (SamplingParams { presence_penalty: -3.0, ..Default::default() }, "presence_penalty"),
-            (SamplingParams { top_logprobs: 21, ..Default::default() }, "top_logprobs"),
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.01,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    min_p: 1.5,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: 2.5,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: -3.0,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    top_logprobs: 21,
+                    ..Default::default()
+                },
+                "top_logprobs",
+            ),
         ];
         for (params, name) in cases {
             match params.validate() {

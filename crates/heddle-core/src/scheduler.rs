@@ -18,7 +18,9 @@
 //! are time-invariant (see [`crate::queue`]), so two requests can never preempt each
 //! other back and forth.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 
 use crate::batch::{SampledToken, ScheduledBatch, ScheduledSeq, SequenceTokens, StepEvent};
 use crate::error::CoreError;
@@ -168,7 +170,7 @@ pub struct Scheduler {
     waiting: AgingQueue<()>,
     /// Running (and prefilling) sequences by urgency.
     running: BTreeMap<UrgencyKey, RequestId>,
-    seqs: HashMap<RequestId, Sequence>,
+    seqs: FxHashMap<RequestId, Sequence>,
     /// (id, tokens) computed by the last scheduled batch, applied by `update`.
     in_flight: Vec<(RequestId, usize)>,
     preemptions: u64,
@@ -183,7 +185,7 @@ impl Scheduler {
             pool: BlockPool::new(config.num_blocks, config.block_size),
             waiting: AgingQueue::new(config.aging_rate, config.queue_capacity),
             running: BTreeMap::new(),
-            seqs: HashMap::new(),
+            seqs: FxHashMap::default(),
             in_flight: Vec::new(),
             preemptions: 0,
             refused: 0,
@@ -281,7 +283,10 @@ impl Scheduler {
     /// No clock is needed here: aging is carried by the requests' arrival times, which
     /// order exactly like effective priorities at any common `now` (see [`crate::queue`]).
     pub fn schedule(&mut self) -> ScheduledBatch {
-        debug_assert!(self.in_flight.is_empty(), "schedule called twice without update");
+        debug_assert!(
+            self.in_flight.is_empty(),
+            "schedule called twice without update"
+        );
         let mut batch = ScheduledBatch::default();
         let mut budget = self.config.max_batched_tokens;
 
@@ -310,12 +315,13 @@ impl Scheduler {
 
         // Admit waiting requests unless this step had to preempt for memory.
         let memory_pressure = batch.preempted.len() > priority_preemptions;
-        while budget > 0
-            && self.running.len() < self.config.max_running
-            && !memory_pressure
-        {
-            let Some((id, _, _)) = self.waiting.peek() else { break };
-            let Some(n) = self.try_admit(id, budget) else { break };
+        while budget > 0 && self.running.len() < self.config.max_running && !memory_pressure {
+            let Some((id, _, _)) = self.waiting.peek() else {
+                break;
+            };
+            let Some(n) = self.try_admit(id, budget) else {
+                break;
+            };
             budget -= n;
             batch.seqs.push(self.scheduled(id, n));
         }
@@ -328,8 +334,13 @@ impl Scheduler {
     /// max_tokens rules, frees finished sequences' blocks. Returns one event per token.
     pub fn update(&mut self, sampled: &[SampledToken]) -> Vec<StepEvent> {
         for (id, n) in std::mem::take(&mut self.in_flight) {
-            let Some(seq) = self.seqs.get_mut(&id) else { continue };
-            if !matches!(seq.status, RequestStatus::Prefilling | RequestStatus::Running) {
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            if !matches!(
+                seq.status,
+                RequestStatus::Prefilling | RequestStatus::Running
+            ) {
                 continue;
             }
             seq.num_computed += n;
@@ -341,7 +352,9 @@ impl Scheduler {
 
         let mut events = Vec::with_capacity(sampled.len());
         for s in sampled {
-            let Some(seq) = self.seqs.get_mut(&s.id) else { continue };
+            let Some(seq) = self.seqs.get_mut(&s.id) else {
+                continue;
+            };
             if seq.num_computed != seq.tokens.len() {
                 continue; // not a step that ends in logits, or a stale output
             }
@@ -380,7 +393,9 @@ impl Scheduler {
         let mut victims = Vec::new();
         let mut candidates = self.running.iter().rev();
         for (_, _, waiting_key) in self.waiting.iter() {
-            let Some((&key, &victim)) = candidates.next() else { break };
+            let Some((&key, &victim)) = candidates.next() else {
+                break;
+            };
             let seq = &self.seqs[&victim];
             let progressed = seq.tokens.len() > seq.len_at_admission;
             if !waiting_key.strictly_more_urgent(&key) || !progressed {
@@ -486,7 +501,10 @@ impl Scheduler {
     }
 
     fn end(&mut self, id: RequestId, to: RequestStatus) -> Result<(), CoreError> {
-        let seq = self.seqs.get_mut(&id).ok_or(CoreError::UnknownRequest(id))?;
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(CoreError::UnknownRequest(id))?;
         seq.status.transition(to)?;
         let seq = self.seqs.remove(&id).expect("checked above");
         self.waiting.remove(id);
@@ -525,10 +543,18 @@ mod tests {
         }
     }
 
-    fn req(id: RequestId, prompt_len: usize, max_tokens: usize, priority: Priority, arrival: f64) -> Request {
+    fn req(
+        id: RequestId,
+        prompt_len: usize,
+        max_tokens: usize,
+        priority: Priority,
+        arrival: f64,
+    ) -> Request {
         Request {
             id,
-            prompt: (0..prompt_len as TokenId).map(|t| 100 + t + id as TokenId * 1000).collect(),
+            prompt: (0..prompt_len as TokenId)
+                .map(|t| 100 + t + id as TokenId * 1000)
+                .collect(),
             priority,
             sampling: SamplingParams::greedy(),
             stop: StopCriteria {
@@ -574,14 +600,20 @@ mod tests {
         sched.add(req(1, 6, 3, Priority::Normal, 0.0)).unwrap();
         let (batch, events) = step(&mut sched);
         let s = &batch.seqs[0];
-        assert_eq!((s.start_position, s.tokens.len(), s.needs_logits), (0, 6, true));
+        assert_eq!(
+            (s.start_position, s.tokens.len(), s.needs_logits),
+            (0, 6, true)
+        );
         assert_eq!(s.block_table.len(), 2);
         assert_eq!(events.len(), 1);
         assert_eq!(sched.status(1), Some(RequestStatus::Running));
 
         let (batch, _) = step(&mut sched);
         let s = &batch.seqs[0];
-        assert_eq!((s.start_position, s.tokens.len(), s.num_generated), (6, 1, 1));
+        assert_eq!(
+            (s.start_position, s.tokens.len(), s.num_generated),
+            (6, 1, 1)
+        );
         let (_, events) = step(&mut sched);
         assert_eq!(events[0].finish, Some(FinishReason::Length));
         assert_eq!(sched.status(1), None);
@@ -609,7 +641,10 @@ mod tests {
         let (batch, _) = step(&mut sched);
         assert_eq!(batch.seqs[1].start_position, 16);
         let (batch, events) = step(&mut sched);
-        assert_eq!((batch.seqs[1].start_position, batch.seqs[1].tokens.len()), (32, 8));
+        assert_eq!(
+            (batch.seqs[1].start_position, batch.seqs[1].tokens.len()),
+            (32, 8)
+        );
         assert!(batch.seqs[1].needs_logits);
         assert_eq!(events.len(), 2);
         assert!(batch.num_tokens() <= 20);
@@ -679,10 +714,17 @@ mod tests {
         b.prompt[9] = 7;
         sched.add(a).unwrap();
         step(&mut sched);
-        assert_eq!(sched.cached_prompt_tokens(1), None, "finished requests are gone");
+        assert_eq!(
+            sched.cached_prompt_tokens(1),
+            None,
+            "finished requests are gone"
+        );
         sched.add(b).unwrap();
         let batch = sched.schedule();
-        assert_eq!(batch.seqs[0].start_position, 8, "two full blocks were cached");
+        assert_eq!(
+            batch.seqs[0].start_position, 8,
+            "two full blocks were cached"
+        );
         assert_eq!(batch.seqs[0].tokens.len(), 2);
         assert_eq!(sched.cached_prompt_tokens(2), Some(8));
         let kv = sched.stats().kv;
@@ -833,11 +875,20 @@ mod tests {
         let mut sched = Scheduler::new(cfg).unwrap();
         sched.add(req(1, 3, 1, Priority::Normal, 0.0)).unwrap();
         sched.add(req(2, 3, 1, Priority::Low, 0.0)).unwrap();
-        assert_eq!(sched.add(req(3, 3, 1, Priority::Low, 0.0)), Err(AddError::QueueFull));
-        assert_eq!(sched.add(req(4, 3, 1, Priority::High, 0.0)), Ok(AddOutcome::QueuedDisplacing(2)));
+        assert_eq!(
+            sched.add(req(3, 3, 1, Priority::Low, 0.0)),
+            Err(AddError::QueueFull)
+        );
+        assert_eq!(
+            sched.add(req(4, 3, 1, Priority::High, 0.0)),
+            Ok(AddOutcome::QueuedDisplacing(2))
+        );
         assert_eq!(sched.status(2), None);
         let stats = sched.stats();
-        assert_eq!((stats.refused, stats.displaced, stats.waiting), (1, 1, [1, 1, 0]));
+        assert_eq!(
+            (stats.refused, stats.displaced, stats.waiting),
+            (1, 1, [1, 1, 0])
+        );
     }
 
     #[test]
@@ -846,7 +897,13 @@ mod tests {
         cfg.max_model_len = 100;
         let mut sched = Scheduler::new(cfg).unwrap();
         let err = sched.add(req(1, 10, 7, Priority::Normal, 0.0)).unwrap_err();
-        assert_eq!(err, AddError::Invalid(CoreError::ContextTooLong { needed: 17, limit: 16 }));
+        assert_eq!(
+            err,
+            AddError::Invalid(CoreError::ContextTooLong {
+                needed: 17,
+                limit: 16
+            })
+        );
         sched.add(req(1, 10, 6, Priority::Normal, 0.0)).unwrap();
         assert!(matches!(
             sched.add(req(1, 2, 2, Priority::Normal, 0.0)),
@@ -855,7 +912,11 @@ mod tests {
         let mut bad = req(2, 2, 2, Priority::Normal, 0.0);
         bad.sampling.top_p = 0.0;
         assert!(sched.add(bad).is_err());
-        assert!(Scheduler::new(SchedulerConfig { max_running: 0, ..config(4, 4) }).is_err());
+        assert!(Scheduler::new(SchedulerConfig {
+            max_running: 0,
+            ..config(4, 4)
+        })
+        .is_err());
     }
 
     #[test]
@@ -897,12 +958,21 @@ mod tests {
         // HIGH request that arrived later than 21 s can go first...
         let aging_crossover = low_arrival + 2.0 / DEFAULT_AGING_RATE;
         let latest_high_arrival = *highs_admitted_before_low.iter().max().unwrap() as f64 * dt;
-        assert!(latest_high_arrival <= aging_crossover + 1e-9, "{latest_high_arrival}");
+        assert!(
+            latest_high_arrival <= aging_crossover + 1e-9,
+            "{latest_high_arrival}"
+        );
         // ...so the LOW request waits at most for the HIGH ones that arrived before then,
         // served at one per step.
         let ahead = (aging_crossover / dt + 1.0) * high_per_step as f64;
         let bound = ahead * dt + dt;
-        assert!(admitted <= bound, "admitted at {admitted} s, bound {bound} s");
-        assert!(admitted > aging_crossover, "saturated: it cannot go before the crossover");
+        assert!(
+            admitted <= bound,
+            "admitted at {admitted} s, bound {bound} s"
+        );
+        assert!(
+            admitted > aging_crossover,
+            "saturated: it cannot go before the crossover"
+        );
     }
 }

@@ -1,0 +1,244 @@
+//! Property tests: the scheduler driven over random workloads by a deterministic fake
+//! model that lives only here.
+
+use std::collections::{HashMap, HashSet};
+
+use heddle_core::scheduler::AddError;
+use heddle_core::{
+    AddOutcome, FinishReason, Priority, Request, RequestId, SampledToken, SamplingParams,
+    ScheduledBatch, Scheduler, SchedulerConfig, StopCriteria, TokenId,
+};
+use proptest::prelude::*;
+
+const EOS: TokenId = 0;
+
+/// The fake model: a token from the sequence id and position; EOS now and then.
+fn fake_sample(batch: &ScheduledBatch) -> Vec<SampledToken> {
+    batch
+        .seqs
+        .iter()
+        .filter(|s| s.needs_logits)
+        .map(|s| {
+            let x = s.id.wrapping_mul(0x9e37_79b9) ^ s.end_position() as u64 * 31;
+            let token = if x % 23 == 0 {
+                EOS
+            } else {
+                1 + (x % 97) as TokenId
+            };
+            SampledToken { id: s.id, token }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Add {
+        prefix: usize,
+        prompt_len: usize,
+        max_tokens: usize,
+        priority: u8,
+    },
+    Cancel(usize),
+    Finish(usize),
+    Step,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0usize..3, 1usize..40, 1usize..16, 0u8..3).prop_map(|(prefix, prompt_len, max_tokens, priority)| Op::Add { prefix, prompt_len, max_tokens, priority }),
+        1 => any::<usize>().prop_map(Op::Cancel),
+        1 => any::<usize>().prop_map(Op::Finish),
+        6 => Just(Op::Step),
+    ]
+}
+
+fn config() -> impl Strategy<Value = SchedulerConfig> {
+    (
+        1usize..6,
+        1usize..48,
+        1usize..24,
+        4usize..48,
+        1usize..6,
+        proptest::option::of(1usize..8),
+    )
+        .prop_map(
+            |(max_running, budget, chunk, num_blocks, block_size, queue_capacity)| {
+                SchedulerConfig {
+                    max_running,
+                    max_batched_tokens: budget,
+                    prefill_chunk: chunk,
+                    num_blocks,
+                    block_size,
+                    watermark: 0.05,
+                    queue_capacity,
+                    max_model_len: 64,
+                    ..SchedulerConfig::default()
+                }
+            },
+        )
+}
+
+/// Prompts share one of three prefixes, so the prefix cache gets hits.
+fn prompt(prefix: usize, len: usize, id: RequestId) -> Vec<TokenId> {
+    (0..len)
+        .map(|i| {
+            if i < 12 {
+                200 + (prefix * 12 + i) as TokenId
+            } else {
+                1000 + id as TokenId * 64 + i as TokenId
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_request_ends_once_and_nothing_leaks(cfg in config(), ops in proptest::collection::vec(op(), 1..150)) {
+        let mut sched = Scheduler::new(cfg.clone()).unwrap();
+        let mut live: Vec<RequestId> = Vec::new();
+        let mut ended: HashSet<RequestId> = HashSet::new();
+        let mut max_tokens: HashMap<RequestId, usize> = HashMap::new();
+        let mut generated: HashMap<RequestId, usize> = HashMap::new();
+        let mut next_id: RequestId = 0;
+        let mut now = 0.0;
+
+        let run_step = |sched: &mut Scheduler, live: &mut Vec<RequestId>, ended: &mut HashSet<RequestId>, generated: &mut HashMap<RequestId, usize>, max_tokens: &HashMap<RequestId, usize>| -> Result<(), TestCaseError> {
+            let batch = sched.schedule();
+            prop_assert!(batch.num_tokens() <= cfg.max_batched_tokens, "budget exceeded");
+            prop_assert!(batch.seqs.len() <= cfg.max_running, "too many sequences");
+            prop_assert!(sched.stats().running <= cfg.max_running);
+            let mut written = HashSet::new();
+            let mut seen = HashSet::new();
+            for s in &batch.seqs {
+                prop_assert!(seen.insert(s.id), "sequence scheduled twice");
+                prop_assert!(!s.tokens.is_empty());
+                prop_assert!(s.block_table.len() * cfg.block_size >= s.end_position(), "blocks do not cover the tokens");
+                // Blocks written this step belong to this sequence alone.
+                let first = s.start_position / cfg.block_size;
+                let last = (s.end_position() - 1) / cfg.block_size;
+                for &b in &s.block_table[first..=last] {
+                    prop_assert!(written.insert(b), "block {} written by two sequences", b);
+                }
+            }
+            for s in &batch.seqs {
+                let first_written = s.start_position / cfg.block_size;
+                for &b in &s.block_table[..first_written] {
+                    prop_assert!(!written.contains(&b), "a block read by one sequence is written by another");
+                }
+            }
+            for event in sched.update(&fake_sample(&batch)) {
+                let count = generated.entry(event.id).or_default();
+                *count += 1;
+                prop_assert!(*count <= max_tokens[&event.id], "max_tokens exceeded");
+                prop_assert!(!ended.contains(&event.id), "event after the end");
+                if let Some(reason) = event.finish {
+                    prop_assert!(reason == FinishReason::Stop || *count == max_tokens[&event.id]);
+                    prop_assert!(ended.insert(event.id), "ended twice");
+                    live.retain(|&id| id != event.id);
+                }
+            }
+            Ok(())
+        };
+
+        for op in ops {
+            now += 0.25;
+            match op {
+                Op::Add { prefix, prompt_len, max_tokens: mt, priority } => {
+                    let id = next_id;
+                    next_id += 1;
+                    let request = Request {
+                        id,
+                        prompt: prompt(prefix, prompt_len, id),
+                        priority: Priority::from_value(i64::from(priority)).unwrap(),
+                        sampling: SamplingParams::greedy(),
+                        stop: StopCriteria { eos_token_ids: vec![EOS], ..StopCriteria::new(mt) },
+                        arrival: now,
+                    };
+                    max_tokens.insert(id, mt);
+                    match sched.add(request) {
+                        Ok(AddOutcome::Queued) => live.push(id),
+                        Ok(AddOutcome::QueuedDisplacing(victim)) => {
+                            live.push(id);
+                            prop_assert!(live.contains(&victim));
+                            live.retain(|&other| other != victim);
+                            prop_assert!(ended.insert(victim));
+                        }
+                        Err(AddError::QueueFull) | Err(AddError::Invalid(_)) => {
+                            prop_assert!(ended.insert(id));
+                        }
+                    }
+                }
+                Op::Cancel(pick) | Op::Finish(pick) if !live.is_empty() => {
+                    let id = live[pick % live.len()];
+                    let ok = if matches!(op, Op::Cancel(_)) {
+                        sched.cancel(id)
+                    } else {
+                        // Only a request that is computing can be finished from outside.
+                        sched.finish(id, FinishReason::Stop).is_ok()
+                    };
+                    if ok {
+                        live.retain(|&other| other != id);
+                        prop_assert!(ended.insert(id));
+                    }
+                }
+                Op::Cancel(_) | Op::Finish(_) => {}
+                Op::Step => run_step(&mut sched, &mut live, &mut ended, &mut generated, &max_tokens)?,
+            }
+        }
+        // Drain: everything left must finish within a bounded number of steps.
+        let mut steps = 0;
+        while sched.has_work() {
+            run_step(&mut sched, &mut live, &mut ended, &mut generated, &max_tokens)?;
+            steps += 1;
+            prop_assert!(steps < 10_000, "the scheduler stopped making progress");
+        }
+        prop_assert!(live.is_empty(), "requests never ended: {:?}", live);
+        prop_assert_eq!(ended.len() as u64, next_id, "every request ends exactly once");
+        let kv = sched.stats().kv;
+        prop_assert_eq!(kv.free_blocks, kv.total_blocks, "blocks leaked");
+        prop_assert_eq!(kv.used_blocks, 0);
+    }
+
+    /// Under a sustained stream of HIGH requests that saturates the server, a LOW request
+    /// is admitted once the HIGH requests that arrived before its aging crossover
+    /// (arrival + 2 / rate) are served, and no later HIGH request goes before it.
+    #[test]
+    fn a_low_request_is_admitted_within_the_aging_bound(
+        rate in prop_oneof![Just(0.1), Just(0.5), Just(1.0)],
+        high_per_step in 2usize..5,
+        low_step in 0usize..20,
+    ) {
+        let dt = 0.1;
+        let cfg = SchedulerConfig { max_running: 1, num_blocks: 64, block_size: 4, aging_rate: rate, ..SchedulerConfig::default() };
+        let mut sched = Scheduler::new(cfg).unwrap();
+        let low_arrival = low_step as f64 * dt;
+        let crossover = low_arrival + 2.0 / rate;
+        let mut next_id = 1;
+        let mut admitted = None;
+        let mut highs_arrived_before_crossover = 0usize;
+        for step in 0..20_000 {
+            let now = step as f64 * dt;
+            for _ in 0..high_per_step {
+                sched.add(Request { priority: Priority::High, ..Request::new(next_id, vec![5], 1, now) }).unwrap();
+                next_id += 1;
+                if now <= crossover + 1e-9 {
+                    highs_arrived_before_crossover += 1;
+                }
+            }
+            if step == low_step {
+                sched.add(Request { priority: Priority::Low, ..Request::new(0, vec![5], 1, now) }).unwrap();
+            }
+            let batch = sched.schedule();
+            if batch.seqs.iter().any(|s| s.id == 0) {
+                admitted = Some(step);
+                break;
+            }
+            sched.update(&fake_sample(&batch));
+        }
+        let admitted = admitted.expect("LOW starved");
+        // One request served per step: it waits at most for the HIGH ones ahead of it.
+        prop_assert!(admitted <= highs_arrived_before_crossover + 1, "admitted at step {}, bound {}", admitted, highs_arrived_before_crossover + 1);
+    }
+}

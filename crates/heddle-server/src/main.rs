@@ -1,1 +1,35 @@
-fn main() {}
+//! The `heddle` command.
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use heddle_server::generate;
+
+#[derive(Parser)]
+#[command(
+    name = "heddle",
+    version,
+    about = "An LLM inference server with continuous batching"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion from a model, streaming it to stdout.
+    Generate(generate::GenerateArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("HEDDLE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(args) => generate::run(args),
+    }
+}

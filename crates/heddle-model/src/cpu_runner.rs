@@ -1,0 +1,122 @@
+//! The CPU model runner: the Llama-family model, its paged KV cache and the sampler.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use heddle_core::{ScheduledBatch, ScheduledSeq, SequenceTokens, TokenId};
+use rayon::prelude::*;
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::llama::{Llama, Logits, Scratch, SeqInput};
+use crate::runner::{ModelRunner, SampledOutput};
+use crate::sampling::sample;
+
+pub struct CpuRunner {
+    model: Llama,
+    cache: KvCache,
+    scratch: Scratch,
+    gguf: Option<gguf_file::Content>,
+}
+
+impl CpuRunner {
+    /// Loads a GGUF file or an HF checkpoint directory and allocates a KV cache of
+    /// `num_blocks` blocks of `block_size` positions (the scheduler's block pool geometry).
+    pub fn load(path: &Path, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let (model, gguf) = Llama::load(path)?;
+        let mut runner = Self::new(model, num_blocks, block_size)?;
+        runner.gguf = gguf;
+        Ok(runner)
+    }
+
+    pub fn new(model: Llama, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let cache = KvCache::new(model.config(), num_blocks, block_size)?;
+        Ok(CpuRunner {
+            model,
+            cache,
+            scratch: Scratch::default(),
+            gguf: None,
+        })
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn kv_cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// The GGUF header of the loaded file (tokenizer, chat template, metadata), if the
+    /// model came from GGUF.
+    pub fn gguf(&self) -> Option<&gguf_file::Content> {
+        self.gguf.as_ref()
+    }
+}
+
+impl ModelRunner for CpuRunner {
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn step(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+    ) -> Result<Vec<SampledOutput>, ModelError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inputs: Vec<SeqInput> = batch
+            .seqs
+            .iter()
+            .map(|s| SeqInput {
+                tokens: &s.tokens,
+                start_position: s.start_position,
+                block_table: &s.block_table,
+                logits: if s.needs_logits {
+                    Logits::Last
+                } else {
+                    Logits::None
+                },
+            })
+            .collect();
+        let logits = self
+            .model
+            .forward(&inputs, &mut self.cache, &mut self.scratch)?;
+        let sampled: Vec<_> = batch
+            .seqs
+            .iter()
+            .filter(|s| s.needs_logits)
+            .map(|s| (s, history.sequence_tokens(s.id), history.prompt_len(s.id)))
+            .collect();
+        let vocab = self.model.config().vocab_size;
+        let draw = |(row, &(seq, tokens, prompt_len)): (
+            &mut [f32],
+            &(&ScheduledSeq, &[TokenId], usize),
+        )| {
+            let s = sample(row, &seq.sampling, tokens, prompt_len, seq.num_generated);
+            SampledOutput {
+                id: seq.id,
+                token: s.token,
+                logprob: s.logprob,
+                top_logprobs: s.top_logprobs,
+            }
+        };
+        // Each row is sampled on its own, so spreading rows over threads changes nothing.
+        Ok(if sampled.len() > 1 {
+            logits
+                .par_chunks_exact_mut(vocab)
+                .zip(sampled.par_iter())
+                .map(draw)
+                .collect()
+        } else {
+            logits
+                .chunks_exact_mut(vocab)
+                .zip(sampled.iter())
+                .map(draw)
+                .collect()
+        })
+    }
+}

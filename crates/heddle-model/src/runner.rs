@@ -1,0 +1,42 @@
+//! The interface the engine drives: one call per scheduler step.
+
+use heddle_core::{RequestId, SampledToken, ScheduledBatch, SequenceTokens, TokenId};
+
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+
+/// A model that computes scheduled batches and samples their next tokens. Sampling happens
+/// inside, so that a GPU runner can sample on the device and copy back only token ids.
+pub trait ModelRunner: Send {
+    fn config(&self) -> &ModelConfig;
+
+    /// Runs one step: computes the K/V of every scheduled token into the paged cache and
+    /// samples a token for each sequence with `needs_logits`. Returns one output per such
+    /// sequence, in batch order. `history` gives each sequence's prompt and output so far,
+    /// for the penalties.
+    fn step(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+    ) -> Result<Vec<SampledOutput>, ModelError>;
+}
+
+/// The token sampled for one sequence, with the log-probabilities it asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledOutput {
+    pub id: RequestId,
+    pub token: TokenId,
+    /// log p(token) under the model's raw distribution, when `logprobs` was requested.
+    pub logprob: Option<f32>,
+    /// The `top_logprobs` most likely tokens and their log-probabilities, most likely first.
+    pub top_logprobs: Vec<(TokenId, f32)>,
+}
+
+impl From<&SampledOutput> for SampledToken {
+    fn from(o: &SampledOutput) -> Self {
+        SampledToken {
+            id: o.id,
+            token: o.token,
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! Prometheus metrics, labelled by model, written in the text exposition format.
+//!
+//! Scheduler state (queues, seats, KV blocks, prefix cache, preemptions, refusals) is read
+//! from each loaded engine's `stats()` at scrape time; latencies and token counts are
+//! measured by the handlers as events reach them, so they include queueing and
+//! detokenization as a client sees them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use heddle_core::{FinishReason, Priority, SchedulerStats};
+
+const TTFT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const INTER_TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+const END_TO_END_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// A cumulative histogram with fixed upper bounds.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    state: Mutex<HistogramState>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct HistogramState {
+    /// Observations per bucket (not cumulative); one more than `bounds` for +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            state: Mutex::new(HistogramState {
+                counts: vec![0; bounds.len() + 1],
+                sum: 0.0,
+            }),
+        }
+    }
+
+    pub fn observe(&self, value: f64) {
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|bound| value <= *bound)
+            .unwrap_or(self.bounds.len());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.counts[bucket] += 1;
+        state.sum += value;
+    }
+
+    fn snapshot(&self) -> HistogramState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What the handlers measure for one model.
+#[derive(Debug)]
+pub struct ModelMetrics {
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub end_to_end_latency: Histogram,
+    prompt_tokens: AtomicU64,
+    generation_tokens: AtomicU64,
+    /// Finished sequences by reason: stop, length, cancelled, error.
+    finished: [AtomicU64; 4],
+    /// Requests answered 429 because the waiting queue was full.
+    rejected_queue_full: AtomicU64,
+}
+
+const FINISH_REASONS: [FinishReason; 4] = [
+    FinishReason::Stop,
+    FinishReason::Length,
+    FinishReason::Cancelled,
+    FinishReason::Error,
+];
+
+impl Default for ModelMetrics {
+    fn default() -> Self {
+        ModelMetrics {
+            time_to_first_token: Histogram::new(TTFT_BUCKETS),
+            inter_token_latency: Histogram::new(INTER_TOKEN_BUCKETS),
+            end_to_end_latency: Histogram::new(END_TO_END_BUCKETS),
+            prompt_tokens: AtomicU64::default(),
+            generation_tokens: AtomicU64::default(),
+            finished: Default::default(),
+            rejected_queue_full: AtomicU64::default(),
+        }
+    }
+}
+
+impl ModelMetrics {
+    pub fn record_queue_full(&self) {
+        self.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn record_finish(&self, reason: FinishReason, prompt_tokens: usize, generated: usize) {
+        let slot = FINISH_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(FINISH_REASONS.len() - 1);
+        self.finished[slot].fetch_add(1, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        self.generation_tokens
+            .fetch_add(generated as u64, Ordering::Relaxed);
+    }
+}
+
+/// Times one sequence from the moment its HTTP request arrived.
+#[derive(Debug)]
+pub struct SequenceTimer {
+    metrics: Arc<ModelMetrics>,
+    arrived: Instant,
+    last_token: Option<Instant>,
+}
+
+impl SequenceTimer {
+    pub fn new(metrics: Arc<ModelMetrics>, arrived: Instant) -> Self {
+        SequenceTimer {
+            metrics,
+            arrived,
+            last_token: None,
+        }
+    }
+
+    pub fn on_token(&mut self) {
+        let now = Instant::now();
+        match self.last_token {
+            None => self
+                .metrics
+                .time_to_first_token
+                .observe((now - self.arrived).as_secs_f64()),
+            Some(previous) => self
+                .metrics
+                .inter_token_latency
+                .observe((now - previous).as_secs_f64()),
+        }
+        self.last_token = Some(now);
+    }
+
+    pub fn on_finish(&self, reason: FinishReason, prompt_tokens: usize, generated: usize) {
+        self.metrics
+            .end_to_end_latency
+            .observe(self.arrived.elapsed().as_secs_f64());
+        self.metrics.record_finish(reason, prompt_tokens, generated);
+    }
+}
+
+/// Every model's metrics, kept across unloads so that counters never go backwards.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    models: Mutex<BTreeMap<String, Arc<ModelMetrics>>>,
+}
+
+impl Metrics {
+    pub fn model(&self, id: &str) -> Arc<ModelMetrics> {
+        let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        models.entry(id.to_string()).or_default().clone()
+    }
+
+    /// The exposition text; `engines` are the loaded models' scheduler stats.
+    pub fn render(&self, engines: &[(String, SchedulerStats)]) -> String {
+        let models: Vec<(String, Arc<ModelMetrics>)> = self
+            .models
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, m)| (id.clone(), m.clone()))
+            .collect();
+        let mut out = String::new();
+        write_scheduler_families(&mut out, engines);
+
+        let mut family = Family::new(
+            &mut out,
+            "heddle_prompt_tokens_total",
+            "counter",
+            "Prompt tokens of finished sequences.",
+        );
+        for (id, m) in &models {
+            family.sample(
+                "",
+                &[("model", id)],
+                m.prompt_tokens.load(Ordering::Relaxed) as f64,
+            );
+        }
+        let mut family = Family::new(
+            &mut out,
+            "heddle_generation_tokens_total",
+            "counter",
+            "Tokens generated by finished sequences.",
+        );
+        for (id, m) in &models {
+            family.sample(
+                "",
+                &[("model", id)],
+                m.generation_tokens.load(Ordering::Relaxed) as f64,
+            );
+        }
+        let mut family = Family::new(
+            &mut out,
+            "heddle_sequences_finished_total",
+            "counter",
+            "Finished sequences by finish reason.",
+        );
+        for (id, m) in &models {
+            for (reason, count) in FINISH_REASONS.iter().zip(&m.finished) {
+                family.sample(
+                    "",
+                    &[("model", id), ("reason", reason.as_str())],
+                    count.load(Ordering::Relaxed) as f64,
+                );
+            }
+        }
+        let mut family = Family::new(
+            &mut out,
+            "heddle_requests_rejected_total",
+            "counter",
+            "Requests answered 429 because the waiting queue was full.",
+        );
+        for (id, m) in &models {
+            family.sample(
+                "",
+                &[("model", id)],
+                m.rejected_queue_full.load(Ordering::Relaxed) as f64,
+            );
+        }
+        let histograms: [(&str, &str, fn(&ModelMetrics) -> &Histogram); 3] = [
+            (
+                "heddle_time_to_first_token_seconds",
+                "Time from request arrival to the first generated token.",
+                |m| &m.time_to_first_token,
+            ),
+            (
+                "heddle_inter_token_latency_seconds",
+                "Time between consecutive generated tokens of a sequence.",
+                |m| &m.inter_token_latency,
+            ),
+            (
+                "heddle_end_to_end_latency_seconds",
+                "Time from request arrival to the end of a sequence.",
+                |m| &m.end_to_end_latency,
+            ),
+        ];
+        for (name, help, pick) in histograms {
+            let mut family = Family::new(&mut out, name, "histogram", help);
+            for (id, m) in &models {
+                family.histogram(id, pick(m));
+            }
+        }
+        out
+    }
+}
+
+fn write_scheduler_families(out: &mut String, engines: &[(String, SchedulerStats)]) {
+    let gauge = |out: &mut String, name: &str, help: &str, value: fn(&SchedulerStats) -> f64| {
+        let mut family = Family::new(out, name, "gauge", help);
+        for (id, stats) in engines {
+            family.sample("", &[("model", id)], value(stats));
+        }
+    };
+    let counter = |out: &mut String, name: &str, help: &str, value: fn(&SchedulerStats) -> f64| {
+        let mut family = Family::new(out, name, "counter", help);
+        for (id, stats) in engines {
+            family.sample("", &[("model", id)], value(stats));
+        }
+    };
+
+    let mut family = Family::new(
+        out,
+        "heddle_model_loaded",
+        "gauge",
+        "1 for every model loaded in the pool.",
+    );
+    for (id, _) in engines {
+        family.sample("", &[("model", id)], 1.0);
+    }
+    let mut family = Family::new(
+        out,
+        "heddle_queue_depth",
+        "gauge",
+        "Waiting requests by base priority.",
+    );
+    for (id, stats) in engines {
+        for priority in Priority::ALL {
+            family.sample(
+                "",
+                &[("model", id), ("priority", priority.as_str())],
+                stats.waiting[priority.value() as usize] as f64,
+            );
+        }
+    }
+    gauge(
+        out,
+        "heddle_running_sequences",
+        "Sequences admitted to the batch.",
+        |s| s.running as f64,
+    );
+    gauge(out, "heddle_kv_blocks_total", "KV cache blocks.", |s| {
+        s.kv.total_blocks as f64
+    });
+    gauge(
+        out,
+        "heddle_kv_blocks_used",
+        "KV cache blocks referenced by a sequence.",
+        |s| s.kv.used_blocks as f64,
+    );
+    gauge(
+        out,
+        "heddle_kv_blocks_cached",
+        "KV cache blocks holding a prefix-cache entry, used or not.",
+        |s| s.kv.cached_blocks as f64,
+    );
+    gauge(
+        out,
+        "heddle_kv_blocks_free",
+        "KV cache blocks that can be handed out now.",
+        |s| s.kv.free_blocks as f64,
+    );
+    gauge(
+        out,
+        "heddle_prefix_cache_hit_rate",
+        "Share of prompt tokens served from the prefix cache since the model was loaded.",
+        |s| {
+            let looked_up = s.kv.prefix_hit_tokens + s.kv.prefix_miss_tokens;
+            if looked_up == 0 {
+                0.0
+            } else {
+                s.kv.prefix_hit_tokens as f64 / looked_up as f64
+            }
+        },
+    );
+    counter(
+        out,
+        "heddle_prefix_cache_hit_tokens_total",
+        "Prompt tokens served from the prefix cache.",
+        |s| s.kv.prefix_hit_tokens as f64,
+    );
+    counter(
+        out,
+        "heddle_prefix_cache_miss_tokens_total",
+        "Prompt tokens that had to be computed.",
+        |s| s.kv.prefix_miss_tokens as f64,
+    );
+    counter(
+        out,
+        "heddle_preemptions_total",
+        "Running sequences preempted (memory or priority) since the model was loaded.",
+        |s| s.preemptions as f64,
+    );
+    counter(
+        out,
+        "heddle_scheduler_refused_total",
+        "Requests the scheduler refused because its waiting queue was full.",
+        |s| s.refused as f64,
+    );
+    counter(
+        out,
+        "heddle_scheduler_displaced_total",
+        "Waiting requests displaced from a full queue by more urgent ones.",
+        |s| s.displaced as f64,
+    );
+}
+
+/// Writes one metric family: its HELP and TYPE lines, then its samples.
+struct Family<'a> {
+    out: &'a mut String,
+    name: &'a str,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &'a str, kind: &str, help: &str) -> Self {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        Family { out, name }
+    }
+
+    fn sample(&mut self, suffix: &str, labels: &[(&str, &str)], value: f64) {
+        let _ = write!(self.out, "{}{suffix}", self.name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (key, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{key}=\"{}\"", escape_label(value));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {}", format_value(value));
+    }
+
+    fn histogram(&mut self, model: &str, histogram: &Histogram) {
+        let state = histogram.snapshot();
+        let mut cumulative = 0u64;
+        for (bound, count) in histogram.bounds.iter().zip(&state.counts) {
+            cumulative += count;
+            let le = format_value(*bound);
+            self.sample(
+                "_bucket",
+                &[("model", model), ("le", &le)],
+                cumulative as f64,
+            );
+        }
+        cumulative += state.counts[histogram.bounds.len()];
+        self.sample(
+            "_bucket",
+            &[("model", model), ("le", "+Inf")],
+            cumulative as f64,
+        );
+        self.sample("_sum", &[("model", model)], state.sum);
+        self.sample("_count", &[("model", model)], cumulative as f64);
+    }
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn format_value(value: f64) -> String {
+    if value.is_finite() && value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{}", value as i64)
+    } else {
+        format!("{value}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_with_inf_sum_and_count() {
+        let metrics = Metrics::default();
+        let model = metrics.model("m");
+        model.time_to_first_token.observe(0.003);
+        model.time_to_first_token.observe(0.2);
+        model.time_to_first_token.observe(1000.0);
+        let text = metrics.render(&[]);
+        assert!(text
+            .contains("heddle_time_to_first_token_seconds_bucket{model=\"m\",le=\"0.005\"} 1\n"));
+        assert!(
+            text.contains("heddle_time_to_first_token_seconds_bucket{model=\"m\",le=\"0.25\"} 2\n")
+        );
+        assert!(
+            text.contains("heddle_time_to_first_token_seconds_bucket{model=\"m\",le=\"+Inf\"} 3\n")
+        );
+        assert!(text.contains("heddle_time_to_first_token_seconds_count{model=\"m\"} 3\n"));
+        assert!(text.contains("heddle_time_to_first_token_seconds_sum{model=\"m\"} 1000.203\n"));
+    }
+
+    #[test]
+    fn scheduler_stats_become_labelled_gauges() {
+        let mut stats = SchedulerStats {
+            waiting: [1, 2, 3],
+            running: 4,
+            ..SchedulerStats::default()
+        };
+        stats.kv.total_blocks = 64;
+        stats.kv.used_blocks = 5;
+        stats.kv.prefix_hit_tokens = 30;
+        stats.kv.prefix_miss_tokens = 10;
+        let text = Metrics::default().render(&[("a\"b".into(), stats)]);
+        assert!(text.contains("heddle_queue_depth{model=\"a\\\"b\",priority=\"low\"} 3\n"));
+        assert!(text.contains("heddle_running_sequences{model=\"a\\\"b\"} 4\n"));
+        assert!(text.contains("heddle_kv_blocks_used{model=\"a\\\"b\"} 5\n"));
+        assert!(text.contains("heddle_prefix_cache_hit_rate{model=\"a\\\"b\"} 0.75\n"));
+    }
+
+    #[test]
+    fn every_family_is_declared_once() {
+        let metrics = Metrics::default();
+        metrics.model("a");
+        metrics.model("b");
+        let engines = [
+            ("a".to_string(), SchedulerStats::default()),
+            ("b".to_string(), SchedulerStats::default()),
+        ];
+        let text = metrics.render(&engines);
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            assert!(seen.insert(line.to_string()), "declared twice: {line}");
+        }
+    }
+}

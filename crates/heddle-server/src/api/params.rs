@@ -1,0 +1,495 @@
+//! Request fields → validated engine parameters, with OpenAI-style 400 errors that name
+//! the field at fault.
+
+use serde_json::Value;
+
+use heddle_core::request::MAX_TOP_LOGPROBS;
+use heddle_core::{Priority, SamplingParams, StopCriteria, TokenId};
+use heddle_model::chat_template::ChatMessage;
+
+use super::errors::ApiError;
+use super::openai::{ChatMessageIn, CommonFields};
+
+/// The most choices one request may ask for, as in OpenAI's API.
+pub const MAX_N: usize = 128;
+
+/// The model the request names.
+pub fn model_name(common: &CommonFields) -> Result<&str, ApiError> {
+    match common.model.as_deref() {
+        Some(model) if !model.is_empty() => Ok(model),
+        _ => Err(ApiError::invalid_param(
+            "model",
+            "You must provide a model parameter.",
+        )),
+    }
+}
+
+/// The `priority` field: "high", "normal", "low" or 0, 1, 2.
+pub fn priority(value: Option<&Value>) -> Result<Option<Priority>, ApiError> {
+    let parsed = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(text)) => text.parse(),
+        Some(Value::Number(number)) => match number.as_i64() {
+            Some(n) => Priority::from_value(n),
+            None => invalid_priority(number),
+        },
+        Some(other) => invalid_priority(other),
+    };
+    parsed.map(Some).map_err(ApiError::from)
+}
+
+fn invalid_priority(value: impl ToString) -> Result<Priority, heddle_core::CoreError> {
+    Err(heddle_core::CoreError::InvalidPriority(value.to_string()))
+}
+
+/// The `stop` field: a string or a list of strings.
+pub fn stop_strings(value: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let invalid =
+        || ApiError::invalid_param("stop", "`stop` must be a string or a list of strings.");
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(stop)) => Ok(vec![stop.clone()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_string).ok_or_else(invalid))
+            .collect(),
+        Some(_) => Err(invalid()),
+    }
+}
+
+/// `n`: how many choices per prompt.
+pub fn choices(common: &CommonFields) -> Result<usize, ApiError> {
+    match common.n {
+        None => Ok(1),
+        Some(n) if (1..=MAX_N as i64).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiError::invalid_param(
+            "n",
+            format!("`n` must be between 1 and {MAX_N}, got {n}."),
+        )),
+    }
+}
+
+/// How many log-probability alternatives a request wants: None for no log-probabilities,
+/// Some(k) for the chosen token's plus `k` alternatives.
+pub type LogprobRequest = Option<u32>;
+
+/// Chat: `logprobs` (bool) and `top_logprobs` (0..=20, needs `logprobs`).
+pub fn chat_logprobs(logprobs: Option<bool>, top: Option<i64>) -> Result<LogprobRequest, ApiError> {
+    let top = match top {
+        None => 0,
+        Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => k as u32,
+        Some(k) => {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}."),
+            ))
+        }
+    };
+    match logprobs {
+        Some(true) => Ok(Some(top)),
+        _ if top > 0 => Err(ApiError::invalid_param(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs` set to true.",
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// Completions: `logprobs` is the number of alternatives (0 for the chosen token only).
+pub fn completion_logprobs(logprobs: Option<i64>) -> Result<LogprobRequest, ApiError> {
+    match logprobs {
+        None => Ok(None),
+        Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Ok(Some(k as u32)),
+        Some(k) => Err(ApiError::invalid_param(
+            "logprobs",
+            format!("`logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}."),
+        )),
+    }
+}
+
+/// The sampling fields, validated by heddle-core's rules (temperature >= 0, top_p in
+/// (0, 1], penalties in range, ...).
+pub fn sampling(
+    common: &CommonFields,
+    logprobs: LogprobRequest,
+) -> Result<SamplingParams, ApiError> {
+    let defaults = SamplingParams::default();
+    let top_k = match common.top_k {
+        None | Some(-1) => 0,
+        Some(k) if k >= 0 => u32::try_from(k).unwrap_or(u32::MAX),
+        Some(k) => {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("`top_k` must be >= 0 (or -1 to disable it), got {k}."),
+            ))
+        }
+    };
+    let params = SamplingParams {
+        temperature: common.temperature.unwrap_or(defaults.temperature),
+        top_p: common.top_p.unwrap_or(defaults.top_p),
+        top_k,
+        min_p: common.min_p.unwrap_or(defaults.min_p),
+        repetition_penalty: common
+            .repetition_penalty
+            .unwrap_or(defaults.repetition_penalty),
+        frequency_penalty: common
+            .frequency_penalty
+            .unwrap_or(defaults.frequency_penalty),
+        presence_penalty: common.presence_penalty.unwrap_or(defaults.presence_penalty),
+        // Any integer is a valid seed; negative ones are reinterpreted bit for bit.
+        seed: common.seed.map(|s| s as u64),
+        logprobs: logprobs.is_some(),
+        top_logprobs: logprobs.unwrap_or(0),
+    };
+    params.validate()?;
+    Ok(params)
+}
+
+/// Stop strings, the request's stop token ids and `ignore_eos`; `max_tokens` is set
+/// later, once the prompt's length is known.
+pub fn stop_criteria(common: &CommonFields) -> Result<StopCriteria, ApiError> {
+    let stop_token_ids = common
+        .stop_token_ids
+        .iter()
+        .flatten()
+        .map(|&id| {
+            TokenId::try_from(id).map_err(|_| {
+                ApiError::invalid_param("stop_token_ids", format!("{id} is not a token id."))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let stop = StopCriteria {
+        max_tokens: 1,
+        stop_token_ids,
+        stop_strings: stop_strings(common.stop.as_ref())?,
+        ignore_eos: common.ignore_eos.unwrap_or(false),
+        ..StopCriteria::default()
+    };
+    stop.validate()?;
+    Ok(stop)
+}
+
+/// `max_tokens` (or `max_completion_tokens`) as asked, before the prompt is known: >= 1.
+pub fn requested_max_tokens(requested: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match requested {
+        None => Ok(None),
+        Some(n) if n >= 1 => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+        Some(n) => Err(ApiError::invalid_param(
+            "max_tokens",
+            format!("`max_tokens` must be at least 1, got {n}."),
+        )),
+    }
+}
+
+/// The output length, checked against the context: `requested` when given, else
+/// `default` (capped by what is left), else all that is left.
+pub fn max_tokens(
+    requested: Option<usize>,
+    default: Option<usize>,
+    prompt_len: usize,
+    max_sequence_len: usize,
+) -> Result<usize, ApiError> {
+    if prompt_len >= max_sequence_len {
+        return Err(context_exceeded(
+            "messages",
+            format!(
+                "This model's maximum context length is {max_sequence_len} tokens, but the \
+                 prompt has {prompt_len} tokens."
+            ),
+        ));
+    }
+    let left = max_sequence_len - prompt_len;
+    match requested {
+        Some(n) if n > left => Err(context_exceeded(
+            "max_tokens",
+            format!(
+                "This model's maximum context length is {max_sequence_len} tokens. However, \
+                 you requested {} tokens ({prompt_len} in the prompt, {n} for the \
+                 completion). Please reduce the prompt or the completion length.",
+                prompt_len.saturating_add(n)
+            ),
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default.map_or(left, |d| d.min(left))),
+    }
+}
+
+fn context_exceeded(param: &str, message: String) -> ApiError {
+    let mut error = ApiError::invalid_param(param, message);
+    error.code = Some("context_length_exceeded");
+    error
+}
+
+/// Chat messages → the template's messages. Content is a string, a list of text parts,
+/// or null (an assistant turn with no text); roles are system, developer (OpenAI's newer
+/// name for system), user and assistant.
+pub fn chat_messages(messages: Option<&[ChatMessageIn]>) -> Result<Vec<ChatMessage>, ApiError> {
+    let messages = match messages {
+        Some(messages) if !messages.is_empty() => messages,
+        _ => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "`messages` must be a non-empty list.",
+            ))
+        }
+    };
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, message)| {
+            let role = match message.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid_param(
+                        format!("messages[{i}].role"),
+                        format!(
+                            "Unsupported role {other:?}: expected system, developer, user or \
+                             assistant."
+                        ),
+                    ))
+                }
+            };
+            let content = message_text(&message.content).map_err(|reason| {
+                ApiError::invalid_param(format!("messages[{i}].content"), reason)
+            })?;
+            Ok(ChatMessage::new(role, &content))
+        })
+        .collect()
+}
+
+fn message_text(content: &Value) -> Result<String, String> {
+    match content {
+        Value::Null => Ok(String::new()),
+        Value::String(text) => Ok(text.clone()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for part in parts {
+                match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text"), Some(Value::String(piece))) => text.push_str(piece),
+                    (Some(kind), _) if kind != "text" => {
+                        return Err(format!("Content parts of type {kind:?} are not supported."))
+                    }
+                    _ => {
+                        return Err(
+                            "A content part must be {\"type\": \"text\", \"text\": ...}.".into(),
+                        )
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err("`content` must be a string or a list of text parts.".into()),
+    }
+}
+
+/// One prompt of a completions request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<TokenId>),
+}
+
+/// The `prompt` field: a string, a list of strings, a list of token ids or a list of
+/// token id lists. Token ids must be below `vocab_size`.
+pub fn prompts(value: Option<&Value>, vocab_size: usize) -> Result<Vec<PromptInput>, ApiError> {
+    let invalid = |message: &str| ApiError::invalid_param("prompt", message);
+    let shape = "`prompt` must be a string, a list of strings, a list of token ids or a list \
+                 of lists of token ids.";
+    let tokens = |items: &[Value]| -> Result<Vec<TokenId>, ApiError> {
+        items
+            .iter()
+            .map(|item| match item.as_u64() {
+                Some(id) if id < vocab_size as u64 => Ok(id as TokenId),
+                Some(id) => Err(invalid(&format!(
+                    "Token id {id} is outside the model's vocabulary of {vocab_size} tokens."
+                ))),
+                None => Err(invalid(shape)),
+            })
+            .collect()
+    };
+    let prompts = match value {
+        None | Some(Value::Null) => return Err(invalid("You must provide a prompt.")),
+        Some(Value::String(text)) => vec![PromptInput::Text(text.clone())],
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(invalid("`prompt` must not be empty."))
+        }
+        Some(Value::Array(items)) => match &items[0] {
+            Value::String(_) => items
+                .iter()
+                .map(|item| match item {
+                    Value::String(text) => Ok(PromptInput::Text(text.clone())),
+                    _ => Err(invalid(shape)),
+                })
+                .collect::<Result<_, _>>()?,
+            Value::Number(_) => vec![PromptInput::Tokens(tokens(items)?)],
+            Value::Array(_) => items
+                .iter()
+                .map(|item| match item {
+                    Value::Array(ids) if !ids.is_empty() => Ok(PromptInput::Tokens(tokens(ids)?)),
+                    Value::Array(_) => Err(invalid("A token id list must not be empty.")),
+                    _ => Err(invalid(shape)),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(invalid(shape)),
+        },
+        Some(_) => return Err(invalid(shape)),
+    };
+    Ok(prompts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use serde_json::json;
+
+    fn common(value: Value) -> CommonFields {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn priorities_parse_from_names_and_numbers() {
+        assert_eq!(
+            priority(Some(&json!("high"))).unwrap(),
+            Some(Priority::High)
+        );
+        assert_eq!(priority(Some(&json!(2))).unwrap(), Some(Priority::Low));
+        assert_eq!(priority(None).unwrap(), None);
+        for bad in [json!("urgent"), json!(7), json!(1.5), json!([1])] {
+            let error = priority(Some(&bad)).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some("priority"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sampling_values_are_checked() {
+        for (field, value) in [
+            ("temperature", json!(-0.5)),
+            ("top_p", json!(0)),
+            ("top_p", json!(1.5)),
+            ("top_k", json!(-2)),
+            ("frequency_penalty", json!(3)),
+        ] {
+            let fields = common(json!({ field: value }));
+            let error = sampling(&fields, None).unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST);
+            assert_eq!(error.param.as_deref(), Some(field));
+        }
+        let fields = common(json!({"temperature": 0, "top_k": -1, "seed": -1}));
+        let params = sampling(&fields, Some(3)).unwrap();
+        assert!(params.is_greedy());
+        assert_eq!(params.top_k, 0);
+        assert_eq!(params.seed, Some(u64::MAX));
+        assert!(params.logprobs && params.top_logprobs == 3);
+    }
+
+    #[test]
+    fn stop_is_a_string_or_a_list_of_at_most_four() {
+        let one = stop_criteria(&common(json!({"stop": "\n"}))).unwrap();
+        assert_eq!(one.stop_strings, ["\n"]);
+        let many = stop_criteria(&common(json!({"stop": ["a", "b"], "ignore_eos": true}))).unwrap();
+        assert_eq!(many.stop_strings, ["a", "b"]);
+        assert!(many.ignore_eos);
+        for bad in [
+            json!(["a", "b", "c", "d", "e"]),
+            json!([""]),
+            json!(5),
+            json!([1]),
+        ] {
+            assert!(stop_criteria(&common(json!({ "stop": bad }))).is_err());
+        }
+    }
+
+    #[test]
+    fn max_tokens_respects_the_context() {
+        assert_eq!(requested_max_tokens(Some(5)).unwrap(), Some(5));
+        assert_eq!(requested_max_tokens(None).unwrap(), None);
+        for bad in [0, -3] {
+            let error = requested_max_tokens(Some(bad)).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some("max_tokens"));
+        }
+        assert_eq!(max_tokens(Some(5), None, 10, 100).unwrap(), 5);
+        assert_eq!(max_tokens(None, Some(16), 10, 100).unwrap(), 16);
+        assert_eq!(max_tokens(None, Some(16), 95, 100).unwrap(), 5);
+        assert_eq!(max_tokens(None, None, 10, 100).unwrap(), 90);
+        let too_long = max_tokens(Some(91), None, 10, 100).unwrap_err();
+        assert_eq!(too_long.code, Some("context_length_exceeded"));
+        assert!(max_tokens(None, None, 100, 100).is_err());
+    }
+
+    #[test]
+    fn logprob_fields_follow_openai() {
+        assert_eq!(chat_logprobs(Some(true), Some(2)).unwrap(), Some(2));
+        assert_eq!(chat_logprobs(Some(true), None).unwrap(), Some(0));
+        assert_eq!(chat_logprobs(None, None).unwrap(), None);
+        assert!(chat_logprobs(Some(false), Some(2)).is_err());
+        assert!(chat_logprobs(Some(true), Some(21)).is_err());
+        assert_eq!(completion_logprobs(Some(0)).unwrap(), Some(0));
+        assert!(completion_logprobs(Some(-1)).is_err());
+    }
+
+    #[test]
+    fn messages_take_strings_text_parts_and_known_roles() {
+        let messages: Vec<ChatMessageIn> = serde_json::from_value(json!([
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": null}
+        ]))
+        .unwrap();
+        let converted = chat_messages(Some(&messages)).unwrap();
+        assert_eq!(
+            converted,
+            [
+                ChatMessage::new("system", "be brief"),
+                ChatMessage::new("user", "hi there"),
+                ChatMessage::new("assistant", ""),
+            ]
+        );
+        assert!(chat_messages(Some(&[])).is_err());
+        assert!(chat_messages(None).is_err());
+        let image: Vec<ChatMessageIn> = serde_json::from_value(
+            json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        )
+        .unwrap();
+        assert_eq!(
+            chat_messages(Some(&image)).unwrap_err().param.as_deref(),
+            Some("messages[0].content")
+        );
+        let tool: Vec<ChatMessageIn> =
+            serde_json::from_value(json!([{"role": "tool", "content": "x"}])).unwrap();
+        assert!(chat_messages(Some(&tool)).is_err());
+    }
+
+    #[test]
+    fn prompts_come_in_four_shapes() {
+        assert_eq!(
+            prompts(Some(&json!("hi")), 10).unwrap(),
+            [PromptInput::Text("hi".into())]
+        );
+        assert_eq!(prompts(Some(&json!(["a", "b"])), 10).unwrap().len(), 2);
+        assert_eq!(
+            prompts(Some(&json!([1, 2])), 10).unwrap(),
+            [PromptInput::Tokens(vec![1, 2])]
+        );
+        assert_eq!(
+            prompts(Some(&json!([[1], [2, 3]])), 10).unwrap(),
+            [
+                PromptInput::Tokens(vec![1]),
+                PromptInput::Tokens(vec![2, 3])
+            ]
+        );
+        for bad in [
+            json!([]),
+            json!([10]),
+            json!([-1]),
+            json!(["a", 1]),
+            json!([[]]),
+            json!({}),
+            json!(null),
+        ] {
+            assert!(prompts(Some(&bad), 10).is_err(), "{bad}");
+        }
+    }
+}

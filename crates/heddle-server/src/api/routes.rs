@@ -1,0 +1,425 @@
+//! The handlers: validate, template and tokenize, submit, and map the engine's events to
+//! OpenAI's shapes. No model logic lives here.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use rand::distr::{Alphanumeric, SampleString};
+use serde_json::json;
+
+use heddle_core::{FinishReason, Priority, SamplingParams, StopCriteria, TokenId};
+use heddle_model::chat_template::{ChatMessage, ChatTemplateError};
+
+use super::auth::Caller;
+use super::errors::ApiError;
+use super::generation::{self, chat_logprobs, completion_logprobs, finish_reason_name};
+use super::openai::{
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, CommonFields, Completion,
+    CompletionChoice, CompletionRequest, ModelCard, ModelList,
+};
+use super::params::{self, PromptInput};
+use super::sse::{self, StreamHeader, StreamKind};
+use super::{unix_now, AppState, JsonBody};
+use crate::engine::GenerationRequest;
+use crate::pool::LoadedModel;
+
+/// OpenAI's default `max_tokens` for completions; chat defaults to the rest of the context.
+const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+
+pub async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.is_ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else if state.pool.is_shutting_down() {
+        ApiError::unavailable("shutting_down", "The server is shutting down.").into_response()
+    } else {
+        ApiError::unavailable("not_ready", "The server is still loading its models.")
+            .into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let engines: Vec<_> = state
+        .pool
+        .loaded_models()
+        .iter()
+        .map(|m| (m.id.clone(), m.engine.stats()))
+        .collect();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&engines),
+    )
+        .into_response()
+}
+
+pub async fn list_models(State(state): State<AppState>, _caller: Caller) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: state
+            .pool
+            .specs()
+            .iter()
+            .map(|spec| model_card(&state, &spec.id))
+            .collect(),
+    })
+}
+
+pub async fn get_model(
+    State(state): State<AppState>,
+    _caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<ModelCard>, ApiError> {
+    let Path(id) = id.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    match state.pool.spec(&id) {
+        Some(spec) => Ok(Json(model_card(&state, &spec.id))),
+        None => Err(ApiError::model_not_found(&id)),
+    }
+}
+
+fn model_card(state: &AppState, id: &str) -> ModelCard {
+    ModelCard {
+        id: id.to_string(),
+        object: "model",
+        created: state.started,
+        owned_by: "heddle",
+    }
+}
+
+pub async fn admin_list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": state.pool.status(),
+        "memory_budget_bytes": state.pool.memory_budget(),
+        "loaded_bytes": state.pool.loaded_bytes(),
+    })))
+}
+
+pub async fn admin_load(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    let Path(id) = id.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    let model = state.model(&id).await?;
+    Ok(Json(json!({
+        "id": model.id,
+        "loaded": true,
+        "memory_bytes": model.memory_bytes,
+    })))
+}
+
+pub async fn admin_unload(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    let Path(id) = id.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    let was_loaded = state
+        .pool
+        .unload(&id)
+        .await
+        .map_err(|_| ApiError::model_not_found(&id))?;
+    Ok(Json(json!({"id": id, "unloaded": was_loaded})))
+}
+
+pub async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::route_not_found(method.as_str(), uri.path())
+}
+
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+/// The fields both endpoints validate before touching a model.
+struct Checked {
+    model: String,
+    priority: Priority,
+    sampling: SamplingParams,
+    stop: StopCriteria,
+    max_tokens: Option<usize>,
+    n: usize,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn check_common(
+    caller: &Caller,
+    common: &CommonFields,
+    max_tokens: Option<i64>,
+    logprobs: params::LogprobRequest,
+) -> Result<Checked, ApiError> {
+    Ok(Checked {
+        model: params::model_name(common)?.to_string(),
+        priority: caller.priority(params::priority(common.priority.as_ref())?)?,
+        sampling: params::sampling(common, logprobs)?,
+        stop: params::stop_criteria(common)?,
+        max_tokens: params::requested_max_tokens(max_tokens)?,
+        n: params::choices(common)?,
+        stream: common.stream.unwrap_or(false),
+        include_usage: common
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    })
+}
+
+impl Checked {
+    /// The engine requests for one prompt: `n` of them, seeds spread so choices differ.
+    fn requests(
+        &self,
+        prompt_index: usize,
+        prompt: &[TokenId],
+        max_tokens: usize,
+    ) -> impl Iterator<Item = (usize, GenerationRequest)> + '_ {
+        let prompt = prompt.to_vec();
+        (0..self.n).map(move |choice| {
+            let sampling = SamplingParams {
+                seed: self.sampling.seed.map(|s| s.wrapping_add(choice as u64)),
+                ..self.sampling
+            };
+            let request = GenerationRequest {
+                prompt: prompt.clone(),
+                priority: self.priority,
+                sampling,
+                stop: StopCriteria {
+                    max_tokens,
+                    ..self.stop.clone()
+                },
+            };
+            (prompt_index, request)
+        })
+    }
+}
+
+/// The error a finished sequence maps to, judged when it finishes.
+fn failure_judge(
+    state: &AppState,
+    model: &Arc<LoadedModel>,
+) -> impl Fn(FinishReason) -> Option<ApiError> + Send + 'static {
+    let (pool, model) = (state.pool.clone(), model.clone());
+    move |reason| generation::finish_error(reason, &model, pool.is_shutting_down())
+}
+
+fn new_id(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 24)
+    )
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let logprobs = params::chat_logprobs(request.logprobs, request.top_logprobs)?;
+    let requested_max = request.max_completion_tokens.or(request.common.max_tokens);
+    let checked = check_common(&caller, &request.common, requested_max, logprobs)?;
+    let messages = params::chat_messages(request.messages.as_deref())?;
+    let model = state.model(&checked.model).await?;
+
+    let prompt = tokenize_chat(&model, messages).await?;
+    let max_tokens = params::max_tokens(
+        checked.max_tokens,
+        None,
+        prompt.len(),
+        model.max_sequence_len,
+    )?;
+    let requests = checked.requests(0, &prompt, max_tokens).collect();
+    let metrics = state.metrics.model(&model.id);
+    let mux = generation::submit(&model, requests, &metrics, arrived).await?;
+    let id = new_id("chatcmpl-");
+    let created = unix_now();
+    let tokenizer = model.engine.tokenizer().clone();
+    let failure = failure_judge(&state, &model);
+
+    if checked.stream {
+        let header = StreamHeader {
+            kind: StreamKind::Chat,
+            id,
+            created,
+            model: checked.model,
+            choice_count: checked.n,
+            prompt_count: 1,
+            include_usage: checked.include_usage,
+        };
+        return Ok(sse::response(header, mux, tokenizer, failure));
+    }
+    let collected = generation::collect(mux, 1, failure).await?;
+    let choices = collected
+        .choices
+        .into_iter()
+        .map(|choice| ChatChoice {
+            index: choice.index,
+            logprobs: logprobs.map(|_| chat_logprobs(&tokenizer, &choice.tokens)),
+            message: AssistantMessage {
+                role: "assistant",
+                content: choice.text,
+            },
+            finish_reason: finish_reason_name(choice.reason),
+        })
+        .collect();
+    Ok(Json(ChatCompletion {
+        id,
+        object: "chat.completion",
+        created,
+        model: checked.model,
+        choices,
+        usage: collected.usage,
+    })
+    .into_response())
+}
+
+/// Renders the conversation with the model's template and tokenizes it, off the async
+/// threads (a long conversation takes a while).
+async fn tokenize_chat(
+    model: &Arc<LoadedModel>,
+    messages: Vec<ChatMessage>,
+) -> Result<Vec<TokenId>, ApiError> {
+    let model = model.clone();
+    tokio::task::spawn_blocking(move || {
+        let text = model
+            .chat_template
+            .render(&messages, true)
+            .map_err(|error| match error {
+                ChatTemplateError::Raised(message) => ApiError::invalid_param("messages", message),
+                other => ApiError::internal(other.to_string()),
+            })?;
+        model
+            .engine
+            .tokenizer()
+            .encode_prompt(&text)
+            .map_err(|error| ApiError::internal(error.to_string()))
+    })
+    .await
+    .map_err(|_| ApiError::internal("Tokenizing the prompt failed."))?
+}
+
+async fn tokenize_prompts(
+    model: &Arc<LoadedModel>,
+    prompts: Vec<PromptInput>,
+) -> Result<Vec<Vec<TokenId>>, ApiError> {
+    let model = model.clone();
+    let tokenized = tokio::task::spawn_blocking(move || {
+        prompts
+            .into_iter()
+            .map(|prompt| match prompt {
+                PromptInput::Tokens(ids) => Ok(ids),
+                PromptInput::Text(text) => model
+                    .engine
+                    .tokenizer()
+                    .encode_prompt(&text)
+                    .map_err(|error| ApiError::internal(error.to_string())),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|_| ApiError::internal("Tokenizing the prompt failed."))??;
+    if tokenized.iter().any(Vec::is_empty) {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "The prompt must have at least one token.",
+        ));
+    }
+    Ok(tokenized)
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    if request.echo == Some(true) {
+        return Err(ApiError::invalid_param("echo", "`echo` is not supported."));
+    }
+    let logprobs = params::completion_logprobs(request.logprobs)?;
+    let checked = check_common(
+        &caller,
+        &request.common,
+        request.common.max_tokens,
+        logprobs,
+    )?;
+    let model = state.model(&checked.model).await?;
+    let prompts = params::prompts(request.prompt.as_ref(), model.vocab_size)?;
+    let prompts = tokenize_prompts(&model, prompts).await?;
+
+    let mut requests = Vec::with_capacity(prompts.len() * checked.n);
+    for (prompt_index, prompt) in prompts.iter().enumerate() {
+        let max_tokens = params::max_tokens(
+            checked.max_tokens,
+            Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
+            prompt.len(),
+            model.max_sequence_len,
+        )
+        .map_err(|mut error| {
+            if error.param.as_deref() == Some("messages") {
+                error.param = Some("prompt".into());
+            }
+            error
+        })?;
+        requests.extend(checked.requests(prompt_index, prompt, max_tokens));
+    }
+    let choice_count = requests.len();
+    let metrics = state.metrics.model(&model.id);
+    let mux = generation::submit(&model, requests, &metrics, arrived).await?;
+    let id = new_id("cmpl-");
+    let created = unix_now();
+    let tokenizer = model.engine.tokenizer().clone();
+    let failure = failure_judge(&state, &model);
+
+    if checked.stream {
+        let header = StreamHeader {
+            kind: StreamKind::Completion,
+            id,
+            created,
+            model: checked.model,
+            choice_count,
+            prompt_count: prompts.len(),
+            include_usage: checked.include_usage,
+        };
+        return Ok(sse::response(header, mux, tokenizer, failure));
+    }
+    let collected = generation::collect(mux, prompts.len(), failure).await?;
+    let choices = collected
+        .choices
+        .into_iter()
+        .map(|choice| CompletionChoice {
+            index: choice.index,
+            logprobs: logprobs.map(|_| completion_logprobs(&tokenizer, &choice.tokens)),
+            text: choice.text,
+            finish_reason: Some(finish_reason_name(choice.reason)),
+        })
+        .collect();
+    Ok((
+        StatusCode::OK,
+        Json(Completion {
+            id,
+            object: "text_completion",
+            created,
+            model: checked.model,
+            choices,
+            usage: Some(collected.usage),
+        }),
+    )
+        .into_response())
+}

@@ -1,0 +1,579 @@
+//! The server's configuration: command-line flags, `HEDDLE_*` environment variables and
+//! an optional TOML file, in that order of precedence, over built-in defaults.
+//!
+//! With no models configured anywhere, the embedded default model is served under the id
+//! [`DEFAULT_MODEL_ID`], pinned (loaded at start).
+//!
+//! The TOML file (every key optional):
+//!
+//! ```toml
+//! host = "0.0.0.0"
+//! port = 8080
+//! memory_budget = "4GiB"        # or a number of bytes
+//! max_body_bytes = 4194304
+//! shutdown_grace_secs = 30
+//!
+//! [scheduler]
+//! max_running = 32
+//! max_batched_tokens = 2048
+//! prefill_chunk = 512
+//! kv_blocks = 1024
+//! block_size = 16
+//! queue_capacity = 256
+//! max_model_len = 8192
+//! aging_rate = 0.1
+//! prefix_cache = true
+//!
+//! [[models]]
+//! id = "smollm2"
+//! path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"   # omit for the embedded model
+//! pinned = true
+//!
+//! [[api_keys]]
+//! key = "sk-batch-jobs"
+//! priority = "low"                  # default priority of its requests
+//! allowed_priorities = ["low"]      # default: the default priority and less urgent ones
+//! admin = false                     # may use /admin routes
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use heddle_core::{Priority, SchedulerConfig};
+use serde::Deserialize;
+
+use crate::api::auth::{ApiKey, KeyTier};
+use crate::pool::ModelSpec;
+
+/// The id of the embedded default model.
+pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
+
+/// `heddle serve`'s flags. Every flag also reads the environment variable named in its
+/// help; a flag given on the command line wins over the variable, both over the file.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// A TOML configuration file.
+    #[arg(long, env = "HEDDLE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "HEDDLE_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 8080].
+    #[arg(long, env = "HEDDLE_PORT")]
+    pub port: Option<u16>,
+    /// A model to serve, as ID=PATH or PATH (its id is then the file name without
+    /// extension, lowercased); repeatable, or comma-separated in the variable. Replaces
+    /// the file's models. Default: the embedded model.
+    #[arg(long = "model", env = "HEDDLE_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// A model id to pin: loaded at start, never evicted; repeatable.
+    #[arg(long = "pin", env = "HEDDLE_PINNED", value_delimiter = ',')]
+    pub pinned: Vec<String>,
+    /// Most memory the loaded models may take (weights + KV cache), e.g. 4GiB or 500MB;
+    /// least recently used models are unloaded to stay under it [default: unlimited].
+    #[arg(long, env = "HEDDLE_MEMORY_BUDGET")]
+    pub memory_budget: Option<String>,
+    /// An API key, as KEY (may ask for any priority, may use admin routes) or KEY:TIER
+    /// with TIER high, normal or low (that priority by default, it or less urgent ones on
+    /// request, no admin routes); repeatable. With keys, every request needs one.
+    #[arg(
+        long = "api-key",
+        env = "HEDDLE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// Largest request body in bytes [default: 4194304].
+    #[arg(long, env = "HEDDLE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Seconds that running requests get to finish after SIGINT/SIGTERM before they are
+    /// cancelled [default: 30].
+    #[arg(long, env = "HEDDLE_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<f64>,
+    /// Most sequences in one model step [default: 32].
+    #[arg(long, env = "HEDDLE_MAX_RUNNING")]
+    pub max_running: Option<usize>,
+    /// Most tokens (prefill and decode) in one model step [default: 2048].
+    #[arg(long, env = "HEDDLE_MAX_BATCHED_TOKENS")]
+    pub max_batched_tokens: Option<usize>,
+    /// KV cache blocks per model [default: 1024].
+    #[arg(long, env = "HEDDLE_KV_BLOCKS")]
+    pub kv_blocks: Option<usize>,
+    /// Positions per KV cache block [default: 16].
+    #[arg(long, env = "HEDDLE_BLOCK_SIZE")]
+    pub block_size: Option<usize>,
+    /// Most waiting requests per model; beyond it requests get 429 [default: 256].
+    #[arg(long, env = "HEDDLE_QUEUE_CAPACITY")]
+    pub queue_capacity: Option<usize>,
+    /// Cap on prompt + output tokens, below the model's own context length.
+    #[arg(long, env = "HEDDLE_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Priority levels a waiting request gains per second [default: 0.1].
+    #[arg(long, env = "HEDDLE_AGING_RATE")]
+    pub aging_rate: Option<f64>,
+    /// Reuse computed KV blocks of identical prompt prefixes [default: true].
+    #[arg(long, env = "HEDDLE_PREFIX_CACHE")]
+    pub prefix_cache: Option<bool>,
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub models: Vec<ModelSpec>,
+    pub memory_budget: Option<u64>,
+    pub api_keys: Vec<ApiKey>,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+    /// Every engine's scheduler; `max_model_len` is also capped per model.
+    pub scheduler: SchedulerConfig,
+}
+
+impl ServerConfig {
+    /// Defaults around the given models (for tests and embedding).
+    pub fn with_models(models: Vec<ModelSpec>) -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            models,
+            memory_budget: None,
+            api_keys: Vec::new(),
+            max_body_bytes: 4 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            scheduler: SchedulerConfig {
+                max_running: 32,
+                num_blocks: 1024,
+                queue_capacity: Some(256),
+                ..SchedulerConfig::default()
+            },
+        }
+    }
+
+    /// Flags (with their environment variables) over the TOML file over defaults.
+    pub fn resolve(args: &ServeArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => FileConfig::read(path)?,
+            None => FileConfig::default(),
+        };
+        let mut config = ServerConfig::with_models(Vec::new());
+        let file_scheduler = file.scheduler.unwrap_or_default();
+        let s = &mut config.scheduler;
+        s.max_running = pick(args.max_running, file_scheduler.max_running, s.max_running);
+        s.max_batched_tokens = pick(
+            args.max_batched_tokens,
+            file_scheduler.max_batched_tokens,
+            s.max_batched_tokens,
+        );
+        s.prefill_chunk = pick(None, file_scheduler.prefill_chunk, s.prefill_chunk);
+        s.num_blocks = pick(args.kv_blocks, file_scheduler.kv_blocks, s.num_blocks);
+        s.block_size = pick(args.block_size, file_scheduler.block_size, s.block_size);
+        s.queue_capacity = args
+            .queue_capacity
+            .or(file_scheduler.queue_capacity)
+            .or(s.queue_capacity);
+        s.max_model_len = pick(
+            args.max_model_len,
+            file_scheduler.max_model_len,
+            s.max_model_len,
+        );
+        s.aging_rate = pick(args.aging_rate, file_scheduler.aging_rate, s.aging_rate);
+        s.enable_prefix_cache = pick(
+            args.prefix_cache,
+            file_scheduler.prefix_cache,
+            s.enable_prefix_cache,
+        );
+        s.validate().context("invalid scheduler settings")?;
+
+        config.host = pick(args.host.clone(), file.host, config.host);
+        config.port = pick(args.port, file.port, config.port);
+        config.max_body_bytes = pick(
+            args.max_body_bytes,
+            file.max_body_bytes,
+            config.max_body_bytes,
+        );
+        let grace = pick(
+            args.shutdown_grace_secs,
+            file.shutdown_grace_secs,
+            config.shutdown_grace.as_secs_f64(),
+        );
+        config.shutdown_grace = Duration::try_from_secs_f64(grace)
+            .context("shutdown grace must be a non-negative number of seconds")?;
+        config.memory_budget = match (&args.memory_budget, file.memory_budget) {
+            (Some(text), _) => Some(parse_byte_size(text)?),
+            (None, Some(ByteSize::Text(text))) => Some(parse_byte_size(&text)?),
+            (None, Some(ByteSize::Bytes(bytes))) => Some(bytes),
+            (None, None) => None,
+        };
+
+        config.models = if !args.models.is_empty() {
+            args.models
+                .iter()
+                .map(|m| parse_model_flag(m))
+                .collect::<anyhow::Result<_>>()?
+        } else if !file.models.is_empty() {
+            file.models
+                .into_iter()
+                .map(FileModel::into_spec)
+                .collect::<anyhow::Result<_>>()?
+        } else {
+            vec![ModelSpec {
+                id: DEFAULT_MODEL_ID.into(),
+                path: heddle_model::embedded_model_path()?,
+                pinned: true,
+            }]
+        };
+        for id in &args.pinned {
+            match config.models.iter_mut().find(|m| &m.id == id) {
+                Some(model) => model.pinned = true,
+                None => bail!("--pin {id}: no model has that id"),
+            }
+        }
+        check_models(&config.models)?;
+
+        config.api_keys = if !args.api_keys.is_empty() {
+            args.api_keys
+                .iter()
+                .map(|k| parse_key_flag(k))
+                .collect::<anyhow::Result<_>>()?
+        } else {
+            file.api_keys
+                .into_iter()
+                .map(FileApiKey::into_key)
+                .collect::<anyhow::Result<_>>()?
+        };
+        Ok(config)
+    }
+
+    pub fn bind_address(&self) -> anyhow::Result<SocketAddr> {
+        use std::net::ToSocketAddrs;
+        (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {}:{}", self.host, self.port))?
+            .next()
+            .with_context(|| format!("{} resolves to no address", self.host))
+    }
+}
+
+fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
+    flag.or(file).unwrap_or(default)
+}
+
+fn check_models(models: &[ModelSpec]) -> anyhow::Result<()> {
+    let mut ids = std::collections::HashSet::new();
+    for model in models {
+        if model.id.is_empty() {
+            bail!("a model id must not be empty");
+        }
+        if !ids.insert(model.id.as_str()) {
+            bail!("model id {:?} is configured twice", model.id);
+        }
+        if !model.path.exists() {
+            bail!(
+                "model {:?}: {} does not exist",
+                model.id,
+                model.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `ID=PATH`, or `PATH` with the id taken from the file name.
+fn parse_model_flag(text: &str) -> anyhow::Result<ModelSpec> {
+    let (id, path) = match text.split_once('=') {
+        Some((id, path)) => (id.trim().to_string(), PathBuf::from(path.trim())),
+        None => {
+            let path = PathBuf::from(text.trim());
+            (id_from_path(&path)?, path)
+        }
+    };
+    Ok(ModelSpec {
+        id,
+        path,
+        pinned: false,
+    })
+}
+
+fn id_from_path(path: &Path) -> anyhow::Result<String> {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("cannot name a model after {}", path.display()))?;
+    Ok(stem.to_lowercase())
+}
+
+/// `KEY` (unrestricted) or `KEY:TIER`.
+fn parse_key_flag(text: &str) -> anyhow::Result<ApiKey> {
+    let (key, tier) = match text.rsplit_once(':') {
+        Some((key, tier)) => {
+            let priority: Priority = tier
+                .parse()
+                .with_context(|| format!("API key tier {tier:?}"))?;
+            (key, KeyTier::at(priority))
+        }
+        None => (text, KeyTier::unrestricted()),
+    };
+    if key.is_empty() {
+        bail!("an API key must not be empty");
+    }
+    Ok(ApiKey {
+        key: key.to_string(),
+        tier,
+    })
+}
+
+/// Bytes, or a number with a unit: K/KB = 1000, KiB = 1024, and so on up to T.
+pub fn parse_byte_size(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a size such as 4GiB or 500MB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => bail!("unknown size unit {other:?} in {text:?}"),
+    };
+    Ok((number * scale).round() as u64)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    memory_budget: Option<ByteSize>,
+    max_body_bytes: Option<usize>,
+    shutdown_grace_secs: Option<f64>,
+    scheduler: Option<FileScheduler>,
+    #[serde(default)]
+    models: Vec<FileModel>,
+    #[serde(default)]
+    api_keys: Vec<FileApiKey>,
+}
+
+impl FileConfig {
+    fn read(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileScheduler {
+    max_running: Option<usize>,
+    max_batched_tokens: Option<usize>,
+    prefill_chunk: Option<usize>,
+    kv_blocks: Option<usize>,
+    block_size: Option<usize>,
+    queue_capacity: Option<usize>,
+    max_model_len: Option<usize>,
+    aging_rate: Option<f64>,
+    prefix_cache: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileModel {
+    id: String,
+    /// None: the embedded model.
+    path: Option<PathBuf>,
+    #[serde(default)]
+    pinned: bool,
+}
+
+impl FileModel {
+    fn into_spec(self) -> anyhow::Result<ModelSpec> {
+        let path = match self.path {
+            Some(path) => path,
+            None => heddle_model::embedded_model_path()?,
+        };
+        Ok(ModelSpec {
+            id: self.id,
+            path,
+            pinned: self.pinned,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileApiKey {
+    key: String,
+    priority: Option<String>,
+    allowed_priorities: Option<Vec<String>>,
+    #[serde(default)]
+    admin: bool,
+}
+
+impl FileApiKey {
+    fn into_key(self) -> anyhow::Result<ApiKey> {
+        if self.key.is_empty() {
+            bail!("an API key must not be empty");
+        }
+        let default_priority: Priority = match &self.priority {
+            Some(p) => p.parse().context("api_keys.priority")?,
+            None => Priority::Normal,
+        };
+        let mut tier = KeyTier::at(default_priority);
+        if let Some(allowed) = &self.allowed_priorities {
+            tier.allowed = allowed
+                .iter()
+                .map(|p| p.parse::<Priority>())
+                .collect::<Result<_, _>>()
+                .context("api_keys.allowed_priorities")?;
+            if !tier.allowed.contains(&default_priority) {
+                tier.allowed.push(default_priority);
+            }
+        }
+        tier.admin = self.admin;
+        Ok(ApiKey {
+            key: self.key,
+            tier,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_file(name: &str, contents: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("heddle-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units() {
+        assert_eq!(parse_byte_size("1024").unwrap(), 1024);
+        assert_eq!(parse_byte_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_byte_size("1.5 GiB").unwrap(), 1_610_612_736);
+        assert!(parse_byte_size("12 parsecs").is_err());
+        assert!(parse_byte_size("GiB").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let weights = temp_file("w.gguf", "not really a model");
+        let file = temp_file(
+            "flags.toml",
+            &format!(
+                r#"
+                port = 9000
+                host = "0.0.0.0"
+                memory_budget = "1GiB"
+                [scheduler]
+                kv_blocks = 77
+                max_running = 3
+                [[models]]
+                id = "a"
+                path = "{0}"
+                [[models]]
+                id = "b"
+                path = "{0}"
+                pinned = true
+                [[api_keys]]
+                key = "sk-low"
+                priority = "low"
+                "#,
+                weights.display()
+            ),
+        );
+        let args = ServeArgs {
+            config: Some(file),
+            port: Some(9100),
+            max_running: Some(5),
+            ..ServeArgs::default()
+        };
+        let config = ServerConfig::resolve(&args).unwrap();
+        assert_eq!(config.port, 9100);
+        assert_eq!(config.host, "0.0.0.0");
+        assert_eq!(config.memory_budget, Some(1 << 30));
+        assert_eq!(config.scheduler.max_running, 5);
+        assert_eq!(config.scheduler.num_blocks, 77);
+        assert_eq!(config.scheduler.block_size, 16);
+        let ids: Vec<(&str, bool)> = config
+            .models
+            .iter()
+            .map(|m| (m.id.as_str(), m.pinned))
+            .collect();
+        assert_eq!(ids, [("a", false), ("b", true)]);
+        assert_eq!(config.api_keys[0].tier.default_priority, Priority::Low);
+        assert_eq!(config.api_keys[0].tier.allowed, [Priority::Low]);
+    }
+
+    #[test]
+    fn model_and_key_flags_parse() {
+        let weights = temp_file("SmolThing.gguf", "x");
+        let args = ServeArgs {
+            models: vec![
+                format!("x={}", weights.display()),
+                weights.display().to_string(),
+            ],
+            pinned: vec!["smolthing".into()],
+            api_keys: vec!["sk-any".into(), "sk-batch:low".into()],
+            ..ServeArgs::default()
+        };
+        let config = ServerConfig::resolve(&args).unwrap();
+        assert_eq!(config.models[0].id, "x");
+        assert_eq!(config.models[1].id, "smolthing");
+        assert!(config.models[1].pinned && !config.models[0].pinned);
+        assert!(config.api_keys[0].tier.admin);
+        assert_eq!(config.api_keys[1].key, "sk-batch");
+        assert_eq!(config.api_keys[1].tier, KeyTier::at(Priority::Low));
+    }
+
+    #[test]
+    fn mistakes_are_reported() {
+        let weights = temp_file("m.gguf", "x");
+        let model = format!("m={}", weights.display());
+        let twice = ServeArgs {
+            models: vec![model.clone(), model.clone()],
+            ..ServeArgs::default()
+        };
+        assert!(ServerConfig::resolve(&twice).is_err());
+        let unknown_pin = ServeArgs {
+            models: vec![model.clone()],
+            pinned: vec!["other".into()],
+            ..ServeArgs::default()
+        };
+        assert!(ServerConfig::resolve(&unknown_pin).is_err());
+        let missing = ServeArgs {
+            models: vec!["m=/nonexistent/model.gguf".into()],
+            ..ServeArgs::default()
+        };
+        assert!(ServerConfig::resolve(&missing).is_err());
+        let typo = ServeArgs {
+            config: Some(temp_file("typo.toml", "prot = 1\n")),
+            models: vec![model],
+            ..ServeArgs::default()
+        };
+        assert!(ServerConfig::resolve(&typo).is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! heddle-server: engines (one per loaded model, on its own thread), the OpenAI-compatible
+//! HTTP API and the `heddle` command's subcommands.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod generate;
+pub mod pool;
+pub mod serve;

@@ -381,7 +381,7 @@ impl Llama {
         }
         let quantized = self.quantized;
         let quantize = |xq: &mut QuantizedRows, x: &[f32], rows: usize| {
-            if quantized && (x.len() / rows.max(1)) % QK == 0 {
+            if quantized && (x.len() / rows.max(1)).is_multiple_of(QK) {
                 xq.quantize(x, rows);
                 true
             } else {

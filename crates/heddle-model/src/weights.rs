@@ -275,7 +275,10 @@ impl QuantizedRows {
     /// dot products see the same numbers as the reference.
     pub fn quantize(&mut self, x: &[f32], rows: usize) {
         let k = x.len() / rows.max(1);
-        assert!(k % QK == 0, "quantized rows need a multiple of {QK} values");
+        assert!(
+            k.is_multiple_of(QK),
+            "quantized rows need a multiple of {QK} values"
+        );
         let nb = k / QK;
         let nbp = padded_blocks(nb);
         self.rows = rows;
@@ -332,11 +335,16 @@ struct Q8_0Ref<'a> {
     d: &'a [f32],
 }
 
-/// Each kernel computes the columns `cols` of every row; `n` is the output row stride.
+/// A kernel computes the columns `cols` of every row; `n` is the output row stride.
+type Q4_1Kernel = unsafe fn(&Q4_1Ref<'_>, &QuantizedRows, Range<usize>, usize, OutPtr);
+type Q8_0Kernel = unsafe fn(&Q8_0Ref<'_>, &QuantizedRows, Range<usize>, usize, OutPtr);
+/// Arguments: weights, k, activations, rows, columns, n, output.
+type F32Kernel = unsafe fn(&[f32], usize, &[f32], usize, Range<usize>, usize, OutPtr);
+
 struct Kernels {
-    q4_1: unsafe fn(&Q4_1Ref<'_>, &QuantizedRows, Range<usize>, usize, OutPtr),
-    q8_0: unsafe fn(&Q8_0Ref<'_>, &QuantizedRows, Range<usize>, usize, OutPtr),
-    f32: unsafe fn(&[f32], usize, &[f32], usize, Range<usize>, usize, OutPtr),
+    q4_1: Q4_1Kernel,
+    q8_0: Q8_0Kernel,
+    f32: F32Kernel,
 }
 
 /// The kernel family for this CPU, chosen once so every step uses the same arithmetic.
@@ -461,6 +469,8 @@ mod portable {
 /// Tiles of up to 4 rows × 2 columns share the loads of weights and activations; each
 /// output keeps its own accumulator, so tiling changes no result.
 #[cfg(target_arch = "x86_64")]
+// The tiles index several arrays (accumulators, rows, columns) by the same r and c.
+#[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::*;
     use std::arch::x86_64::*;

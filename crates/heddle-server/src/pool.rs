@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use heddle_core::{RequestId, SchedulerConfig};
 use heddle_model::chat_template::ChatTemplate;
-use heddle_model::tokenizer::TokenizerBundle;
-use heddle_model::{CpuRunner, ModelConfig, ModelRunner};
+use heddle_model::loaded::kv_bytes_per_block;
+use heddle_model::{load_cpu, KvSize, ModelRunner};
 
 use crate::engine::{Engine, EngineHandle};
 
@@ -450,14 +450,8 @@ pub fn estimate_memory(path: &Path, scheduler: &SchedulerConfig) -> anyhow::Resu
     let config = heddle_model::loader::open(path)
         .with_context(|| format!("reading {}", path.display()))?
         .config;
-    Ok(weights + kv_cache_bytes(&config, scheduler))
-}
-
-/// K and V of every layer for every cache position, in f32 (the CPU runner's layout).
-fn kv_cache_bytes(config: &ModelConfig, scheduler: &SchedulerConfig) -> u64 {
-    let positions = (scheduler.num_blocks * scheduler.block_size) as u64;
-    let per_position = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4;
-    positions * per_position as u64
+    let kv_cache = scheduler.num_blocks * kv_bytes_per_block(&config, scheduler.block_size);
+    Ok(weights + kv_cache as u64)
 }
 
 fn weight_bytes(path: &Path) -> anyhow::Result<u64> {
@@ -480,15 +474,8 @@ fn load_model(
     base: &SchedulerConfig,
     memory_bytes: u64,
 ) -> anyhow::Result<LoadedModel> {
-    let runner = CpuRunner::load(&spec.path, base.num_blocks, base.block_size)?;
-    // The tokenizer and chat template live in a GGUF file's header, else beside the
-    // weights of a Hugging Face checkpoint.
-    let text = match runner.gguf() {
-        Some(header) => TokenizerBundle::from_gguf(header)?,
-        None if spec.path.is_dir() => TokenizerBundle::from_hf_dir(&spec.path)?,
-        None => TokenizerBundle::from_hf_dir(spec.path.parent().unwrap_or(Path::new(".")))?,
-    };
-    let model_config = runner.config();
+    let loaded = load_cpu(&spec.path, KvSize::Blocks(base.num_blocks), base.block_size)?;
+    let model_config = loaded.runner.config();
     let scheduler = SchedulerConfig {
         max_model_len: base.max_model_len.min(model_config.max_position_embeddings),
         ..base.clone()
@@ -497,14 +484,14 @@ fn load_model(
     let vocab_size = model_config.vocab_size;
     let (engine, thread) = Engine::spawn(
         &spec.id,
-        Box::new(runner),
-        Arc::new(text.tokenizer),
+        Box::new(loaded.runner),
+        Arc::new(loaded.text.tokenizer),
         scheduler,
     )?;
     Ok(LoadedModel {
         id: spec.id.clone(),
         engine,
-        chat_template: text.chat_template,
+        chat_template: loaded.text.chat_template,
         vocab_size,
         max_sequence_len,
         memory_bytes,

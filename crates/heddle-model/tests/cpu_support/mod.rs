@@ -3,7 +3,9 @@
 //! step.
 
 use heddle_core::kv::BlockId;
-use heddle_core::{RequestId, SamplingParams, ScheduledBatch, ScheduledSeq, SequenceTokens, TokenId};
+use heddle_core::{
+    RequestId, SamplingParams, ScheduledBatch, ScheduledSeq, SequenceTokens, TokenId,
+};
 use heddle_model::{embedded_model_path, CpuRunner, ModelRunner, SampledOutput};
 
 pub const BLOCK_SIZE: usize = 16;
@@ -50,11 +52,17 @@ struct History<'a>(Vec<&'a Seq>);
 
 impl SequenceTokens for History<'_> {
     fn sequence_tokens(&self, id: RequestId) -> &[TokenId] {
-        self.0.iter().find(|s| s.id == id).map_or(&[], |s| &s.tokens)
+        self.0
+            .iter()
+            .find(|s| s.id == id)
+            .map_or(&[], |s| &s.tokens)
     }
 
     fn prompt_len(&self, id: RequestId) -> usize {
-        self.0.iter().find(|s| s.id == id).map_or(0, |s| s.prompt_len)
+        self.0
+            .iter()
+            .find(|s| s.id == id)
+            .map_or(0, |s| s.prompt_len)
     }
 }
 
@@ -108,7 +116,10 @@ impl Driver {
         }
         let history = History(seqs.iter().map(|s| &**s).collect());
         let outputs = self.runner.step(&batch, &history).unwrap();
-        assert_eq!(outputs.len(), batch.seqs.iter().filter(|s| s.needs_logits).count());
+        assert_eq!(
+            outputs.len(),
+            batch.seqs.iter().filter(|s| s.needs_logits).count()
+        );
         let mut outputs = outputs.into_iter();
         for (s, sched) in seqs.iter_mut().zip(&batch.seqs) {
             s.computed = sched.end_position();
@@ -125,7 +136,10 @@ impl Driver {
     /// `chunk`.
     pub fn generate(&mut self, seqs: &mut [Seq], chunk: usize, n: usize) {
         loop {
-            let mut active: Vec<&mut Seq> = seqs.iter_mut().filter(|s| s.generated().len() < n).collect();
+            let mut active: Vec<&mut Seq> = seqs
+                .iter_mut()
+                .filter(|s| s.generated().len() < n)
+                .collect();
             if active.is_empty() {
                 return;
             }

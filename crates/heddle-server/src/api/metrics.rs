@@ -157,6 +157,9 @@ impl SequenceTimer {
     }
 }
 
+/// Picks one of a model's histograms.
+type HistogramOf = fn(&ModelMetrics) -> &Histogram;
+
 /// Every model's metrics, kept across unloads so that counters never go backwards.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -235,7 +238,7 @@ impl Metrics {
                 m.rejected_queue_full.load(Ordering::Relaxed) as f64,
             );
         }
-        let histograms: [(&str, &str, fn(&ModelMetrics) -> &Histogram); 3] = [
+        let histograms: [(&str, &str, HistogramOf); 3] = [
             (
                 "heddle_time_to_first_token_seconds",
                 "Time from request arrival to the first generated token.",

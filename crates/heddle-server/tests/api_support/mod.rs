@@ -96,21 +96,28 @@ pub fn shared_server(
     config: impl FnOnce() -> ServerConfig,
 ) -> &'static SharedServer {
     cell.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let server = runtime
-            .block_on(serve::start(config()))
-            .expect("the server starts");
-        let addr = server.local_addr();
-        SharedServer {
-            addr,
-            base: format!("http://{addr}"),
-            _server: server,
-            _runtime: runtime,
-        }
+        let config = config();
+        // Built on a thread of its own: tests call this from inside their runtime, where
+        // another runtime cannot block.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let server = runtime
+                .block_on(serve::start(config))
+                .expect("the server starts");
+            let addr = server.local_addr();
+            SharedServer {
+                addr,
+                base: format!("http://{addr}"),
+                _server: server,
+                _runtime: runtime,
+            }
+        })
+        .join()
+        .expect("the shared server starts")
     })
 }
 
@@ -136,9 +143,15 @@ pub async fn post_json(
 pub fn assert_error(status: reqwest::StatusCode, body: &Value, expected: u16, kind: &str) {
     assert_eq!(status.as_u16(), expected, "{body}");
     let error = &body["error"];
-    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert_eq!(error["type"], kind, "{body}");
-    assert!(error.get("param").is_some() && error.get("code").is_some(), "{body}");
+    assert!(
+        error.get("param").is_some() && error.get("code").is_some(),
+        "{body}"
+    );
 }
 
 /// Reads `data:` payloads of a server-sent-event response as they arrive.

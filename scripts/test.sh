@@ -8,3 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/fetch-model.sh >/dev/null
 
 cargo test --workspace --locked "$@"
+
+# The official `openai` Python client against a live `heddle serve` (installs the client
+# into a venv under target/).
+bash scripts/test-python.sh

@@ -2,7 +2,7 @@
 //! an optional TOML file, in that order of precedence, over built-in defaults.
 //!
 //! With no models configured anywhere, the embedded default model is served under the id
-//! [`DEFAULT_MODEL_ID`], pinned (loaded at start).
+//! [`default_model_id`], pinned (loaded at start).
 //!
 //! The TOML file (every key optional):
 //!
@@ -48,8 +48,10 @@ use serde::Deserialize;
 use crate::api::auth::{ApiKey, KeyTier};
 use crate::pool::ModelSpec;
 
-/// The id of the embedded default model.
-pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
+/// The id the embedded default model is served under: `smollm2-135m-instruct`.
+pub fn default_model_id() -> String {
+    heddle_model::embedded::EMBEDDED_MODEL_ID.to_ascii_lowercase()
+}
 
 /// `heddle serve`'s flags. Every flag also reads the environment variable named in its
 /// help; a flag given on the command line wins over the variable, both over the file.
@@ -221,7 +223,7 @@ impl ServerConfig {
                 .collect::<anyhow::Result<_>>()?
         } else {
             vec![ModelSpec {
-                id: DEFAULT_MODEL_ID.into(),
+                id: default_model_id(),
                 path: heddle_model::embedded_model_path()?,
                 pinned: true,
             }]
@@ -467,6 +469,11 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, contents).unwrap();
         path
+    }
+
+    #[test]
+    fn the_embedded_model_has_a_lowercase_id() {
+        assert_eq!(default_model_id(), "smollm2-135m-instruct");
     }
 
     #[test]

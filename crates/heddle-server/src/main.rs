@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use heddle_server::generate;
+use heddle_server::{config, generate, serve};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve models over the OpenAI-compatible HTTP API (default: the embedded model on
+    /// 127.0.0.1:8080).
+    Serve(config::ServeArgs),
     /// Generate a completion from a model, streaming it to stdout.
     Generate(generate::GenerateArgs),
 }
@@ -30,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
     }
 }

@@ -136,10 +136,6 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    pub fn id(&self) -> RequestId {
-        self.id
-    }
-
     /// The engine sent the request's last event: nothing to cancel.
     pub fn finish(&mut self) {
         self.finished = true;

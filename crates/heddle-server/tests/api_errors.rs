@@ -153,6 +153,17 @@ async fn invalid_values_are_400_naming_the_field() {
     .await;
     assert_error(status, &error, 400, "invalid_request_error");
     assert_eq!(error["error"]["code"], "context_length_exceeded");
+    let (status, error) = send(
+        "/v1/completions",
+        Some(ADMIN_KEY),
+        json!({"model": MODEL, "prompt": ["a", "b", "c"], "n": 50})
+            .to_string()
+            .into(),
+        None,
+    )
+    .await;
+    assert_error(status, &error, 400, "invalid_request_error");
+    assert_eq!(error["error"]["param"], "n");
     for prompt in [json!([]), json!([49152]), json!({"text": "x"}), json!("")] {
         let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 1});
         let (status, error) = send(

@@ -10,7 +10,7 @@ use heddle_model::chat_template::ChatMessage;
 use super::errors::ApiError;
 use super::openai::{ChatMessageIn, CommonFields};
 
-/// The most choices one request may ask for, as in OpenAI's API.
+/// The most choices one request may produce (n, or prompts × n), as OpenAI's `n` limit.
 pub const MAX_N: usize = 128;
 
 /// The model the request names.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rand::distr::{Alphanumeric, SampleString};
@@ -361,6 +361,15 @@ pub async fn completions(
     )?;
     let model = state.model(&checked.model).await?;
     let prompts = params::prompts(request.prompt.as_ref(), model.vocab_size)?;
+    if prompts.len() * checked.n > params::MAX_N {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!(
+                "A request may produce at most {} choices (prompts × n).",
+                params::MAX_N
+            ),
+        ));
+    }
     let prompts = tokenize_prompts(&model, prompts).await?;
 
     let mut requests = Vec::with_capacity(prompts.len() * checked.n);
@@ -410,16 +419,13 @@ pub async fn completions(
             finish_reason: Some(finish_reason_name(choice.reason)),
         })
         .collect();
-    Ok((
-        StatusCode::OK,
-        Json(Completion {
-            id,
-            object: "text_completion",
-            created,
-            model: checked.model,
-            choices,
-            usage: Some(collected.usage),
-        }),
-    )
-        .into_response())
+    Ok(Json(Completion {
+        id,
+        object: "text_completion",
+        created,
+        model: checked.model,
+        choices,
+        usage: Some(collected.usage),
+    })
+    .into_response())
 }

@@ -3,7 +3,6 @@
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -68,15 +67,6 @@ impl TestServer {
         format!("{}{path}", self.base)
     }
 
-    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .expect("the request is answered")
-    }
-
     pub async fn metrics(&self) -> Metrics {
         fetch_metrics(&self.http, &self.base).await
     }
@@ -85,7 +75,6 @@ impl TestServer {
 /// A server shared by every test of one test binary. It runs on its own runtime, which
 /// outlives the tests' per-test runtimes.
 pub struct SharedServer {
-    pub addr: SocketAddr,
     pub base: String,
     _server: RunningServer,
     _runtime: tokio::runtime::Runtime,
@@ -108,10 +97,8 @@ pub fn shared_server(
             let server = runtime
                 .block_on(serve::start(config))
                 .expect("the server starts");
-            let addr = server.local_addr();
             SharedServer {
-                addr,
-                base: format!("http://{addr}"),
+                base: format!("http://{}", server.local_addr()),
                 _server: server,
                 _runtime: runtime,
             }

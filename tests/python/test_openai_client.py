@@ -1,0 +1,98 @@
+"""The official `openai` client against a running heddle server, used unchanged.
+
+Needs HEDDLE_BASE_URL (e.g. http://127.0.0.1:8080/v1) and HEDDLE_MODEL (a served model
+id). Run by crates/heddle-server/tests/api_python_client.rs, which starts the server;
+scripts/test-python.sh installs the client and runs that test. Works under pytest too.
+"""
+
+import os
+import sys
+
+import openai
+
+BASE_URL = os.environ["HEDDLE_BASE_URL"]
+MODEL = os.environ["HEDDLE_MODEL"]
+client = openai.OpenAI(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_list_the_served_model():
+    ids = [model.id for model in client.models.list()]
+    assert MODEL in ids, ids
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_chat():
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is a heddle?"},
+        ],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert reply.id.startswith("chatcmpl-")
+    assert reply.object == "chat.completion"
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_chat_stream_with_usage():
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"] or finishes == ["stop"], finishes
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens <= 6
+
+
+def test_completions_and_stream():
+    reply = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0)
+    assert reply.object == "text_completion"
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 4
+    pieces = list(
+        client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0, stream=True)
+    )
+    streamed = "".join(p.choices[0].text for p in pieces)
+    assert streamed, pieces
+    assert pieces[-1].choices[0].finish_reason == "length"
+
+
+def test_errors_become_the_client_exceptions():
+    try:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    except openai.NotFoundError as error:
+        assert error.status_code == 404
+    else:
+        raise AssertionError("an unknown model must fail")
+    try:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=-1)
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "temperature", error.body
+    else:
+        raise AssertionError("a negative temperature must fail")
+
+
+if __name__ == "__main__":
+    tests = [(name, f) for name, f in sorted(globals().items()) if name.startswith("test_") and callable(f)]
+    for name, test in tests:
+        test()
+        print(f"ok {name}")
+    print(f"{len(tests)} passed")
+    sys.exit(0)

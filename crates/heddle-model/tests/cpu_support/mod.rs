@@ -99,7 +99,7 @@ impl Driver {
     pub fn step(&mut self, seqs: &mut [&mut Seq], chunk: usize) {
         let mut batch = ScheduledBatch::default();
         for s in seqs.iter_mut() {
-            let end = (s.computed + chunk).min(s.tokens.len());
+            let end = s.computed.saturating_add(chunk).min(s.tokens.len());
             while s.blocks.len() * BLOCK_SIZE < end {
                 let b = self.alloc();
                 s.blocks.push(b);

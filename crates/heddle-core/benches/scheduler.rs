@@ -50,9 +50,10 @@ fn step(c: &mut Criterion) {
     assert_eq!(sched.stats().running, RUNNING);
 
     let mut sampled = Vec::with_capacity(RUNNING);
+    let mut batch = heddle_core::ScheduledBatch::default();
     c.bench_function("schedule+update, 256 running, 10k waiting", |b| {
         b.iter(|| {
-            let batch = sched.schedule();
+            sched.schedule_into(&mut batch);
             sampled.clear();
             sampled.extend(
                 batch

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::CoreError;
 use crate::request::TokenId;
@@ -33,13 +33,13 @@ const ROOT_SEED: u64 = 0x6865_6464_6c65_6b76;
 
 /// The hash of a full block whose parent block hashed to `parent` (None for the first).
 pub fn block_hash(parent: Option<BlockHash>, tokens: &[TokenId]) -> BlockHash {
-    let mut bytes = Vec::with_capacity(8 + tokens.len() * 4);
-    bytes.extend_from_slice(&parent.unwrap_or(0).to_le_bytes());
-    bytes.push(u8::from(parent.is_some()));
+    let mut hasher = Xxh3::with_seed(ROOT_SEED);
+    hasher.update(&parent.unwrap_or(0).to_le_bytes());
+    hasher.update(&[u8::from(parent.is_some())]);
     for t in tokens {
-        bytes.extend_from_slice(&t.to_le_bytes());
+        hasher.update(&t.to_le_bytes());
     }
-    xxh3_64_with_seed(&bytes, ROOT_SEED)
+    hasher.digest()
 }
 
 /// What the prefix cache remembers of a block. The parent hash and the tokens are kept

@@ -173,6 +173,8 @@ pub struct Scheduler {
     seqs: FxHashMap<RequestId, Sequence>,
     /// (id, tokens) computed by the last scheduled batch, applied by `update`.
     in_flight: Vec<(RequestId, usize)>,
+    /// Reused by `schedule_into` for the order of running sequences.
+    order_scratch: Vec<RequestId>,
     preemptions: u64,
     refused: u64,
     displaced: u64,
@@ -187,6 +189,7 @@ impl Scheduler {
             running: BTreeMap::new(),
             seqs: FxHashMap::default(),
             in_flight: Vec::new(),
+            order_scratch: Vec::new(),
             preemptions: 0,
             refused: 0,
             displaced: 0,
@@ -283,19 +286,30 @@ impl Scheduler {
     /// No clock is needed here: aging is carried by the requests' arrival times, which
     /// order exactly like effective priorities at any common `now` (see [`crate::queue`]).
     pub fn schedule(&mut self) -> ScheduledBatch {
+        let mut batch = ScheduledBatch::default();
+        self.schedule_into(&mut batch);
+        batch
+    }
+
+    /// [`Self::schedule`] into a batch kept by the caller: its buffers are reused, so a
+    /// steady-state step allocates nothing.
+    pub fn schedule_into(&mut self, batch: &mut ScheduledBatch) {
         debug_assert!(
             self.in_flight.is_empty(),
             "schedule called twice without update"
         );
-        let mut batch = ScheduledBatch::default();
+        batch.preempted.clear();
+        let mut filled = 0;
         let mut budget = self.config.max_batched_tokens;
 
-        self.preempt_for_priority(&mut batch);
+        self.preempt_for_priority(batch);
         let priority_preemptions = batch.preempted.len();
 
         // Running sequences, most urgent first.
-        let order: Vec<RequestId> = self.running.values().copied().collect();
-        for id in order {
+        let mut order = std::mem::take(&mut self.order_scratch);
+        order.clear();
+        order.extend(self.running.values().copied());
+        for &id in &order {
             if budget == 0 {
                 break;
             }
@@ -306,12 +320,13 @@ impl Scheduler {
             let remaining = seq.tokens.len() - seq.num_computed;
             let n = remaining.min(budget).min(self.config.prefill_chunk);
             let target = seq.num_computed + n;
-            if !self.make_room(id, target, &mut batch) {
+            if !self.make_room(id, target, batch) {
                 continue; // preempted itself: nothing less urgent was left to take
             }
             budget -= n;
-            batch.seqs.push(self.scheduled(id, n));
+            self.fill_scheduled(batch, &mut filled, id, n);
         }
+        self.order_scratch = order;
 
         // Admit waiting requests unless this step had to preempt for memory.
         let memory_pressure = batch.preempted.len() > priority_preemptions;
@@ -323,17 +338,19 @@ impl Scheduler {
                 break;
             };
             budget -= n;
-            batch.seqs.push(self.scheduled(id, n));
+            self.fill_scheduled(batch, &mut filled, id, n);
         }
 
-        self.in_flight = batch.seqs.iter().map(|s| (s.id, s.tokens.len())).collect();
-        batch
+        batch.seqs.truncate(filled);
+        self.in_flight
+            .extend(batch.seqs.iter().map(|s| (s.id, s.tokens.len())));
     }
 
     /// Applies a step's sampled tokens: appends them, applies EOS / stop-token /
     /// max_tokens rules, frees finished sequences' blocks. Returns one event per token.
     pub fn update(&mut self, sampled: &[SampledToken]) -> Vec<StepEvent> {
-        for (id, n) in std::mem::take(&mut self.in_flight) {
+        let mut in_flight = std::mem::take(&mut self.in_flight);
+        for &(id, n) in &in_flight {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
@@ -349,6 +366,8 @@ impl Scheduler {
                     .register_computed(&mut seq.table, &seq.tokens, seq.num_computed);
             }
         }
+        in_flight.clear();
+        self.in_flight = in_flight;
 
         let mut events = Vec::with_capacity(sampled.len());
         for s in sampled {
@@ -482,22 +501,44 @@ impl Scheduler {
         // The queue assigns a fresh tie-breaker; keep the sequence's key in sync.
         seq.key = self.waiting.key(id).expect("just requeued");
         self.preemptions += 1;
-        batch.seqs.retain(|s| s.id != id);
+        // Never in this step's batch: victims are less urgent than every sequence
+        // scheduled so far, and running sequences are scheduled most urgent first.
         batch.preempted.push(id);
     }
 
-    fn scheduled(&self, id: RequestId, n: usize) -> ScheduledSeq {
+    /// Writes sequence `id`'s share of the step into slot `*filled` of the batch,
+    /// reusing that slot's buffers from earlier steps.
+    fn fill_scheduled(
+        &self,
+        batch: &mut ScheduledBatch,
+        filled: &mut usize,
+        id: RequestId,
+        n: usize,
+    ) {
         let seq = &self.seqs[&id];
         let start = seq.num_computed;
-        ScheduledSeq {
-            id,
-            tokens: seq.tokens[start..start + n].to_vec(),
-            start_position: start,
-            block_table: seq.table.blocks().to_vec(),
-            needs_logits: start + n == seq.tokens.len(),
-            sampling: seq.request.sampling,
-            num_generated: seq.num_generated(),
+        if *filled == batch.seqs.len() {
+            batch.seqs.push(ScheduledSeq {
+                id,
+                tokens: Vec::new(),
+                start_position: 0,
+                block_table: Vec::new(),
+                needs_logits: false,
+                sampling: seq.request.sampling,
+                num_generated: 0,
+            });
         }
+        let slot = &mut batch.seqs[*filled];
+        *filled += 1;
+        slot.id = id;
+        slot.tokens.clear();
+        slot.tokens.extend_from_slice(&seq.tokens[start..start + n]);
+        slot.start_position = start;
+        slot.block_table.clear();
+        slot.block_table.extend_from_slice(seq.table.blocks());
+        slot.needs_logits = start + n == seq.tokens.len();
+        slot.sampling = seq.request.sampling;
+        slot.num_generated = seq.num_generated();
     }
 
     fn end(&mut self, id: RequestId, to: RequestStatus) -> Result<(), CoreError> {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use heddle_core::scheduler::AddError;
 use heddle_core::{
-    FinishReason, Priority, Request, RequestId, SampledToken, SamplingParams, Scheduler,
-    SchedulerConfig, SchedulerStats, StopCriteria, TokenId,
+    FinishReason, Priority, Request, RequestId, SampledToken, SamplingParams, ScheduledBatch,
+    Scheduler, SchedulerConfig, SchedulerStats, StopCriteria, TokenId,
 };
 use heddle_model::detokenizer::IncrementalDetokenizer;
 use heddle_model::runner::{ModelRunner, SampledOutput};
@@ -192,6 +192,8 @@ pub struct Engine {
     runner: Box<dyn ModelRunner>,
     tokenizer: Arc<Tokenizer>,
     live: HashMap<RequestId, Live>,
+    /// The step's batch, reused from step to step.
+    batch: ScheduledBatch,
     stats: Arc<Mutex<SchedulerStats>>,
     started: std::time::Instant,
 }
@@ -221,6 +223,7 @@ impl Engine {
             runner,
             tokenizer,
             live: HashMap::new(),
+            batch: ScheduledBatch::default(),
             stats,
             started: std::time::Instant::now(),
         };
@@ -344,7 +347,8 @@ impl Engine {
     }
 
     fn step(&mut self) {
-        let batch = self.scheduler.schedule();
+        self.scheduler.schedule_into(&mut self.batch);
+        let batch = &self.batch;
         if batch.is_empty() {
             self.publish_stats();
             return;
@@ -357,14 +361,15 @@ impl Engine {
                 live.usage.cached_tokens = cached;
             }
         }
-        let outputs = match self.runner.step(&batch, &self.scheduler) {
+        let outputs = match self.runner.step(batch, &self.scheduler) {
             Ok(outputs) => outputs,
             Err(error) => {
                 tracing::error!(%error, "model step failed; failing its requests");
                 self.scheduler.update(&[]);
-                for seq in &batch.seqs {
-                    if self.scheduler.finish(seq.id, FinishReason::Error).is_ok() {
-                        self.end(seq.id, FinishReason::Error);
+                let failed: Vec<RequestId> = batch.seqs.iter().map(|s| s.id).collect();
+                for id in failed {
+                    if self.scheduler.finish(id, FinishReason::Error).is_ok() {
+                        self.end(id, FinishReason::Error);
                     }
                 }
                 return;

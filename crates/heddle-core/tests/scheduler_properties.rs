@@ -19,8 +19,8 @@ fn fake_sample(batch: &ScheduledBatch) -> Vec<SampledToken> {
         .iter()
         .filter(|s| s.needs_logits)
         .map(|s| {
-            let x = s.id.wrapping_mul(0x9e37_79b9) ^ s.end_position() as u64 * 31;
-            let token = if x % 23 == 0 {
+            let x = s.id.wrapping_mul(0x9e37_79b9) ^ (s.end_position() as u64 * 31);
+            let token = if x.is_multiple_of(23) {
                 EOS
             } else {
                 1 + (x % 97) as TokenId

@@ -5,11 +5,13 @@
 //! `block_table[p / block_size]`, slot `p % block_size`, so sequences sharing a prefix can
 //! share its blocks.
 //!
-//! Storage is one plain `Vec<f32>` per layer for K and one for V, laid out
-//! `[block][kv_head][slot][head_dim]`: attention for one KV head reads a block's keys as one
-//! contiguous `block_size × head_dim` run. f32 rather than f16 keeps the CPU path free of
-//! conversions; memory is `2 × layers × kv_heads × head_dim × 4` bytes per token
-//! (46 KB for SmolLM2-135M).
+//! Storage is one plain `Vec<f32>` per layer for K and one for V. Keys are laid out
+//! `[block][kv_head][head_dim][slot]`, transposed, so that a query's scores against a
+//! block's slots are computed a dimension at a time across the slots, in whole vectors with
+//! no horizontal sums; values are `[block][kv_head][slot][head_dim]`, so the weighted sum
+//! adds whole value rows. f32 rather than f16 keeps the CPU path free of conversions;
+//! memory is `2 × layers × kv_heads × head_dim × 4` bytes per token (46 KB for
+//! SmolLM2-135M).
 
 use heddle_core::kv::BlockId;
 
@@ -72,15 +74,20 @@ impl KvCache {
     /// Stores one token's keys and values (`num_kv_heads × head_dim` each) of `layer` at
     /// slot `slot` of block `block`.
     pub fn write(&mut self, layer: usize, block: BlockId, slot: usize, k: &[f32], v: &[f32]) {
-        let hd = self.head_dim;
+        let (hd, bs) = (self.head_dim, self.block_size);
         for h in 0..self.num_kv_heads {
+            let base = self.offset(block, h, 0);
+            let keys = &mut self.keys[layer][base..base + bs * hd];
+            for (d, &x) in k[h * hd..(h + 1) * hd].iter().enumerate() {
+                keys[d * bs + slot] = x;
+            }
             let at = self.offset(block, h, slot);
-            self.keys[layer][at..at + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
             self.values[layer][at..at + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
         }
     }
 
-    /// The keys of KV head `head` in block `block` of `layer`: `block_size × head_dim`.
+    /// The keys of KV head `head` in block `block` of `layer`, transposed:
+    /// `head_dim × block_size`.
     pub fn keys(&self, layer: usize, block: BlockId, head: usize) -> &[f32] {
         let at = self.offset(block, head, 0);
         &self.keys[layer][at..at + self.block_size * self.head_dim]

@@ -124,22 +124,30 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     }
 }
 
-/// Dot product with eight partial sums: a fixed order that the compiler vectorizes.
+/// One query head's scores against a block of keys stored transposed (`head_dim × BS`):
+/// a dimension at a time, that query value times the dimension's keys across the slots,
+/// so the work runs in whole vectors with no horizontal sums.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut ac = a.chunks_exact(8);
-    let mut bc = b.chunks_exact(8);
-    for (a, b) in (&mut ac).zip(&mut bc) {
-        for l in 0..8 {
-            acc[l] = a[l].mul_add(b[l], acc[l]);
+fn block_scores_fixed<const BS: usize>(q: &[f32], keys: &[f32], out: &mut [f32]) {
+    let mut acc = [0f32; BS];
+    for (&qd, kd) in q.iter().zip(keys.chunks_exact(BS)) {
+        for (a, &k) in acc.iter_mut().zip(kd) {
+            *a = qd.mul_add(k, *a);
         }
     }
-    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (a, b) in ac.remainder().iter().zip(bc.remainder()) {
-        sum = a.mul_add(*b, sum);
+    out[..BS].copy_from_slice(&acc);
+}
+
+/// [`block_scores_fixed`] for any block size (`out.len()` slots).
+#[inline(always)]
+fn block_scores_any(q: &[f32], keys: &[f32], out: &mut [f32]) {
+    let bs = out.len();
+    out.fill(0.0);
+    for (&qd, kd) in q.iter().zip(keys.chunks_exact(bs)) {
+        for (a, &k) in out.iter_mut().zip(kd) {
+            *a = qd.mul_add(k, *a);
+        }
     }
-    sum
 }
 
 /// One query group's attention: the query heads that share KV head `kv_head`, for one
@@ -176,9 +184,9 @@ impl AttentionTask<'_> {
         self.run_generic(scores, out)
     }
 
-    /// Each key and value row is read once for all the heads of the group. Scores are
-    /// scaled by 1/√d, soft-maxed in f32 and the weighted sum of values divided by the
-    /// total at the end.
+    /// Scores are scaled by 1/√d and soft-maxed in f32; each value row is read once for
+    /// all the heads of the group, and the weighted sums are divided by the totals at
+    /// the end.
     #[inline(always)]
     fn run_generic(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
         let hd = self.head_dim;
@@ -186,15 +194,26 @@ impl AttentionTask<'_> {
         let n = self.n_ctx;
         let bs = self.cache.block_size();
         let scale = 1.0 / (hd as f32).sqrt();
-        // Each head's n scores, then each head's 1 / Σ exp.
-        scores.resize(heads * (n + 1), 0.0);
-        let (scores, inv_sums) = scores.split_at_mut(heads * n);
+        // Each head's n scores, each head's 1 / Σ exp, one block's raw scores.
+        scores.resize(heads * (n + 1) + bs, 0.0);
+        let (scores, rest) = scores.split_at_mut(heads * n);
+        let (inv_sums, block_scores) = rest.split_at_mut(heads);
         for (bi, &block) in self.table.iter().enumerate() {
             let start = bi * bs;
+            let len = bs.min(n - start);
             let keys = self.cache.keys(self.layer, block, self.kv_head);
-            for (j, key) in keys.chunks_exact(hd).take(bs.min(n - start)).enumerate() {
-                for (h, qh) in self.q.chunks_exact(hd).enumerate() {
-                    scores[h * n + start + j] = dot(qh, key) * scale;
+            for (h, qh) in self.q.chunks_exact(hd).enumerate() {
+                // The usual block sizes get fixed-size accumulators held in registers.
+                match bs {
+                    16 => block_scores_fixed::<16>(qh, keys, block_scores),
+                    32 => block_scores_fixed::<32>(qh, keys, block_scores),
+                    _ => block_scores_any(qh, keys, block_scores),
+                }
+                for (s, &b) in scores[h * n + start..][..len]
+                    .iter_mut()
+                    .zip(block_scores.iter())
+                {
+                    *s = b * scale;
                 }
             }
         }

@@ -6,11 +6,12 @@
 //! quantized to ggml's Q8_0/Q8_1 form (32 values, one scale) and dotted in integers against
 //! the weight blocks.
 //!
-//! Batch invariance is built in: every output element is computed by the same sequence of
-//! operations on its own activation row and weight row, whatever the number of rows, the
-//! tile it falls in or the thread that runs it. Nothing reduces across rows, so a sequence's
-//! logits do not depend on what else is in the batch. The kernel family (AVX2 or portable)
-//! is chosen once per process.
+//! Three kernel families, one chosen per process ([`Family`]): AVX-512 VNNI on weights
+//! repacked 16 output columns at a time, AVX2 on ggml's row-major blocks, and portable
+//! Rust. Batch invariance is built into all three: every output element is computed by the
+//! same sequence of operations on its own activation row and weight row, whatever the
+//! number of rows, the tile it falls in or the thread that runs it. Nothing reduces across
+//! rows, so a sequence's logits do not depend on what else is in the batch.
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -24,16 +25,49 @@ use crate::error::{ModelError, Result};
 /// Elements per quantization block (ggml's QK4_1 = QK8_0 = QK8_1 = 32).
 pub const QK: usize = 32;
 
-/// Block-scale arrays are padded with zeros to a multiple of this, so the term that sums
-/// per-block scales can run in whole vectors.
+/// Output columns per vector in the VNNI layouts: one f32 lane per column.
+const LANES: usize = 16;
+
+/// Row-major block-scale arrays are padded with zeros to a multiple of this, so the term
+/// that sums per-block scales can run in whole vectors.
 const SCALE_PAD: usize = 16;
 
 /// Below this many multiply-adds a matmul runs on the calling thread: handing work to the
 /// pool costs a few microseconds, as much as the product itself.
-const PAR_MIN_MACS: usize = 1 << 17;
+const PAR_MIN_MACS: usize = 1 << 21;
 
 fn padded_blocks(nb: usize) -> usize {
     nb.div_ceil(SCALE_PAD) * SCALE_PAD
+}
+
+/// The kernels a CPU runs. Chosen once per process, so that every step uses the same
+/// arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Portable,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512 F/BW/VL + VNNI (and AVX2 + FMA for the f32 kernel).
+    Vnni,
+}
+
+fn family() -> Family {
+    static FAMILY: OnceLock<Family> = OnceLock::new();
+    *FAMILY.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                let vnni = has!("avx512f") && has!("avx512bw") && has!("avx512vl");
+                return if vnni && has!("avx512vnni") {
+                    Family::Vnni
+                } else {
+                    Family::Avx2
+                };
+            }
+        }
+        Family::Portable
+    })
 }
 
 /// How a weight matrix of `n` rows (outputs) by `k` columns (inputs) is stored.
@@ -41,19 +75,22 @@ fn padded_blocks(nb: usize) -> usize {
 enum Storage {
     /// ggml Q4_1: per block of 32, a scale `d`, a minimum `m` and 4-bit values;
     /// w = d·q + m. `qs` holds 16 bytes per block, element j in the low nibble of byte j
-    /// and element j + 16 in the high one (ggml's layout).
+    /// and element j + 16 in the high one (ggml's layout). Scales padded per row.
     Q4_1 {
         qs: Vec<u8>,
         d: Vec<f32>,
         m: Vec<f32>,
     },
-    /// ggml Q8_0: per block of 32, a scale `d` and 8-bit values; w = d·q. `corr` holds
-    /// 128·d·Σq per block (rows padded like Q4_1's scales) when the kernel wants it.
-    Q8_0 {
-        qs: Vec<i8>,
+    /// ggml Q8_0: per block of 32, a scale `d` and 8-bit values; w = d·q.
+    Q8_0 { qs: Vec<i8>, d: Vec<f32> },
+    /// Q4_1 for the VNNI kernel, in groups of 16 rows of W (see [`vnni`]).
+    Q4_1x16 {
+        qs: Vec<u8>,
         d: Vec<f32>,
-        corr: Vec<f32>,
+        m: Vec<f32>,
     },
+    /// Q8_0 for the VNNI kernel, values offset by 128 (see [`vnni`]).
+    Q8_0x16 { qs: Vec<u8>, d: Vec<f32> },
     /// Plain f32, row-major.
     F32(Vec<f32>),
 }
@@ -64,6 +101,15 @@ pub struct Linear {
     n: usize,
     k: usize,
     storage: Storage,
+}
+
+/// The value of element `e` (0..32) of a ggml Q4_1 block's 16 bytes of nibbles.
+fn q4_1_nibble(qs: &[u8], e: usize) -> u8 {
+    if e < 16 {
+        qs[e] & 0x0F
+    } else {
+        qs[e - 16] >> 4
+    }
 }
 
 impl Linear {
@@ -87,6 +133,10 @@ impl Linear {
     /// dequantized to f32 (F32/F16/BF16 losslessly; other quantizations cost 4× memory and
     /// their own rounding, which we accept over refusing the file).
     pub fn from_qtensor(name: &str, t: &QTensor) -> Result<Self> {
+        Self::from_qtensor_for(name, t, family())
+    }
+
+    fn from_qtensor_for(name: &str, t: &QTensor, family: Family) -> Result<Self> {
         let dims = t.shape().dims();
         let &[n, k] = dims else {
             return Err(ModelError::BadShape {
@@ -95,9 +145,9 @@ impl Linear {
                 actual: dims.to_vec(),
             });
         };
-        match t.dtype() {
-            GgmlDType::Q4_1 if k % QK == 0 => Ok(Self::q4_1_from_bytes(n, k, &t.data()?)),
-            GgmlDType::Q8_0 if k % QK == 0 => Ok(Self::q8_0_from_bytes(n, k, &t.data()?)),
+        let storage = match t.dtype() {
+            GgmlDType::Q4_1 if k % QK == 0 => Self::q4_1_storage(n, k, &t.data()?, family),
+            GgmlDType::Q8_0 if k % QK == 0 => Self::q8_0_storage(n, k, &t.data()?, family),
             dtype => {
                 if !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     tracing::warn!(
@@ -111,57 +161,90 @@ impl Linear {
                     .to_dtype(candle_core::DType::F32)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
-                Self::from_f32(name, n, k, data)
+                return Self::from_f32(name, n, k, data);
             }
-        }
+        };
+        Ok(Linear { n, k, storage })
     }
 
-    fn q4_1_from_bytes(n: usize, k: usize, bytes: &[u8]) -> Self {
+    /// Q4_1 from ggml's 20-byte blocks (f16 d, f16 m, 16 bytes of nibbles).
+    fn q4_1_storage(n: usize, k: usize, bytes: &[u8], family: Family) -> Storage {
         const BLOCK_BYTES: usize = 20;
         let nb = k / QK;
+        let block = |c: usize, b: usize| &bytes[(c * nb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+        let half = |bytes: &[u8]| f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+        if family == Family::Vnni {
+            let groups = n.div_ceil(LANES);
+            let mut qs = vec![0u8; groups * nb * 256];
+            let mut d = vec![0f32; groups * nb * LANES];
+            let mut m = vec![0f32; groups * nb * LANES];
+            for c in 0..n {
+                let (g, l) = (c / LANES, c % LANES);
+                for b in 0..nb {
+                    let src = block(c, b);
+                    let gb = g * nb + b;
+                    d[gb * LANES + l] = half(&src[0..2]);
+                    m[gb * LANES + l] = half(&src[2..4]);
+                    for j in 0..4 {
+                        for t in 0..4 {
+                            let lo = q4_1_nibble(&src[4..], 4 * j + t);
+                            let hi = q4_1_nibble(&src[4..], 16 + 4 * j + t);
+                            qs[gb * 256 + j * 64 + 4 * l + t] = lo | hi << 4;
+                        }
+                    }
+                }
+            }
+            return Storage::Q4_1x16 { qs, d, m };
+        }
         let nbp = padded_blocks(nb);
         let mut qs = Vec::with_capacity(n * nb * 16);
         let mut d = vec![0f32; n * nbp];
         let mut m = vec![0f32; n * nbp];
-        for (i, block) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
-            let (row, b) = (i / nb, i % nb);
-            d[row * nbp + b] = f16::from_le_bytes([block[0], block[1]]).to_f32();
-            m[row * nbp + b] = f16::from_le_bytes([block[2], block[3]]).to_f32();
-            qs.extend_from_slice(&block[4..]);
-        }
-        Linear {
-            n,
-            k,
-            storage: Storage::Q4_1 { qs, d, m },
-        }
-    }
-
-    fn q8_0_from_bytes(n: usize, k: usize, bytes: &[u8]) -> Self {
-        const BLOCK_BYTES: usize = 34;
-        let nb = k / QK;
-        let nbp = padded_blocks(nb);
-        let with_corr = kernels().q8_0_corrections;
-        let mut qs = Vec::with_capacity(n * k);
-        let mut d = Vec::with_capacity(n * nb);
-        let mut corr = if with_corr {
-            vec![0f32; n * nbp]
-        } else {
-            Vec::new()
-        };
-        for (i, block) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
-            let scale = f16::from_le_bytes([block[0], block[1]]).to_f32();
-            d.push(scale);
-            qs.extend(block[2..].iter().map(|&b| b as i8));
-            if with_corr {
-                let sum: i32 = block[2..].iter().map(|&b| b as i8 as i32).sum();
-                corr[(i / nb) * nbp + i % nb] = 128.0 * scale * sum as f32;
+        for c in 0..n {
+            for b in 0..nb {
+                let src = block(c, b);
+                d[c * nbp + b] = half(&src[0..2]);
+                m[c * nbp + b] = half(&src[2..4]);
+                qs.extend_from_slice(&src[4..]);
             }
         }
-        Linear {
-            n,
-            k,
-            storage: Storage::Q8_0 { qs, d, corr },
+        Storage::Q4_1 { qs, d, m }
+    }
+
+    /// Q8_0 from ggml's 34-byte blocks (f16 d, 32 signed bytes).
+    fn q8_0_storage(n: usize, k: usize, bytes: &[u8], family: Family) -> Storage {
+        const BLOCK_BYTES: usize = 34;
+        let nb = k / QK;
+        let block = |c: usize, b: usize| &bytes[(c * nb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+        let half = |bytes: &[u8]| f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+        if family == Family::Vnni {
+            let groups = n.div_ceil(LANES);
+            let mut qs = vec![128u8; groups * nb * 512];
+            let mut d = vec![0f32; groups * nb * LANES];
+            for c in 0..n {
+                let (g, l) = (c / LANES, c % LANES);
+                for b in 0..nb {
+                    let src = block(c, b);
+                    let gb = g * nb + b;
+                    d[gb * LANES + l] = half(&src[0..2]);
+                    for (e, &v) in src[2..].iter().enumerate() {
+                        let (i, t) = (e / 4, e % 4);
+                        qs[gb * 512 + i * 64 + 4 * l + t] = (v as i8 as i16 + 128) as u8;
+                    }
+                }
+            }
+            return Storage::Q8_0x16 { qs, d };
         }
+        let mut qs = Vec::with_capacity(n * k);
+        let mut d = Vec::with_capacity(n * nb);
+        for c in 0..n {
+            for b in 0..nb {
+                let src = block(c, b);
+                d.push(half(&src[0..2]));
+                qs.extend(src[2..].iter().map(|&v| v as i8));
+            }
+        }
+        Storage::Q8_0 { qs, d }
     }
 
     /// Outputs (rows of W).
@@ -182,38 +265,62 @@ impl Linear {
     /// Row `r` of W in f32: the embedding lookup. Dequantizing one row at a time spares
     /// a 113 MB f32 copy of the embedding table and gives the same values.
     pub fn row(&self, r: usize, out: &mut [f32]) {
-        let k = self.k;
-        match &self.storage {
-            Storage::F32(w) => out.copy_from_slice(&w[r * k..(r + 1) * k]),
-            Storage::Q8_0 { qs, d, .. } => {
-                let nb = k / QK;
-                for b in 0..nb {
-                    let scale = d[r * nb + b];
+        let (k, nb) = (self.k, self.k / QK);
+        let (g, l) = (r / LANES, r % LANES);
+        for b in 0..nb {
+            let o = &mut out[b * QK..(b + 1) * QK];
+            match &self.storage {
+                Storage::F32(w) => o.copy_from_slice(&w[r * k + b * QK..][..QK]),
+                Storage::Q8_0 { qs, d } => {
                     let q = &qs[(r * nb + b) * QK..][..QK];
-                    for (o, &v) in out[b * QK..(b + 1) * QK].iter_mut().zip(q) {
-                        *o = scale * v as f32;
+                    for (o, &v) in o.iter_mut().zip(q) {
+                        *o = d[r * nb + b] * v as f32;
                     }
                 }
-            }
-            Storage::Q4_1 { qs, d, m } => {
-                let nb = k / QK;
-                let nbp = padded_blocks(nb);
-                for b in 0..nb {
-                    let (scale, min) = (d[r * nbp + b], m[r * nbp + b]);
+                Storage::Q4_1 { qs, d, m } => {
+                    let nbp = padded_blocks(nb);
                     let q = &qs[(r * nb + b) * 16..][..16];
-                    let o = &mut out[b * QK..(b + 1) * QK];
-                    for (j, &byte) in q.iter().enumerate() {
-                        o[j] = scale * (byte & 0x0F) as f32 + min;
-                        o[j + 16] = scale * (byte >> 4) as f32 + min;
+                    for (e, o) in o.iter_mut().enumerate() {
+                        *o = d[r * nbp + b] * q4_1_nibble(q, e) as f32 + m[r * nbp + b];
+                    }
+                }
+                Storage::Q8_0x16 { qs, d } => {
+                    let gb = g * nb + b;
+                    for (e, o) in o.iter_mut().enumerate() {
+                        let v = qs[gb * 512 + (e / 4) * 64 + 4 * l + e % 4] as i32 - 128;
+                        *o = d[gb * LANES + l] * v as f32;
+                    }
+                }
+                Storage::Q4_1x16 { qs, d, m } => {
+                    let gb = g * nb + b;
+                    for (e, o) in o.iter_mut().enumerate() {
+                        let (j, shift) = if e < 16 {
+                            (e / 4, 0)
+                        } else {
+                            ((e - 16) / 4, 4)
+                        };
+                        let v = qs[gb * 256 + j * 64 + 4 * l + e % 4] >> shift & 0x0F;
+                        *o = d[gb * LANES + l] * v as f32 + m[gb * LANES + l];
                     }
                 }
             }
+        }
+        if let Storage::F32(w) = &self.storage {
+            let done = nb * QK;
+            out[done..k].copy_from_slice(&w[r * k + done..(r + 1) * k]);
         }
     }
 
     /// `out[r][c] = Σ_j x[r][j] · W[c][j]` for the `x.rows` rows of `x`.
     pub fn forward(&self, x: &Input, out: &mut [f32]) {
+        self.forward_with(family(), x, out)
+    }
+
+    /// [`Linear::forward`] with the kernels of `family` (which the CPU must support).
+    fn forward_with(&self, family: Family, x: &Input, out: &mut [f32]) {
         let (m, n, k) = (x.rows, self.n, self.k);
+        let (nb, groups) = (k / QK, n.div_ceil(LANES));
+        let nbp = padded_blocks(nb);
         assert_eq!(
             x.x.len(),
             m * k,
@@ -224,52 +331,65 @@ impl Linear {
         // shapes promise.
         let q = if self.wants_quantized_input() {
             let q = x.q.expect("quantized weights need quantized activations");
-            let nbp = padded_blocks(k / QK);
-            assert!(q.rows == m && q.nb * QK == k);
-            assert!(q.qs.len() >= m * k && q.d.len() >= m * nbp && q.s.len() >= m * nbp);
+            assert!(q.rows == m && q.nb == nb && q.qs.len() >= m * k);
+            assert!(q.d.len() >= m * nbp && q.s.len() >= m * nbp && q.sums.len() >= m * nbp);
             Some(q)
         } else {
             None
         };
-        let nb = k / QK;
-        let nbp = padded_blocks(nb);
         match &self.storage {
             Storage::Q4_1 { qs, d, m } => {
                 assert!(qs.len() == n * nb * 16 && d.len() == n * nbp && m.len() == n * nbp)
             }
-            Storage::Q8_0 { qs, d, corr } => assert!(
-                qs.len() == n * k
-                    && d.len() == n * nb
-                    && (corr.len() == n * nbp || !kernels().q8_0_corrections)
+            Storage::Q8_0 { qs, d } => assert!(qs.len() == n * k && d.len() == n * nb),
+            Storage::Q4_1x16 { qs, d, m } => assert!(
+                qs.len() == groups * nb * 256
+                    && d.len() == groups * nb * LANES
+                    && m.len() == groups * nb * LANES
             ),
+            Storage::Q8_0x16 { qs, d } => {
+                assert!(qs.len() == groups * nb * 512 && d.len() == groups * nb * LANES)
+            }
             Storage::F32(w) => assert_eq!(w.len(), n * k),
         }
         let out = OutPtr(out.as_mut_ptr());
-        let kernels = kernels();
         let work = |cols: Range<usize>| {
             // SAFETY: `cols` ranges of different calls are disjoint and each call writes
-            // only out[r][c] for c in `cols`, so no element is written twice or raced.
+            // only out[r][c] for c in `cols`, so no element is written twice or raced; the
+            // buffers were checked above; the family's CPU features were detected.
             unsafe {
-                match &self.storage {
-                    Storage::Q4_1 { qs, d, m: mins } => {
-                        let w = Q4_1Ref {
-                            nb: k / QK,
-                            qs,
-                            d,
-                            m: mins,
-                        };
-                        (kernels.q4_1)(&w, q.unwrap(), cols, n, out)
+                match (&self.storage, family) {
+                    (Storage::Q4_1 { qs, d, m: mins }, f) => {
+                        let w = Q4_1Ref { nb, qs, d, m: mins };
+                        match f {
+                            #[cfg(target_arch = "x86_64")]
+                            Family::Avx2 => avx2::q4_1(&w, q.unwrap(), cols, n, out),
+                            _ => portable::q4_1(&w, q.unwrap(), cols, n, out),
+                        }
                     }
-                    Storage::Q8_0 { qs, d, corr } => {
-                        let w = Q8_0Ref {
-                            nb: k / QK,
-                            qs,
-                            d,
-                            corr,
-                        };
-                        (kernels.q8_0)(&w, q.unwrap(), cols, n, out)
+                    (Storage::Q8_0 { qs, d }, f) => {
+                        let w = Q8_0Ref { nb, qs, d };
+                        match f {
+                            #[cfg(target_arch = "x86_64")]
+                            Family::Avx2 => avx2::q8_0(&w, q.unwrap(), cols, n, out),
+                            _ => portable::q8_0(&w, q.unwrap(), cols, n, out),
+                        }
                     }
-                    Storage::F32(w) => (kernels.f32)(w, k, x.x, m, cols, n, out),
+                    #[cfg(target_arch = "x86_64")]
+                    (Storage::Q4_1x16 { qs, d, m: mins }, _) => {
+                        vnni::q4_1(qs, d, mins, nb, q.unwrap(), cols, n, out)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    (Storage::Q8_0x16 { qs, d }, _) => {
+                        vnni::q8_0(qs, d, nb, q.unwrap(), cols, n, out)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    (Storage::F32(w), Family::Avx2 | Family::Vnni) => {
+                        avx2::f32(w, k, x.x, m, cols, n, out)
+                    }
+                    (Storage::F32(w), _) => portable::f32(w, k, x.x, m, cols, n, out),
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!("VNNI layouts exist only on x86-64"),
                 }
             }
         };
@@ -278,9 +398,9 @@ impl Linear {
             return;
         }
         // Several chunks per thread balance the load when a thread is slowed by others;
-        // chunk edges fall on even columns so the two-column tiles are never split.
+        // chunk edges fall on 16-column groups, which no kernel splits.
         let chunks = rayon::current_num_threads() * 4;
-        let chunk = n.div_ceil(chunks).next_multiple_of(2).max(16);
+        let chunk = n.div_ceil(chunks).next_multiple_of(LANES);
         (0..n.div_ceil(chunk))
             .into_par_iter()
             .for_each(|i| work(i * chunk..n.min((i + 1) * chunk)));
@@ -302,9 +422,13 @@ pub struct Input<'a> {
 pub struct QuantizedRows {
     rows: usize,
     nb: usize,
+    /// Values, row-major, blocks in order.
     qs: Vec<i8>,
+    /// Per block (rows padded to a multiple of 16 blocks): scale, scale × sum (f16-rounded),
+    /// and the exact integer sum of the values.
     d: Vec<f32>,
     s: Vec<f32>,
+    sums: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -324,10 +448,12 @@ impl QuantizedRows {
         self.rows = rows;
         self.nb = nb;
         self.qs.resize(rows * k, 0);
-        self.d.clear();
-        self.d.resize(rows * nbp, 0.0);
-        self.s.clear();
-        self.s.resize(rows * nbp, 0.0);
+        for v in [&mut self.d, &mut self.s] {
+            v.clear();
+            v.resize(rows * nbp, 0.0);
+        }
+        self.sums.clear();
+        self.sums.resize(rows * nbp, 0);
         for r in 0..rows {
             for b in 0..nb {
                 let src = &x[r * k + b * QK..][..QK];
@@ -342,6 +468,7 @@ impl QuantizedRows {
                 }
                 self.d[r * nbp + b] = f16::from_f32(d).to_f32();
                 self.s[r * nbp + b] = f16::from_f32(d * sum as f32).to_f32();
+                self.sums[r * nbp + b] = sum;
             }
         }
     }
@@ -370,6 +497,7 @@ impl OutPtr {
     }
 }
 
+/// Row-major Q4_1 weights (scales padded per row).
 struct Q4_1Ref<'a> {
     nb: usize,
     qs: &'a [u8],
@@ -377,101 +505,11 @@ struct Q4_1Ref<'a> {
     m: &'a [f32],
 }
 
+/// Row-major Q8_0 weights.
 struct Q8_0Ref<'a> {
     nb: usize,
     qs: &'a [i8],
     d: &'a [f32],
-    corr: &'a [f32],
-}
-
-/// A kernel computes the columns `cols` of every row; `n` is the output row stride.
-type Q4_1Kernel = unsafe fn(&Q4_1Ref<'_>, &QuantizedRows, Range<usize>, usize, OutPtr);
-type Q8_0Kernel = unsafe fn(&Q8_0Ref<'_>, &QuantizedRows, Range<usize>, usize, OutPtr);
-/// Arguments: weights, k, activations, rows, columns, n, output.
-type F32Kernel = unsafe fn(&[f32], usize, &[f32], usize, Range<usize>, usize, OutPtr);
-
-struct Kernels {
-    q4_1: Q4_1Kernel,
-    q8_0: Q8_0Kernel,
-    f32: F32Kernel,
-    /// The Q8_0 kernel wants each weight block's correction term (see `avx512`).
-    q8_0_corrections: bool,
-}
-
-/// The kernel family for this CPU, chosen once so every step uses the same arithmetic.
-fn kernels() -> &'static Kernels {
-    static KERNELS: OnceLock<Kernels> = OnceLock::new();
-    KERNELS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            let avx2 = has!("avx2") && has!("fma");
-            if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
-            {
-                return Kernels {
-                    q4_1: avx512::q4_1,
-                    q8_0: avx512::q8_0,
-                    f32: avx2::f32,
-                    q8_0_corrections: true,
-                };
-            }
-            if avx2 {
-                return Kernels {
-                    q4_1: avx2::q4_1,
-                    q8_0: avx2::q8_0,
-                    f32: avx2::f32,
-                    q8_0_corrections: false,
-                };
-            }
-        }
-        Kernels {
-            q4_1: portable::q4_1,
-            q8_0: portable::q8_0,
-            f32: portable::f32,
-            q8_0_corrections: false,
-        }
-    })
-}
-
-/// Columns per panel: a panel of weights (64 rows of W, at most a few hundred KB) stays
-/// in L2 while every tile of activation rows passes over it, instead of the whole column
-/// range streaming from memory once per row tile.
-#[cfg(target_arch = "x86_64")]
-const PANEL: usize = 64;
-
-/// Walks a column range in panels, and each panel in tiles: 4 rows at a time then the
-/// remaining 1–3, 2 columns at a time then a last odd one.
-#[cfg(target_arch = "x86_64")]
-macro_rules! tiled {
-    ($tile:ident, $rows:expr, $cols:expr, |$r:ident, $c:ident| $($args:tt)*) => {{
-        let rows = $rows;
-        let cols: Range<usize> = $cols;
-        let mut panel = cols.start;
-        while panel < cols.end {
-            let panel_end = cols.end.min(panel + PANEL);
-            let mut $r = 0;
-            while $r < rows {
-                let left = (rows - $r).min(4);
-                let mut $c = panel;
-                while $c < panel_end {
-                    let two = panel_end - $c >= 2;
-                    match (left, two) {
-                        (4, true) => $tile::<4, 2>($($args)*),
-                        (3, true) => $tile::<3, 2>($($args)*),
-                        (2, true) => $tile::<2, 2>($($args)*),
-                        (1, true) => $tile::<1, 2>($($args)*),
-                        (4, false) => $tile::<4, 1>($($args)*),
-                        (3, false) => $tile::<3, 1>($($args)*),
-                        (2, false) => $tile::<2, 1>($($args)*),
-                        _ => $tile::<1, 1>($($args)*),
-                    }
-                    $c += if two { 2 } else { 1 };
-                }
-                $r += left;
-            }
-            panel = panel_end;
-        }
-    }};
 }
 
 /// Plain Rust kernels for CPUs without AVX2: one element at a time, blocks in order.
@@ -510,6 +548,8 @@ mod portable {
         acc
     }
 
+    /// # Safety
+    /// No other thread writes columns `cols` of `out`, which holds `x.rows × n` floats.
     pub(super) unsafe fn q4_1(
         w: &Q4_1Ref,
         x: &QuantizedRows,
@@ -524,6 +564,8 @@ mod portable {
         }
     }
 
+    /// # Safety
+    /// As for [`q4_1`].
     pub(super) unsafe fn q8_0(
         w: &Q8_0Ref,
         x: &QuantizedRows,
@@ -538,6 +580,8 @@ mod portable {
         }
     }
 
+    /// # Safety
+    /// As for [`q4_1`].
     pub(super) unsafe fn f32(
         w: &[f32],
         k: usize,
@@ -573,7 +617,8 @@ mod portable {
 /// AVX2 + FMA kernels after ggml's: 4-bit or 8-bit weights against 8-bit activations with
 /// `maddubs`, a block's integer sum scaled into an 8-lane f32 accumulator per output.
 /// Tiles of up to 4 rows × 2 columns share the loads of weights and activations; each
-/// output keeps its own accumulator, so tiling changes no result.
+/// output keeps its own accumulator, so tiling changes no result. Columns are walked in
+/// panels of 64, whose weights stay in L2 while every tile of rows passes over them.
 ///
 /// The tiles walk raw pointers: `Linear::forward` has checked that every row and column
 /// they touch lies inside its buffers.
@@ -583,6 +628,42 @@ mod portable {
 mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
+
+    const PANEL: usize = 64;
+
+    /// Walks a column range in panels, and each panel in tiles: 4 rows at a time then
+    /// the remaining 1–3, 2 columns at a time then a last odd one.
+    macro_rules! tiled {
+        ($tile:ident, $rows:expr, $cols:expr, |$r:ident, $c:ident| $($args:tt)*) => {{
+            let rows = $rows;
+            let cols: Range<usize> = $cols;
+            let mut panel = cols.start;
+            while panel < cols.end {
+                let panel_end = cols.end.min(panel + PANEL);
+                let mut $r = 0;
+                while $r < rows {
+                    let left = (rows - $r).min(4);
+                    let mut $c = panel;
+                    while $c < panel_end {
+                        let two = panel_end - $c >= 2;
+                        match (left, two) {
+                            (4, true) => $tile::<4, 2>($($args)*),
+                            (3, true) => $tile::<3, 2>($($args)*),
+                            (2, true) => $tile::<2, 2>($($args)*),
+                            (1, true) => $tile::<1, 2>($($args)*),
+                            (4, false) => $tile::<4, 1>($($args)*),
+                            (3, false) => $tile::<3, 1>($($args)*),
+                            (2, false) => $tile::<2, 1>($($args)*),
+                            _ => $tile::<1, 1>($($args)*),
+                        }
+                        $c += if two { 2 } else { 1 };
+                    }
+                    $r += left;
+                }
+                panel = panel_end;
+            }
+        }};
+    }
 
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
@@ -594,7 +675,7 @@ mod avx2 {
 
     /// Σ a[i]·b[i] over `len` floats (a multiple of 8).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scale_dot(a: *const f32, b: *const f32, len: usize) -> f32 {
+    unsafe fn scale_dot(a: *const f32, b: *const f32, len: usize) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for i in (0..len).step_by(8) {
             // SAFETY: the caller's arrays hold `len` floats.
@@ -764,7 +845,7 @@ mod avx2 {
     }
 
     /// # Safety
-    /// The CPU has AVX2 and FMA, and no other thread writes columns `cols` of `out`.
+    /// As for [`q4_1`].
     pub(super) unsafe fn q8_0(
         w: &Q8_0Ref,
         x: &QuantizedRows,
@@ -776,7 +857,7 @@ mod avx2 {
     }
 
     /// # Safety
-    /// The CPU has AVX2 and FMA, and no other thread writes columns `cols` of `out`.
+    /// As for [`q4_1`].
     pub(super) unsafe fn f32(
         w: &[f32],
         k: usize,
@@ -790,198 +871,236 @@ mod avx2 {
     }
 }
 
-/// AVX-512 VNNI kernels: `vpdpbusd` multiplies 64 unsigned by signed bytes and adds them
-/// in groups of four into 16 i32 lanes in one instruction, so one step covers a pair of
-/// blocks (lanes 0–7 the first, 8–15 the second), scaled by [d₀ × 8, d₁ × 8].
+/// AVX-512 VNNI kernels. `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes and
+/// adds each group of four products into one of 16 i32 lanes. With the weights of 16 rows
+/// of W interleaved four bytes per lane and four activation bytes broadcast to all lanes,
+/// each lane is one output column: a block of 32 takes 8 such steps, then one conversion
+/// and one fused multiply-add by the 16 columns' scales times the row's scale. No
+/// horizontal sums, and the scales are handled once per 16 outputs.
 ///
-/// Q4_1's 4-bit values are already unsigned. Q8_0 has signed weights and activations, so
-/// the activations are offset by 128 (x ^ 0x80) into unsigned bytes and the surplus
-/// 128·Σw, kept per weight block as `corr` = 128·d·Σq, is subtracted at the end, like
-/// Q4_1's minimum term. Both paths are exact in integers, as ggml's are.
+/// Layouts, per group g of 16 rows of W (padded with zero rows) and block b, at g·nb + b:
+/// - Q4_1x16: 256 bytes in four 64-byte chunks; byte 4l + t of chunk j holds element
+///   4j + t of lane l's block in its low nibble and element 16 + 4j + t in its high one.
+///   Then 16 scales d and 16 minimums m.
+/// - Q8_0x16: 512 bytes in eight 64-byte units; byte 4l + t of unit i holds element
+///   4i + t of lane l's block plus 128 (unsigned for vpdpbusd), then 16 scales. The
+///   surplus 128·Σx of each block is subtracted in integers, from the activations' exact
+///   block sums, before the conversion.
 ///
-/// Matrices with an odd number of blocks per row use the AVX2 kernels (whole pairs only).
+/// Each output's arithmetic is the same for any number of rows, so batch invariance holds.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
-mod avx512 {
+mod vnni {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// [p[0] × 8, p[1] × 8]: the scales of a block pair.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn pair_scales(p: *const f32) -> __m512 {
-        // SAFETY: the caller's block pair has two scales at `p`.
-        let two = unsafe { _mm_castsi128_ps(_mm_loadl_epi64(p as *const __m128i)) };
-        let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(two))
+    /// Rows per tile: each row's accumulators stay in registers beside the group's 8
+    /// vectors of weights.
+    const ROWS: usize = 4;
+
+    /// Activation pointers of a tile of rows: values (as 4-byte units), scales, scaled
+    /// sums and exact sums.
+    struct RowPtrs<const R: usize> {
+        qs: [*const i32; R],
+        d: [*const f32; R],
+        s: [*const f32; R],
+        sums: [*const i32; R],
     }
 
-    /// Σ a[i]·b[i] over `len` floats (a multiple of 16).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn scale_dot(a: *const f32, b: *const f32, len: usize) -> f32 {
-        let mut acc = _mm512_setzero_ps();
-        for i in (0..len).step_by(16) {
-            // SAFETY: the caller's arrays hold `len` floats.
-            let (va, vb) = unsafe { (_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i))) };
-            acc = _mm512_fmadd_ps(va, vb, acc);
-        }
-        _mm512_reduce_add_ps(acc)
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q4_1_tile<const R: usize, const C: usize>(
-        w: &Q4_1Ref,
-        x: &QuantizedRows,
-        r0: usize,
-        c0: usize,
-        n: usize,
-        out: OutPtr,
-    ) {
-        let nb = w.nb;
-        let nbp = padded_blocks(nb);
-        let low = _mm256_set1_epi8(0x0F);
-        // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
-        // exist, and b + 1 < nb stays inside each row's blocks.
-        let xq: [*const i8; R] =
-            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) });
-        let xd: [*const f32; R] =
-            std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
-        let wq: [*const u8; C] =
-            std::array::from_fn(|c| unsafe { w.qs.as_ptr().add((c0 + c) * nb * 16) });
-        let wd: [*const f32; C] =
-            std::array::from_fn(|c| unsafe { w.d.as_ptr().add((c0 + c) * nbp) });
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        for b in (0..nb).step_by(2) {
-            let mut xv = [_mm512_setzero_si512(); R];
-            let mut xs = [_mm512_setzero_ps(); R];
-            for r in 0..R {
-                xv[r] = unsafe { _mm512_loadu_si512(xq[r].add(b * QK) as *const __m512i) };
-                xs[r] = unsafe { pair_scales(xd[r].add(b)) };
-            }
-            for c in 0..C {
-                let raw = unsafe { _mm256_loadu_si256(wq[c].add(b * 16) as *const __m256i) };
-                let lo = _mm256_and_si256(raw, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-                // 128-bit lanes [b0 low, b1 low, b0 high, b1 high] reordered to the
-                // activations' [b0 0..16, b0 16..32, b1 0..16, b1 16..32].
-                let wv = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                let wv = _mm512_shuffle_i64x2::<0b11_01_10_00>(wv, wv);
-                let ws = unsafe { pair_scales(wd[c].add(b)) };
-                for r in 0..R {
-                    let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[r]);
-                    let scale = _mm512_mul_ps(ws, xs[r]);
-                    acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r][c]);
+    impl<const R: usize> RowPtrs<R> {
+        /// # Safety
+        /// Rows r0..r0 + R exist in `x`.
+        unsafe fn new(x: &QuantizedRows, r0: usize) -> Self {
+            let (nb, nbp) = (x.nb, padded_blocks(x.nb));
+            // SAFETY: row starts inside the buffers.
+            unsafe {
+                RowPtrs {
+                    qs: std::array::from_fn(|r| {
+                        x.qs.as_ptr().add((r0 + r) * nb * QK) as *const i32
+                    }),
+                    d: std::array::from_fn(|r| x.d.as_ptr().add((r0 + r) * nbp)),
+                    s: std::array::from_fn(|r| x.s.as_ptr().add((r0 + r) * nbp)),
+                    sums: std::array::from_fn(|r| x.sums.as_ptr().add((r0 + r) * nbp)),
                 }
             }
         }
-        for r in 0..R {
-            let row = r0 + r;
-            for c in 0..C {
-                let col = c0 + c;
-                let mins = unsafe {
-                    scale_dot(
-                        w.m.as_ptr().add(col * nbp),
-                        x.s.as_ptr().add(row * nbp),
-                        nbp,
-                    )
-                };
-                // SAFETY: the caller owns columns c0..c0 + C of these rows.
-                unsafe { out.write(row * n + col, _mm512_reduce_add_ps(acc[r][c]) + mins) }
+    }
+
+    /// Σ over 8 units of dpbusd(units[i], four bytes of x), in two chains for
+    /// instruction-level parallelism, starting from `init` (exact in integers).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn block_dot(units: &[__m512i; 8], x: *const i32, init: __m512i) -> __m512i {
+        let mut a = init;
+        let mut b = _mm512_setzero_si512();
+        for i in 0..4 {
+            // SAFETY: the block's 32 bytes are eight 4-byte units at `x`.
+            let (xa, xb) = unsafe { (x.add(i).read_unaligned(), x.add(i + 4).read_unaligned()) };
+            a = _mm512_dpbusd_epi32(a, units[i], _mm512_set1_epi32(xa));
+            b = _mm512_dpbusd_epi32(b, units[i + 4], _mm512_set1_epi32(xb));
+        }
+        _mm512_add_epi32(a, b)
+    }
+
+    /// Stores a tile row's 16 outputs (fewer in a partial last group).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn store(out: OutPtr, at: usize, lanes: usize, v: __m512) {
+        // SAFETY: the caller owns these `lanes` columns of the row.
+        unsafe {
+            if lanes == LANES {
+                _mm512_storeu_ps(out.0.add(at), v)
+            } else {
+                _mm512_mask_storeu_ps(out.0.add(at), (1u16 << lanes) - 1, v)
             }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn q8_0_tile<const R: usize, const C: usize>(
-        w: &Q8_0Ref,
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn q4_1_tile<const R: usize>(
+        qs: &[u8],
+        d: &[f32],
+        m: &[f32],
+        nb: usize,
         x: &QuantizedRows,
         r0: usize,
-        c0: usize,
+        g: usize,
         n: usize,
         out: OutPtr,
     ) {
-        let nb = w.nb;
-        let nbp = padded_blocks(nb);
-        let offset = _mm512_set1_epi8(0x80u8 as i8);
-        // SAFETY (all pointer arithmetic below): as in `q4_1_tile`.
-        let xq: [*const i8; R] =
-            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) });
-        let xd: [*const f32; R] =
-            std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
-        let wq: [*const i8; C] =
-            std::array::from_fn(|c| unsafe { w.qs.as_ptr().add((c0 + c) * nb * QK) });
-        let wd: [*const f32; C] =
-            std::array::from_fn(|c| unsafe { w.d.as_ptr().add((c0 + c) * nb) });
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        for b in (0..nb).step_by(2) {
-            let mut xv = [_mm512_setzero_si512(); R];
-            let mut xs = [_mm512_setzero_ps(); R];
-            for r in 0..R {
-                let v = unsafe { _mm512_loadu_si512(xq[r].add(b * QK) as *const __m512i) };
-                xv[r] = _mm512_xor_si512(v, offset);
-                xs[r] = unsafe { pair_scales(xd[r].add(b)) };
+        let low = _mm512_set1_epi8(0x0F);
+        // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist;
+        // b < nb.
+        let rows = unsafe { RowPtrs::<R>::new(x, r0) };
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let gb = g * nb + b;
+            let mut units = [_mm512_setzero_si512(); 8];
+            for j in 0..4 {
+                let v = unsafe {
+                    _mm512_loadu_si512(qs.as_ptr().add(gb * 256 + j * 64) as *const __m512i)
+                };
+                units[j] = _mm512_and_si512(v, low);
+                units[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
             }
-            for c in 0..C {
-                let wv = unsafe { _mm512_loadu_si512(wq[c].add(b * QK) as *const __m512i) };
-                let ws = unsafe { pair_scales(wd[c].add(b)) };
-                for r in 0..R {
-                    let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xv[r], wv);
-                    let scale = _mm512_mul_ps(ws, xs[r]);
-                    acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r][c]);
+            let dw = unsafe { _mm512_loadu_ps(d.as_ptr().add(gb * LANES)) };
+            let mw = unsafe { _mm512_loadu_ps(m.as_ptr().add(gb * LANES)) };
+            for r in 0..R {
+                let sum =
+                    unsafe { block_dot(&units, rows.qs[r].add(b * 8), _mm512_setzero_si512()) };
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(unsafe { *rows.d[r].add(b) }));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
+                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(unsafe { *rows.s[r].add(b) }), acc[r]);
+            }
+        }
+        let lanes = LANES.min(n - g * LANES);
+        for r in 0..R {
+            unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn q8_0_tile<const R: usize>(
+        qs: &[u8],
+        d: &[f32],
+        nb: usize,
+        x: &QuantizedRows,
+        r0: usize,
+        g: usize,
+        n: usize,
+        out: OutPtr,
+    ) {
+        // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist;
+        // b < nb.
+        let rows = unsafe { RowPtrs::<R>::new(x, r0) };
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let gb = g * nb + b;
+            let units: [__m512i; 8] = std::array::from_fn(|i| unsafe {
+                _mm512_loadu_si512(qs.as_ptr().add(gb * 512 + i * 64) as *const __m512i)
+            });
+            let dw = unsafe { _mm512_loadu_ps(d.as_ptr().add(gb * LANES)) };
+            for r in 0..R {
+                // The weights carry +128: start from −128·Σx.
+                let init = _mm512_set1_epi32(-128 * unsafe { *rows.sums[r].add(b) });
+                let sum = unsafe { block_dot(&units, rows.qs[r].add(b * 8), init) };
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(unsafe { *rows.d[r].add(b) }));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
+            }
+        }
+        let lanes = LANES.min(n - g * LANES);
+        for r in 0..R {
+            unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
+        }
+    }
+
+    /// Runs `tile::<R>(r0, g)` over every group of `cols` and every tile of rows: groups
+    /// outside, so a group's weights stay in L1 while all rows pass over them.
+    macro_rules! groups_and_rows {
+        ($tile:ident, $rows:expr, $cols:expr, |$r:ident, $g:ident| $($args:tt)*) => {{
+            let rows = $rows;
+            let cols: Range<usize> = $cols;
+            for $g in cols.start / LANES..cols.end.div_ceil(LANES) {
+                let mut $r = 0;
+                while $r < rows {
+                    let left = (rows - $r).min(ROWS);
+                    match left {
+                        4 => $tile::<4>($($args)*),
+                        3 => $tile::<3>($($args)*),
+                        2 => $tile::<2>($($args)*),
+                        _ => $tile::<1>($($args)*),
+                    }
+                    $r += left;
                 }
             }
-        }
-        for r in 0..R {
-            let row = r0 + r;
-            for c in 0..C {
-                let col = c0 + c;
-                let corr = unsafe {
-                    scale_dot(
-                        w.corr.as_ptr().add(col * nbp),
-                        x.d.as_ptr().add(row * nbp),
-                        nbp,
-                    )
-                };
-                // SAFETY: the caller owns columns c0..c0 + C of these rows.
-                unsafe { out.write(row * n + col, _mm512_reduce_add_ps(acc[r][c]) - corr) }
-            }
-        }
+        }};
     }
 
     /// # Safety
-    /// The CPU has AVX-512 (F, BW, VL, VNNI), AVX2 and FMA, and no other thread writes
-    /// columns `cols` of `out`.
+    /// The CPU has AVX-512 F/BW/VL and VNNI; the buffers hold the Q4_1x16 layout of an
+    /// n × nb·32 matrix; `cols` starts on a group; no other thread writes those columns.
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn q4_1(
-        w: &Q4_1Ref,
+        qs: &[u8],
+        d: &[f32],
+        m: &[f32],
+        nb: usize,
         x: &QuantizedRows,
         cols: Range<usize>,
         n: usize,
         out: OutPtr,
     ) {
         unsafe {
-            if w.nb % 2 == 1 {
-                avx2::q4_1(w, x, cols, n, out)
-            } else {
-                tiled!(q4_1_tile, x.rows, cols, |r, c| w, x, r, c, n, out)
-            }
+            groups_and_rows!(
+                q4_1_tile,
+                x.rows,
+                cols,
+                |r, g| qs,
+                d,
+                m,
+                nb,
+                x,
+                r,
+                g,
+                n,
+                out
+            )
         }
     }
 
     /// # Safety
-    /// As for [`q4_1`]; and `w.corr` holds the correction terms.
+    /// As for [`q4_1`], with the Q8_0x16 layout.
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn q8_0(
-        w: &Q8_0Ref,
+        qs: &[u8],
+        d: &[f32],
+        nb: usize,
         x: &QuantizedRows,
         cols: Range<usize>,
         n: usize,
         out: OutPtr,
     ) {
-        unsafe {
-            if w.nb % 2 == 1 {
-                avx2::q8_0(w, x, cols, n, out)
-            } else {
-                tiled!(q8_0_tile, x.rows, cols, |r, c| w, x, r, c, n, out)
-            }
-        }
+        unsafe { groups_and_rows!(q8_0_tile, x.rows, cols, |r, g| qs, d, nb, x, r, g, n, out) }
     }
 }
 
@@ -1002,16 +1121,19 @@ mod tests {
             .collect()
     }
 
-    fn quantize_weights(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> (Linear, Vec<f32>) {
+    fn qtensor(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> QTensor {
         let w = noise(n * k, seed);
         let t = candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, dtype).unwrap();
-        let lin = Linear::from_qtensor("w", &q).unwrap();
+        QTensor::quantize(&t, dtype).unwrap()
+    }
+
+    fn dequantized(lin: &Linear) -> Vec<f32> {
+        let (n, k) = (lin.n, lin.k);
         let mut deq = vec![0f32; n * k];
         for r in 0..n {
             lin.row(r, &mut deq[r * k..(r + 1) * k]);
         }
-        (lin, deq)
+        deq
     }
 
     fn run(lin: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
@@ -1039,14 +1161,16 @@ mod tests {
         out
     }
 
+    const DTYPES: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32];
+
     #[test]
     fn quantized_matmuls_match_the_dequantized_product() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32] {
+        for dtype in DTYPES {
             let (n, k, rows) = (37, 256, 6);
-            let (lin, deq) = quantize_weights(dtype, n, k, 1);
+            let lin = Linear::from_qtensor("w", &qtensor(dtype, n, k, 1)).unwrap();
             let x = noise(rows * k, 2);
             let got = run(&lin, &x, rows);
-            let want = reference(&deq, &x, rows, n, k);
+            let want = reference(&dequantized(&lin), &x, rows, n, k);
             // Rounding x to 8 bits errs by up to max|x|/254 per value (uniform, σ ≈ 0.0023
             // for x in [-1, 1)); times w (σ ≈ 0.58) and summed over k = 256 terms that is
             // σ ≈ 0.02 on each output. 0.15 is 7σ; a kernel bug (a wrong nibble, scale
@@ -1065,9 +1189,9 @@ mod tests {
 
     #[test]
     fn every_row_is_independent_of_the_others() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32] {
+        for dtype in DTYPES {
             let (n, k) = (1000, 576);
-            let (lin, _) = quantize_weights(dtype, n, k, 3);
+            let lin = Linear::from_qtensor("w", &qtensor(dtype, n, k, 3)).unwrap();
             let x = noise(11 * k, 4);
             let all = run(&lin, &x, 11);
             for r in [0, 3, 4, 10] {
@@ -1079,78 +1203,44 @@ mod tests {
         }
     }
 
-    /// Runs one kernel family over all columns.
-    fn run_family(
-        family: (Q4_1Kernel, Q8_0Kernel, F32Kernel),
-        lin: &Linear,
-        x: &[f32],
-        rows: usize,
-    ) -> Vec<f32> {
-        let (n, k) = (lin.n, lin.k);
-        let mut q = QuantizedRows::default();
-        q.quantize(x, rows);
-        let mut out = vec![0f32; rows * n];
-        let ptr = OutPtr(out.as_mut_ptr());
-        // SAFETY: the callers check the CPU features; one thread writes all columns.
-        unsafe {
-            match &lin.storage {
-                Storage::Q4_1 { qs, d, m } => {
-                    let w = Q4_1Ref {
-                        nb: k / QK,
-                        qs,
-                        d,
-                        m,
-                    };
-                    (family.0)(&w, &q, 0..n, n, ptr)
-                }
-                Storage::Q8_0 { qs, d, corr } => {
-                    let w = Q8_0Ref {
-                        nb: k / QK,
-                        qs,
-                        d,
-                        corr,
-                    };
-                    (family.1)(&w, &q, 0..n, n, ptr)
-                }
-                Storage::F32(w) => (family.2)(w, k, x, rows, 0..n, n, ptr),
-            }
-        }
-        out
-    }
-
-    #[cfg(target_arch = "x86_64")]
+    /// Every family this CPU supports, built from the same tensors, agrees with the
+    /// portable kernels (up to float rounding order) and dequantizes the same rows.
     #[test]
-    fn simd_kernels_agree_with_the_portable_ones() {
-        use std::arch::is_x86_feature_detected as has;
-        let portable: (Q4_1Kernel, Q8_0Kernel, F32Kernel) =
-            (portable::q4_1, portable::q8_0, portable::f32);
-        let mut families = vec![];
-        if has!("avx2") && has!("fma") {
-            families.push((
-                "avx2",
-                (
-                    avx2::q4_1 as Q4_1Kernel,
-                    avx2::q8_0 as Q8_0Kernel,
-                    avx2::f32 as F32Kernel,
-                ),
-            ));
-            if kernels().q8_0_corrections {
-                families.push(("avx512", (avx512::q4_1, avx512::q8_0, avx2::f32)));
+    fn kernel_families_agree() {
+        let mut families = vec![Family::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if family() != Family::Portable {
+                families.push(Family::Avx2);
+            }
+            if family() == Family::Vnni {
+                families.push(Family::Vnni);
             }
         }
-        // Even (6) and odd (5) numbers of blocks per row: the AVX-512 kernels take
-        // blocks in pairs and hand odd rows to AVX2.
+        // Odd shapes: a partial last group of 16 columns, an odd number of blocks.
         for (n, k, rows) in [(34, 192, 5), (67, 160, 9)] {
-            for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32] {
-                let (lin, _) = quantize_weights(dtype, n, k, 5);
+            for dtype in DTYPES {
+                let t = qtensor(dtype, n, k, 5);
                 let x = noise(rows * k, 6);
-                let plain = run_family(portable, &lin, &x, rows);
-                for (name, family) in &families {
-                    let simd = run_family(*family, &lin, &x, rows);
-                    for (a, b) in simd.iter().zip(&plain) {
+                let mut q = QuantizedRows::default();
+                q.quantize(&x, rows);
+                let input = Input {
+                    x: &x,
+                    rows,
+                    q: Some(&q),
+                };
+                let portable = Linear::from_qtensor_for("w", &t, Family::Portable).unwrap();
+                let mut want = vec![0f32; rows * n];
+                portable.forward_with(Family::Portable, &input, &mut want);
+                for &f in &families {
+                    let lin = Linear::from_qtensor_for("w", &t, f).unwrap();
+                    assert_eq!(dequantized(&lin), dequantized(&portable), "{f:?} {dtype:?}");
+                    let mut got = vec![0f32; rows * n];
+                    lin.forward_with(f, &input, &mut got);
+                    for (a, b) in got.iter().zip(&want) {
                         assert!(
                             (a - b).abs() < 1e-4 * (1.0 + b.abs()),
-                            "{name} {dtype:?} k={k}: {a} vs {b}"
+                            "{f:?} {dtype:?} k={k}: {a} vs {b}"
                         );
                     }
                 }
@@ -1177,6 +1267,7 @@ mod tests {
         let mut q = QuantizedRows::default();
         q.quantize(&x, 1);
         assert_eq!(&q.qs[..3], &[127, -64, 0]);
+        assert_eq!(q.sums[0], 63);
         assert!((q.d[0] - f16::from_f32(0.01).to_f32()).abs() < 1e-7);
         // An all-zero block gets scale 0 and zero values, not NaN.
         assert_eq!(q.d[1], 0.0);

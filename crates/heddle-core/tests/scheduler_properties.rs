@@ -242,3 +242,67 @@ proptest! {
         prop_assert!(admitted <= highs_arrived_before_crossover + 1, "admitted at step {}, bound {}", admitted, highs_arrived_before_crossover + 1);
     }
 }
+
+proptest! {
+    /// The engine's batch-invariance workload at the scheduler level: eight prompts that
+    /// share a two-block system prompt arrive in three groups into a pool too small for
+    /// all of them, then a ninth repeats the first.
+    #[test]
+    fn staggered_arrivals_into_a_small_pool_all_finish(gap1 in 0usize..12, gap2 in 0usize..12, lens in proptest::collection::vec(38usize..52, 8)) {
+        let cfg = SchedulerConfig {
+            num_blocks: 23,
+            block_size: 16,
+            max_running: 8,
+            max_batched_tokens: 256,
+            prefill_chunk: 64,
+            max_model_len: 2048,
+            ..SchedulerConfig::default()
+        };
+        let mut sched = Scheduler::new(cfg).unwrap();
+        let prompt = |i: usize, len: usize| -> Vec<TokenId> {
+            (0..len).map(|p| if p < 34 { 500 + p as TokenId } else { 1000 * (i as TokenId + 1) + p as TokenId }).collect()
+        };
+        let add = |sched: &mut Scheduler, id: u64, prompt: Vec<TokenId>| {
+            let request = Request {
+                id,
+                prompt,
+                priority: Priority::Normal,
+                sampling: SamplingParams::greedy(),
+                stop: StopCriteria { ignore_eos: true, ..StopCriteria::new(24) },
+                arrival: id as f64,
+            };
+            sched.add(request).unwrap();
+        };
+        let mut finished = 0;
+        let mut run = |sched: &mut Scheduler, steps: usize| {
+            for _ in 0..steps {
+                let batch = sched.schedule();
+                for s in &batch.seqs {
+                    assert!(!s.tokens.is_empty(), "an empty share was scheduled");
+                }
+                finished += sched.update(&fake_sample(&batch)).iter().filter(|e| e.finish.is_some()).count();
+            }
+        };
+        for (i, &len) in lens.iter().enumerate() {
+            add(&mut sched, i as u64, prompt(i, len));
+            if i == 2 { run(&mut sched, gap1); }
+            if i == 5 { run(&mut sched, gap2); }
+        }
+        let mut steps = 0;
+        while sched.has_work() {
+            run(&mut sched, 1);
+            steps += 1;
+            prop_assert!(steps < 2000, "stuck: {:?}", sched.stats());
+        }
+        add(&mut sched, 8, prompt(0, lens[0]));
+        while sched.has_work() {
+            run(&mut sched, 1);
+            steps += 1;
+            prop_assert!(steps < 4000, "stuck: {:?}", sched.stats());
+        }
+        drop(run);
+        prop_assert_eq!(finished, 9);
+        let kv = sched.stats().kv;
+        prop_assert_eq!(kv.used_blocks, 0);
+    }
+}

@@ -16,10 +16,17 @@ use crate::error::{ModelError, Result};
 pub const EMBEDDED_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The model id the server uses for the embedded model.
 pub const EMBEDDED_MODEL_ID: &str = "SmolLM2-135M-Instruct";
-/// SHA-256 of the file; the same digest as `scripts/embedded-model.sha256`.
-pub const EMBEDDED_MODEL_SHA256: &str =
-    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// Its size in bytes, checked before the digest (a truncated download fails fast).
 pub const EMBEDDED_MODEL_SIZE: u64 = 98_362_432;
+
+/// `scripts/embedded-model.sha256` ("<digest>  <file>"), the digest pinned for
+/// scripts/fetch-model.sh too, so the two cannot drift apart.
+const SHA256_FILE: &str = include_str!("../../../scripts/embedded-model.sha256");
+
+/// The embedded model's SHA-256, lowercase hex.
+pub fn embedded_model_sha256() -> &'static str {
+    SHA256_FILE.split_whitespace().next().unwrap_or_default()
+}
 
 /// Where heddle keeps downloaded models. Empty variables count as unset, as in the
 /// shell's `${VAR:-default}`.
@@ -41,7 +48,7 @@ pub fn model_dir() -> PathBuf {
 /// version (path, size and modification time); later calls only look at the metadata.
 pub fn embedded_model_path() -> Result<PathBuf> {
     let path = model_dir().join(EMBEDDED_MODEL_FILE);
-    verify(&path, EMBEDDED_MODEL_SIZE, EMBEDDED_MODEL_SHA256)?;
+    verify(&path, EMBEDDED_MODEL_SIZE, embedded_model_sha256())?;
     Ok(path)
 }
 
@@ -112,6 +119,19 @@ fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pinned_digest_names_the_embedded_file() {
+        let digest = embedded_model_sha256();
+        assert_eq!(digest.len(), 64, "{SHA256_FILE:?}");
+        assert!(digest
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(
+            SHA256_FILE.split_whitespace().nth(1),
+            Some(EMBEDDED_MODEL_FILE)
+        );
+    }
 
     #[test]
     fn a_missing_file_says_how_to_fetch_it() {

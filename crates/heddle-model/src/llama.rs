@@ -107,8 +107,36 @@ fn resize(v: &mut Vec<f32>, len: usize) {
     v.resize(len, 0.0);
 }
 
+/// Defines `fn $name` whose body is compiled twice, as is and for AVX2 + FMA, and runs
+/// the AVX2 build when the CPU has it: plain loops over slices then become 8-wide, and
+/// `mul_add` a single instruction (baseline x86-64 has neither).
+macro_rules! with_avx2 {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+
 /// y = x / rms(x) · w per row, as ggml: the mean square summed in f64, then x times the
 /// inverse root, then times the weight.
+#[inline(always)]
 fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
     let scale = 1.0 / ((sum / x.len() as f64) as f32 + eps).sqrt();
@@ -117,28 +145,119 @@ fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     }
 }
 
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
-    let h = w.len();
-    for (x, y) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
-        rms_norm_row(x, w, eps, y);
+with_avx2! {
+    /// [`rms_norm_row`] over every row of `x` (rows as long as `w`).
+    fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+        let h = w.len();
+        for (x, y) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
+            rms_norm_row(x, w, eps, y);
+        }
     }
+}
+
+with_avx2! {
+    /// The residual connection: x += d.
+    fn add_assign(x: &mut [f32], d: &[f32]) {
+        for (x, d) in x.iter_mut().zip(d) {
+            *x += d;
+        }
+    }
+}
+
+with_avx2! {
+    /// gate = SiLU(gate) · up, SiLU as ggml: x / (1 + e^-x).
+    fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + exp(-*g)) * u;
+        }
+    }
+}
+
+/// e^x in a form the compiler vectorizes (libm's `expf` is a call per value, 7% of a
+/// decode step): x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor series to r⁷
+/// (truncation error below 7e-9 relative), 2^n written into the exponent bits. Within
+/// 2 ulp of the exact value (tested); inputs are clamped to [−87.3, 88], so very negative
+/// ones give about 1e-38 rather than 0 and NaN stays NaN.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split (Cephes's) so that n · LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.0);
+    // Round x·log2(e) to an integer n; its value also sits in the low bits of `shifted`.
+    let shifted = x.mul_add(LOG2E, MAGIC);
+    let n = shifted - MAGIC;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let mut p: f32 = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    let bits = (shifted.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) << 23;
+    p * f32::from_bits(bits as u32)
+}
+
+/// Folds `v` with `f` in 16 interleaved lanes, then the lanes pairwise: a fixed order
+/// (unlike one running value) that the compiler can keep in vector registers.
+#[inline(always)]
+fn lanes(v: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = f(*a, x);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = f(*a, x);
+    }
+    let mut width = 16;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] = f(acc[i], acc[i + width]);
+        }
+    }
+    acc[0]
 }
 
 /// One query head's scores against a block of keys stored transposed (`head_dim × BS`):
 /// a dimension at a time, that query value times the dimension's keys across the slots,
-/// so the work runs in whole vectors with no horizontal sums.
+/// so the work runs in whole vectors with no horizontal sums. Four partial sums (over
+/// dimensions mod 4) keep four independent chains of fused multiply-adds in flight.
 #[inline(always)]
 fn block_scores_fixed<const BS: usize>(q: &[f32], keys: &[f32], out: &mut [f32]) {
-    let mut acc = [0f32; BS];
-    for (&qd, kd) in q.iter().zip(keys.chunks_exact(BS)) {
-        for (a, &k) in acc.iter_mut().zip(kd) {
+    let mut acc = [[0f32; BS]; 4];
+    let mut qs = q.chunks_exact(4);
+    let mut ks = keys.chunks_exact(4 * BS);
+    for (q4, k4) in (&mut qs).zip(&mut ks) {
+        for (p, acc) in acc.iter_mut().enumerate() {
+            let kd = &k4[p * BS..(p + 1) * BS];
+            for (a, &k) in acc.iter_mut().zip(kd) {
+                *a = q4[p].mul_add(k, *a);
+            }
+        }
+    }
+    for (&qd, kd) in qs.remainder().iter().zip(ks.remainder().chunks_exact(BS)) {
+        for (a, &k) in acc[0].iter_mut().zip(kd) {
             *a = qd.mul_add(k, *a);
         }
     }
-    out[..BS].copy_from_slice(&acc);
+    for (s, o) in out[..BS].iter_mut().enumerate() {
+        *o = (acc[0][s] + acc[1][s]) + (acc[2][s] + acc[3][s]);
+    }
 }
 
-/// [`block_scores_fixed`] for any block size (`out.len()` slots).
+/// [`block_scores_fixed`] for any block size (`out.len()` slots), one chain.
 #[inline(always)]
 fn block_scores_any(q: &[f32], keys: &[f32], out: &mut [f32]) {
     let bs = out.len();
@@ -170,10 +289,21 @@ impl AttentionTask<'_> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has the features.
+                return unsafe { self.run_avx512(scores, out) };
+            }
             // SAFETY: the CPU has the features.
             return unsafe { self.run_avx2(scores, out) };
         }
-        self.run_generic(scores, out)
+        self.run_generic(scores, out, false)
+    }
+
+    /// Compiled for AVX-512: the score and soft-max loops become 16-wide.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn run_avx512(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+        self.run_generic(scores, out, true)
     }
 
     /// The same code compiled for AVX2 and FMA: the loops below become 8-wide fused
@@ -181,23 +311,22 @@ impl AttentionTask<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
-        self.run_generic(scores, out)
+        self.run_generic(scores, out, true)
     }
 
-    /// Scores are scaled by 1/√d and soft-maxed in f32; each value row is read once for
-    /// all the heads of the group, and the weighted sums are divided by the totals at
-    /// the end.
+    /// Scores are scaled by 1/√d and soft-maxed in f32; the weighted sums of values are
+    /// divided by the totals at the end.
+    /// `avx2`: the caller has checked for AVX2 and FMA.
     #[inline(always)]
-    fn run_generic(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+    fn run_generic(&self, scores: &mut Vec<f32>, out: &mut [f32], avx2: bool) {
         let hd = self.head_dim;
         let heads = self.q.len() / hd;
         let n = self.n_ctx;
         let bs = self.cache.block_size();
         let scale = 1.0 / (hd as f32).sqrt();
-        // Each head's n scores, each head's 1 / Σ exp, one block's raw scores.
-        scores.resize(heads * (n + 1) + bs, 0.0);
-        let (scores, rest) = scores.split_at_mut(heads * n);
-        let (inv_sums, block_scores) = rest.split_at_mut(heads);
+        // Each head's n scores, then one block's raw scores.
+        scores.resize(heads * n + bs, 0.0);
+        let (scores, block_scores) = scores.split_at_mut(heads * n);
         for (bi, &block) in self.table.iter().enumerate() {
             let start = bi * bs;
             let len = bs.min(n - start);
@@ -217,30 +346,116 @@ impl AttentionTask<'_> {
                 }
             }
         }
-        for (row, inv_sum) in scores.chunks_exact_mut(n).zip(inv_sums.iter_mut()) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut sum = 0f32;
+        for (row, oh) in scores.chunks_exact_mut(n).zip(out.chunks_exact_mut(hd)) {
+            let max = lanes(row, f32::NEG_INFINITY, f32::max);
             for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
+                *s = exp(*s - max);
             }
-            *inv_sum = 1.0 / sum;
+            let inv = 1.0 / lanes(row, 0.0, |a, b| a + b);
+            // The head's dimensions in slices of 32 (then 16, then single ones), each
+            // summed over all positions in registers.
+            let mut off = 0;
+            while off < hd {
+                let width = match hd - off {
+                    32.. => 32,
+                    16.. => 16,
+                    _ => 1,
+                };
+                let slice = &mut oh[off..off + width];
+                match width {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the caller checked the features.
+                    32 if avx2 => unsafe { self.weighted_values_avx2(row, off, inv, slice) },
+                    32 => self.weighted_values::<32>(row, off, inv, slice),
+                    16 => self.weighted_values::<16>(row, off, inv, slice),
+                    _ => self.weighted_values::<1>(row, off, inv, slice),
+                }
+                off += width;
+            }
         }
-        out.fill(0.0);
+    }
+
+    /// [`Self::weighted_values`] for 32 dimensions with AVX2 intrinsics: LLVM keeps the
+    /// generic version's accumulator arrays in memory, a store-to-load round trip per
+    /// position. Same sums in the same order: partial sums over even and odd slots.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_values_avx2(&self, w: &[f32], off: usize, inv: f32, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let hd = self.head_dim;
+        let bs = self.cache.block_size();
+        let mut even = [_mm256_setzero_ps(); 4];
+        let mut odd = [_mm256_setzero_ps(); 4];
         for (bi, &block) in self.table.iter().enumerate() {
             let start = bi * bs;
+            let len = bs.min(self.n_ctx - start);
             let values = self.cache.values(self.layer, block, self.kv_head);
-            for (j, value) in values.chunks_exact(hd).take(bs.min(n - start)).enumerate() {
-                for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
-                    let w = scores[h * n + start + j];
-                    for (o, &v) in oh.iter_mut().zip(value) {
-                        *o = w.mul_add(v, *o);
-                    }
+            let ws = &w[start..start + len];
+            let mut pairs = ws.chunks_exact(2);
+            for (p, w2) in (&mut pairs).enumerate() {
+                let v0 = values[2 * p * hd + off..][..32].as_ptr();
+                let v1 = values[(2 * p + 1) * hd + off..][..32].as_ptr();
+                let (w0, w1) = (_mm256_set1_ps(w2[0]), _mm256_set1_ps(w2[1]));
+                for i in 0..4 {
+                    // SAFETY: v0 and v1 point at 32 floats.
+                    let (a, b) = unsafe {
+                        (
+                            _mm256_loadu_ps(v0.add(8 * i)),
+                            _mm256_loadu_ps(v1.add(8 * i)),
+                        )
+                    };
+                    even[i] = _mm256_fmadd_ps(w0, a, even[i]);
+                    odd[i] = _mm256_fmadd_ps(w1, b, odd[i]);
+                }
+            }
+            if let [wl] = pairs.remainder() {
+                let v = values[(len - 1) * hd + off..][..32].as_ptr();
+                let wl = _mm256_set1_ps(*wl);
+                for (i, even) in even.iter_mut().enumerate() {
+                    // SAFETY: v points at 32 floats.
+                    *even = _mm256_fmadd_ps(wl, unsafe { _mm256_loadu_ps(v.add(8 * i)) }, *even);
                 }
             }
         }
-        for (oh, &inv) in out.chunks_exact_mut(hd).zip(inv_sums.iter()) {
-            oh.iter_mut().for_each(|o| *o *= inv);
+        let inv = _mm256_set1_ps(inv);
+        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+            let sum = _mm256_mul_ps(_mm256_add_ps(even[i], odd[i]), inv);
+            // SAFETY: `chunk` holds 8 floats.
+            unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), sum) };
+        }
+    }
+
+    /// `out = inv · Σ_j w[j] · V[j][off..off + W]` over the context's positions, in two
+    /// partial sums (even and odd slots of each block) for two chains in flight.
+    #[inline(always)]
+    fn weighted_values<const W: usize>(&self, w: &[f32], off: usize, inv: f32, out: &mut [f32]) {
+        let hd = self.head_dim;
+        let bs = self.cache.block_size();
+        let mut even = [0f32; W];
+        let mut odd = [0f32; W];
+        for (bi, &block) in self.table.iter().enumerate() {
+            let start = bi * bs;
+            let len = bs.min(self.n_ctx - start);
+            let values = self.cache.values(self.layer, block, self.kv_head);
+            let ws = &w[start..start + len];
+            let mut pairs = ws.chunks_exact(2);
+            for (p, w2) in (&mut pairs).enumerate() {
+                let v0 = &values[2 * p * hd + off..][..W];
+                let v1 = &values[(2 * p + 1) * hd + off..][..W];
+                for l in 0..W {
+                    even[l] = w2[0].mul_add(v0[l], even[l]);
+                    odd[l] = w2[1].mul_add(v1[l], odd[l]);
+                }
+            }
+            if let [wl] = pairs.remainder() {
+                let v = &values[(len - 1) * hd + off..][..W];
+                for l in 0..W {
+                    even[l] = wl.mul_add(v[l], even[l]);
+                }
+            }
+        }
+        for l in 0..W {
+            out[l] = (even[l] + odd[l]) * inv;
         }
     }
 }
@@ -528,7 +743,7 @@ impl Llama {
                 q: has_q.then_some(&*xq),
             };
             layer.o.forward(&input, tmp);
-            x.iter_mut().zip(tmp.iter()).for_each(|(x, d)| *x += d);
+            add_assign(x, tmp);
 
             rms_norm(x, &layer.ffn_norm, c.rms_norm_eps, xn);
             let has_q = quantize(xq, xn, t);
@@ -539,10 +754,7 @@ impl Llama {
             };
             layer.gate.forward(&input, gate);
             layer.up.forward(&input, up);
-            for (g, &u) in gate.iter_mut().zip(up.iter()) {
-                // SiLU as ggml: x / (1 + e^-x).
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            silu_mul(gate, up);
             let has_q = quantize(xq, gate, t);
             let input = Input {
                 x: gate,
@@ -550,7 +762,7 @@ impl Llama {
                 q: has_q.then_some(&*xq),
             };
             layer.down.forward(&input, tmp);
-            x.iter_mut().zip(tmp.iter()).for_each(|(x, d)| *x += d);
+            add_assign(x, tmp);
         }
 
         // Only the rows that are sampled or scored go through the final norm and the head.
@@ -704,4 +916,25 @@ fn rope_frequencies(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f64> {
             f
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp() {
+        let mut worst = 0f64;
+        for i in -87_299..=87_999 {
+            let x = i as f32 / 1000.0 + 0.000_37;
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+        }
+        // 2 ulp of f32 is 2.4e-7 relative.
+        assert!(worst < 2.4e-7, "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 1.3e-38 && exp(-1000.0) > 0.0);
+        assert!(exp(f32::NAN).is_nan());
+    }
 }

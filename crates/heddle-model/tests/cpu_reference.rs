@@ -6,7 +6,7 @@ mod cpu_support;
 
 use cpu_support::{embedded_runner, Driver, Seq};
 use heddle_core::{SamplingParams, TokenId};
-use heddle_model::sampling::log_softmax;
+use heddle_model::sampling::{argmax, log_softmax};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -41,26 +41,29 @@ fn reference() -> Reference {
 /// Log-probabilities over llama.cpp's top-10 ids at every teacher-forced position.
 ///
 /// Both sides multiply the same Q4_1/Q8_0 weight bits by activations quantized the same
-/// way (ggml's Q8_1/Q8_0, 8 bits per value, per block of 32), so the systematic part of
-/// the quantization error is shared. What remains differs: llama.cpp keeps K and V in
-/// f16 (relative rounding 2^-11 ≈ 5e-4 on every cached value) while heddle keeps f32,
-/// its batched path uses other kernels and accumulation orders, and every such
-/// difference can flip an activation across an 8-bit rounding boundary in the next
-/// layer (one step of a block's scale, up to 1/127 of the block's largest value).
-/// Through 30 layers this small model amplifies those flips: llama.cpp disagrees with
-/// itself by 0.78 to 1.66 nats between its batched and one-token-at-a-time passes over
-/// the same tokens (`max_abs_logprob_diff_incremental_vs_batch` in the reference file).
-/// A difference of that size between two implementations is therefore noise, not a
-/// bug; a wrong RoPE layout, a missing bias or a broken cache shifts log-probabilities
-/// by several nats on most positions. So the bounds: the mean difference must be small
-/// (0.1 nats), the worst one no larger than llama.cpp's own spread (2 nats).
+/// way (ggml's Q8_1/Q8_0: 8 bits per value, one f16 scale per block of 32), so neither is
+/// exact, and they are not exact in the same way: llama.cpp keeps K and V in f16
+/// (relative rounding 2^-11 on every cached value) where heddle keeps f32, and the two sum
+/// blocks and positions in different orders. Each such difference can flip an activation
+/// across an 8-bit rounding boundary in the next layer (a step of 1/127 of its block's
+/// largest value), and 30 layers amplify the flips. Measured against an exact float64
+/// forward pass over the dequantized weights (scripts/reference/make_reference.py's
+/// ExactModel), llama.cpp's log-probabilities on these positions are off by 0.113 nats on
+/// average and heddle's by 0.115; llama.cpp's batched and one-token-at-a-time passes over
+/// the same tokens disagree with each other by up to 0.78–1.66 nats per case
+/// (`max_abs_logprob_diff_incremental_vs_batch` in the reference file). So two correct
+/// implementations are expected to differ by about 0.1–0.2 nats on average and by up to
+/// about 2 on the worst of ~12,000 log-probabilities: the bounds are a mean of 0.15 and a
+/// maximum of 2.5. A real bug does not hide under them: with RoPE rotating the wrong pairs
+/// the mean difference is 2.45 nats and the maximum 19.
 #[test]
 fn teacher_forced_logprobs_match_llama_cpp() {
-    const MAX_DIFF: f32 = 2.0;
-    const MEAN_DIFF: f64 = 0.1;
+    const MAX_DIFF: f32 = 2.5;
+    const MEAN_DIFF: f64 = 0.15;
     let reference = reference();
     let runner = embedded_runner(1);
     let (mut sum, mut count, mut worst) = (0f64, 0usize, (0f32, String::new()));
+    let (mut same_top, mut positions) = (0usize, 0usize);
     for case in &reference.cases {
         let tokens = [case.prompt_ids.as_slice(), &case.greedy_ids].concat();
         let rows = runner.model().forward_all_logits(&tokens).unwrap();
@@ -77,6 +80,8 @@ fn teacher_forced_logprobs_match_llama_cpp() {
                     worst = (d, format!("{} position {i} token {id}", case.name));
                 }
             }
+            same_top += usize::from(argmax(row) == pos.top[0].0);
+            positions += 1;
         }
         eprintln!(
             "{:>22}: max |Δ logprob| over llama.cpp's top 10: {case_max:.3}",
@@ -84,8 +89,9 @@ fn teacher_forced_logprobs_match_llama_cpp() {
         );
     }
     let mean = sum / count as f64;
+    let agreement = same_top as f64 / positions as f64;
     eprintln!(
-        "mean |Δ logprob| {mean:.4}, max {:.3} at {}",
+        "mean |Δ logprob| {mean:.4}, max {:.3} at {}; same arg-max at {same_top}/{positions} positions",
         worst.0, worst.1
     );
     assert!(mean <= MEAN_DIFF, "mean |Δ logprob| {mean} > {MEAN_DIFF}");
@@ -95,16 +101,26 @@ fn teacher_forced_logprobs_match_llama_cpp() {
         worst.0,
         worst.1
     );
+    // Near-ties aside, the most likely next token is the same.
+    assert!(
+        agreement >= 0.9,
+        "same arg-max at only {agreement:.3} of positions"
+    );
 }
 
 /// heddle's greedy decoding through the batched `step` (all cases in the same steps,
 /// prompts prefilled in chunks of 64, then 32 decode steps) against llama.cpp's.
-/// Greedy decoding follows the arg-max, so near-ties between the two best tokens decide
-/// where two implementations may part; a case may diverge only where llama.cpp's own
-/// top two were close (within twice the log-probability tolerance above), and at most
-/// one case may.
+///
+/// Greedy decoding follows the arg-max, so two implementations part wherever the best two
+/// tokens are closer than their differences (see above); after that the texts are
+/// unrelated. llama.cpp does not agree with itself here either: on 5 of the 12 cases its
+/// batched pass picks another arg-max somewhere along its own one-token-at-a-time greedy
+/// text (`teacher_forced_argmax_matches_greedy`). So the test requires that heddle agree
+/// up to the first near-tie: wherever heddle's choice differs from llama.cpp's, llama.cpp
+/// must have rated heddle's token within 0.5 nats of its own.
 #[test]
-fn greedy_generation_matches_llama_cpp() {
+fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
+    const NEAR_TIE: f32 = 0.5;
     let reference = reference();
     let mut driver = Driver::new(embedded_runner(256));
     let mut seqs: Vec<Seq> = reference
@@ -114,7 +130,7 @@ fn greedy_generation_matches_llama_cpp() {
         .map(|(i, c)| Seq::new(i as u64, &c.prompt_ids, SamplingParams::greedy()))
         .collect();
     driver.generate(&mut seqs, 64, 32);
-    let mut diverged = Vec::new();
+    let mut matched = 0;
     for (case, seq) in reference.cases.iter().zip(&seqs) {
         let Some(at) = case
             .greedy_ids
@@ -122,27 +138,33 @@ fn greedy_generation_matches_llama_cpp() {
             .zip(seq.generated())
             .position(|(a, b)| a != b)
         else {
+            matched += 1;
             continue;
         };
         let pos = &case.positions[case.prompt_ids.len() + at - 1];
-        let gap = pos.top[0].1 - pos.top[1].1;
+        let ours = seq.generated()[at];
+        let theirs = case.greedy_ids[at];
+        let lp = |id: TokenId| pos.top.iter().find(|t| t.0 == id).map(|t| t.1);
+        let gap = match (lp(theirs), lp(ours)) {
+            (Some(a), Some(b)) => a - b,
+            _ => f32::INFINITY,
+        };
         eprintln!(
-            "{}: diverges at generated token {at}: llama.cpp {} vs heddle {}; \
-             llama.cpp's top two {:?} {:?} (gap {gap:.3} nats)",
+            "{}: from generated token {at}: llama.cpp {theirs}, heddle {ours}; llama.cpp \
+             rated them {:?} and {:?} (gap {gap:.3} nats)",
             case.name,
-            case.greedy_ids[at],
-            seq.generated()[at],
-            pos.top[0],
-            pos.top[1],
+            lp(theirs),
+            lp(ours),
         );
         assert!(
-            gap < 1.0,
-            "{}: diverged where llama.cpp was sure",
+            gap <= NEAR_TIE,
+            "{}: heddle chose {ours} at generated token {at} where llama.cpp preferred \
+             {theirs} by {gap} nats",
             case.name
         );
-        diverged.push(case.name.as_str());
     }
-    let n = reference.cases.len();
-    eprintln!("greedy matches on {}/{n} cases", n - diverged.len());
-    assert!(diverged.len() <= 1, "greedy diverged on {diverged:?}");
+    eprintln!(
+        "greedy texts equal to llama.cpp's for all 32 tokens on {matched}/{} cases",
+        reference.cases.len()
+    );
 }

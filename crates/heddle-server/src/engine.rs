@@ -451,6 +451,8 @@ impl Engine {
         let Some(mut live) = self.live.remove(&id) else {
             return;
         };
+        // Whoever sees the last event also sees the blocks it freed.
+        self.publish_stats();
         let text = if live.stopped {
             String::new()
         } else {

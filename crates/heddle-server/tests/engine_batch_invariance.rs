@@ -139,6 +139,6 @@ fn greedy_outputs_do_not_depend_on_the_batch() {
     // A repeat of the first prompt is served mostly from the cache, with the same output.
     let again = collect(busy.submit_blocking(request(&prompts[0])).unwrap());
     assert_eq!(again, alone[0]);
-    let kv = busy.stats().kv;
-    assert_eq!(kv.used_blocks, 0, "blocks leaked: {kv:?}");
+    let stats = busy.stats();
+    assert_eq!(stats.kv.used_blocks, 0, "blocks leaked: {stats:?}");
 }

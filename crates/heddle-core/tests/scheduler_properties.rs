@@ -300,7 +300,6 @@ proptest! {
             steps += 1;
             prop_assert!(steps < 4000, "stuck: {:?}", sched.stats());
         }
-        drop(run);
         prop_assert_eq!(finished, 9);
         let kv = sched.stats().kv;
         prop_assert_eq!(kv.used_blocks, 0);

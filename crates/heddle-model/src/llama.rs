@@ -22,7 +22,7 @@ use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::loader::{self, OpenedModel, RopeLayout, TensorSource};
-use crate::weights::{Input, Linear, QuantizedRows, QK};
+use crate::weights::{forward_all, Input, Linear, QuantizedRows, QK};
 
 /// Below this many query·key products per layer, attention stays on the calling thread.
 const PAR_MIN_ATTENTION: usize = 1 << 14;
@@ -42,13 +42,19 @@ struct Layer {
     down: Linear,
 }
 
+/// A loaded model: weights and shape. Immutable while it runs; the KV cache and the
+/// scratch buffers of a forward pass are passed in.
 pub struct Llama {
     config: ModelConfig,
     rope_layout: RopeLayout,
     /// RoPE frequency of each rotated pair, scaling applied.
     inv_freq: Vec<f64>,
+    /// The token embeddings; rows are dequantized one at a time for the lookup.
     embed: Linear,
-    /// None when the output head is the embedding table.
+    /// None when the output head is the embedding table, which then multiplies in its
+    /// own format (Q8_0 in the embedded model) against quantized activations, like every
+    /// other matmul: a quarter of the bytes of an f32 copy (decoding one sequence is
+    /// bound by memory bandwidth), the integer kernels, and llama.cpp's arithmetic.
     head: Option<Linear>,
     final_norm: Vec<f32>,
     layers: Vec<Layer>,
@@ -257,15 +263,29 @@ fn block_scores_fixed<const BS: usize>(q: &[f32], keys: &[f32], out: &mut [f32])
     }
 }
 
-/// [`block_scores_fixed`] for any block size (`out.len()` slots), one chain.
+/// [`block_scores_fixed`] for any block size, with the same arithmetic (so every block
+/// size gives the same scores); `acc` is scratch for the 4 partial sums of
+/// `out.len()` slots.
 #[inline(always)]
-fn block_scores_any(q: &[f32], keys: &[f32], out: &mut [f32]) {
+fn block_scores_any(q: &[f32], keys: &[f32], acc: &mut [f32], out: &mut [f32]) {
     let bs = out.len();
-    out.fill(0.0);
-    for (&qd, kd) in q.iter().zip(keys.chunks_exact(bs)) {
-        for (a, &k) in out.iter_mut().zip(kd) {
+    acc.fill(0.0);
+    let mut qs = q.chunks_exact(4);
+    let mut ks = keys.chunks_exact(4 * bs);
+    for (q4, k4) in (&mut qs).zip(&mut ks) {
+        for (p, acc) in acc.chunks_exact_mut(bs).enumerate() {
+            for (a, &k) in acc.iter_mut().zip(&k4[p * bs..(p + 1) * bs]) {
+                *a = q4[p].mul_add(k, *a);
+            }
+        }
+    }
+    for (&qd, kd) in qs.remainder().iter().zip(ks.remainder().chunks_exact(bs)) {
+        for (a, &k) in acc[..bs].iter_mut().zip(kd) {
             *a = qd.mul_add(k, *a);
         }
+    }
+    for (s, o) in out.iter_mut().enumerate() {
+        *o = (acc[s] + acc[bs + s]) + (acc[2 * bs + s] + acc[3 * bs + s]);
     }
 }
 
@@ -315,8 +335,7 @@ impl AttentionTask<'_> {
     }
 
     /// Scores are scaled by 1/√d and soft-maxed in f32; the weighted sums of values are
-    /// divided by the totals at the end.
-    /// `avx2`: the caller has checked for AVX2 and FMA.
+    /// divided by the totals at the end. `avx2`: the caller has checked for AVX2 and FMA.
     #[inline(always)]
     fn run_generic(&self, scores: &mut Vec<f32>, out: &mut [f32], avx2: bool) {
         let hd = self.head_dim;
@@ -324,9 +343,10 @@ impl AttentionTask<'_> {
         let n = self.n_ctx;
         let bs = self.cache.block_size();
         let scale = 1.0 / (hd as f32).sqrt();
-        // Each head's n scores, then one block's raw scores.
-        scores.resize(heads * n + bs, 0.0);
-        let (scores, block_scores) = scores.split_at_mut(heads * n);
+        // Each head's n scores, one block's raw scores, partial sums for odd block sizes.
+        scores.resize(heads * n + 5 * bs, 0.0);
+        let (scores, rest) = scores.split_at_mut(heads * n);
+        let (block_scores, partials) = rest.split_at_mut(bs);
         for (bi, &block) in self.table.iter().enumerate() {
             let start = bi * bs;
             let len = bs.min(n - start);
@@ -336,7 +356,7 @@ impl AttentionTask<'_> {
                 match bs {
                     16 => block_scores_fixed::<16>(qh, keys, block_scores),
                     32 => block_scores_fixed::<32>(qh, keys, block_scores),
-                    _ => block_scores_any(qh, keys, block_scores),
+                    _ => block_scores_any(qh, keys, partials, block_scores),
                 }
                 for (s, &b) in scores[h * n + start..][..len]
                     .iter_mut()
@@ -426,7 +446,9 @@ impl AttentionTask<'_> {
     }
 
     /// `out = inv · Σ_j w[j] · V[j][off..off + W]` over the context's positions, in two
-    /// partial sums (even and odd slots of each block) for two chains in flight.
+    /// partial sums (even and odd slots of each block) for two chains in flight. With an
+    /// even block size these are the even and odd positions, whatever the size, so the
+    /// block size changes no result.
     #[inline(always)]
     fn weighted_values<const W: usize>(&self, w: &[f32], off: usize, inv: f32, out: &mut [f32]) {
         let hd = self.head_dim;
@@ -716,9 +738,7 @@ impl Llama {
                 rows: t,
                 q: has_q.then_some(&*xq),
             };
-            layer.q.forward(&input, q);
-            layer.k.forward(&input, k);
-            layer.v.forward(&input, v);
+            forward_all(&mut [(&layer.q, q), (&layer.k, k), (&layer.v, v)], &input);
             add_bias(q, &layer.q_bias);
             add_bias(k, &layer.k_bias);
             add_bias(v, &layer.v_bias);
@@ -752,8 +772,7 @@ impl Llama {
                 rows: t,
                 q: has_q.then_some(&*xq),
             };
-            layer.gate.forward(&input, gate);
-            layer.up.forward(&input, up);
+            forward_all(&mut [(&layer.gate, gate), (&layer.up, up)], &input);
             silu_mul(gate, up);
             let has_q = quantize(xq, gate, t);
             let input = Input {

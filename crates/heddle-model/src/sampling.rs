@@ -165,6 +165,10 @@ fn apply_penalties(
 fn draw(logits: &[f32], params: &SamplingParams, u: f64) -> TokenId {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
     let inv_t = 1.0 / params.temperature;
+    if !inv_t.is_finite() {
+        // A temperature so small that 1/t overflows leaves only the arg-max.
+        return argmax(logits);
+    }
     // Unnormalised probabilities; the most likely token weighs 1.
     let weight = |id: TokenId| ((logits[id as usize] - max) * inv_t).exp();
     let pick = |candidates: &mut dyn Iterator<Item = (TokenId, f32)>, total: f64| {
@@ -382,6 +386,9 @@ mod tests {
         }));
         assert_eq!(c[0] + c[1], 0, "{c:?}");
         assert!(c[2] > 0 && c[3] > 0);
+        // A temperature too small to invert is greedy.
+        let c = count(seeded(params(1e-39)));
+        assert_eq!(c[3], 20_000);
         // A tiny top_p is greedy.
         let c = count(seeded(SamplingParams {
             top_p: 0.01,

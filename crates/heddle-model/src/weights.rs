@@ -313,11 +313,12 @@ impl Linear {
 
     /// `out[r][c] = Σ_j x[r][j] · W[c][j]` for the `x.rows` rows of `x`.
     pub fn forward(&self, x: &Input, out: &mut [f32]) {
-        self.forward_with(family(), x, out)
+        forward_all(&mut [(self, out)], x)
     }
 
-    /// [`Linear::forward`] with the kernels of `family` (which the CPU must support).
-    fn forward_with(&self, family: Family, x: &Input, out: &mut [f32]) {
+    /// Checks that `x` and an output of `out_len` floats fit this matrix, so that the
+    /// kernels may walk raw pointers; returns the quantized activations if it needs them.
+    fn check<'a>(&self, x: &Input<'a>, out_len: usize) -> Option<&'a QuantizedRows> {
         let (m, n, k) = (x.rows, self.n, self.k);
         let (nb, groups) = (k / QK, n.div_ceil(LANES));
         let nbp = padded_blocks(nb);
@@ -326,17 +327,7 @@ impl Linear {
             m * k,
             "activation shape does not match W's {k} inputs"
         );
-        assert_eq!(out.len(), m * n, "output shape does not match {m}×{n}");
-        // The kernels walk raw pointers: check once that every buffer has the size the
-        // shapes promise.
-        let q = if self.wants_quantized_input() {
-            let q = x.q.expect("quantized weights need quantized activations");
-            assert!(q.rows == m && q.nb == nb && q.qs.len() >= m * k);
-            assert!(q.d.len() >= m * nbp && q.s.len() >= m * nbp && q.sums.len() >= m * nbp);
-            Some(q)
-        } else {
-            None
-        };
+        assert_eq!(out_len, m * n, "output shape does not match {m}×{n}");
         match &self.storage {
             Storage::Q4_1 { qs, d, m } => {
                 assert!(qs.len() == n * nb * 16 && d.len() == n * nbp && m.len() == n * nbp)
@@ -350,60 +341,106 @@ impl Linear {
             Storage::Q8_0x16 { qs, d } => {
                 assert!(qs.len() == groups * nb * 512 && d.len() == groups * nb * LANES)
             }
-            Storage::F32(w) => assert_eq!(w.len(), n * k),
-        }
-        let out = OutPtr(out.as_mut_ptr());
-        let work = |cols: Range<usize>| {
-            // SAFETY: `cols` ranges of different calls are disjoint and each call writes
-            // only out[r][c] for c in `cols`, so no element is written twice or raced; the
-            // buffers were checked above; the family's CPU features were detected.
-            unsafe {
-                match (&self.storage, family) {
-                    (Storage::Q4_1 { qs, d, m: mins }, f) => {
-                        let w = Q4_1Ref { nb, qs, d, m: mins };
-                        match f {
-                            #[cfg(target_arch = "x86_64")]
-                            Family::Avx2 => avx2::q4_1(&w, q.unwrap(), cols, n, out),
-                            _ => portable::q4_1(&w, q.unwrap(), cols, n, out),
-                        }
-                    }
-                    (Storage::Q8_0 { qs, d }, f) => {
-                        let w = Q8_0Ref { nb, qs, d };
-                        match f {
-                            #[cfg(target_arch = "x86_64")]
-                            Family::Avx2 => avx2::q8_0(&w, q.unwrap(), cols, n, out),
-                            _ => portable::q8_0(&w, q.unwrap(), cols, n, out),
-                        }
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    (Storage::Q4_1x16 { qs, d, m: mins }, _) => {
-                        vnni::q4_1(qs, d, mins, nb, q.unwrap(), cols, n, out)
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    (Storage::Q8_0x16 { qs, d }, _) => {
-                        vnni::q8_0(qs, d, nb, q.unwrap(), cols, n, out)
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    (Storage::F32(w), Family::Avx2 | Family::Vnni) => {
-                        avx2::f32(w, k, x.x, m, cols, n, out)
-                    }
-                    (Storage::F32(w), _) => portable::f32(w, k, x.x, m, cols, n, out),
-                    #[cfg(not(target_arch = "x86_64"))]
-                    _ => unreachable!("VNNI layouts exist only on x86-64"),
-                }
+            Storage::F32(w) => {
+                assert_eq!(w.len(), n * k);
+                return None;
             }
-        };
-        if m * n * k < PAR_MIN_MACS || rayon::current_num_threads() == 1 {
-            work(0..n);
-            return;
         }
-        // Several chunks per thread balance the load when a thread is slowed by others;
-        // chunk edges fall on 16-column groups, which no kernel splits.
-        let chunks = rayon::current_num_threads() * 4;
-        let chunk = n.div_ceil(chunks).next_multiple_of(LANES);
-        (0..n.div_ceil(chunk))
-            .into_par_iter()
-            .for_each(|i| work(i * chunk..n.min((i + 1) * chunk)));
+        let q = x.q.expect("quantized weights need quantized activations");
+        assert!(q.rows == m && q.nb == nb && q.qs.len() >= m * k);
+        assert!(q.d.len() >= m * nbp && q.s.len() >= m * nbp && q.sums.len() >= m * nbp);
+        Some(q)
+    }
+
+    /// Computes columns `cols` of every row into `out` (row stride n).
+    ///
+    /// # Safety
+    /// [`Linear::check`] passed for `x` and `out`; `q` is what it returned; the CPU has
+    /// `family`'s features; no other thread writes these columns; `cols` starts on a
+    /// group of 16.
+    unsafe fn run(
+        &self,
+        family: Family,
+        x: &Input,
+        q: Option<&QuantizedRows>,
+        cols: Range<usize>,
+        out: OutPtr,
+    ) {
+        let (m, n, k, nb) = (x.rows, self.n, self.k, self.k / QK);
+        // SAFETY: the caller's contract covers every kernel's.
+        unsafe {
+            match (&self.storage, family) {
+                (Storage::Q4_1 { qs, d, m: mins }, f) => {
+                    let w = Q4_1Ref { nb, qs, d, m: mins };
+                    match f {
+                        #[cfg(target_arch = "x86_64")]
+                        Family::Avx2 => avx2::q4_1(&w, q.unwrap(), cols, n, out),
+                        _ => portable::q4_1(&w, q.unwrap(), cols, n, out),
+                    }
+                }
+                (Storage::Q8_0 { qs, d }, f) => {
+                    let w = Q8_0Ref { nb, qs, d };
+                    match f {
+                        #[cfg(target_arch = "x86_64")]
+                        Family::Avx2 => avx2::q8_0(&w, q.unwrap(), cols, n, out),
+                        _ => portable::q8_0(&w, q.unwrap(), cols, n, out),
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Storage::Q4_1x16 { qs, d, m: mins }, _) => {
+                    vnni::q4_1(qs, d, mins, nb, q.unwrap(), cols, n, out)
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Storage::Q8_0x16 { qs, d }, _) => vnni::q8_0(qs, d, nb, q.unwrap(), cols, n, out),
+                #[cfg(target_arch = "x86_64")]
+                (Storage::F32(w), Family::Avx2 | Family::Vnni) => {
+                    avx2::f32(w, k, x.x, m, cols, n, out)
+                }
+                (Storage::F32(w), _) => portable::f32(w, k, x.x, m, cols, n, out),
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("VNNI layouts exist only on x86-64"),
+            }
+        }
+    }
+}
+
+/// Several matrices that read the same input (Q, K and V; gate and up), each into its
+/// own output, in one parallel region: a fork and join costs microseconds, and a layer
+/// of a small model has few microseconds of work per matrix.
+pub fn forward_all(jobs: &mut [(&Linear, &mut [f32])], x: &Input) {
+    forward_all_with(family(), jobs, x)
+}
+
+/// [`forward_all`] with the kernels of `family` (which the CPU must support).
+fn forward_all_with(family: Family, jobs: &mut [(&Linear, &mut [f32])], x: &Input) {
+    let checked: Vec<(&Linear, Option<&QuantizedRows>, OutPtr)> = jobs
+        .iter_mut()
+        .map(|(w, out)| (*w, w.check(x, out.len()), OutPtr(out.as_mut_ptr())))
+        .collect();
+    let macs: usize = checked.iter().map(|(w, ..)| x.rows * w.n * w.k).sum();
+    let threads = rayon::current_num_threads();
+    // Several chunks per thread balance the load when a thread is slowed by others;
+    // chunk edges fall on 16-column groups, which no kernel splits.
+    let chunks = if macs < PAR_MIN_MACS { 1 } else { threads * 4 };
+    let total_cols: usize = checked.iter().map(|(w, ..)| w.n).sum();
+    let chunk = total_cols.div_ceil(chunks).next_multiple_of(LANES);
+    let items: Vec<(usize, Range<usize>)> = checked
+        .iter()
+        .enumerate()
+        .flat_map(|(j, (w, ..))| {
+            (0..w.n.div_ceil(chunk)).map(move |i| (j, i * chunk..w.n.min((i + 1) * chunk)))
+        })
+        .collect();
+    let work = |(j, cols): &(usize, Range<usize>)| {
+        let (w, q, out) = &checked[*j];
+        // SAFETY: checked above; items cover disjoint columns of each output; the
+        // family's features were detected.
+        unsafe { w.run(family, x, *q, cols.clone(), *out) }
+    };
+    if items.len() == 1 || threads == 1 {
+        items.iter().for_each(work);
+    } else {
+        items.par_iter().for_each(work);
     }
 }
 
@@ -951,7 +988,7 @@ mod vnni {
 
     /// Rows per tile: each row's accumulators stay in registers beside the group's 8
     /// vectors of weights.
-    const ROWS: usize = 4;
+    const ROWS: usize = 8;
 
     /// Activation pointers of a tile of rows: values (as 4-byte units), scales, scaled
     /// sums and exact sums.
@@ -1100,6 +1137,10 @@ mod vnni {
                 while $r < rows {
                     let left = (rows - $r).min(ROWS);
                     match left {
+                        8 => $tile::<8>($($args)*),
+                        7 => $tile::<7>($($args)*),
+                        6 => $tile::<6>($($args)*),
+                        5 => $tile::<5>($($args)*),
                         4 => $tile::<4>($($args)*),
                         3 => $tile::<3>($($args)*),
                         2 => $tile::<2>($($args)*),
@@ -1258,6 +1299,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn matrices_run_together_as_they_run_alone() {
+        let (k, rows) = (192, 7);
+        let x = noise(rows * k, 8);
+        let mut q = QuantizedRows::default();
+        q.quantize(&x, rows);
+        let input = Input {
+            x: &x,
+            rows,
+            q: Some(&q),
+        };
+        let mats: Vec<Linear> = [
+            (400, GgmlDType::Q4_1),
+            (48, GgmlDType::Q4_1),
+            (300, GgmlDType::Q8_0),
+        ]
+        .iter()
+        .zip(10..)
+        .map(|(&(n, dtype), seed)| Linear::from_qtensor("w", &qtensor(dtype, n, k, seed)).unwrap())
+        .collect();
+        let alone: Vec<Vec<f32>> = mats.iter().map(|m| run(m, &x, rows)).collect();
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; rows * m.n]).collect();
+        let mut jobs: Vec<(&Linear, &mut [f32])> = mats
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(m, o)| (m, o.as_mut_slice()))
+            .collect();
+        forward_all(&mut jobs, &input);
+        assert_eq!(outs, alone);
+    }
+
     /// Every family this CPU supports, built from the same tensors, agrees with the
     /// portable kernels (up to float rounding order) and dequantizes the same rows.
     #[test]
@@ -1286,12 +1358,12 @@ mod tests {
                 };
                 let portable = Linear::from_qtensor_for("w", &t, Family::Portable).unwrap();
                 let mut want = vec![0f32; rows * n];
-                portable.forward_with(Family::Portable, &input, &mut want);
+                forward_all_with(Family::Portable, &mut [(&portable, &mut want)], &input);
                 for &f in &families {
                     let lin = Linear::from_qtensor_for("w", &t, f).unwrap();
                     assert_eq!(dequantized(&lin), dequantized(&portable), "{f:?} {dtype:?}");
                     let mut got = vec![0f32; rows * n];
-                    lin.forward_with(f, &input, &mut got);
+                    forward_all_with(f, &mut [(&lin, &mut got)], &input);
                     for (a, b) in got.iter().zip(&want) {
                         assert!(
                             (a - b).abs() < 1e-4 * (1.0 + b.abs()),

@@ -4,7 +4,7 @@
 
 mod cpu_support;
 
-use cpu_support::{embedded_runner, Driver, Seq, BLOCK_SIZE};
+use cpu_support::{embedded_runner, embedded_runner_with, Driver, Seq, BLOCK_SIZE};
 use heddle_core::{SamplingParams, ScheduledBatch, ScheduledSeq, SequenceTokens, TokenId};
 use heddle_model::{ModelError, ModelRunner};
 
@@ -158,6 +158,30 @@ fn blocks_computed_by_another_sequence_serve_a_shared_prefix() {
             (b.token, b.logprob, &b.top_logprobs),
             (c.token, c.logprob, &c.top_logprobs)
         );
+    }
+}
+
+#[test]
+fn the_block_size_does_not_change_the_results() {
+    // 16 and 32 have register-resident score kernels, 24 takes the general path; all do
+    // the same arithmetic, so even block sizes give identical results.
+    let params = with_logprobs(SamplingParams::greedy());
+    let run = |block_size: usize| {
+        let mut driver = Driver::new(embedded_runner_with(1024 / block_size, block_size));
+        let mut seqs: Vec<Seq> = prompts()[5..]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Seq::new(i as u64, p, params))
+            .collect();
+        driver.generate(&mut seqs, 20, 10);
+        seqs
+    };
+    let want = run(16);
+    for block_size in [24, 32] {
+        for (a, b) in run(block_size).iter().zip(&want) {
+            assert_eq!(a.generated(), b.generated(), "block size {block_size}");
+            assert_eq!(a.outputs, b.outputs, "block size {block_size}");
+        }
     }
 }
 

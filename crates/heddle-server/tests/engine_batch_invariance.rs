@@ -114,7 +114,7 @@ fn greedy_outputs_do_not_depend_on_the_batch() {
     for (i, p) in prompts.iter().enumerate() {
         pending.push(busy.submit_blocking(request(p)).unwrap());
         if i % 3 == 2 {
-            std::thread::sleep(Duration::from_millis(150));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
     let together: Vec<Vec<TokenId>> = pending.into_iter().map(collect).collect();

@@ -10,11 +10,15 @@ use heddle_model::{embedded_model_path, CpuRunner, ModelRunner, SampledOutput};
 
 pub const BLOCK_SIZE: usize = 16;
 
-/// The embedded model with a cache of `num_blocks` blocks; a missing model file fails with
-/// the message that says how to fetch it.
+/// The embedded model with a cache of `num_blocks` blocks of [`BLOCK_SIZE`]; a missing
+/// model file fails with the message that says how to fetch it.
 pub fn embedded_runner(num_blocks: usize) -> CpuRunner {
+    embedded_runner_with(num_blocks, BLOCK_SIZE)
+}
+
+pub fn embedded_runner_with(num_blocks: usize, block_size: usize) -> CpuRunner {
     let path = embedded_model_path().unwrap_or_else(|e| panic!("{e}"));
-    CpuRunner::load(&path, num_blocks, BLOCK_SIZE).unwrap()
+    CpuRunner::load(&path, num_blocks, block_size).unwrap()
 }
 
 #[derive(Debug, Clone)]
@@ -97,10 +101,11 @@ impl Driver {
     /// One step over `seqs`: up to `chunk` uncomputed tokens of each; the sampled tokens
     /// are appended.
     pub fn step(&mut self, seqs: &mut [&mut Seq], chunk: usize) {
+        let block_size = self.runner.kv_cache().block_size();
         let mut batch = ScheduledBatch::default();
         for s in seqs.iter_mut() {
             let end = s.computed.saturating_add(chunk).min(s.tokens.len());
-            while s.blocks.len() * BLOCK_SIZE < end {
+            while s.blocks.len() * block_size < end {
                 let b = self.alloc();
                 s.blocks.push(b);
             }

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use heddle_core::{FinishReason, Priority, SamplingParams, StopCriteria, TokenId};
 use heddle_model::chat_template::{ChatMessage, ChatTemplateError};
+use heddle_model::tokenizer::Tokenizer;
 
 use super::auth::Caller;
 use super::errors::ApiError;
@@ -210,12 +211,35 @@ impl Checked {
 }
 
 /// The error a finished sequence maps to, judged when it finishes.
-fn failure_judge(
+/// A generation handed to the engine, with what both response shapes (one JSON body or
+/// an SSE stream) need.
+struct Started<F> {
+    mux: generation::EventMux,
+    id: String,
+    created: u64,
+    tokenizer: Arc<Tokenizer>,
+    /// Turns a finish the client did not cause into the error it should see.
+    failure: F,
+}
+
+/// Submits the requests of one API call (prompts × n) to the model's engine.
+async fn start(
     state: &AppState,
     model: &Arc<LoadedModel>,
-) -> impl Fn(FinishReason) -> Option<ApiError> + Send + 'static {
-    let (pool, model) = (state.pool.clone(), model.clone());
-    move |reason| generation::finish_error(reason, &model, pool.is_shutting_down())
+    requests: Vec<(usize, GenerationRequest)>,
+    arrived: Instant,
+    id_prefix: &str,
+) -> Result<Started<impl Fn(FinishReason) -> Option<ApiError> + Send + 'static>, ApiError> {
+    let metrics = state.metrics.model(&model.id);
+    let mux = generation::submit(model, requests, &metrics, arrived).await?;
+    let (pool, judged) = (state.pool.clone(), model.clone());
+    Ok(Started {
+        mux,
+        id: new_id(id_prefix),
+        created: unix_now(),
+        tokenizer: model.engine.tokenizer().clone(),
+        failure: move |reason| generation::finish_error(reason, &judged, pool.is_shutting_down()),
+    })
 }
 
 fn new_id(prefix: &str) -> String {
@@ -245,12 +269,13 @@ pub async fn chat_completions(
         model.max_sequence_len,
     )?;
     let requests = checked.requests(0, &prompt, max_tokens).collect();
-    let metrics = state.metrics.model(&model.id);
-    let mux = generation::submit(&model, requests, &metrics, arrived).await?;
-    let id = new_id("chatcmpl-");
-    let created = unix_now();
-    let tokenizer = model.engine.tokenizer().clone();
-    let failure = failure_judge(&state, &model);
+    let Started {
+        mux,
+        id,
+        created,
+        tokenizer,
+        failure,
+    } = start(&state, &model, requests, arrived, "chatcmpl-").await?;
 
     if checked.stream {
         let header = StreamHeader {
@@ -389,12 +414,13 @@ pub async fn completions(
         requests.extend(checked.requests(prompt_index, prompt, max_tokens));
     }
     let choice_count = requests.len();
-    let metrics = state.metrics.model(&model.id);
-    let mux = generation::submit(&model, requests, &metrics, arrived).await?;
-    let id = new_id("cmpl-");
-    let created = unix_now();
-    let tokenizer = model.engine.tokenizer().clone();
-    let failure = failure_judge(&state, &model);
+    let Started {
+        mux,
+        id,
+        created,
+        tokenizer,
+        failure,
+    } = start(&state, &model, requests, arrived, "cmpl-").await?;
 
     if checked.stream {
         let header = StreamHeader {

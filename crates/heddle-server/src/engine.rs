@@ -192,8 +192,9 @@ pub struct Engine {
     runner: Box<dyn ModelRunner>,
     tokenizer: Arc<Tokenizer>,
     live: HashMap<RequestId, Live>,
-    /// The step's batch, reused from step to step.
+    /// The step's batch and sampled tokens, reused from step to step.
     batch: ScheduledBatch,
+    sampled: Vec<SampledToken>,
     stats: Arc<Mutex<SchedulerStats>>,
     started: std::time::Instant,
 }
@@ -224,6 +225,7 @@ impl Engine {
             tokenizer,
             live: HashMap::new(),
             batch: ScheduledBatch::default(),
+            sampled: Vec::new(),
             stats,
             started: std::time::Instant::now(),
         };
@@ -375,16 +377,15 @@ impl Engine {
                 return;
             }
         };
-        let sampled: Vec<SampledToken> = outputs.iter().map(SampledToken::from).collect();
-        let events = self.scheduler.update(&sampled);
-        let by_id: HashMap<RequestId, &SampledOutput> = outputs.iter().map(|o| (o.id, o)).collect();
+        self.sampled.clear();
+        self.sampled.extend(outputs.iter().map(SampledToken::from));
+        let events = self.scheduler.update(&self.sampled);
+        // `update` reports at most one event per sampled token, in the same order, so
+        // each event's output is found by walking the outputs once.
+        let mut remaining = outputs.iter();
         for event in events {
-            self.deliver(
-                event.id,
-                event.token,
-                event.finish,
-                by_id.get(&event.id).copied(),
-            );
+            let output = remaining.by_ref().find(|o| o.id == event.id);
+            self.deliver(event.id, event.token, event.finish, output);
         }
         self.publish_stats();
     }

@@ -18,7 +18,9 @@ use super::metrics::{ModelMetrics, SequenceTimer};
 use super::openai::{
     ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TokenLogprobMap, TopLogprob, Usage,
 };
-use crate::engine::{EngineEvent, GenerationRequest, SubmitError, Submitted, Usage as EngineUsage};
+use crate::engine::{
+    EngineEvent, GenerationRequest, SubmitError, Submitted, TokenLogprobs, Usage as EngineUsage,
+};
 use crate::pool::{InFlight, LoadedModel};
 
 /// One submitted sequence: choice `index` of prompt `prompt_index`.
@@ -197,6 +199,18 @@ pub struct TokenRecord {
     pub text_offset: usize,
 }
 
+impl TokenRecord {
+    /// The record of a token whose text starts `text_offset` characters into the choice.
+    pub fn new(token: TokenId, logprobs: TokenLogprobs, text_offset: usize) -> Self {
+        TokenRecord {
+            token,
+            logprob: logprobs.logprob,
+            top: logprobs.top,
+            text_offset,
+        }
+    }
+}
+
 /// A finished choice of a non-streaming request.
 #[derive(Debug)]
 pub struct FinishedChoice {
@@ -228,6 +242,8 @@ pub async fn collect(
             reason: FinishReason::Stop,
         })
         .collect();
+    // Characters of each choice's text so far: offsets without recounting the text.
+    let mut chars = vec![0; count];
     let mut usage = UsageTally::new(prompt_count);
     while let Some(SequenceEvent {
         index,
@@ -243,13 +259,11 @@ pub async fn collect(
                 logprobs,
             } => {
                 if let Some(logprobs) = logprobs {
-                    choice.tokens.push(TokenRecord {
-                        token,
-                        logprob: logprobs.logprob,
-                        top: logprobs.top,
-                        text_offset: choice.text.chars().count(),
-                    });
+                    choice
+                        .tokens
+                        .push(TokenRecord::new(token, logprobs, chars[index]));
                 }
+                chars[index] += text.chars().count();
                 choice.text.push_str(&text);
             }
             EngineEvent::Finished {

@@ -152,12 +152,8 @@ where
                 logprobs,
             } => {
                 if let Some(logprobs) = logprobs {
-                    self.pending[index].push(TokenRecord {
-                        token,
-                        logprob: logprobs.logprob,
-                        top: logprobs.top,
-                        text_offset: self.sent_chars[index],
-                    });
+                    let offset = self.sent_chars[index];
+                    self.pending[index].push(TokenRecord::new(token, logprobs, offset));
                 }
                 if !text.is_empty() {
                     self.push_text(index, text);

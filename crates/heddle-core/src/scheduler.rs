@@ -448,21 +448,31 @@ impl Scheduler {
 
     /// Admits the most urgent waiting request if seats, budget and blocks allow; returns
     /// the number of tokens it computes this step.
+    ///
+    /// The first chunk is cut to the blocks available above the watermark, so a long
+    /// prompt starts as soon as any room exists. The watermark keeps room for running
+    /// sequences to grow; with none running it would only block a request that needs the
+    /// whole pool, so it is not applied then.
     fn try_admit(&mut self, id: RequestId, budget: usize) -> Option<usize> {
-        let watermark = (self.config.watermark * self.config.num_blocks as f64).ceil() as usize;
+        let watermark = if self.running.is_empty() {
+            0
+        } else {
+            (self.config.watermark * self.config.num_blocks as f64).ceil() as usize
+        };
         let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
         let (mut table, cached) = if self.config.enable_prefix_cache {
             self.pool.lookup_prefix(&seq.tokens, 1)
         } else {
             (BlockTable::default(), 0)
         };
+        let room_blocks = table.len() + self.pool.num_allocatable().saturating_sub(watermark);
+        let room_tokens = (room_blocks * self.config.block_size).saturating_sub(cached);
         let n = (seq.tokens.len() - cached)
             .min(budget)
-            .min(self.config.prefill_chunk);
+            .min(self.config.prefill_chunk)
+            .min(room_tokens);
         let target = cached + n;
-        let new_blocks = self.pool.blocks_for(target) - table.len();
-        let fits = self.pool.num_allocatable() >= new_blocks + watermark
-            && self.pool.grow(&mut table, target);
+        let fits = n > 0 && self.pool.grow(&mut table, target);
         if !fits {
             self.pool
                 .free_table(table)
@@ -771,6 +781,44 @@ mod tests {
         let kv = sched.stats().kv;
         assert_eq!((kv.prefix_hit_tokens, kv.prefix_miss_tokens), (8, 12));
         sched.update(&fake_sample(&batch));
+        assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn a_request_that_needs_the_whole_pool_is_admitted_despite_the_watermark() {
+        // 8 blocks of 5 tokens; the watermark keeps one block back while others run.
+        let mut cfg = config(8, 5);
+        cfg.watermark = 0.05;
+        cfg.prefill_chunk = 40;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        // The first 20 tokens get cached, so the whole rest fits in one chunk.
+        let mut warm = req(1, 20, 1, Priority::Normal, 0.0);
+        let long = req(2, 39, 1, Priority::Normal, 1.0);
+        warm.prompt = long.prompt[..20].to_vec();
+        sched.add(warm).unwrap();
+        step(&mut sched);
+        sched.add(long).unwrap();
+        let (batch, events) = step(&mut sched);
+        assert_eq!(ids(&batch), vec![2]);
+        assert_eq!(batch.seqs[0].start_position, 20);
+        assert_eq!(events.len(), 1);
+        assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn the_first_chunk_is_cut_to_the_blocks_above_the_watermark() {
+        let mut cfg = config(8, 4);
+        cfg.watermark = 0.25; // two blocks
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 12, 8, Priority::Normal, 0.0)).unwrap();
+        sched.add(req(2, 20, 1, Priority::Normal, 1.0)).unwrap();
+        let (batch, _) = step(&mut sched);
+        // Request 1 holds 3 blocks, 2 are kept back: request 2 starts with 3 blocks.
+        assert_eq!(ids(&batch), vec![1, 2]);
+        assert_eq!(batch.seqs[1].tokens.len(), 12);
+        while sched.has_work() {
+            step(&mut sched);
+        }
         assert_no_leak(&sched);
     }
 

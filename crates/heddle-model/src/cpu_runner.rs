@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvDtype};
 use crate::llama::{Llama, Logits, Scratch, SeqInput};
 use crate::runner::{ModelRunner, SampledOutput};
 use crate::sampling::sample;
@@ -25,13 +25,13 @@ impl CpuRunner {
     /// `num_blocks` blocks of `block_size` positions (the scheduler's block pool geometry).
     pub fn load(path: &Path, num_blocks: usize, block_size: usize) -> Result<Self> {
         let (model, gguf) = Llama::load(path)?;
-        let mut runner = Self::new(model, num_blocks, block_size)?;
+        let mut runner = Self::new(model, num_blocks, block_size, KvDtype::default())?;
         runner.gguf = gguf;
         Ok(runner)
     }
 
-    pub fn new(model: Llama, num_blocks: usize, block_size: usize) -> Result<Self> {
-        let cache = KvCache::new(model.config(), num_blocks, block_size)?;
+    pub fn new(model: Llama, num_blocks: usize, block_size: usize, kv: KvDtype) -> Result<Self> {
+        let cache = KvCache::new(model.config(), num_blocks, block_size, kv)?;
         Ok(CpuRunner {
             model,
             cache,

@@ -5,31 +5,75 @@
 //! `block_table[p / block_size]`, slot `p % block_size`, so sequences sharing a prefix can
 //! share its blocks.
 //!
-//! Storage is one plain `Vec<f32>` per layer for K and one for V. Keys are laid out
+//! Storage is one plain `Vec<f16>` per layer for K and one for V. Keys are laid out
 //! `[block][kv_head][head_dim][slot]`, transposed, so that a query's scores against a
 //! block's slots are computed a dimension at a time across the slots, in whole vectors with
 //! no horizontal sums; values are `[block][kv_head][slot][head_dim]`, so the weighted sum
-//! adds whole value rows. f32 rather than f16 keeps the CPU path free of conversions;
-//! memory is `2 × layers × kv_heads × head_dim × 4` bytes per token (46 KB for
-//! SmolLM2-135M).
+//! adds whole value rows.
+//!
+//! Elements are f16 by default, as llama.cpp keeps its cache: decode attention at a batch
+//! of 16 reads every sequence's whole cache once per layer, far more than fits in the
+//! caches, so it is bound by memory traffic, and half the bytes is nearly half the time.
+//! Attention reads a context's blocks out as f32 once per (token, KV head), converted with
+//! F16C, and then works in f32. f32 elements are kept for exact comparisons (an f16 cache
+//! turns f32 rounding differences into f16 rounding differences, ~5e-4). Memory is
+//! `2 × layers × kv_heads × head_dim × element bytes` per token (23 KB for SmolLM2-135M
+//! in f16).
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use heddle_core::kv::BlockId;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 
+/// The element type of the stored keys and values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+/// Per layer, one buffer of keys and one of values.
+#[derive(Debug)]
+enum Storage {
+    F16 {
+        keys: Vec<Vec<f16>>,
+        values: Vec<Vec<f16>>,
+    },
+    F32 {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+    },
+}
+
 #[derive(Debug)]
 pub struct KvCache {
     num_blocks: usize,
     block_size: usize,
+    num_layers: usize,
     num_kv_heads: usize,
     head_dim: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    storage: Storage,
 }
 
 impl KvCache {
-    pub fn new(config: &ModelConfig, num_blocks: usize, block_size: usize) -> Result<Self> {
+    pub fn new(
+        config: &ModelConfig,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: KvDtype,
+    ) -> Result<Self> {
         if num_blocks == 0 || block_size == 0 {
             return Err(ModelError::Config(format!(
                 "the KV cache needs at least one block of at least one slot \
@@ -38,14 +82,27 @@ impl KvCache {
         }
         let per_layer = num_blocks * block_size * config.num_kv_heads * config.head_dim;
         // Zeroed allocations are mapped lazily by the OS: unused blocks cost no memory.
-        let layer = || vec![0f32; per_layer];
+        fn layers<T: Clone>(n: usize, per_layer: usize, zero: T) -> Vec<Vec<T>> {
+            (0..n).map(|_| vec![zero.clone(); per_layer]).collect()
+        }
+        let n = config.num_layers;
+        let storage = match dtype {
+            KvDtype::F16 => Storage::F16 {
+                keys: layers(n, per_layer, f16::ZERO),
+                values: layers(n, per_layer, f16::ZERO),
+            },
+            KvDtype::F32 => Storage::F32 {
+                keys: layers(n, per_layer, 0f32),
+                values: layers(n, per_layer, 0f32),
+            },
+        };
         Ok(KvCache {
             num_blocks,
             block_size,
+            num_layers: n,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
-            keys: (0..config.num_layers).map(|_| layer()).collect(),
-            values: (0..config.num_layers).map(|_| layer()).collect(),
+            storage,
         })
     }
 
@@ -57,14 +114,21 @@ impl KvCache {
         self.block_size
     }
 
+    pub fn dtype(&self) -> KvDtype {
+        match self.storage {
+            Storage::F16 { .. } => KvDtype::F16,
+            Storage::F32 { .. } => KvDtype::F32,
+        }
+    }
+
     /// Bytes of K and V storage.
     pub fn size_in_bytes(&self) -> usize {
-        2 * self.keys.len()
+        2 * self.num_layers
             * self.num_blocks
             * self.block_size
             * self.num_kv_heads
             * self.head_dim
-            * 4
+            * self.dtype().bytes()
     }
 
     fn offset(&self, block: BlockId, head: usize, slot: usize) -> usize {
@@ -72,30 +136,111 @@ impl KvCache {
     }
 
     /// Stores one token's keys and values (`num_kv_heads × head_dim` each) of `layer` at
-    /// slot `slot` of block `block`.
+    /// slot `slot` of block `block` (f16: rounded to nearest).
     pub fn write(&mut self, layer: usize, block: BlockId, slot: usize, k: &[f32], v: &[f32]) {
         let (hd, bs) = (self.head_dim, self.block_size);
         for h in 0..self.num_kv_heads {
-            let base = self.offset(block, h, 0);
-            let keys = &mut self.keys[layer][base..base + bs * hd];
-            for (d, &x) in k[h * hd..(h + 1) * hd].iter().enumerate() {
-                keys[d * bs + slot] = x;
+            let keys_at = self.offset(block, h, 0);
+            let values_at = self.offset(block, h, slot);
+            let (k, v) = (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd]);
+            match &mut self.storage {
+                Storage::F16 { keys, values } => {
+                    let keys = &mut keys[layer][keys_at..keys_at + bs * hd];
+                    for (d, &x) in k.iter().enumerate() {
+                        keys[d * bs + slot] = f16::from_f32(x);
+                    }
+                    values[layer][values_at..values_at + hd].convert_from_f32_slice(v);
+                }
+                Storage::F32 { keys, values } => {
+                    let keys = &mut keys[layer][keys_at..keys_at + bs * hd];
+                    for (d, &x) in k.iter().enumerate() {
+                        keys[d * bs + slot] = x;
+                    }
+                    values[layer][values_at..values_at + hd].copy_from_slice(v);
+                }
             }
-            let at = self.offset(block, h, slot);
-            self.values[layer][at..at + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
         }
     }
 
-    /// The keys of KV head `head` in block `block` of `layer`, transposed:
-    /// `head_dim × block_size`.
-    pub fn keys(&self, layer: usize, block: BlockId, head: usize) -> &[f32] {
-        let at = self.offset(block, head, 0);
-        &self.keys[layer][at..at + self.block_size * self.head_dim]
+    /// Reads the keys of KV head `head` in block `block` of `layer` as f32, transposed:
+    /// `head_dim × block_size` into `out`.
+    pub fn read_keys(&self, layer: usize, block: BlockId, head: usize, out: &mut [f32]) {
+        let at = self.offset(block, head, 0)..self.offset(block, head + 1, 0);
+        match &self.storage {
+            Storage::F16 { keys, .. } => keys[layer][at].convert_to_f32_slice(out),
+            Storage::F32 { keys, .. } => out.copy_from_slice(&keys[layer][at]),
+        }
     }
 
-    /// The values of KV head `head` in block `block` of `layer`: `block_size × head_dim`.
-    pub fn values(&self, layer: usize, block: BlockId, head: usize) -> &[f32] {
-        let at = self.offset(block, head, 0);
-        &self.values[layer][at..at + self.block_size * self.head_dim]
+    /// Reads the values of KV head `head` in block `block` of `layer` as f32:
+    /// `block_size × head_dim` into `out`.
+    pub fn read_values(&self, layer: usize, block: BlockId, head: usize, out: &mut [f32]) {
+        let at = self.offset(block, head, 0)..self.offset(block, head + 1, 0);
+        match &self.storage {
+            Storage::F16 { values, .. } => values[layer][at].convert_to_f32_slice(out),
+            Storage::F32 { values, .. } => out.copy_from_slice(&values[layer][at]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            architecture: crate::config::Architecture::Llama,
+            vocab_size: 8,
+            hidden_size: 8,
+            intermediate_size: 8,
+            num_layers: 2,
+            num_heads: 2,
+            num_kv_heads: 2,
+            head_dim: 4,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            attention_bias: false,
+        }
+    }
+
+    #[test]
+    fn written_tokens_read_back_in_both_layouts_and_dtypes() {
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let mut cache = KvCache::new(&tiny(), 3, 2, dtype).unwrap();
+            // Token at block 2, slot 1, layer 1: head h, dim d holds h·10 + d (+0.5 for V).
+            let k: Vec<f32> = (0..8).map(|i| ((i / 4) * 10 + i % 4) as f32).collect();
+            let v: Vec<f32> = k.iter().map(|x| x + 0.5).collect();
+            cache.write(1, 2, 1, &k, &v);
+            let mut keys = vec![f32::NAN; 8];
+            let mut values = vec![f32::NAN; 8];
+            cache.read_keys(1, 2, 1, &mut keys);
+            cache.read_values(1, 2, 1, &mut values);
+            // Keys transposed (dim, slot); values (slot, dim); slot 0 never written.
+            assert_eq!(
+                keys,
+                [0.0, 10.0, 0.0, 11.0, 0.0, 12.0, 0.0, 13.0],
+                "{dtype:?}"
+            );
+            assert_eq!(
+                values,
+                [0.0, 0.0, 0.0, 0.0, 10.5, 11.5, 12.5, 13.5],
+                "{dtype:?}"
+            );
+            assert_eq!(cache.size_in_bytes(), 2 * 2 * 3 * 2 * 2 * 4 * dtype.bytes());
+        }
+    }
+
+    #[test]
+    fn f16_storage_rounds_to_nearest() {
+        let mut cache = KvCache::new(&tiny(), 1, 1, KvDtype::F16).unwrap();
+        let x = 1.0 + 1.0 / 3.0;
+        cache.write(0, 0, 0, &[x; 8], &[x; 8]);
+        let mut out = [0f32; 4];
+        cache.read_values(0, 0, 0, &mut out);
+        assert_eq!(out[0], f16::from_f32(x).to_f32());
+        assert!((out[0] - x).abs() <= x * 2f32.powi(-11));
     }
 }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvDtype};
 use crate::loader::{self, OpenedModel, RopeLayout, TensorSource};
 use crate::weights::{forward_all, Input, Linear, QuantizedRows, QK};
 
@@ -104,9 +104,18 @@ pub struct Scratch {
     logit_rows: Vec<usize>,
 }
 
+/// Per-thread scratch of one attention task, reused across calls.
+#[derive(Default)]
+struct AttentionScratch {
+    /// The query heads' scores, then one block's raw scores and partial sums.
+    scores: Vec<f32>,
+    /// The task's context converted from the f16 cache, in the cache's block layouts.
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
 thread_local! {
-    /// Attention scores of one query, reused across calls on each thread.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static ATTENTION_SCRATCH: RefCell<AttentionScratch> = RefCell::new(AttentionScratch::default());
 }
 
 fn resize(v: &mut Vec<f32>, len: usize) {
@@ -304,40 +313,84 @@ struct AttentionTask<'a> {
 }
 
 impl AttentionTask<'_> {
-    /// Writes the group's outputs (laid out like `q`). `scores` is scratch space.
-    fn run(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+    /// Writes the group's outputs (laid out like `q`).
+    fn run(&self, scratch: &mut AttentionScratch, out: &mut [f32]) {
+        self.convert_context(scratch);
+        let AttentionScratch {
+            scores,
+            keys,
+            values,
+        } = scratch;
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has the features.
-                return unsafe { self.run_avx512(scores, out) };
+                return unsafe { self.run_avx512(scores, keys, values, out) };
             }
             // SAFETY: the CPU has the features.
-            return unsafe { self.run_avx2(scores, out) };
+            return unsafe { self.run_avx2(scores, keys, values, out) };
         }
-        self.run_generic(scores, out, false)
+        self.run_generic(scores, keys, values, out, false)
+    }
+
+    /// Reads the context's keys and values out of the cache as f32, whole blocks in the
+    /// cache's layouts, so the loops below read each converted value from L1/L2
+    /// however many query heads and dimension slices pass over it.
+    fn convert_context(&self, scratch: &mut AttentionScratch) {
+        let block_len = self.cache.block_size() * self.head_dim;
+        let len = self.table.len() * block_len;
+        resize(&mut scratch.keys, len);
+        resize(&mut scratch.values, len);
+        for (bi, &block) in self.table.iter().enumerate() {
+            let at = bi * block_len..(bi + 1) * block_len;
+            let (layer, head) = (self.layer, self.kv_head);
+            self.cache
+                .read_keys(layer, block, head, &mut scratch.keys[at.clone()]);
+            self.cache
+                .read_values(layer, block, head, &mut scratch.values[at]);
+        }
     }
 
     /// Compiled for AVX-512: the score and soft-max loops become 16-wide.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn run_avx512(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
-        self.run_generic(scores, out, true)
+    unsafe fn run_avx512(
+        &self,
+        scores: &mut Vec<f32>,
+        keys: &[f32],
+        values: &[f32],
+        out: &mut [f32],
+    ) {
+        self.run_generic(scores, keys, values, out, true)
     }
 
     /// The same code compiled for AVX2 and FMA: the loops below become 8-wide fused
     /// multiply-adds (baseline x86-64 has neither).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
-        self.run_generic(scores, out, true)
+    unsafe fn run_avx2(
+        &self,
+        scores: &mut Vec<f32>,
+        keys: &[f32],
+        values: &[f32],
+        out: &mut [f32],
+    ) {
+        self.run_generic(scores, keys, values, out, true)
     }
 
     /// Scores are scaled by 1/√d and soft-maxed in f32; the weighted sums of values are
-    /// divided by the totals at the end. `avx2`: the caller has checked for AVX2 and FMA.
+    /// divided by the totals at the end. `keys` and `values` are the converted context;
+    /// `avx2`: the caller has checked for AVX2 and FMA.
     #[inline(always)]
-    fn run_generic(&self, scores: &mut Vec<f32>, out: &mut [f32], avx2: bool) {
+    fn run_generic(
+        &self,
+        scores: &mut Vec<f32>,
+        keys: &[f32],
+        values: &[f32],
+        out: &mut [f32],
+        avx2: bool,
+    ) {
         let hd = self.head_dim;
         let heads = self.q.len() / hd;
         let n = self.n_ctx;
@@ -347,10 +400,9 @@ impl AttentionTask<'_> {
         scores.resize(heads * n + 5 * bs, 0.0);
         let (scores, rest) = scores.split_at_mut(heads * n);
         let (block_scores, partials) = rest.split_at_mut(bs);
-        for (bi, &block) in self.table.iter().enumerate() {
+        for (bi, keys) in keys.chunks_exact(bs * hd).enumerate() {
             let start = bi * bs;
             let len = bs.min(n - start);
-            let keys = self.cache.keys(self.layer, block, self.kv_head);
             for (h, qh) in self.q.chunks_exact(hd).enumerate() {
                 // The usual block sizes get fixed-size accumulators held in registers.
                 match bs {
@@ -385,10 +437,12 @@ impl AttentionTask<'_> {
                 match width {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the caller checked the features.
-                    32 if avx2 => unsafe { self.weighted_values_avx2(row, off, inv, slice) },
-                    32 => self.weighted_values::<32>(row, off, inv, slice),
-                    16 => self.weighted_values::<16>(row, off, inv, slice),
-                    _ => self.weighted_values::<1>(row, off, inv, slice),
+                    32 if avx2 => unsafe {
+                        self.weighted_values_avx2(values, row, off, inv, slice)
+                    },
+                    32 => self.weighted_values::<32>(values, row, off, inv, slice),
+                    16 => self.weighted_values::<16>(values, row, off, inv, slice),
+                    _ => self.weighted_values::<1>(values, row, off, inv, slice),
                 }
                 off += width;
             }
@@ -400,16 +454,22 @@ impl AttentionTask<'_> {
     /// position. Same sums in the same order: partial sums over even and odd slots.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted_values_avx2(&self, w: &[f32], off: usize, inv: f32, out: &mut [f32]) {
+    unsafe fn weighted_values_avx2(
+        &self,
+        values: &[f32],
+        w: &[f32],
+        off: usize,
+        inv: f32,
+        out: &mut [f32],
+    ) {
         use std::arch::x86_64::*;
         let hd = self.head_dim;
         let bs = self.cache.block_size();
         let mut even = [_mm256_setzero_ps(); 4];
         let mut odd = [_mm256_setzero_ps(); 4];
-        for (bi, &block) in self.table.iter().enumerate() {
+        for (bi, values) in values.chunks_exact(bs * hd).enumerate() {
             let start = bi * bs;
             let len = bs.min(self.n_ctx - start);
-            let values = self.cache.values(self.layer, block, self.kv_head);
             let ws = &w[start..start + len];
             let mut pairs = ws.chunks_exact(2);
             for (p, w2) in (&mut pairs).enumerate() {
@@ -450,15 +510,21 @@ impl AttentionTask<'_> {
     /// even block size these are the even and odd positions, whatever the size, so the
     /// block size changes no result.
     #[inline(always)]
-    fn weighted_values<const W: usize>(&self, w: &[f32], off: usize, inv: f32, out: &mut [f32]) {
+    fn weighted_values<const W: usize>(
+        &self,
+        values: &[f32],
+        w: &[f32],
+        off: usize,
+        inv: f32,
+        out: &mut [f32],
+    ) {
         let hd = self.head_dim;
         let bs = self.cache.block_size();
         let mut even = [0f32; W];
         let mut odd = [0f32; W];
-        for (bi, &block) in self.table.iter().enumerate() {
+        for (bi, values) in values.chunks_exact(bs * hd).enumerate() {
             let start = bi * bs;
             let len = bs.min(self.n_ctx - start);
-            let values = self.cache.values(self.layer, block, self.kv_head);
             let ws = &w[start..start + len];
             let mut pairs = ws.chunks_exact(2);
             for (p, w2) in (&mut pairs).enumerate() {
@@ -863,7 +929,7 @@ impl Llama {
                 n_ctx,
                 q: &q[(t * nh + g * group) * hd..][..group * hd],
             };
-            SCORES.with_borrow_mut(|scores| task.run(scores, out));
+            ATTENTION_SCRATCH.with_borrow_mut(|scratch| task.run(scratch, out));
         };
         let work: usize = positions.iter().map(|p| p + 1).sum::<usize>() * nh * hd;
         if work < PAR_MIN_ATTENTION {
@@ -877,12 +943,12 @@ impl Llama {
         }
     }
 
-    /// Logits at every position of `tokens`, computed from scratch with a private cache:
-    /// the teacher-forcing path for tests and scoring.
-    pub fn forward_all_logits(&self, tokens: &[TokenId]) -> Result<Vec<Vec<f32>>> {
+    /// Logits at every position of `tokens`, computed from scratch with a private cache of
+    /// `kv` elements: the teacher-forcing path for tests and scoring.
+    pub fn forward_all_logits(&self, tokens: &[TokenId], kv: KvDtype) -> Result<Vec<Vec<f32>>> {
         const BLOCK: usize = 16;
         let blocks = tokens.len().div_ceil(BLOCK).max(1);
-        let mut cache = KvCache::new(&self.config, blocks, BLOCK)?;
+        let mut cache = KvCache::new(&self.config, blocks, BLOCK, kv)?;
         let table: Vec<BlockId> = (0..blocks as BlockId).collect();
         let seq = SeqInput {
             tokens,
@@ -900,7 +966,7 @@ impl Llama {
 }
 
 /// Each rotated pair's frequency, theta^(-2i/d), with the model's scaling applied.
-fn rope_frequencies(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f64> {
+pub fn rope_frequencies(c: &ModelConfig, freq_factors: Option<&[f32]>) -> Vec<f64> {
     let d = c.head_dim as f64;
     (0..c.head_dim / 2)
         .map(|i| {

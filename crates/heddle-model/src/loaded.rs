@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::config::ModelConfig;
 use crate::cpu_runner::CpuRunner;
+use crate::kv_cache::KvDtype;
 use crate::llama::Llama;
 use crate::tokenizer::TokenizerBundle;
 
@@ -33,7 +34,11 @@ impl LoadedModel {
 
 /// Bytes of K and V one block holds (f32 on CPU).
 pub fn kv_bytes_per_block(config: &ModelConfig, block_size: usize) -> usize {
-    2 * config.num_layers * config.num_kv_heads * config.head_dim * 4 * block_size
+    2 * config.num_layers
+        * config.num_kv_heads
+        * config.head_dim
+        * KvDtype::default().bytes()
+        * block_size
 }
 
 /// Loads a GGUF file or a Hugging Face model directory (config.json, safetensors,
@@ -54,7 +59,7 @@ pub fn load_cpu(path: &Path, kv: KvSize, block_size: usize) -> anyhow::Result<Lo
         num_blocks > 0,
         "the KV cache budget holds no block of {block_size} tokens"
     );
-    let runner = CpuRunner::new(model, num_blocks, block_size)?;
+    let runner = CpuRunner::new(model, num_blocks, block_size, KvDtype::default())?;
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
         num_blocks,

@@ -7,8 +7,11 @@ mod cpu_support;
 
 use std::time::Instant;
 
-use cpu_support::{embedded_runner, Driver, Seq};
+use cpu_support::{embedded_runner, Driver, Seq, BLOCK_SIZE};
 use heddle_core::{SamplingParams, TokenId};
+use heddle_model::kv_cache::KvDtype;
+use heddle_model::llama::Llama;
+use heddle_model::{embedded_model_path, CpuRunner};
 
 fn prompt(i: u32, len: usize) -> Vec<TokenId> {
     (0..len as u32)
@@ -26,6 +29,12 @@ fn decode_step(driver: &mut Driver, batch: u32, context: usize, steps: usize) ->
     let start = Instant::now();
     driver.generate(&mut seqs, usize::MAX, 2 + steps);
     start.elapsed().as_secs_f64() / steps as f64
+}
+
+fn runner(kv: KvDtype) -> CpuRunner {
+    let path = embedded_model_path().unwrap_or_else(|e| panic!("{e}"));
+    let (model, _) = Llama::load(&path).unwrap();
+    CpuRunner::new(model, 4096, BLOCK_SIZE, kv).unwrap()
 }
 
 #[test]
@@ -62,4 +71,29 @@ fn step_times() {
         16.0 / sixteen,
         16.0 * one / sixteen
     );
+}
+
+/// Decode at batch 16 with f16 and f32 caches, alternating so that both see the same
+/// machine load; the fastest of five rounds each.
+#[test]
+#[ignore = "a measurement; run with --ignored --nocapture"]
+fn kv_dtype_decode_times() {
+    let mut drivers = [
+        (KvDtype::F16, Driver::new(runner(KvDtype::F16))),
+        (KvDtype::F32, Driver::new(runner(KvDtype::F32))),
+    ];
+    for context in [128, 256] {
+        let mut best = [f64::INFINITY; 2];
+        for _ in 0..5 {
+            for (i, (_, driver)) in drivers.iter_mut().enumerate() {
+                best[i] = best[i].min(decode_step(driver, 16, context, 8));
+            }
+        }
+        for (i, (kv, _)) in drivers.iter().enumerate() {
+            eprintln!(
+                "decode step, batch 16, context {context}, {kv:?} cache: {:.2} ms",
+                best[i] * 1e3
+            );
+        }
+    }
 }

@@ -6,6 +6,7 @@ mod cpu_support;
 
 use cpu_support::{embedded_runner, Driver, Seq};
 use heddle_core::{SamplingParams, TokenId};
+use heddle_model::kv_cache::KvDtype;
 use heddle_model::sampling::{argmax, log_softmax};
 use serde::Deserialize;
 
@@ -66,7 +67,10 @@ fn teacher_forced_logprobs_match_llama_cpp() {
     let (mut same_top, mut positions) = (0usize, 0usize);
     for case in &reference.cases {
         let tokens = [case.prompt_ids.as_slice(), &case.greedy_ids].concat();
-        let rows = runner.model().forward_all_logits(&tokens).unwrap();
+        let rows = runner
+            .model()
+            .forward_all_logits(&tokens, KvDtype::F16)
+            .unwrap();
         assert_eq!(rows.len(), case.positions.len(), "{}", case.name);
         let mut case_max = 0f32;
         for (i, (row, pos)) in rows.iter().zip(&case.positions).enumerate() {

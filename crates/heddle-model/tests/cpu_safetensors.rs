@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use heddle_model::kv_cache::KvDtype;
 use heddle_model::llama::Llama;
 
 const VOCAB: usize = 96;
@@ -215,8 +216,8 @@ fn both_formats_agree(qwen2: bool) {
     assert_eq!(hf.config().attention_bias, qwen2);
 
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % VOCAB as u32).collect();
-    let a = hf.forward_all_logits(&tokens).unwrap();
-    let b = gguf.forward_all_logits(&tokens).unwrap();
+    let a = hf.forward_all_logits(&tokens, KvDtype::F32).unwrap();
+    let b = gguf.forward_all_logits(&tokens, KvDtype::F32).unwrap();
     let mut worst = 0f32;
     for (a, b) in a.iter().flatten().zip(b.iter().flatten()) {
         worst = worst.max((a - b).abs() / (1.0 + b.abs()));

@@ -167,7 +167,7 @@ impl KvCache {
     pub fn read_keys(&self, layer: usize, block: BlockId, head: usize, out: &mut [f32]) {
         let at = self.offset(block, head, 0)..self.offset(block, head + 1, 0);
         match &self.storage {
-            Storage::F16 { keys, .. } => keys[layer][at].convert_to_f32_slice(out),
+            Storage::F16 { keys, .. } => widen(&keys[layer][at], out),
             Storage::F32 { keys, .. } => out.copy_from_slice(&keys[layer][at]),
         }
     }
@@ -177,9 +177,67 @@ impl KvCache {
     pub fn read_values(&self, layer: usize, block: BlockId, head: usize, out: &mut [f32]) {
         let at = self.offset(block, head, 0)..self.offset(block, head + 1, 0);
         match &self.storage {
-            Storage::F16 { values, .. } => values[layer][at].convert_to_f32_slice(out),
+            Storage::F16 { values, .. } => widen(&values[layer][at], out),
             Storage::F32 { values, .. } => out.copy_from_slice(&values[layer][at]),
         }
+    }
+}
+
+/// `out = src` as f32. The attention reads every context element through here, so it
+/// runs 16 at a time with AVX-512 (8 with F16C): `half`'s slice conversion makes a call
+/// per 8 elements and cost 12% of a 16-sequence decode step.
+fn widen(src: &[f16], out: &mut [f32]) {
+    assert_eq!(src.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F; the lengths are equal.
+            return unsafe { widen_avx512(src, out) };
+        }
+        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx")
+        {
+            // SAFETY: the CPU has F16C and AVX; the lengths are equal.
+            return unsafe { widen_f16c(src, out) };
+        }
+    }
+    for (o, x) in out.iter_mut().zip(src) {
+        *o = x.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_avx512(src: &[f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut chunks = src.chunks_exact(16).zip(out.chunks_exact_mut(16));
+    for (s, o) in &mut chunks {
+        // SAFETY: each chunk holds 16 elements.
+        unsafe {
+            let h = _mm256_loadu_si256(s.as_ptr() as *const __m256i);
+            _mm512_storeu_ps(o.as_mut_ptr(), _mm512_cvtph_ps(h));
+        }
+    }
+    let done = src.len() / 16 * 16;
+    for (o, x) in out[done..].iter_mut().zip(&src[done..]) {
+        *o = x.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16c(src: &[f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut chunks = src.chunks_exact(8).zip(out.chunks_exact_mut(8));
+    for (s, o) in &mut chunks {
+        // SAFETY: each chunk holds 8 elements.
+        unsafe {
+            let h = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
+    let done = src.len() / 8 * 8;
+    for (o, x) in out[done..].iter_mut().zip(&src[done..]) {
+        *o = x.to_f32();
     }
 }
 
@@ -231,6 +289,22 @@ mod tests {
             );
             assert_eq!(cache.size_in_bytes(), 2 * 2 * 3 * 2 * 2 * 4 * dtype.bytes());
         }
+    }
+
+    #[test]
+    fn widening_equals_the_scalar_conversion() {
+        let src: Vec<f16> = (0..37)
+            .map(|i| f16::from_f32((i as f32 - 18.0) * 0.37))
+            .chain([
+                f16::INFINITY,
+                f16::NEG_INFINITY,
+                f16::MIN_POSITIVE_SUBNORMAL,
+            ])
+            .collect();
+        let mut out = vec![0f32; src.len()];
+        widen(&src, &mut out);
+        let want: Vec<f32> = src.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(out, want);
     }
 
     #[test]

@@ -413,6 +413,28 @@ impl Tokenizer {
         self.inner.decode(&[id], false).ok()
     }
 
+    /// The raw bytes of one token, which may be part of a multi-byte character (what
+    /// OpenAI's log-probability objects report as `bytes`); `None` for an unknown id.
+    /// Added tokens are their text; byte-level BPE pieces map back through the GPT-2 byte
+    /// alphabet; SentencePiece pieces turn `<0xHH>` into that byte and `▁` into a space.
+    pub fn token_bytes(&self, id: TokenId) -> Option<Vec<u8>> {
+        if let Some(text) = self.inner.get_added_vocabulary().simple_id_to_token(id) {
+            return Some(text.into_bytes());
+        }
+        let piece = self.inner.id_to_token(id)?;
+        if matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        ) {
+            return piece.chars().map(byte_level_byte).collect();
+        }
+        let hex = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
+        if let Some(byte) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            return Some(vec![byte]);
+        }
+        Some(piece.replace('\u{2581}', " ").into_bytes())
+    }
+
     /// The id of a token given its vocabulary text (e.g. `"<|im_end|>"`).
     pub fn token_to_id(&self, token: &str) -> Option<TokenId> {
         self.inner.token_to_id(token)
@@ -712,9 +734,37 @@ fn wrong_type(key: &str, expected: &str, got: &gguf_file::Value) -> TokenizerErr
     ))
 }
 
+/// The byte a character of the GPT-2 byte-level alphabet stands for: printable Latin-1
+/// bytes stand for themselves; the other 68 bytes, in order, were moved to U+0100 onwards.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+    let code = c as u32;
+    if code < 256 {
+        return printable(code).then_some(code as u8);
+    }
+    let shifted = (code - 256) as usize;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(shifted)
+        .map(|b| b as u8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_byte_level_alphabet_maps_back_to_every_byte() {
+        assert_eq!(byte_level_byte('a'), Some(b'a'));
+        assert_eq!(byte_level_byte('\u{120}'), Some(b' ')); // Ġ
+        assert_eq!(byte_level_byte('\u{10A}'), Some(b'\n')); // Ċ
+        assert_eq!(byte_level_byte('\u{100}'), Some(0));
+        assert_eq!(byte_level_byte(' '), None);
+        assert_eq!(byte_level_byte('\u{200}'), None);
+        let mut seen: Vec<u8> = ('\0'..='\u{143}').filter_map(byte_level_byte).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..=255).collect::<Vec<u8>>());
+    }
     use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString};
 
     /// The words a family splits `text` into, in the byte-level alphabet (Ġ = space,

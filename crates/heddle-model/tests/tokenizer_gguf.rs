@@ -169,3 +169,26 @@ fn llama3_family_adds_bos_once() {
     let ids = tok.encode_prompt("<|im_start|>Hi").unwrap();
     assert_eq!(ids.iter().filter(|&&id| id == 1).count(), 1);
 }
+
+#[test]
+fn token_bytes_rebuild_text_even_inside_a_character() {
+    let tokenizer = bundle().tokenizer;
+    for text in [
+        "héllo wörld\n",
+        "日本語のテキスト",
+        "emoji 🦀 and tabs\t",
+        "<|im_end|>",
+    ] {
+        let ids = tokenizer.encode(text, true).unwrap();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| tokenizer.token_bytes(id).unwrap())
+            .collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), text, "{ids:?}");
+    }
+    // A character split over tokens: each piece alone is not valid UTF-8.
+    let ids = tokenizer.encode("🦀", false).unwrap();
+    assert!(ids.len() > 1, "{ids:?}");
+    assert!(String::from_utf8(tokenizer.token_bytes(ids[0]).unwrap()).is_err());
+    assert_eq!(tokenizer.token_bytes(u32::MAX), None);
+}

@@ -306,6 +306,16 @@ async fn logprobs_come_in_chat_and_completions_formats() {
         // Greedy: the chosen token is the most likely one.
         assert_eq!(top[0]["token"], entry["token"]);
     }
+    // The tokens' raw bytes join into the message, split characters included.
+    if body["choices"][0]["finish_reason"] == "length" {
+        let bytes: Vec<u8> = content
+            .iter()
+            .flat_map(|entry| entry["bytes"].as_array().unwrap().clone())
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        let message = body["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(String::from_utf8(bytes).unwrap(), message);
+    }
 
     let (status, body) = complete(json!({
         "model": MODEL, "prompt": "The sky is", "max_tokens": 3, "logprobs": 1, "temperature": 0

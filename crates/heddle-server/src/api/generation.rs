@@ -319,12 +319,14 @@ impl UsageTally {
     }
 }
 
-/// A token's text and its UTF-8 bytes for OpenAI's log-probability objects. A token that
-/// holds only part of a multi-byte character shows U+FFFD (the tokenizer has no raw-bytes
-/// view of a token).
+/// A token's text and raw bytes for OpenAI's log-probability objects. A token that holds
+/// only part of a multi-byte character shows U+FFFD in its text; its bytes are exact, so
+/// a client can join them into the real characters.
 fn token_piece(tokenizer: &Tokenizer, token: TokenId) -> (String, Vec<u8>) {
     let text = tokenizer.token_to_piece(token).unwrap_or_default();
-    let bytes = text.as_bytes().to_vec();
+    let bytes = tokenizer
+        .token_bytes(token)
+        .unwrap_or_else(|| text.as_bytes().to_vec());
     (text, bytes)
 }
 

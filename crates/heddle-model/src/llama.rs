@@ -661,6 +661,30 @@ impl Llama {
         })
     }
 
+    /// The model with every weight dequantized to f32, so activations are never rounded
+    /// to 8 bits: the exact function of the stored weights in f32 arithmetic, for
+    /// checking heddle's forward pass against an exact reference. Quantized weights take
+    /// 4 bytes each this way, and products run on the f32 kernels.
+    pub fn with_f32_weights(mut self) -> Self {
+        self.embed = self.embed.dequantized();
+        self.head = self.head.as_ref().map(Linear::dequantized);
+        for l in &mut self.layers {
+            for m in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                *m = m.dequantized();
+            }
+        }
+        self.quantized = false;
+        self
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }

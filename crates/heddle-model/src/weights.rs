@@ -262,6 +262,21 @@ impl Linear {
         !matches!(self.storage, Storage::F32(_))
     }
 
+    /// The same matrix with every weight dequantized to f32: a product with it skips the
+    /// 8-bit rounding of the activations, so it computes the model's exact function in
+    /// f32 (4 bytes a weight: a reference mode, not a serving one).
+    pub fn dequantized(&self) -> Linear {
+        let mut data = vec![0f32; self.n * self.k];
+        for (r, row) in data.chunks_exact_mut(self.k).enumerate() {
+            self.row(r, row);
+        }
+        Linear {
+            n: self.n,
+            k: self.k,
+            storage: Storage::F32(data),
+        }
+    }
+
     /// Row `r` of W in f32: the embedding lookup. Dequantizing one row at a time spares
     /// a 113 MB f32 copy of the embedding table and gives the same values.
     pub fn row(&self, r: usize, out: &mut [f32]) {
@@ -1224,12 +1239,10 @@ mod tests {
     }
 
     fn dequantized(lin: &Linear) -> Vec<f32> {
-        let (n, k) = (lin.n, lin.k);
-        let mut deq = vec![0f32; n * k];
-        for r in 0..n {
-            lin.row(r, &mut deq[r * k..(r + 1) * k]);
+        match lin.dequantized().storage {
+            Storage::F32(data) => data,
+            _ => unreachable!("dequantized matrices are f32"),
         }
-        deq
     }
 
     fn run(lin: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
@@ -1280,6 +1293,29 @@ mod tests {
                 total / (got.len() as f32) < 0.03,
                 "{dtype:?}: mean error too large"
             );
+        }
+    }
+
+    #[test]
+    fn a_dequantized_matrix_computes_the_exact_product() {
+        for dtype in DTYPES {
+            let (n, k, rows) = (37, 256, 3);
+            let lin = Linear::from_qtensor("w", &qtensor(dtype, n, k, 5)).unwrap();
+            let exact = lin.dequantized();
+            assert!(!exact.wants_quantized_input());
+            let x = noise(rows * k, 6);
+            let mut got = vec![0f32; rows * n];
+            let input = Input {
+                x: &x,
+                rows,
+                q: None,
+            };
+            exact.forward(&input, &mut got);
+            let want = reference(&dequantized(&lin), &x, rows, n, k);
+            for (g, w) in got.iter().zip(&want) {
+                // f32 sums of 256 products of size ~1: rounding alone, ~1e-6.
+                assert!((g - w).abs() < 1e-4, "{dtype:?}: {g} vs {w}");
+            }
         }
     }
 

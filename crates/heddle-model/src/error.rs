@@ -36,6 +36,9 @@ pub enum ModelError {
     },
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// A GPU runner's driver, kernel or library call failed.
+    #[error("GPU error: {0}")]
+    Device(String),
     #[error("tensor library error: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -46,7 +46,7 @@ use heddle_core::{Priority, SchedulerConfig};
 use serde::Deserialize;
 
 use crate::api::auth::{ApiKey, KeyTier};
-use crate::pool::ModelSpec;
+use crate::pool::{Device, ModelSpec};
 
 /// The id the embedded default model is served under: `smollm2-135m-instruct`.
 pub fn default_model_id() -> String {
@@ -119,6 +119,30 @@ pub struct ServeArgs {
     /// Reuse computed KV blocks of identical prompt prefixes [default: true].
     #[arg(long, env = "HEDDLE_PREFIX_CACHE")]
     pub prefix_cache: Option<bool>,
+    /// Where models run: cpu, or cuda (the first NVIDIA GPU; needs a build with the
+    /// `cuda` feature) [default: cpu]. On cuda, --max-running and --max-batched-tokens
+    /// default to 256 and 8192, and the KV cache is sized by --gpu-memory-fraction.
+    #[arg(long, env = "HEDDLE_DEVICE", value_enum)]
+    pub device: Option<DeviceKind>,
+    /// Fraction of GPU memory heddle may use; the KV cache gets what the weights and
+    /// buffers leave of it [default: 0.9].
+    #[arg(long, env = "HEDDLE_GPU_MEMORY_FRACTION")]
+    pub gpu_memory_fraction: Option<f64>,
+    /// Serve random weights of the shape in --model-config, made on the GPU (benchmarks).
+    /// Prompts should be token ids; see docs/CUDA.md.
+    #[arg(long, env = "HEDDLE_DUMMY_WEIGHTS", requires = "model_config")]
+    pub dummy_weights: bool,
+    /// An HF config.json-format file for --dummy-weights, e.g. configs/llama-3.1-8b.json;
+    /// the model's id is the file name without extension.
+    #[arg(long, env = "HEDDLE_MODEL_CONFIG")]
+    pub model_config: Option<PathBuf>,
+}
+
+/// `--device`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
 }
 
 /// The resolved configuration the server runs with.
@@ -133,6 +157,7 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Every engine's scheduler; `max_model_len` is also capped per model.
     pub scheduler: SchedulerConfig,
+    pub device: Device,
 }
 
 impl ServerConfig {
@@ -152,6 +177,7 @@ impl ServerConfig {
                 queue_capacity: Some(256),
                 ..SchedulerConfig::default()
             },
+            device: Device::Cpu,
         }
     }
 
@@ -162,6 +188,12 @@ impl ServerConfig {
             None => FileConfig::default(),
         };
         let mut config = ServerConfig::with_models(Vec::new());
+        config.device = resolve_device(args)?;
+        if matches!(config.device, Device::Cuda { .. }) {
+            // A GPU step is cheap per token only in large batches.
+            config.scheduler.max_running = 256;
+            config.scheduler.max_batched_tokens = 8192;
+        }
         let file_scheduler = file.scheduler.unwrap_or_default();
         let s = &mut config.scheduler;
         s.max_running = pick(args.max_running, file_scheduler.max_running, s.max_running);
@@ -211,7 +243,17 @@ impl ServerConfig {
             (None, None) => None,
         };
 
-        config.models = if !args.models.is_empty() {
+        config.models = if args.dummy_weights {
+            let path = args
+                .model_config
+                .clone()
+                .context("--dummy-weights needs --model-config")?;
+            vec![ModelSpec {
+                id: id_from_path(&path)?,
+                path,
+                pinned: true,
+            }]
+        } else if !args.models.is_empty() {
             args.models
                 .iter()
                 .map(|m| parse_model_flag(m))
@@ -257,6 +299,32 @@ impl ServerConfig {
             .with_context(|| format!("resolving {}:{}", self.host, self.port))?
             .next()
             .with_context(|| format!("{} resolves to no address", self.host))
+    }
+}
+
+fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
+    let fraction = args.gpu_memory_fraction.unwrap_or(0.9);
+    match args.device.unwrap_or(DeviceKind::Cpu) {
+        DeviceKind::Cpu => {
+            if args.dummy_weights {
+                bail!("--dummy-weights needs --device cuda");
+            }
+            Ok(Device::Cpu)
+        }
+        DeviceKind::Cuda if !cfg!(feature = "cuda") => {
+            bail!(
+                "--device cuda: this heddle was built without cuda (build with `--features cuda`)"
+            )
+        }
+        DeviceKind::Cuda => {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                bail!("--gpu-memory-fraction must be in (0, 1], got {fraction}");
+            }
+            Ok(Device::Cuda {
+                gpu_memory_fraction: fraction,
+                dummy_weights: args.dummy_weights,
+            })
+        }
     }
 }
 
@@ -582,5 +650,51 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(ServerConfig::resolve(&typo).is_err());
+    }
+
+    #[test]
+    fn the_device_flags_resolve_or_say_why_not() {
+        let model_config = temp_file("llama-tiny.json", "{}");
+        let dummy = ServeArgs {
+            device: Some(DeviceKind::Cuda),
+            dummy_weights: true,
+            model_config: Some(model_config.clone()),
+            ..ServeArgs::default()
+        };
+        let on_cpu = ServeArgs {
+            device: Some(DeviceKind::Cpu),
+            ..dummy.clone()
+        };
+        let err = ServerConfig::resolve(&on_cpu).unwrap_err();
+        assert!(err.to_string().contains("--device cuda"), "{err}");
+        if cfg!(feature = "cuda") {
+            let config = ServerConfig::resolve(&dummy).unwrap();
+            assert_eq!(
+                config.device,
+                Device::Cuda {
+                    gpu_memory_fraction: 0.9,
+                    dummy_weights: true
+                }
+            );
+            // The model is the config file, named after it; GPU batch sizes by default.
+            assert_eq!(config.models.len(), 1);
+            assert_eq!(config.models[0].id, "llama-tiny");
+            assert_eq!(config.models[0].path, model_config);
+            assert_eq!(
+                (
+                    config.scheduler.max_running,
+                    config.scheduler.max_batched_tokens
+                ),
+                (256, 8192)
+            );
+            let bad_fraction = ServeArgs {
+                gpu_memory_fraction: Some(1.5),
+                ..dummy
+            };
+            assert!(ServerConfig::resolve(&bad_fraction).is_err());
+        } else {
+            let err = ServerConfig::resolve(&dummy).unwrap_err();
+            assert!(err.to_string().contains("built without cuda"), "{err}");
+        }
     }
 }

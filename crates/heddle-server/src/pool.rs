@@ -25,12 +25,28 @@ use anyhow::Context;
 use heddle_core::{RequestId, SchedulerConfig};
 use heddle_model::chat_template::ChatTemplate;
 use heddle_model::loaded::kv_bytes_per_block;
+use heddle_model::tokenizer::TokenizerBundle;
 use heddle_model::{load_cpu, KvSize, ModelRunner};
 
 use crate::engine::{Engine, EngineHandle};
 
 /// How long an unload waits for the engine thread to finish its cancelled requests.
 const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the pool's models run.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The first NVIDIA GPU (builds with the `cuda` feature). The KV cache takes what is
+    /// left of `gpu_memory_fraction` of its memory after the weights. With
+    /// `dummy_weights`, a model's path is an HF config.json-format file and its weights are
+    /// random (benchmarks).
+    Cuda {
+        gpu_memory_fraction: f64,
+        dummy_weights: bool,
+    },
+}
 
 /// A model the server can serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +186,7 @@ pub struct ModelStatus {
 pub struct ModelPool {
     specs: Vec<ModelSpec>,
     scheduler: SchedulerConfig,
+    device: Device,
     memory_budget: Option<u64>,
     loaded: Mutex<HashMap<String, Arc<LoadedModel>>>,
     /// Serializes loads and evictions, so the budget is checked against a stable set.
@@ -189,12 +206,19 @@ impl ModelPool {
         ModelPool {
             specs,
             scheduler,
+            device: Device::Cpu,
             memory_budget,
             loaded: Mutex::new(HashMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
             loads: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
         }
+    }
+
+    /// Runs the models on `device` instead of the CPU.
+    pub fn with_device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
     }
 
     pub fn specs(&self) -> &[ModelSpec] {
@@ -320,9 +344,13 @@ impl ModelPool {
             reason: format!("{error:#}"),
         };
         let (path, scheduler) = (spec.path.clone(), self.scheduler.clone());
-        let needed = run_blocking(move || estimate_memory(&path, &scheduler))
-            .await
-            .map_err(load_failed)?;
+        // The budget is host memory; a GPU model's weights and cache live on the device.
+        let needed = match self.device {
+            Device::Cpu => run_blocking(move || estimate_memory(&path, &scheduler))
+                .await
+                .map_err(load_failed)?,
+            Device::Cuda { .. } => 0,
+        };
         if let Some(budget) = self.memory_budget {
             let residents: Vec<Resident> = self
                 .loaded_map()
@@ -351,8 +379,8 @@ impl ModelPool {
 
         tracing::info!(model = %spec.id, path = %spec.path.display(), bytes = needed, "loading model");
         let started = Instant::now();
-        let (owned_spec, scheduler) = (spec.clone(), self.scheduler.clone());
-        let model = run_blocking(move || load_model(&owned_spec, &scheduler, needed))
+        let (owned_spec, scheduler, device) = (spec.clone(), self.scheduler.clone(), self.device);
+        let model = run_blocking(move || load_model(&owned_spec, &scheduler, device, needed))
             .await
             .map_err(load_failed)?;
         tracing::info!(
@@ -465,22 +493,60 @@ fn weight_bytes(path: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// A runner ready for an engine, with its tokenizer and KV block count.
+struct Runner {
+    runner: Box<dyn ModelRunner>,
+    text: TokenizerBundle,
+    num_blocks: usize,
+}
+
+fn load_runner(spec: &ModelSpec, base: &SchedulerConfig, device: Device) -> anyhow::Result<Runner> {
+    #[cfg(not(feature = "cuda"))]
+    if let Device::Cuda { .. } = device {
+        anyhow::bail!("this heddle was built without cuda (rebuild with `--features cuda`)");
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda {
+        gpu_memory_fraction,
+        dummy_weights,
+    } = device
+    {
+        match cuda::load(spec, base, gpu_memory_fraction, dummy_weights) {
+            Ok(runner) => return Ok(runner),
+            Err(cuda::LoadError::NoDevice(why)) if !dummy_weights => {
+                tracing::warn!(model = %spec.id, "{why:#}; running on the CPU instead");
+            }
+            Err(cuda::LoadError::NoDevice(error) | cuda::LoadError::Failed(error)) => {
+                return Err(error)
+            }
+        }
+    }
+    let loaded = load_cpu(&spec.path, KvSize::Blocks(base.num_blocks), base.block_size)?;
+    Ok(Runner {
+        runner: Box::new(loaded.runner),
+        text: loaded.text,
+        num_blocks: loaded.num_blocks,
+    })
+}
+
 fn load_model(
     spec: &ModelSpec,
     base: &SchedulerConfig,
+    device: Device,
     memory_bytes: u64,
 ) -> anyhow::Result<LoadedModel> {
-    let loaded = load_cpu(&spec.path, KvSize::Blocks(base.num_blocks), base.block_size)?;
+    let loaded = load_runner(spec, base, device)?;
     let model_config = loaded.runner.config();
     let scheduler = SchedulerConfig {
         max_model_len: base.max_model_len.min(model_config.max_position_embeddings),
+        num_blocks: loaded.num_blocks,
         ..base.clone()
     };
     let max_sequence_len = scheduler.max_sequence_len();
     let vocab_size = model_config.vocab_size;
     let (engine, thread) = Engine::spawn(
         &spec.id,
-        Box::new(loaded.runner),
+        loaded.runner,
         Arc::new(loaded.text.tokenizer),
         scheduler,
     )?;
@@ -497,6 +563,63 @@ fn load_model(
         unloading: AtomicBool::new(false),
         thread: Mutex::new(Some(thread)),
     })
+}
+
+/// Loading on the GPU, or saying why not.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{ModelSpec, Runner, SchedulerConfig};
+
+    pub enum LoadError {
+        /// No GPU, driver or CUDA library here.
+        NoDevice(anyhow::Error),
+        Failed(anyhow::Error),
+    }
+
+    pub fn load(
+        spec: &ModelSpec,
+        base: &SchedulerConfig,
+        gpu_memory_fraction: f64,
+        dummy_weights: bool,
+    ) -> Result<Runner, LoadError> {
+        use anyhow::Context;
+        use heddle_cuda::{dummy, CudaOptions, CudaRunner, KvBudget, WeightSource};
+        use heddle_model::tokenizer::TokenizerBundle;
+        use heddle_model::ModelConfig;
+
+        heddle_cuda::probe_device().map_err(LoadError::NoDevice)?;
+        let prepare = || -> anyhow::Result<Runner> {
+            let (config, source, text) = if dummy_weights {
+                let config = dummy::read_config(&spec.path)?;
+                let text = dummy::tokenizer_bundle(config.vocab_size)?;
+                (config, WeightSource::Dummy { seed: 0 }, text)
+            } else {
+                let config_path = spec.path.join("config.json");
+                let text = std::fs::read_to_string(&config_path)
+                    .with_context(|| format!("reading {}", config_path.display()))?;
+                let config = ModelConfig::from_hf_json(&text)?;
+                let bundle = TokenizerBundle::from_hf_dir(&spec.path)?;
+                (config, WeightSource::Checkpoint(spec.path.clone()), bundle)
+            };
+            let runner = CudaRunner::new(
+                config,
+                &source,
+                CudaOptions {
+                    block_size: base.block_size,
+                    max_batched_tokens: base.max_batched_tokens,
+                    max_running: base.max_running,
+                    kv: KvBudget::MemoryFraction(gpu_memory_fraction),
+                    ..CudaOptions::default()
+                },
+            )?;
+            Ok(Runner {
+                num_blocks: runner.num_blocks(),
+                runner: Box::new(runner),
+                text,
+            })
+        };
+        prepare().map_err(LoadError::Failed)
+    }
 }
 
 #[cfg(test)]

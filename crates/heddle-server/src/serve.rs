@@ -72,11 +72,14 @@ impl RunningServer {
 
 /// Binds, starts serving, and loads the pinned models.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
-    let pool = Arc::new(ModelPool::new(
-        config.models.clone(),
-        config.scheduler.clone(),
-        config.memory_budget,
-    ));
+    let pool = Arc::new(
+        ModelPool::new(
+            config.models.clone(),
+            config.scheduler.clone(),
+            config.memory_budget,
+        )
+        .with_device(config.device),
+    );
     let state = AppState::new(
         pool,
         ApiKeys::new(config.api_keys.clone()),

@@ -8,6 +8,7 @@ mod safetensors;
 use std::path::{Path, PathBuf};
 
 pub use gguf::read_gguf;
+pub use safetensors::weight_files;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};

@@ -19,8 +19,14 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 pub(super) fn open_dir(dir: &Path) -> Result<OpenedModel> {
+    open_files(dir, weight_files(dir)?)
+}
+
+/// The safetensors files of an HF checkpoint directory: the shards listed in
+/// `model.safetensors.index.json`, or `model.safetensors`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
-    let files = if index.exists() {
+    Ok(if index.exists() {
         let json: serde_json::Value = serde_json::from_str(&read_text(&index)?)
             .map_err(|e| ModelError::Config(format!("{}: {e}", index.display())))?;
         let map = json
@@ -37,8 +43,7 @@ pub(super) fn open_dir(dir: &Path) -> Result<OpenedModel> {
         files
     } else {
         vec![dir.join("model.safetensors")]
-    };
-    open_files(dir, files)
+    })
 }
 
 pub(super) fn open_files(dir: &Path, files: Vec<PathBuf>) -> Result<OpenedModel> {

@@ -1,0 +1,310 @@
+//! The device: a CUDA context and stream, the compiled kernels, cuBLAS, and device memory
+//! addressed by raw pointers (one stream, so no per-buffer event tracking is needed).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+use crate::kernels::{DType, KernelShape, DECODE_KERNELS, KERNEL_NAMES};
+
+/// A device allocation and its address (kernels and cuBLAS take raw pointers).
+pub struct DeviceBuffer {
+    _memory: CudaSlice<u8>,
+    pub ptr: u64,
+    pub bytes: usize,
+}
+
+/// The compiled kernels, by name.
+pub struct Kernels {
+    functions: Vec<(&'static str, CudaFunction)>,
+}
+
+impl Kernels {
+    pub fn get(&self, name: &str) -> &CudaFunction {
+        &self
+            .functions
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("kernel {name} is not compiled"))
+            .1
+    }
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub kernels: Kernels,
+    blas: CudaBlas,
+    pub dtype: DType,
+    pub name: String,
+    pub multiprocessors: usize,
+}
+
+/// Opens GPU 0. Fails with a message that says what is missing when there is no driver,
+/// no NVRTC or cuBLAS library, or no device (cudarc loads the libraries at run time, and
+/// would panic on first use of a missing one, so they are looked for first).
+pub fn open_device() -> anyhow::Result<Arc<CudaContext>> {
+    // SAFETY: these only try to open the shared libraries.
+    let (driver, nvrtc, cublas) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+            cudarc::cublas::sys::is_culib_present(),
+        )
+    };
+    anyhow::ensure!(
+        driver,
+        "no CUDA driver: libcuda.so could not be loaded (no NVIDIA GPU or driver here)"
+    );
+    anyhow::ensure!(
+        nvrtc,
+        "NVRTC (libnvrtc.so) could not be loaded: put the CUDA toolkit's lib64 on LD_LIBRARY_PATH"
+    );
+    anyhow::ensure!(
+        cublas,
+        "cuBLAS (libcublas.so) could not be loaded: put the CUDA toolkit's lib64 on \
+         LD_LIBRARY_PATH"
+    );
+    CudaContext::new(0).map_err(|e| anyhow::anyhow!("no usable CUDA device: {e}"))
+}
+
+impl Gpu {
+    /// Opens the device, compiles the kernels for `shape` with NVRTC and starts cuBLAS.
+    pub fn new(shape: &KernelShape) -> anyhow::Result<Self> {
+        let ctx = open_device()?;
+        // One stream: ordering is the stream's, so cudarc need not record events per buffer.
+        // SAFETY: no buffer is used on another stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().context("creating a CUDA stream")?;
+        let (major, minor) = ctx.compute_capability()?;
+        let name = ctx.name()?;
+        let multiprocessors = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as usize;
+        let started = std::time::Instant::now();
+        let options = CompileOptions {
+            options: vec![
+                format!("--gpu-architecture=sm_{major}{minor}"),
+                "-std=c++17".into(),
+            ],
+            ..Default::default()
+        };
+        let compiled = compile_ptx_with_opts(shape.source(), options)
+            .map_err(|e| anyhow::anyhow!("compiling the CUDA kernels: {e:?}"))?;
+        let module = ctx
+            .load_module(compiled)
+            .context("loading the CUDA kernels")?;
+        let functions = KERNEL_NAMES
+            .iter()
+            .filter(|n| shape.has_decode_kernel() || !DECODE_KERNELS.contains(n))
+            .map(|&n| Ok((n, module.load_function(n)?)))
+            .collect::<Result<_, cudarc::driver::DriverError>>()
+            .context("finding the CUDA kernels")?;
+        tracing::info!(
+            device = %name,
+            compute_capability = format!("{major}.{minor}"),
+            ms = started.elapsed().as_millis() as u64,
+            "CUDA kernels compiled"
+        );
+        let blas = CudaBlas::new(stream.clone()).context("starting cuBLAS")?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            kernels: Kernels { functions },
+            blas,
+            dtype: shape.dtype,
+            name,
+            multiprocessors,
+        })
+    }
+
+    /// Zeroed device memory.
+    pub fn alloc(&self, bytes: usize) -> anyhow::Result<DeviceBuffer> {
+        let memory = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(16))
+            .with_context(|| format!("allocating {} MiB on the GPU", bytes >> 20))?;
+        let ptr = memory.device_ptr(&self.stream).0;
+        Ok(DeviceBuffer {
+            _memory: memory,
+            ptr,
+            bytes,
+        })
+    }
+
+    /// Device memory holding `data`.
+    pub fn upload<T: cudarc::driver::DeviceRepr>(
+        &self,
+        data: &[T],
+    ) -> anyhow::Result<DeviceBuffer> {
+        let bytes = std::mem::size_of_val(data);
+        let buffer = self.alloc(bytes)?;
+        // SAFETY: the buffer holds at least `bytes` bytes; the copy is ordered on the stream.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(buffer.ptr, data, self.stream.cu_stream())
+        }
+        .context("copying to the GPU")?;
+        Ok(buffer)
+    }
+
+    /// Copies `data` to the start of `buffer`.
+    pub fn write<T: cudarc::driver::DeviceRepr>(
+        &self,
+        buffer: &DeviceBuffer,
+        data: &[T],
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            std::mem::size_of_val(data) <= buffer.bytes,
+            "buffer too small"
+        );
+        // SAFETY: checked above; the host data is staged before the call returns.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(buffer.ptr, data, self.stream.cu_stream())
+        }
+        .context("copying to the GPU")?;
+        Ok(())
+    }
+
+    /// Copies the start of `buffer` into `out` and waits for it (the step's one sync).
+    pub fn read<T: cudarc::driver::DeviceRepr>(
+        &self,
+        buffer: &DeviceBuffer,
+        out: &mut [T],
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            std::mem::size_of_val(out) <= buffer.bytes,
+            "buffer too small"
+        );
+        // SAFETY: checked above; the stream is synchronised before `out` is read.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(out, buffer.ptr, self.stream.cu_stream())
+        }
+        .context("copying from the GPU")?;
+        self.stream.synchronize().context("waiting for the GPU")?;
+        Ok(())
+    }
+
+    /// Launches `name` with `args` (pushed in order) on the stream.
+    pub fn launch(
+        &self,
+        name: &str,
+        config: LaunchConfig,
+        args: &[&dyn KernelArg],
+    ) -> anyhow::Result<()> {
+        let function = self.kernels.get(name);
+        let mut builder = self.stream.launch_builder(function);
+        for arg in args {
+            arg.push(&mut builder);
+        }
+        // SAFETY: each kernel's arguments match its C signature (checked by the GPU
+        // self-test); pointers come from live `DeviceBuffer`s.
+        unsafe { builder.launch(config) }.with_context(|| format!("launching {name}"))?;
+        Ok(())
+    }
+
+    /// y[rows, n] = x[rows, k] · w[n, k]ᵀ, all row-major; x and w in the runner's dtype,
+    /// y in it too or in f32 (`f32_out`), accumulated in f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        y: u64,
+        f32_out: bool,
+        x: u64,
+        w: u64,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> anyhow::Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let data = match self.dtype {
+            DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        };
+        let out = if f32_out {
+            blas_sys::cudaDataType::CUDA_R_32F
+        } else {
+            data
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Column-major view: yᵀ[n, rows] = w[n, k] (stored as wᵀ, k-major) · xᵀ[k, rows].
+        // SAFETY: the pointers address live buffers of the stated shapes.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                rows as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                w as *const _,
+                data,
+                k as i32,
+                x as *const _,
+                data,
+                k as i32,
+                (&beta) as *const f32 as *const _,
+                y as *mut _,
+                out,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("cuBLAS GEMM {rows}x{n}x{k}: {e:?}"))
+    }
+
+    /// Gives cuBLAS its workspace, so that it allocates nothing while a graph is captured.
+    pub fn set_blas_workspace(&self, workspace: &DeviceBuffer) -> anyhow::Result<()> {
+        // SAFETY: the buffer outlives the handle's use (the runner owns both).
+        let status = unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                *self.blas.handle(),
+                workspace.ptr as *mut _,
+                workspace.bytes,
+            )
+        };
+        anyhow::ensure!(
+            status == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+            "setting cuBLAS's workspace: {status:?}"
+        );
+        Ok(())
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> anyhow::Result<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+}
+
+/// A kernel argument: plain values (pointers as u64) pushed by reference.
+pub trait KernelArg {
+    fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+macro_rules! kernel_arg {
+    ($($t:ty),*) => {$(
+        impl KernelArg for $t {
+            fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>) {
+                builder.arg(self);
+            }
+        }
+    )*};
+}
+kernel_arg!(i32, u32, i64, u64, f32);
+
+/// A 1-D launch of `blocks` blocks of `threads`.
+pub fn grid(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

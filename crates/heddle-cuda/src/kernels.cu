@@ -1,0 +1,702 @@
+// heddle's CUDA kernels, compiled at start by NVRTC. The host prepends the model's shape
+// as #defines (see kernels.rs): HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, BLOCK_SIZE, QROWS,
+// HEADS_PER_CTA, and HEDDLE_BF16 when activations and weights are bf16 (f32 otherwise).
+// No CUDA headers are included, so NVRTC needs no include path: bf16 is handled as bits.
+
+#define WARP 32
+#define KEY_TILE 32
+#define GROUP (NUM_HEADS / NUM_KV_HEADS)
+#define HEAD_CHUNKS (GROUP / HEADS_PER_CTA)
+#define QKV_STRIDE ((NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM)
+#define DIMS_PER_LANE (HEAD_DIM / WARP)
+#define ATTN_THREADS 128
+#define ATTN_WARPS (ATTN_THREADS / WARP)
+#define ROWS_PER_WARP (QROWS / ATTN_WARPS)
+#define SAMPLE_THREADS 1024
+#define MAX_TOP_LOGPROBS 20
+#define NEG_INF (__int_as_float(0xff800000))
+
+
+#ifdef HEDDLE_BF16
+typedef unsigned short elem_t;
+// Key rows padded so that lanes reading one key each hit distinct banks (odd word stride).
+#define KEY_PAD 2
+__device__ __forceinline__ float to_f(elem_t x) { return __uint_as_float(((unsigned)x) << 16); }
+// Round to nearest even; NaN stays NaN.
+__device__ __forceinline__ elem_t from_f(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (elem_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (elem_t)(u >> 16);
+}
+#else
+typedef float elem_t;
+#define KEY_PAD 1
+__device__ __forceinline__ float to_f(elem_t x) { return x; }
+__device__ __forceinline__ elem_t from_f(float f) { return f; }
+#endif
+
+// Attention tiles move through 16-byte vectors, all of a tile's loads in flight at once.
+#define VEC_ELEMS (16 / (int)sizeof(elem_t))
+#define VECS_PER_KEY (HEAD_DIM / VEC_ELEMS)
+#define TILE_VECS (KEY_TILE * VECS_PER_KEY)
+#define LOADS_PER_THREAD ((TILE_VECS + ATTN_THREADS - 1) / ATTN_THREADS)
+
+// A lane's DIMS_PER_LANE consecutive elements as one load of their width.
+template <int BYTES> struct Bits;
+template <> struct Bits<2> { typedef unsigned short type; };
+template <> struct Bits<4> { typedef unsigned int type; };
+template <> struct Bits<8> { typedef uint2 type; };
+template <> struct Bits<16> { typedef uint4 type; };
+typedef Bits<DIMS_PER_LANE * sizeof(elem_t)>::type lane_bits_t;
+
+// splitmix64: a well-mixed hash of (seed, index) for reproducible random weights.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// out[i] = center + scale * (a + b - 1) for a, b uniform in [0, 1): a triangular
+// ("normal-ish") distribution on (-scale, scale) of standard deviation scale / sqrt(6).
+extern "C" __global__ void init_random(elem_t* out, unsigned long long n,
+                                       unsigned long long seed, float center, float scale) {
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += stride) {
+        unsigned long long h = mix64(seed ^ mix64(i));
+        float a = (float)(h >> 40) * (1.0f / 16777216.0f);
+        float b = (float)(h & 0xffffffull) * (1.0f / 16777216.0f);
+        out[i] = from_f(center + scale * (a + b - 1.0f));
+    }
+}
+
+// residual[t] = table[tokens[t]] (one block per token).
+extern "C" __global__ void embed_gather(const int* tokens, const elem_t* table, float* residual,
+                                        int hidden) {
+    int t = blockIdx.x;
+    const elem_t* row = table + (long long)tokens[t] * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        residual[(long long)t * hidden + i] = to_f(row[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = WARP / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = WARP / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block; every thread gets it. `scratch` holds one value per warp.
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// The residual connection fused with RMSNorm: x = residual[src] + delta[src] (delta may be
+// null), written back when write_back, then out[i] = x / rms(x) * weight. One block per
+// output row; rows (may be null) picks the source row of each output row.
+extern "C" __global__ void add_rmsnorm(float* residual, const elem_t* delta,
+                                       const elem_t* weight, elem_t* out, const int* rows,
+                                       int hidden, float eps, int write_back) {
+    __shared__ float scratch[32];
+    int row = blockIdx.x;
+    long long src = (long long)(rows ? rows[row] : row) * hidden;
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float x = residual[src + i] + (delta ? to_f(delta[src + i]) : 0.0f);
+        if (write_back) residual[src + i] = x;
+        sum += x * x;
+    }
+    float scale = rsqrtf(block_sum(sum, scratch) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float x = write_back ? residual[src + i]
+                             : residual[src + i] + (delta ? to_f(delta[src + i]) : 0.0f);
+        out[(long long)row * hidden + i] = from_f((x * scale) * to_f(weight[i]));
+    }
+}
+
+// For each token (one block each): adds the Q/K/V biases (bias may be null), rotates Q (in
+// place) and K by RoPE at the token's position (pairs i and i + HEAD_DIM/2, angles in f64 so
+// that long positions keep their precision), and writes K and V to the cache slot.
+// Cache layout per layer: [slot][NUM_KV_HEADS][HEAD_DIM].
+extern "C" __global__ void rope_kv_write(elem_t* qkv, const elem_t* bias, const double* inv_freq,
+                                         const int* positions, const int* slots, elem_t* k_cache,
+                                         elem_t* v_cache) {
+    const int half = HEAD_DIM / 2;
+    int t = blockIdx.x;
+    elem_t* row = qkv + (long long)t * QKV_STRIDE;
+    double pos = (double)positions[t];
+    long long slot = slots[t];
+    for (int p = threadIdx.x; p < (NUM_HEADS + NUM_KV_HEADS) * half; p += blockDim.x) {
+        int head = p / half, i = p % half;
+        int a_idx = head * HEAD_DIM + i, b_idx = a_idx + half;
+        float a = to_f(row[a_idx]), b = to_f(row[b_idx]);
+        if (bias) {
+            a += to_f(bias[a_idx]);
+            b += to_f(bias[b_idx]);
+        }
+        double s, c;
+        sincos(pos * inv_freq[i], &s, &c);
+        float cf = (float)c, sf = (float)s;
+        float ra = a * cf - b * sf, rb = a * sf + b * cf;
+        if (head < NUM_HEADS) {
+            row[a_idx] = from_f(ra);
+            row[b_idx] = from_f(rb);
+        } else {
+            long long base = (slot * NUM_KV_HEADS + (head - NUM_HEADS)) * HEAD_DIM;
+            k_cache[base + i] = from_f(ra);
+            k_cache[base + i + half] = from_f(rb);
+        }
+    }
+    const int v_off = (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM;
+    for (int j = threadIdx.x; j < NUM_KV_HEADS * HEAD_DIM; j += blockDim.x) {
+        float v = to_f(row[v_off + j]) + (bias ? to_f(bias[v_off + j]) : 0.0f);
+        v_cache[slot * NUM_KV_HEADS * HEAD_DIM + j] = from_f(v);
+    }
+}
+
+// Paged causal attention for prefill chunks and decode tokens alike. One block per (tile,
+// KV head, head chunk): a tile is up to QROWS / HEADS_PER_CTA consecutive tokens of one
+// sequence, so that the query heads sharing a KV head read each key and value once from
+// the cache. Keys go through shared memory KEY_TILE at a time (the next tile is loaded into
+// registers while the current one is used); each warp keeps an online
+// softmax for its rows (a row is one token's one query head), a lane per key for the
+// scores and DIMS_PER_LANE output dimensions per lane.
+// tiles: [n][4] = first token (flat index), token count, sequence, position of the first.
+// The attention output for token t, head h is out[t][h * HEAD_DIM ..].
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_t* out,
+          const int* tiles, const int* block_tables, const int* table_offsets, float scale) {
+    __shared__ __align__(16) float q_s[QROWS][HEAD_DIM];
+    __shared__ elem_t k_s[KEY_TILE][HEAD_DIM + KEY_PAD];
+    __shared__ __align__(16) elem_t v_s[KEY_TILE][HEAD_DIM];
+    const int* tile = tiles + blockIdx.x * 4;
+    int t0 = tile[0], nt = tile[1], seq = tile[2], p0 = tile[3];
+    int kv_head = blockIdx.y / HEAD_CHUNKS;
+    int head0 = kv_head * GROUP + (blockIdx.y % HEAD_CHUNKS) * HEADS_PER_CTA;
+    int rows = nt * HEADS_PER_CTA;
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int* table = block_tables + table_offsets[seq];
+
+    for (int idx = threadIdx.x; idx < rows * HEAD_DIM; idx += ATTN_THREADS) {
+        int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
+        int t = t0 + r / HEADS_PER_CTA, h = head0 + r % HEADS_PER_CTA;
+        q_s[r][d] = to_f(qkv[(long long)t * QKV_STRIDE + h * HEAD_DIM + d]);
+    }
+
+    float m[ROWS_PER_WARP], l[ROWS_PER_WARP], acc[ROWS_PER_WARP][DIMS_PER_LANE];
+#pragma unroll
+    for (int rr = 0; rr < ROWS_PER_WARP; rr++) {
+        m[rr] = NEG_INF;
+        l[rr] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DIMS_PER_LANE; i++) acc[rr][i] = 0.0f;
+    }
+
+    int n_keys = p0 + nt;
+    uint4 k_next[LOADS_PER_THREAD], v_next[LOADS_PER_THREAD];
+    // Issues every load of the tile at `kb` into registers.
+    auto fetch = [&](int kb) {
+#pragma unroll
+        for (int u = 0; u < LOADS_PER_THREAD; u++) {
+            int idx = threadIdx.x + u * ATTN_THREADS;
+            int j = idx / VECS_PER_KEY, c = idx % VECS_PER_KEY, pos = kb + j;
+            if (idx < TILE_VECS && pos < n_keys) {
+                long long slot = (long long)table[pos / BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE;
+                long long at = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + c * VEC_ELEMS;
+                k_next[u] = *(const uint4*)(k_cache + at);
+                v_next[u] = *(const uint4*)(v_cache + at);
+            }
+        }
+    };
+    fetch(0);
+    for (int kb = 0; kb < n_keys; kb += KEY_TILE) {
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < LOADS_PER_THREAD; u++) {
+            int idx = threadIdx.x + u * ATTN_THREADS;
+            int j = idx / VECS_PER_KEY, c = idx % VECS_PER_KEY;
+            if (idx < TILE_VECS && kb + j < n_keys) {
+                const elem_t* k = (const elem_t*)&k_next[u];
+#pragma unroll
+                for (int i = 0; i < VEC_ELEMS; i++) k_s[j][c * VEC_ELEMS + i] = k[i];
+                *(uint4*)&v_s[j][c * VEC_ELEMS] = v_next[u];
+            }
+        }
+        __syncthreads();
+        if (kb + KEY_TILE < n_keys) fetch(kb + KEY_TILE);
+        // The scores of all of this warp's rows against key `lane` at once: each key
+        // element is read once for every row, each row's query four dimensions at a time.
+        float s[ROWS_PER_WARP];
+#pragma unroll
+        for (int rr = 0; rr < ROWS_PER_WARP; rr++) s[rr] = 0.0f;
+        for (int d = 0; d < HEAD_DIM; d += 4) {
+            float k0 = to_f(k_s[lane][d]), k1 = to_f(k_s[lane][d + 1]);
+            float k2 = to_f(k_s[lane][d + 2]), k3 = to_f(k_s[lane][d + 3]);
+#pragma unroll
+            for (int rr = 0; rr < ROWS_PER_WARP; rr++) {
+                int r = warp + rr * ATTN_WARPS;
+                if (r < rows) {
+                    float4 q = *(const float4*)&q_s[r][d];
+                    s[rr] += q.x * k0 + q.y * k1 + q.z * k2 + q.w * k3;
+                }
+            }
+        }
+        float p[ROWS_PER_WARP];
+#pragma unroll
+        for (int rr = 0; rr < ROWS_PER_WARP; rr++) {
+            int r = warp + rr * ATTN_WARPS;
+            int pos_r = p0 + r / HEADS_PER_CTA;
+            p[rr] = 0.0f;
+            // Rows past the tile's end, or whose position is before this tile, take no keys.
+            if (r >= rows || pos_r < kb) continue;
+            bool valid = kb + lane <= pos_r;
+            float sr = valid ? s[rr] * scale : NEG_INF;
+            float m_new = fmaxf(m[rr], warp_max(sr));
+            float correction = expf(m[rr] - m_new);
+            p[rr] = valid ? expf(sr - m_new) : 0.0f;
+            l[rr] = l[rr] * correction + warp_sum(p[rr]);
+#pragma unroll
+            for (int i = 0; i < DIMS_PER_LANE; i++) acc[rr][i] *= correction;
+            m[rr] = m_new;
+        }
+        // Values: each loaded once for all rows; keys a row may not see have p = 0.
+        int last = min(KEY_TILE, n_keys - kb);
+        for (int j = 0; j < last; j++) {
+            float v[DIMS_PER_LANE];
+#pragma unroll
+            for (int i = 0; i < DIMS_PER_LANE; i++) v[i] = to_f(v_s[j][lane + i * WARP]);
+#pragma unroll
+            for (int rr = 0; rr < ROWS_PER_WARP; rr++) {
+                float pj = __shfl_sync(0xffffffffu, p[rr], j);
+#pragma unroll
+                for (int i = 0; i < DIMS_PER_LANE; i++) acc[rr][i] += pj * v[i];
+            }
+        }
+    }
+
+#pragma unroll
+    for (int rr = 0; rr < ROWS_PER_WARP; rr++) {
+        int r = warp + rr * ATTN_WARPS;
+        if (r >= rows) continue;
+        int t = t0 + r / HEADS_PER_CTA, h = head0 + r % HEADS_PER_CTA;
+        float inv = 1.0f / l[rr];
+#pragma unroll
+        for (int i = 0; i < DIMS_PER_LANE; i++)
+            out[(long long)t * NUM_HEADS * HEAD_DIM + h * HEAD_DIM + lane + i * WARP] =
+                from_f(acc[rr][i] * inv);
+    }
+}
+
+#if HEADS_PER_CTA <= 8
+// Attention for tiles of one token (decode steps): the four warps take turns of 32 keys of
+// the context; a lane scores its key against every query head of the block at once (each
+// key read once for all heads sharing it), each warp keeps an online softmax per head, and
+// the warps' partial results are merged through shared memory at the end. Keys and values
+// are read straight from the cache in 16-byte vectors. A lane owns DIMS_PER_LANE
+// consecutive output dimensions.
+// With gridDim.z > 1 (few sequences: too few blocks to fill the GPU) the context is split
+// in gridDim.z ranges; each block then writes its (max, sum, weighted values) per head to
+// `partials` and attention_merge combines them.
+#define PARTIAL_STRIDE (HEAD_DIM + 2)
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_t* out,
+                 const int* tiles, const int* block_tables, const int* table_offsets,
+                 float scale, float* partials) {
+    __shared__ float q_s[HEADS_PER_CTA][HEAD_DIM];
+    __shared__ float m_s[ATTN_WARPS][HEADS_PER_CTA], l_s[ATTN_WARPS][HEADS_PER_CTA];
+    __shared__ float acc_s[ATTN_WARPS][HEADS_PER_CTA][HEAD_DIM];
+    const int* tile = tiles + blockIdx.x * 4;
+    int t = tile[0], seq = tile[2], n_keys = tile[3] + 1;
+    // This block's range of the context, in whole turns of 32 keys.
+    int span = ((n_keys + gridDim.z - 1) / gridDim.z + WARP - 1) / WARP * WARP;
+    int begin = blockIdx.z * span, end = min(n_keys, begin + span);
+    int kv_head = blockIdx.y / HEAD_CHUNKS;
+    int head0 = kv_head * GROUP + (blockIdx.y % HEAD_CHUNKS) * HEADS_PER_CTA;
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int* table = block_tables + table_offsets[seq];
+    for (int idx = threadIdx.x; idx < HEADS_PER_CTA * HEAD_DIM; idx += ATTN_THREADS) {
+        int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
+        q_s[r][d] = to_f(qkv[(long long)t * QKV_STRIDE + (head0 + r) * HEAD_DIM + d]);
+    }
+    __syncthreads();
+
+    float m[HEADS_PER_CTA], l[HEADS_PER_CTA], acc[HEADS_PER_CTA][DIMS_PER_LANE];
+#pragma unroll
+    for (int r = 0; r < HEADS_PER_CTA; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DIMS_PER_LANE; i++) acc[r][i] = 0.0f;
+    }
+    for (int kb = begin + warp * WARP; kb < end; kb += ATTN_WARPS * WARP) {
+        int key = kb + lane;
+        bool valid = key < end;
+        float s[HEADS_PER_CTA];
+#pragma unroll
+        for (int r = 0; r < HEADS_PER_CTA; r++) s[r] = 0.0f;
+        long long base = 0;
+        if (valid) {
+            long long slot = (long long)table[key / BLOCK_SIZE] * BLOCK_SIZE + key % BLOCK_SIZE;
+            base = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM;
+            const uint4* kp = (const uint4*)(k_cache + base);
+#pragma unroll 4
+            for (int c = 0; c < VECS_PER_KEY; c++) {
+                uint4 raw = kp[c];
+                const elem_t* k = (const elem_t*)&raw;
+#pragma unroll
+                for (int i = 0; i < VEC_ELEMS; i++) {
+                    float kf = to_f(k[i]);
+#pragma unroll
+                    for (int r = 0; r < HEADS_PER_CTA; r++) s[r] += q_s[r][c * VEC_ELEMS + i] * kf;
+                }
+            }
+        }
+        float p[HEADS_PER_CTA];
+#pragma unroll
+        for (int r = 0; r < HEADS_PER_CTA; r++) {
+            // Lane 0's key (kb) is always valid, so the maximum is finite.
+            float sr = valid ? s[r] * scale : NEG_INF;
+            float m_new = fmaxf(m[r], warp_max(sr));
+            float correction = expf(m[r] - m_new);
+            p[r] = valid ? expf(sr - m_new) : 0.0f;
+            l[r] = l[r] * correction + warp_sum(p[r]);
+#pragma unroll
+            for (int i = 0; i < DIMS_PER_LANE; i++) acc[r][i] *= correction;
+            m[r] = m_new;
+        }
+        int last = min(WARP, end - kb);
+#pragma unroll 8
+        for (int j = 0; j < last; j++) {
+            long long vb = __shfl_sync(0xffffffffu, base, j);
+            lane_bits_t raw = *(const lane_bits_t*)(v_cache + vb + lane * DIMS_PER_LANE);
+            const elem_t* vp = (const elem_t*)&raw;
+            float v[DIMS_PER_LANE];
+#pragma unroll
+            for (int i = 0; i < DIMS_PER_LANE; i++) v[i] = to_f(vp[i]);
+#pragma unroll
+            for (int r = 0; r < HEADS_PER_CTA; r++) {
+                float pj = __shfl_sync(0xffffffffu, p[r], j);
+#pragma unroll
+                for (int i = 0; i < DIMS_PER_LANE; i++) acc[r][i] += pj * v[i];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < HEADS_PER_CTA; r++) {
+        if (lane == 0) {
+            m_s[warp][r] = m[r];
+            l_s[warp][r] = l[r];
+        }
+#pragma unroll
+        for (int i = 0; i < DIMS_PER_LANE; i++) acc_s[warp][r][lane * DIMS_PER_LANE + i] = acc[r][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < HEADS_PER_CTA * HEAD_DIM; idx += ATTN_THREADS) {
+        int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, m_s[w][r]);
+        float num = 0.0f, den = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            // A warp whose turn never came holds no keys.
+            if (m_s[w][r] != NEG_INF) {
+                float f = expf(m_s[w][r] - mx);
+                num += f * acc_s[w][r][d];
+                den += f * l_s[w][r];
+            }
+        }
+        if (gridDim.z == 1) {
+            out[(long long)t * NUM_HEADS * HEAD_DIM + (head0 + r) * HEAD_DIM + d] =
+                from_f(num / den);
+        } else {
+            // A range past the context's end leaves max -inf and sums 0.
+            float* partial = partials + (((long long)blockIdx.x * gridDim.y + blockIdx.y) *
+                                             gridDim.z + blockIdx.z) * HEADS_PER_CTA * PARTIAL_STRIDE +
+                             r * PARTIAL_STRIDE;
+            partial[d] = num;
+            if (d == 0) {
+                partial[HEAD_DIM] = mx;
+                partial[HEAD_DIM + 1] = den;
+            }
+        }
+    }
+}
+
+// Combines attention_decode's `splits` partial results per (tile, head) (same grid x, y).
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_merge(const float* partials, const int* tiles, elem_t* out, int splits) {
+    int t = tiles[blockIdx.x * 4];
+    int head0 = (blockIdx.y / HEAD_CHUNKS) * GROUP + (blockIdx.y % HEAD_CHUNKS) * HEADS_PER_CTA;
+    const float* base = partials + ((long long)blockIdx.x * gridDim.y + blockIdx.y) * splits *
+                                       HEADS_PER_CTA * PARTIAL_STRIDE;
+    for (int idx = threadIdx.x; idx < HEADS_PER_CTA * HEAD_DIM; idx += ATTN_THREADS) {
+        int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
+        float mx = NEG_INF;
+        for (int z = 0; z < splits; z++)
+            mx = fmaxf(mx, base[(z * HEADS_PER_CTA + r) * PARTIAL_STRIDE + HEAD_DIM]);
+        float num = 0.0f, den = 0.0f;
+        for (int z = 0; z < splits; z++) {
+            const float* p = base + (z * HEADS_PER_CTA + r) * PARTIAL_STRIDE;
+            if (p[HEAD_DIM] != NEG_INF) {
+                float f = expf(p[HEAD_DIM] - mx);
+                num += f * p[d];
+                den += f * p[HEAD_DIM + 1];
+            }
+        }
+        out[(long long)t * NUM_HEADS * HEAD_DIM + (head0 + r) * HEAD_DIM + d] = from_f(num / den);
+    }
+}
+#endif
+
+// out[t][i] = SiLU(gate) * up, with gate_up[t] = [gate (ffn), up (ffn)].
+extern "C" __global__ void silu_mul(const elem_t* gate_up, elem_t* out, int ffn, long long n) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += stride) {
+        long long t = idx / ffn, i = idx % ffn;
+        float g = to_f(gate_up[t * 2 * ffn + i]), u = to_f(gate_up[t * 2 * ffn + ffn + i]);
+        out[idx] = from_f(g / (1.0f + expf(-g)) * u);
+    }
+}
+
+// ---- Sampling: one block of SAMPLE_THREADS per sampled row. ----
+
+// Per-row parameters, as i32 words (floats as their bits); see plan.rs.
+#define SP_TEMPERATURE 0
+#define SP_TOP_P 1
+#define SP_TOP_K 2
+#define SP_MIN_P 3
+#define SP_REPETITION 4
+#define SP_FREQUENCY 5
+#define SP_PRESENCE 6
+#define SP_GREEDY 7
+#define SP_LOGPROB 8
+#define SP_TOP_LOGPROBS 9
+#define SP_PENALTY_OFFSET 10
+#define SP_PENALTY_COUNT 11
+#define SP_UNIFORM_LO 12
+#define SP_UNIFORM_HI 13
+#define SP_FIELDS 14
+
+struct ArgBest {
+    float v;
+    int i;
+};
+
+// a is better than b: larger value, or equal value and lower id. NaN is never better.
+__device__ __forceinline__ bool better(float av, int ai, float bv, int bi) {
+    return av > bv || (av == bv && ai < bi && ai >= 0) || (bi < 0 && ai >= 0 && !(av != av));
+}
+
+__device__ ArgBest block_best(ArgBest x, ArgBest* scratch) {
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    for (int o = WARP / 2; o > 0; o /= 2) {
+        float v = __shfl_xor_sync(0xffffffffu, x.v, o);
+        int i = __shfl_xor_sync(0xffffffffu, x.i, o);
+        if (better(v, i, x.v, x.i)) x = ArgBest{v, i};
+    }
+    __syncthreads();
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    x = lane < SAMPLE_THREADS / WARP ? scratch[lane] : ArgBest{NEG_INF, -1};
+    for (int o = WARP / 2; o > 0; o /= 2) {
+        float v = __shfl_xor_sync(0xffffffffu, x.v, o);
+        int i = __shfl_xor_sync(0xffffffffu, x.i, o);
+        if (better(v, i, x.v, x.i)) x = ArgBest{v, i};
+    }
+    return x;
+}
+
+__device__ double block_sum_f64(double v, double* scratch) {
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    for (int o = WARP / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < SAMPLE_THREADS / WARP ? scratch[lane] : 0.0;
+    for (int o = WARP / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The arg-max of a row (lowest id on ties).
+__device__ ArgBest row_argmax(const float* row, int vocab, ArgBest* scratch) {
+    ArgBest best = {NEG_INF, -1};
+    for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS)
+        if (better(row[i], i, best.v, best.i)) best = ArgBest{row[i], i};
+    return block_best(best, scratch);
+}
+
+// Sum of the weights w(i) = exp((l_i - max) / T) that are >= threshold, or their count.
+__device__ double kept_mass(const float* row, int vocab, float max, float inv_t, float threshold,
+                            bool count, double* scratch) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+        float w = expf((row[i] - max) * inv_t);
+        if (w >= threshold) s += count ? 1.0 : (double)w;
+    }
+    return block_sum_f64(s, scratch);
+}
+
+// The largest weight threshold whose kept count (or mass) is still >= goal, searched over
+// the bit patterns of positive floats (ordered like the floats), from `lo_bits` up to 1.0.
+__device__ float threshold_for(const float* row, int vocab, float max, float inv_t,
+                               unsigned lo_bits, double goal, bool count, double* scratch) {
+    unsigned lo = lo_bits, hi = 0x3f800000u;
+    while (lo < hi) {
+        unsigned mid = lo + (hi - lo + 1) / 2;
+        if (kept_mass(row, vocab, max, inv_t, __uint_as_float(mid), count, scratch) >= goal)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return __uint_as_float(lo);
+}
+
+// Samples one token per row of logits (rows: [n][vocab], f32). Order as the CPU sampler:
+// log-probabilities of the raw logits, then penalties (in place), then greedy arg-max or
+// temperature, top-k, top-p, min-p and a draw with the row's uniform number. The kept set
+// is {w >= threshold}: tokens tied with the k-th or the nucleus's last weight are all kept.
+// The draw walks the kept tokens in id order. Outputs: tokens [n], logprobs [n] (f32 bits),
+// top [n][MAX_TOP_LOGPROBS][2] (id, f32 bits of log p).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+sample(float* logits, int vocab, const int* params, const int* penalties, float* originals,
+       int* out, int n_rows) {
+    __shared__ ArgBest best_scratch[32];
+    __shared__ double sum_scratch[32];
+    __shared__ int pick;
+    int row_idx = blockIdx.x;
+    float* row = logits + (long long)row_idx * vocab;
+    const int* p = params + row_idx * SP_FIELDS;
+    int* tokens = out;
+    float* logprobs = (float*)(out + n_rows);
+    int* top = out + 2 * n_rows + row_idx * MAX_TOP_LOGPROBS * 2;
+
+    int want_logprob = p[SP_LOGPROB], n_top = p[SP_TOP_LOGPROBS];
+    float lse = 0.0f;
+    if (want_logprob || n_top > 0) {
+        float mx = row_argmax(row, vocab, best_scratch).v;
+        double s = 0.0;
+        for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) s += exp((double)(row[i] - mx));
+        lse = mx + (float)log(block_sum_f64(s, sum_scratch));
+        ArgBest prev = {__int_as_float(0x7f800000), -1};
+        for (int k = 0; k < n_top; k++) {
+            ArgBest b = {NEG_INF, -1};
+            for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+                float v = row[i];
+                bool after = v < prev.v || (v == prev.v && i > prev.i);
+                if (after && better(v, i, b.v, b.i)) b = ArgBest{v, i};
+            }
+            b = block_best(b, best_scratch);
+            if (threadIdx.x == 0) {
+                top[2 * k] = b.i;
+                top[2 * k + 1] = __float_as_int(b.v - lse);
+            }
+            prev = b;
+        }
+    }
+
+    int pen_off = p[SP_PENALTY_OFFSET], pen_count = p[SP_PENALTY_COUNT];
+    float repetition = __int_as_float(p[SP_REPETITION]);
+    float frequency = __int_as_float(p[SP_FREQUENCY]), presence = __int_as_float(p[SP_PRESENCE]);
+    // Entries are distinct tokens: (token, occurrences in the output).
+    for (int e = threadIdx.x; e < pen_count; e += SAMPLE_THREADS) {
+        int tok = penalties[2 * (pen_off + e)], n = penalties[2 * (pen_off + e) + 1];
+        float v = row[tok];
+        originals[pen_off + e] = v;
+        if (repetition != 1.0f) v = v > 0.0f ? v / repetition : v * repetition;
+        if (n > 0) v -= frequency * (float)n + presence;
+        row[tok] = v;
+    }
+    __syncthreads();
+
+    int token;
+    float temperature = __int_as_float(p[SP_TEMPERATURE]);
+    float inv_t = 1.0f / temperature;
+    if (p[SP_GREEDY] || isinf(inv_t) || isnan(inv_t)) {
+        token = row_argmax(row, vocab, best_scratch).i;
+    } else {
+        float mx = row_argmax(row, vocab, best_scratch).v;
+        int top_k = p[SP_TOP_K];
+        float top_p = __int_as_float(p[SP_TOP_P]), min_p = __int_as_float(p[SP_MIN_P]);
+        float threshold = 0.0f;
+        if (top_k > 0 && top_k < vocab)
+            threshold = threshold_for(row, vocab, mx, inv_t, 0u, (double)top_k, true, sum_scratch);
+        if (top_p < 1.0f) {
+            double mass = kept_mass(row, vocab, mx, inv_t, threshold, false, sum_scratch);
+            threshold = threshold_for(row, vocab, mx, inv_t, __float_as_uint(threshold),
+                                      (double)top_p * mass, false, sum_scratch);
+        }
+        threshold = fmaxf(threshold, min_p);
+        double total = kept_mass(row, vocab, mx, inv_t, threshold, false, sum_scratch);
+        double u = __hiloint2double(p[SP_UNIFORM_HI], p[SP_UNIFORM_LO]);
+        double target = u * total;
+        // Each thread owns a contiguous run of ids; an exclusive scan of the runs' masses
+        // finds the run where the cumulative mass passes the target.
+        int per = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+        int begin = threadIdx.x * per, end = min(vocab, begin + per);
+        double mine = 0.0;
+        int last_kept = -1;
+        for (int i = begin; i < end; i++) {
+            float w = expf((row[i] - mx) * inv_t);
+            if (w >= threshold) {
+                mine += (double)w;
+                last_kept = i;
+            }
+        }
+        __shared__ double run_mass[SAMPLE_THREADS];
+        __shared__ int fallback;
+        run_mass[threadIdx.x] = mine;
+        if (threadIdx.x == 0) {
+            pick = 0x7fffffff;
+            fallback = -1;
+        }
+        __syncthreads();
+        for (int o = 1; o < SAMPLE_THREADS; o *= 2) {
+            double add = threadIdx.x >= o ? run_mass[threadIdx.x - o] : 0.0;
+            __syncthreads();
+            run_mass[threadIdx.x] += add;
+            __syncthreads();
+        }
+        double cum = run_mass[threadIdx.x] - mine;
+        if (cum <= target && target < cum + mine) {
+            for (int i = begin; i < end; i++) {
+                float w = expf((row[i] - mx) * inv_t);
+                if (w >= threshold) {
+                    cum += (double)w;
+                    if (cum > target) {
+                        atomicMin(&pick, i);
+                        break;
+                    }
+                }
+            }
+        }
+        if (last_kept >= 0) atomicMax(&fallback, last_kept);
+        __syncthreads();
+        // Rounding can leave the target at the very end: then the last kept token.
+        if (pick != 0x7fffffff)
+            token = pick;
+        else if (fallback >= 0)
+            token = fallback;
+        else
+            token = row_argmax(row, vocab, best_scratch).i;
+    }
+
+    if (threadIdx.x == 0) {
+        tokens[row_idx] = token;
+        float raw = row[token];
+        for (int e = 0; e < pen_count; e++)
+            if (penalties[2 * (pen_off + e)] == token) raw = originals[pen_off + e];
+        logprobs[row_idx] = want_logprob ? raw - lse : 0.0f;
+    }
+}

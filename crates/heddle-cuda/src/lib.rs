@@ -1,0 +1,25 @@
+//! heddle-cuda: the GPU model runner. Llama-family models (Llama, Qwen2) in bf16 on an
+//! NVIDIA GPU, behind [`heddle_model::ModelRunner`].
+//!
+//! The CUDA driver, NVRTC and cuBLAS are loaded at run time (cudarc's dynamic loading), so
+//! this crate builds anywhere without a CUDA toolkit; the kernels (kernels.cu) are compiled
+//! by NVRTC for the GPU at hand when a runner starts. See docs/CUDA.md.
+
+pub mod bench;
+pub mod dummy;
+pub mod gpu;
+pub mod kernels;
+pub mod memory;
+pub mod plan;
+pub mod runner;
+pub mod selftest;
+pub mod weights;
+
+pub use kernels::DType;
+pub use runner::{CudaOptions, CudaRunner, KvBudget, WeightSource};
+
+/// Whether a CUDA device can be opened here, or why not.
+pub fn probe_device() -> anyhow::Result<String> {
+    let ctx = gpu::open_device()?;
+    Ok(ctx.name()?)
+}

@@ -1,0 +1,726 @@
+//! The CUDA model runner: a Llama-family forward pass over a flat batch of prefill chunks
+//! and decode tokens, the paged KV cache in GPU memory, and sampling on the device.
+//!
+//! One step is: one host→device copy of the step's packed metadata, the kernels and GEMMs
+//! of every layer queued on one stream, the sampler, and one device→host copy of the
+//! sampled ids (and log-probabilities when asked for), which is the step's only wait.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use heddle_core::{ScheduledBatch, SequenceTokens};
+use heddle_model::runner::{ModelRunner, SampledOutput};
+use heddle_model::{ModelConfig, ModelError};
+
+use crate::gpu::{grid, DeviceBuffer, Gpu};
+use crate::kernels::{
+    decode_splits, DType, KernelShape, ATTENTION_THREADS, MAX_TOP_LOGPROBS, SAMPLE_THREADS,
+};
+use crate::memory::{blocks_for_fraction, kv_bytes_per_block};
+use crate::plan::{Padding, StepPlan};
+use crate::weights::{Dims, Weights};
+
+/// Where the weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightSource {
+    /// An HF checkpoint directory (config.json and safetensors).
+    Checkpoint(PathBuf),
+    /// Random weights made on the GPU, for benchmarks.
+    Dummy { seed: u64 },
+}
+
+/// How much KV cache to allocate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvBudget {
+    /// Blocks fill what is left of this fraction of GPU memory after weights and buffers.
+    MemoryFraction(f64),
+    /// Exactly this many blocks.
+    Blocks(usize),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CudaOptions {
+    pub dtype: DType,
+    pub block_size: usize,
+    /// Most tokens in one step (the scheduler's max_batched_tokens).
+    pub max_batched_tokens: usize,
+    /// Most sequences in one step (the scheduler's max_running).
+    pub max_running: usize,
+    pub kv: KvBudget,
+    /// Replay decode steps as CUDA graphs (one per padded batch size), which saves the
+    /// host most of a step's ~10 launches per layer.
+    pub cuda_graphs: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            dtype: DType::Bf16,
+            block_size: 16,
+            max_batched_tokens: 8192,
+            max_running: 256,
+            kv: KvBudget::MemoryFraction(0.9),
+            cuda_graphs: true,
+        }
+    }
+}
+
+/// Where steps' wall time went, summed until taken: the host's packing and queueing of
+/// the work, and the wait for the GPU to finish it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    pub steps: usize,
+    pub host_seconds: f64,
+    pub wait_seconds: f64,
+}
+
+/// Activations of one step, sized for the largest step.
+struct Buffers {
+    /// The residual stream in f32: [tokens, hidden].
+    residual: DeviceBuffer,
+    /// Normalised activations: [tokens, hidden].
+    normed: DeviceBuffer,
+    qkv: DeviceBuffer,
+    attention: DeviceBuffer,
+    /// Output of the attention and MLP output projections: [tokens, hidden].
+    projected: DeviceBuffer,
+    gate_up: DeviceBuffer,
+    activated: DeviceBuffer,
+    /// f32 logits of the sampled rows: [rows, vocab].
+    logits: DeviceBuffer,
+    /// Sampler output: ids, log-probabilities, top log-probabilities.
+    sampled: DeviceBuffer,
+    inv_freq: DeviceBuffer,
+    /// Decode attention's per-range results when contexts are split.
+    partials: DeviceBuffer,
+}
+
+pub struct CudaRunner {
+    gpu: Gpu,
+    config: ModelConfig,
+    shape: KernelShape,
+    options: CudaOptions,
+    weights: Weights,
+    buffers: Buffers,
+    k_cache: DeviceBuffer,
+    v_cache: DeviceBuffer,
+    num_blocks: usize,
+    plan: StepPlan,
+    /// The step's packed metadata; grows as needed.
+    metadata: DeviceBuffer,
+    /// The penalised tokens' original logits; grows as needed.
+    originals: DeviceBuffer,
+    host_sampled: Vec<i32>,
+    times: StepTimes,
+    /// Captured decode steps by layout; they bake in the buffers' addresses, so they are
+    /// dropped whenever a buffer is reallocated.
+    graphs: HashMap<Padding, DecodeGraph>,
+    /// cuBLAS's workspace, set explicitly so that GEMMs can be captured in graphs.
+    _blas_workspace: DeviceBuffer,
+}
+
+/// A captured decode step.
+struct DecodeGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: CUDA graph handles may be used from any thread, one thread at a time; a graph
+// is only used through its runner's `&mut self`, so by one thread at a time.
+unsafe impl Send for DecodeGraph {}
+
+/// Metadata words and penalty entries the buffers hold at first; they grow on demand.
+const INITIAL_METADATA_WORDS: usize = 1 << 20;
+const INITIAL_PENALTIES: usize = 1 << 18;
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Words the sampler writes per row besides the id: log-prob and top (id, log-prob) pairs.
+const SAMPLED_WORDS_PER_ROW: usize = 2 + 2 * MAX_TOP_LOGPROBS;
+
+impl CudaRunner {
+    /// Opens the GPU, compiles the kernels, loads or makes the weights, and sizes the KV
+    /// cache.
+    pub fn new(
+        config: ModelConfig,
+        source: &WeightSource,
+        options: CudaOptions,
+    ) -> anyhow::Result<Self> {
+        let started = std::time::Instant::now();
+        let shape = KernelShape::new(&config, options.block_size, options.dtype)?;
+        let gpu = Gpu::new(&shape)?;
+        let weights = match source {
+            WeightSource::Checkpoint(dir) => Weights::load(&gpu, &config, dir)?,
+            WeightSource::Dummy { seed } => Weights::dummy(&gpu, &config, *seed)?,
+        };
+        let buffers = Self::buffers_for(&gpu, &shape, &config, &options)?;
+        let per_block = kv_bytes_per_block(&config, options.block_size, options.dtype);
+        let (free, total) = gpu.memory()?;
+        let num_blocks = match options.kv {
+            KvBudget::Blocks(n) => n,
+            KvBudget::MemoryFraction(f) => blocks_for_fraction(free, total, f, per_block),
+        };
+        anyhow::ensure!(
+            num_blocks > 0,
+            "no GPU memory left for the KV cache ({} MiB free of {} MiB after {} MiB of \
+             weights); raise --gpu-memory-fraction or lower --max-batched-tokens",
+            free >> 20,
+            total >> 20,
+            weights.size_in_bytes() >> 20
+        );
+        // One block more than the scheduler gets: the scratch block that the stand-in
+        // sequences of padded decode steps write to.
+        let half_cache = (num_blocks + 1) * per_block / 2;
+        let k_cache = gpu.alloc(half_cache).context("allocating the KV cache")?;
+        let v_cache = gpu.alloc(half_cache).context("allocating the KV cache")?;
+        let metadata = gpu.alloc(INITIAL_METADATA_WORDS * 4)?;
+        let originals = gpu.alloc(INITIAL_PENALTIES * 4)?;
+        let blas_workspace = gpu.alloc(BLAS_WORKSPACE_BYTES)?;
+        gpu.set_blas_workspace(&blas_workspace)?;
+        gpu.stream.synchronize().context("preparing the GPU")?;
+        tracing::info!(
+            device = %gpu.name,
+            dtype = ?options.dtype,
+            seconds = started.elapsed().as_secs_f64(),
+            weights_mib = weights.size_in_bytes() >> 20,
+            kv_blocks = num_blocks,
+            block_size = options.block_size,
+            kv_cache_mib = (2 * half_cache) >> 20,
+            kv_tokens = num_blocks * options.block_size,
+            gpu_total_mib = total >> 20,
+            "CUDA runner ready"
+        );
+        Ok(CudaRunner {
+            gpu,
+            config,
+            shape,
+            options,
+            weights,
+            buffers,
+            k_cache,
+            v_cache,
+            num_blocks,
+            plan: StepPlan::default(),
+            metadata,
+            originals,
+            host_sampled: Vec::new(),
+            times: StepTimes::default(),
+            graphs: HashMap::new(),
+            _blas_workspace: blas_workspace,
+        })
+    }
+
+    fn buffers_for(
+        gpu: &Gpu,
+        shape: &KernelShape,
+        config: &ModelConfig,
+        options: &CudaOptions,
+    ) -> anyhow::Result<Buffers> {
+        // Contexts are split only while blocks < 2 per multiprocessor, so blocks × splits
+        // stays under 4 per multiprocessor.
+        let partial_words = shape.decode_partial_words(4 * gpu.multiprocessors, 1);
+        let d = Dims::of(config);
+        let (t, e) = (options.max_batched_tokens, options.dtype.size_in_bytes());
+        let rows = options.max_running.min(t);
+        let inv_freq = heddle_model::llama::rope_frequencies(config, None);
+        Ok(Buffers {
+            residual: gpu.alloc(t * d.hidden * 4)?,
+            normed: gpu.alloc(t * d.hidden * e)?,
+            qkv: gpu.alloc(t * d.qkv * e)?,
+            attention: gpu.alloc(t * d.q * e)?,
+            projected: gpu.alloc(t * d.hidden * e)?,
+            gate_up: gpu.alloc(t * 2 * d.ffn * e)?,
+            activated: gpu.alloc(t * d.ffn * e)?,
+            logits: gpu.alloc(rows * config.vocab_size * 4)?,
+            sampled: gpu.alloc(rows * SAMPLED_WORDS_PER_ROW * 4)?,
+            inv_freq: gpu.upload(&inv_freq)?,
+            partials: gpu.alloc(partial_words * 4)?,
+        })
+    }
+
+    /// KV blocks in the cache: the scheduler's `num_blocks`.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn options(&self) -> &CudaOptions {
+        &self.options
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.gpu.name
+    }
+
+    /// The step times summed since the last call.
+    pub fn take_step_times(&mut self) -> StepTimes {
+        std::mem::take(&mut self.times)
+    }
+
+    fn check(&self, batch: &ScheduledBatch) -> Result<(), ModelError> {
+        let bs = self.options.block_size;
+        let bad = |why: String| Err(ModelError::InvalidBatch(why));
+        let tokens = batch.num_tokens();
+        if tokens > self.options.max_batched_tokens {
+            return bad(format!(
+                "{tokens} tokens in one step; the CUDA runner was sized for {}",
+                self.options.max_batched_tokens
+            ));
+        }
+        let rows = batch.seqs.iter().filter(|s| s.needs_logits).count();
+        if rows
+            > self
+                .options
+                .max_running
+                .min(self.options.max_batched_tokens)
+        {
+            return bad(format!("{rows} sampled sequences in one step is too many"));
+        }
+        for (i, s) in batch.seqs.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return bad(format!("sequence {i}: no tokens"));
+            }
+            let end = s.end_position();
+            if end > self.config.max_position_embeddings {
+                return bad(format!(
+                    "sequence {i}: position {} is past the context",
+                    end - 1
+                ));
+            }
+            let needed = end.div_ceil(bs);
+            if s.block_table.len() < needed
+                || s.block_table[..needed]
+                    .iter()
+                    .any(|&b| b as usize >= self.num_blocks)
+            {
+                return bad(format!(
+                    "sequence {i}: block table does not cover {end} positions"
+                ));
+            }
+            if s.tokens
+                .iter()
+                .any(|&t| t as usize >= self.config.vocab_size)
+            {
+                return bad(format!("sequence {i}: token outside the vocabulary"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The fixed layout a pure decode step is padded to for graph replay: the batch size
+    /// rounded up to a power of two, the block tables' length likewise.
+    fn graph_padding(&self, batch: &ScheduledBatch) -> Option<Padding> {
+        let eligible = self.options.cuda_graphs
+            && self.shape.has_decode_kernel()
+            && batch
+                .seqs
+                .iter()
+                .all(|s| s.tokens.len() == 1 && s.needs_logits);
+        let rows = batch.seqs.len().next_power_of_two();
+        let max_rows = self
+            .options
+            .max_running
+            .min(self.options.max_batched_tokens);
+        if !eligible || rows > max_rows {
+            return None;
+        }
+        let table_entries: usize = batch.seqs.iter().map(|s| s.block_table.len()).sum();
+        Some(Padding {
+            rows,
+            block_capacity: (table_entries + rows).next_power_of_two().max(64),
+            scratch_block: self.num_blocks as u32,
+        })
+    }
+
+    /// Packs the step's metadata and uploads it (growing the buffers if needed).
+    fn pack(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+        padding: Option<Padding>,
+    ) -> anyhow::Result<()> {
+        self.plan.build(
+            batch,
+            history,
+            self.options.block_size,
+            self.shape.tokens_per_tile(),
+            self.shape.has_decode_kernel(),
+            self.config.vocab_size,
+            padding,
+        );
+        let words = &self.plan.words;
+        if words.len() * 4 > self.metadata.bytes {
+            self.graphs.clear();
+            self.metadata = self.gpu.alloc((words.len() * 4).next_power_of_two())?;
+        }
+        if self.plan.num_penalties * 4 > self.originals.bytes {
+            self.graphs.clear();
+            self.originals = self
+                .gpu
+                .alloc((self.plan.num_penalties * 4).next_power_of_two())?;
+        }
+        self.gpu.write(&self.metadata, words)
+    }
+
+    /// Runs a padded decode step from its graph, capturing the graph on first use.
+    fn replay(&mut self, padding: Padding) -> anyhow::Result<()> {
+        if !self.graphs.contains_key(&padding) {
+            let stream = self.gpu.stream.clone();
+            stream
+                .begin_capture(
+                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .context("starting a CUDA graph capture")?;
+            let queued = self.enqueue(true);
+            let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+            queued?;
+            let graph = graph
+                .context("capturing a decode step")?
+                .context("the decode step's capture is empty")?;
+            tracing::debug!(
+                rows = padding.rows,
+                blocks = padding.block_capacity,
+                "captured a decode step"
+            );
+            self.graphs.insert(padding, DecodeGraph(graph));
+        }
+        self.graphs[&padding]
+            .0
+            .launch()
+            .context("launching a decode step's graph")
+    }
+
+    /// Queues the forward pass up to the logits of the sampled rows, and the sampler when
+    /// `sample`.
+    fn enqueue(&self, sample: bool) -> anyhow::Result<()> {
+        let (gpu, b, w, c) = (&self.gpu, &self.buffers, &self.weights, &self.config);
+        let d = Dims::of(c);
+        let o = self.plan.offsets;
+        let meta = |offset: usize| self.metadata.ptr + 4 * offset as u64;
+        let t = self.plan.num_tokens;
+        let rows = self.plan.sampled_rows;
+        let (hidden, eps) = (d.hidden as i32, c.rms_norm_eps);
+        let norm_threads = 1024.min(d.hidden.next_power_of_two()).max(32) as u32;
+        let layer_cache = self.k_cache.bytes / c.num_layers;
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let null = 0u64;
+
+        gpu.launch(
+            "embed_gather",
+            grid(t, 256),
+            &[&meta(o.tokens), &w.embed.ptr, &b.residual.ptr, &hidden],
+        )?;
+        for (l, layer) in w.layers.iter().enumerate() {
+            let delta = if l == 0 { null } else { b.projected.ptr };
+            gpu.launch(
+                "add_rmsnorm",
+                grid(t, norm_threads),
+                &[
+                    &b.residual.ptr,
+                    &delta,
+                    &layer.attn_norm.ptr,
+                    &b.normed.ptr,
+                    &null,
+                    &hidden,
+                    &eps,
+                    &1i32,
+                ],
+            )?;
+            gpu.gemm(
+                b.qkv.ptr,
+                false,
+                b.normed.ptr,
+                layer.qkv.ptr,
+                t,
+                d.qkv,
+                d.hidden,
+            )?;
+            let k_cache = self.k_cache.ptr + (l * layer_cache) as u64;
+            let v_cache = self.v_cache.ptr + (l * layer_cache) as u64;
+            let bias = layer.qkv_bias.as_ref().map_or(null, |b| b.ptr);
+            gpu.launch(
+                "rope_kv_write",
+                grid(t, 128),
+                &[
+                    &b.qkv.ptr,
+                    &bias,
+                    &b.inv_freq.ptr,
+                    &meta(o.positions),
+                    &meta(o.slots),
+                    &k_cache,
+                    &v_cache,
+                ],
+            )?;
+            launch_attention(
+                gpu,
+                &self.shape,
+                &AttentionArgs {
+                    qkv: b.qkv.ptr,
+                    k_cache,
+                    v_cache,
+                    out: b.attention.ptr,
+                    tiles: meta(o.tiles),
+                    num_tiles: self.plan.num_tiles,
+                    num_decode_tiles: self.plan.num_decode_tiles,
+                    block_tables: meta(o.block_tables),
+                    table_offsets: meta(o.table_offsets),
+                    scale,
+                    partials: b.partials.ptr,
+                    splits: None,
+                },
+            )?;
+            gpu.gemm(
+                b.projected.ptr,
+                false,
+                b.attention.ptr,
+                layer.o.ptr,
+                t,
+                d.hidden,
+                d.q,
+            )?;
+            gpu.launch(
+                "add_rmsnorm",
+                grid(t, norm_threads),
+                &[
+                    &b.residual.ptr,
+                    &b.projected.ptr,
+                    &layer.ffn_norm.ptr,
+                    &b.normed.ptr,
+                    &null,
+                    &hidden,
+                    &eps,
+                    &1i32,
+                ],
+            )?;
+            gpu.gemm(
+                b.gate_up.ptr,
+                false,
+                b.normed.ptr,
+                layer.gate_up.ptr,
+                t,
+                2 * d.ffn,
+                d.hidden,
+            )?;
+            let n = (t * d.ffn) as i64;
+            gpu.launch(
+                "silu_mul",
+                grid((n as usize).div_ceil(256).min(65_536), 256),
+                &[&b.gate_up.ptr, &b.activated.ptr, &(d.ffn as i32), &n],
+            )?;
+            gpu.gemm(
+                b.projected.ptr,
+                false,
+                b.activated.ptr,
+                layer.down.ptr,
+                t,
+                d.hidden,
+                d.ffn,
+            )?;
+        }
+        if rows > 0 {
+            gpu.launch(
+                "add_rmsnorm",
+                grid(rows, norm_threads),
+                &[
+                    &b.residual.ptr,
+                    &b.projected.ptr,
+                    &w.final_norm.ptr,
+                    &b.normed.ptr,
+                    &meta(o.logit_rows),
+                    &hidden,
+                    &eps,
+                    &0i32,
+                ],
+            )?;
+            gpu.gemm(
+                b.logits.ptr,
+                true,
+                b.normed.ptr,
+                w.head(),
+                rows,
+                c.vocab_size,
+                d.hidden,
+            )?;
+            if sample {
+                gpu.launch(
+                    "sample",
+                    grid(rows, SAMPLE_THREADS),
+                    &[
+                        &b.logits.ptr,
+                        &(c.vocab_size as i32),
+                        &meta(o.sample_params),
+                        &meta(o.penalties),
+                        &self.originals.ptr,
+                        &b.sampled.ptr,
+                        &(rows as i32),
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one step and returns the f32 logits of its sampled rows, [rows × vocab],
+    /// without sampling (for checking against the CPU runner).
+    pub fn step_logits(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+    ) -> Result<Vec<f32>, ModelError> {
+        self.check(batch)?;
+        self.pack(batch, history, None).map_err(device_error)?;
+        self.enqueue(false).map_err(device_error)?;
+        let mut logits = vec![0f32; self.plan.rows.len() * self.config.vocab_size];
+        self.gpu
+            .read(&self.buffers.logits, &mut logits)
+            .map_err(device_error)?;
+        Ok(logits)
+    }
+
+    /// Copies the sampled ids (and log-probabilities if asked for) back: the step's wait.
+    fn read_sampled(&mut self, started: std::time::Instant) -> anyhow::Result<Vec<SampledOutput>> {
+        let rows = self.plan.sampled_rows;
+        if rows == 0 {
+            // Nothing to copy back; wait so that the step's errors surface in it.
+            self.gpu
+                .stream
+                .synchronize()
+                .context("waiting for the GPU")?;
+            return Ok(Vec::new());
+        }
+        let b = &self.buffers;
+        let words = if self.plan.wants_logprobs() {
+            rows * SAMPLED_WORDS_PER_ROW
+        } else {
+            self.plan.rows.len()
+        };
+        self.host_sampled.resize(words, 0);
+        let queued = std::time::Instant::now();
+        self.gpu.read(&b.sampled, &mut self.host_sampled)?;
+        self.times.steps += 1;
+        self.times.host_seconds += (queued - started).as_secs_f64();
+        self.times.wait_seconds += queued.elapsed().as_secs_f64();
+        let out = &self.host_sampled;
+        Ok(self
+            .plan
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let top = &out
+                    .get(2 * rows + i * 2 * MAX_TOP_LOGPROBS..)
+                    .unwrap_or(&[]);
+                SampledOutput {
+                    id: row.id,
+                    token: out[i] as u32,
+                    logprob: row.logprob.then(|| f32::from_bits(out[rows + i] as u32)),
+                    top_logprobs: top
+                        .chunks_exact(2)
+                        .take(row.top_logprobs.min(MAX_TOP_LOGPROBS))
+                        .map(|p| (p[0] as u32, f32::from_bits(p[1] as u32)))
+                        .collect(),
+                }
+            })
+            .collect())
+    }
+}
+
+fn device_error(e: anyhow::Error) -> ModelError {
+    ModelError::Device(format!("{e:#}"))
+}
+
+impl ModelRunner for CudaRunner {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn step(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+    ) -> Result<Vec<SampledOutput>, ModelError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = std::time::Instant::now();
+        self.check(batch)?;
+        let padding = self.graph_padding(batch);
+        self.pack(batch, history, padding).map_err(device_error)?;
+        match padding {
+            Some(padding) => self.replay(padding),
+            None => self.enqueue(true),
+        }
+        .map_err(device_error)?;
+        self.read_sampled(started).map_err(device_error)
+    }
+}
+
+/// Where one step's attention reads and writes.
+pub struct AttentionArgs {
+    pub qkv: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub out: u64,
+    /// `num_tiles` tiles for the general kernel, then `num_decode_tiles` single-token ones.
+    pub tiles: u64,
+    pub num_tiles: usize,
+    pub num_decode_tiles: usize,
+    pub block_tables: u64,
+    pub table_offsets: u64,
+    pub scale: f32,
+    pub partials: u64,
+    /// Context ranges per decode block; by default [`decode_splits`] of the batch.
+    pub splits: Option<usize>,
+}
+
+/// Queues attention for every tile: multi-token tiles to the general kernel, single-token
+/// ones to the decode kernel (split and merged when the batch is too small to fill the GPU).
+pub fn launch_attention(gpu: &Gpu, shape: &KernelShape, a: &AttentionArgs) -> anyhow::Result<()> {
+    let grid_y = shape.attention_grid_y();
+    let config = |x: usize, z: usize| cudarc::driver::LaunchConfig {
+        grid_dim: (x as u32, grid_y as u32, z as u32),
+        block_dim: (ATTENTION_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    if a.num_tiles > 0 {
+        gpu.launch(
+            "attention",
+            config(a.num_tiles, 1),
+            &[
+                &a.qkv,
+                &a.k_cache,
+                &a.v_cache,
+                &a.out,
+                &a.tiles,
+                &a.block_tables,
+                &a.table_offsets,
+                &a.scale,
+            ],
+        )?;
+    }
+    if a.num_decode_tiles > 0 {
+        let tiles = a.tiles + 16 * a.num_tiles as u64;
+        let splits = a
+            .splits
+            .unwrap_or_else(|| decode_splits(a.num_decode_tiles * grid_y, gpu.multiprocessors));
+        gpu.launch(
+            "attention_decode",
+            config(a.num_decode_tiles, splits),
+            &[
+                &a.qkv,
+                &a.k_cache,
+                &a.v_cache,
+                &a.out,
+                &tiles,
+                &a.block_tables,
+                &a.table_offsets,
+                &a.scale,
+                &a.partials,
+            ],
+        )?;
+        if splits > 1 {
+            gpu.launch(
+                "attention_merge",
+                config(a.num_decode_tiles, 1),
+                &[&a.partials, &tiles, &a.out, &(splits as i32)],
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -1,21 +1,35 @@
-//! The official `openai` Python client against the real server. Ignored by a plain
-//! `cargo test` because it needs that package: `scripts/test-python.sh` installs it into a
-//! virtual environment and runs this test with `HEDDLE_PYTHON` pointing there.
+//! The official `openai` Python client against the real server. It needs that package:
+//! `scripts/test.sh` installs it into a virtual environment (scripts/python-client.sh) and
+//! points `HEDDLE_PYTHON` there; without it the test looks for that environment and fails
+//! saying how to make it.
 
 mod api_support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use api_support::{model, start, test_config};
 
+/// The interpreter that has the `openai` package.
+fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("HEDDLE_PYTHON") {
+        return python.into();
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/python-venv/bin/python");
+    assert!(
+        venv.exists(),
+        "this test needs the official openai Python package: run `bash scripts/test.sh`, \
+         or `bash scripts/python-client.sh` once before `cargo test`"
+    );
+    venv
+}
+
 #[tokio::test]
-#[ignore = "needs the openai package; run scripts/test-python.sh"]
 async fn the_openai_python_client_works_unchanged() {
+    let python = python();
     let server = start(test_config(vec![model("smollm2")])).await;
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/test_openai_client.py");
-    let python = std::env::var("HEDDLE_PYTHON").unwrap_or_else(|_| "python3".into());
     let base_url = format!("{}/v1", server.base);
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)

@@ -284,7 +284,7 @@ impl Tokenizer {
             })
             .map(|token| token.normalized(false))
             .collect();
-        inner.add_tokens(&added);
+        inner.add_tokens(added).map_err(TokenizerError::Backend)?;
 
         let bos = md.token_id("tokenizer.ggml.bos_token_id", tokens.len())?;
         let eos = md.token_id("tokenizer.ggml.eos_token_id", tokens.len())?;

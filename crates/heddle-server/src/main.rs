@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use heddle_server::{config, generate, serve};
+use heddle_server::{bench, config, generate, serve};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +23,8 @@ enum Command {
     Serve(config::ServeArgs),
     /// Generate a completion from a model, streaming it to stdout.
     Generate(generate::GenerateArgs),
+    /// Benchmark an OpenAI-compatible server under load (TTFT, TPOT, ITL, throughput).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +37,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -42,14 +42,9 @@ impl Measured {
 
 /// Random prompt tokens below `vocab`, from a fixed seed.
 pub fn random_prompt(len: usize, vocab: usize, seed: u64) -> Vec<TokenId> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as TokenId
-        })
+    crate::xorshift::xorshift64(seed)
+        .take(len)
+        .map(|s| (s % vocab as u64) as TokenId)
         .collect()
 }
 

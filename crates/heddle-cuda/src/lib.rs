@@ -14,6 +14,7 @@ pub mod plan;
 pub mod runner;
 pub mod selftest;
 pub mod weights;
+pub mod xorshift;
 
 pub use kernels::DType;
 pub use runner::{CudaOptions, CudaRunner, KvBudget, WeightSource};

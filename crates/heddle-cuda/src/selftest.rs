@@ -57,14 +57,9 @@ pub fn relative_error(out: &[f32], reference: &[f32]) -> f64 {
 
 /// Deterministic values in [-scale, scale).
 pub fn random_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            scale * ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
-        })
+    crate::xorshift::xorshift64(seed)
+        .take(n)
+        .map(|s| scale * ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0))
         .collect()
 }
 

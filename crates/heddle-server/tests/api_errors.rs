@@ -67,6 +67,16 @@ async fn chat_as(key: &str, body: Value) -> (reqwest::StatusCode, Value) {
     .await
 }
 
+/// The status of a GET of `path`, with `key` as bearer token when given.
+async fn get_status(path: &str, key: Option<&str>) -> reqwest::StatusCode {
+    let request = reqwest::Client::new().get(server().url(path));
+    let request = match key {
+        Some(key) => request.bearer_auth(key),
+        None => request,
+    };
+    request.send().await.unwrap().status()
+}
+
 fn valid_chat() -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
 }
@@ -186,16 +196,10 @@ async fn missing_or_wrong_keys_are_401() {
         assert_error(status, &error, 401, "authentication_error");
         assert_eq!(error["error"]["code"], "invalid_api_key");
     }
-    let response = reqwest::Client::new()
-        .get(server().url("/v1/models"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 401);
+    assert_eq!(get_status("/v1/models", None).await, 401);
     // Probes stay open.
     for path in ["/health", "/ready", "/metrics"] {
-        let status = reqwest::get(server().url(path)).await.unwrap().status();
-        assert_eq!(status, 200, "{path}");
+        assert_eq!(get_status(path, None).await, 200, "{path}");
     }
 }
 
@@ -206,20 +210,8 @@ async fn a_key_may_not_exceed_its_tier() {
     assert_eq!(error["error"]["param"], "priority");
     let (status, body) = chat_as(LOW_KEY, valid_chat()).await;
     assert_eq!(status, 200, "{body}");
-    let response = reqwest::Client::new()
-        .get(server().url("/admin/models"))
-        .bearer_auth(LOW_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 403);
-    let response = reqwest::Client::new()
-        .get(server().url("/admin/models"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(get_status("/admin/models", Some(LOW_KEY)).await, 403);
+    assert_eq!(get_status("/admin/models", Some(ADMIN_KEY)).await, 200);
 }
 
 #[tokio::test]
@@ -229,19 +221,8 @@ async fn unknown_models_and_routes_are_404() {
     assert_eq!(error["error"]["code"], "model_not_found");
     let (status, error) = send("/v1/nothing", Some(ADMIN_KEY), "{}".into(), None).await;
     assert_error(status, &error, 404, "invalid_request_error");
-    let response = reqwest::Client::new()
-        .get(server().url("/v1/models/gpt-17"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404);
-    let response = reqwest::Client::new()
-        .get(server().url("/v1/chat/completions"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 405);
+    assert_eq!(get_status("/v1/models/gpt-17", Some(ADMIN_KEY)).await, 404);
+    assert_eq!(get_status("/v1/chat/completions", None).await, 405);
 }
 
 #[tokio::test]

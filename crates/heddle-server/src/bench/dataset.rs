@@ -125,7 +125,8 @@ pub fn draw_len(rng: &mut impl Rng, center: usize, range_ratio: f64) -> usize {
     rng.random_range(low.max(MIN_LEN)..=high.max(MIN_LEN))
 }
 
-/// `--dataset random`: independent random prompts of `input_len` tokens (± range ratio).
+/// `--dataset random`: independent random prompts of `input_len` tokens (± range ratio):
+/// the prefix dataset with an empty prefix.
 pub fn random_prompts(
     synth: &PromptSynthesizer<'_>,
     rng: &mut impl Rng,
@@ -134,18 +135,7 @@ pub fn random_prompts(
     output_len: usize,
     range_ratio: f64,
 ) -> anyhow::Result<Vec<BenchPrompt>> {
-    (0..count)
-        .map(|_| {
-            let len = draw_len(rng, input_len, range_ratio);
-            let (text, ids) = synth.text_of_len(rng, &[], len)?;
-            Ok(BenchPrompt {
-                text,
-                prompt_tokens: ids.len(),
-                output_len: draw_len(rng, output_len, range_ratio),
-                priority: None,
-            })
-        })
-        .collect()
+    prefix_prompts(synth, rng, count, &[], input_len, output_len, range_ratio)
 }
 
 /// `--dataset prefix`: every prompt starts with the tokens `prefix` (an earlier result of

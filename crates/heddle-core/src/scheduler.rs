@@ -403,6 +403,20 @@ impl Scheduler {
         events
     }
 
+    /// Abandons the step in flight when the model failed to compute it: its tokens are not
+    /// credited, its blocks are not registered in the prefix cache (their K/V may never have
+    /// been written), and every sequence it scheduled ends with [`FinishReason::Error`],
+    /// its blocks returned to the pool. Returns those sequences, in batch order.
+    pub fn abort_step(&mut self) -> Vec<RequestId> {
+        let in_flight = std::mem::take(&mut self.in_flight);
+        let failed: Vec<RequestId> = in_flight.iter().map(|&(id, _)| id).collect();
+        for &id in &failed {
+            self.end(id, RequestStatus::Finished(FinishReason::Error))
+                .expect("a scheduled sequence can fail");
+        }
+        failed
+    }
+
     /// Takes seats from the least urgent running sequences for strictly more urgent
     /// waiting ones, when the seat limit is what keeps them out.
     fn preempt_for_priority(&mut self, batch: &mut ScheduledBatch) {
@@ -945,6 +959,49 @@ mod tests {
         assert!(sched.cancel(1));
         assert!(sched.update(&fake_sample(&batch)).is_empty());
         assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn an_aborted_step_credits_nothing_and_caches_nothing() {
+        let mut sched = Scheduler::new(config(16, 4)).unwrap();
+        sched.add(req(1, 10, 5, Priority::Normal, 0.0)).unwrap();
+        sched.add(req(2, 3, 5, Priority::Normal, 0.0)).unwrap();
+        let batch = sched.schedule();
+        assert_eq!(ids(&batch), vec![1, 2]);
+        assert_eq!(sched.abort_step(), vec![1, 2]);
+        assert_eq!(sched.status(1), None);
+        assert!(!sched.has_work());
+        assert_eq!(
+            sched.stats().kv.cached_blocks,
+            0,
+            "unwritten blocks were cached"
+        );
+        assert_no_leak(&sched);
+
+        // The same prompt again starts from nothing and computes it all.
+        let mut again = req(3, 10, 5, Priority::Normal, 1.0);
+        again.prompt = req(1, 10, 5, Priority::Normal, 0.0).prompt;
+        sched.add(again).unwrap();
+        let (batch, _) = step(&mut sched);
+        assert_eq!(batch.seqs[0].start_position, 0);
+        assert_eq!(sched.cached_prompt_tokens(3), Some(0));
+    }
+
+    #[test]
+    fn aborting_a_later_step_keeps_what_earlier_steps_computed() {
+        let mut sched = Scheduler::new(config(16, 4)).unwrap();
+        sched.add(req(1, 8, 5, Priority::Normal, 0.0)).unwrap();
+        step(&mut sched); // the 8 prompt tokens: two full blocks, written and cached
+        sched.schedule();
+        assert_eq!(sched.abort_step(), vec![1]);
+        assert_eq!(sched.stats().kv.cached_blocks, 2);
+        assert_no_leak(&sched);
+        let mut again = req(2, 8, 5, Priority::Normal, 1.0);
+        again.prompt = req(1, 8, 5, Priority::Normal, 0.0).prompt;
+        sched.add(again).unwrap();
+        step(&mut sched);
+        // All but the last token come from the cache (one is recomputed for its logits).
+        assert_eq!(sched.cached_prompt_tokens(2), Some(4));
     }
 
     #[test]

@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
                     ignore_eos: true,
                     ..StopCriteria::new(OUTPUT_TOKENS)
                 },
+                arrived: Instant::now(),
             })
             .collect();
         let started = Instant::now();

@@ -2,12 +2,23 @@
 //! runner and loops: take commands (add, cancel) → schedule → runner step → update →
 //! detokenize and match stop strings → send each request's events to its own channel.
 //! A closed channel means the client left: the request is cancelled and its blocks freed.
+//!
+//! Every request ends here exactly once (finished, cancelled, displaced, abandoned by its
+//! client or failed), so this is where its latencies and its ending are counted.
+//!
+//! Failures: a model step that fails ends that step's requests with an error and is never
+//! credited (see [`Scheduler::abort_step`]); a panic ends every live request with an
+//! error, and the engine then reloads its runner and starts over with an empty scheduler
+//! (its health is `Restarting` meanwhile), or stops if it cannot.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
 
 use heddle_core::scheduler::AddError;
 use heddle_core::{
@@ -20,6 +31,9 @@ use heddle_model::stop_strings::StopStringMatcher;
 use heddle_model::tokenizer::Tokenizer;
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 
+use crate::faults::{FaultInjection, StepFault};
+use crate::metrics::ModelMetrics;
+
 /// What a caller asks the engine to generate.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
@@ -29,6 +43,8 @@ pub struct GenerationRequest {
     /// max_tokens, the request's stop token ids and stop strings, ignore_eos; the
     /// model's EOS ids are added by the engine.
     pub stop: StopCriteria,
+    /// When the caller received it: latencies are measured from here.
+    pub arrived: Instant,
 }
 
 /// Log-probabilities of one generated token.
@@ -87,7 +103,7 @@ pub struct Submitted {
 enum Command {
     Add {
         id: RequestId,
-        request: GenerationRequest,
+        request: Box<GenerationRequest>,
         events: async_mpsc::UnboundedSender<EngineEvent>,
         reply: oneshot::Sender<Result<(), SubmitError>>,
     },
@@ -95,8 +111,64 @@ enum Command {
 }
 
 /// The clock requests' arrivals are measured on: seconds since the engine started.
-fn seconds_since(start: std::time::Instant) -> f64 {
+fn seconds_since(start: Instant) -> f64 {
     start.elapsed().as_secs_f64()
+}
+
+/// Whether an engine is serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineHealth {
+    Running,
+    /// It panicked and is reloading its runner; requests sent now wait for it.
+    Restarting,
+    /// Its thread has ended (it could not reload, or every handle was dropped).
+    Stopped,
+}
+
+impl EngineHealth {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            0 => EngineHealth::Running,
+            1 => EngineHealth::Restarting,
+            _ => EngineHealth::Stopped,
+        }
+    }
+}
+
+/// What the engine thread publishes for its handles.
+struct Shared {
+    stats: Mutex<SchedulerStats>,
+    health: AtomicU8,
+}
+
+impl Shared {
+    fn set_health(&self, health: EngineHealth) {
+        self.health.store(health as u8, Ordering::Release);
+    }
+}
+
+/// Builds a fresh runner and says how many KV blocks it has: how an engine comes back
+/// after a panic.
+pub type RunnerFactory =
+    Box<dyn FnMut() -> anyhow::Result<(Box<dyn ModelRunner>, usize)> + Send + 'static>;
+
+/// How an engine is measured and supervised.
+pub struct EngineOptions {
+    /// Where its requests' latencies and endings are counted.
+    pub metrics: Arc<ModelMetrics>,
+    pub faults: Arc<FaultInjection>,
+    /// Reloads the runner after a panic; without it a panicked engine stops.
+    pub reload: Option<RunnerFactory>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            metrics: Arc::new(ModelMetrics::default()),
+            faults: Arc::new(FaultInjection::default()),
+            reload: None,
+        }
+    }
 }
 
 /// A cheap, cloneable handle to a running engine.
@@ -104,7 +176,7 @@ fn seconds_since(start: std::time::Instant) -> f64 {
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     next_id: Arc<AtomicU64>,
-    stats: Arc<Mutex<SchedulerStats>>,
+    shared: Arc<Shared>,
     tokenizer: Arc<Tokenizer>,
 }
 
@@ -115,7 +187,11 @@ impl EngineHandle {
 
     /// The scheduler's counters as of the last step.
     pub fn stats(&self) -> SchedulerStats {
-        *self.stats.lock().expect("stats lock")
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn health(&self) -> EngineHealth {
+        EngineHealth::from_u8(self.shared.health.load(Ordering::Acquire))
     }
 
     /// Hands a request to the engine; the answer says whether it was queued.
@@ -166,7 +242,7 @@ impl EngineHandle {
         self.commands
             .send(Command::Add {
                 id,
-                request,
+                request: Box::new(request),
                 events,
                 reply,
             })
@@ -184,6 +260,8 @@ struct Live {
     stopped: bool,
     wants_logprobs: bool,
     usage: Usage,
+    arrived: Instant,
+    last_token: Option<Instant>,
 }
 
 /// The engine thread's state.
@@ -195,8 +273,10 @@ pub struct Engine {
     /// The step's batch and sampled tokens, reused from step to step.
     batch: ScheduledBatch,
     sampled: Vec<SampledToken>,
-    stats: Arc<Mutex<SchedulerStats>>,
-    started: std::time::Instant,
+    shared: Arc<Shared>,
+    metrics: Arc<ModelMetrics>,
+    faults: Arc<FaultInjection>,
+    started: Instant,
 }
 
 /// How long an idle engine waits for a command before checking again.
@@ -210,32 +290,89 @@ impl Engine {
         tokenizer: Arc<Tokenizer>,
         config: SchedulerConfig,
     ) -> anyhow::Result<(EngineHandle, JoinHandle<()>)> {
+        Self::spawn_with(name, runner, tokenizer, config, EngineOptions::default())
+    }
+
+    /// [`Self::spawn`] with metrics, faults and a way to reload after a panic.
+    pub fn spawn_with(
+        name: &str,
+        runner: Box<dyn ModelRunner>,
+        tokenizer: Arc<Tokenizer>,
+        config: SchedulerConfig,
+        options: EngineOptions,
+    ) -> anyhow::Result<(EngineHandle, JoinHandle<()>)> {
         let scheduler = Scheduler::new(config)?;
-        let stats = Arc::new(Mutex::new(scheduler.stats()));
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(scheduler.stats()),
+            health: AtomicU8::new(EngineHealth::Running as u8),
+        });
         let (commands, commands_rx) = mpsc::channel();
         let handle = EngineHandle {
             commands,
             next_id: Arc::new(AtomicU64::new(1)),
-            stats: stats.clone(),
+            shared: shared.clone(),
             tokenizer: tokenizer.clone(),
         };
-        let mut engine = Engine {
+        let engine = Engine {
             scheduler,
             runner,
             tokenizer,
             live: HashMap::new(),
             batch: ScheduledBatch::default(),
             sampled: Vec::new(),
-            stats,
-            started: std::time::Instant::now(),
+            shared,
+            metrics: options.metrics,
+            faults: options.faults,
+            started: Instant::now(),
         };
+        let name = name.to_string();
+        let reload = options.reload;
         let thread = std::thread::Builder::new()
             .name(format!("engine-{name}"))
-            .spawn(move || engine.run(commands_rx))?;
+            .spawn(move || supervise(engine, commands_rx, reload, &name))?;
         Ok((handle, thread))
     }
 
-    fn run(&mut self, commands: mpsc::Receiver<Command>) {
+    /// The engine after a panic: a fresh runner and an empty scheduler (nothing the old one
+    /// cached can be trusted), the same handles, metrics and clock. The old runner is
+    /// dropped before the new one loads, so a GPU's memory is not needed twice.
+    fn restart(self, reload: &mut RunnerFactory) -> anyhow::Result<Engine> {
+        let Engine {
+            scheduler,
+            runner,
+            tokenizer,
+            shared,
+            metrics,
+            faults,
+            started,
+            ..
+        } = self;
+        let config = scheduler.config().clone();
+        drop(scheduler);
+        drop(runner);
+        faults.wait_while_restarts_held();
+        let (runner, num_blocks) = reload()?;
+        let scheduler = Scheduler::new(SchedulerConfig {
+            num_blocks,
+            ..config
+        })?;
+        let engine = Engine {
+            scheduler,
+            runner,
+            tokenizer,
+            live: HashMap::new(),
+            batch: ScheduledBatch::default(),
+            sampled: Vec::new(),
+            shared,
+            metrics,
+            faults,
+            started,
+        };
+        engine.publish_stats();
+        Ok(engine)
+    }
+
+    fn run(&mut self, commands: &mpsc::Receiver<Command>) {
         loop {
             // Block only when there is nothing to compute.
             if !self.scheduler.has_work() {
@@ -270,7 +407,7 @@ impl Engine {
                 events,
                 reply,
             } => {
-                let answer = self.add(id, request, events);
+                let answer = self.add(id, *request, events);
                 let _ = reply.send(answer);
             }
             Command::Cancel(id) => {
@@ -292,6 +429,7 @@ impl Engine {
             priority,
             mut sampling,
             mut stop,
+            arrived,
         } = request;
         // Every request gets a seed, so its sampling never depends on the batch.
         sampling.seed.get_or_insert_with(rand::random);
@@ -324,6 +462,8 @@ impl Engine {
                             prompt_tokens,
                             ..Usage::default()
                         },
+                        arrived,
+                        last_token: None,
                     },
                 );
                 self.publish_stats();
@@ -344,7 +484,7 @@ impl Engine {
             .collect();
         for id in gone {
             self.scheduler.cancel(id);
-            self.live.remove(&id);
+            self.retire(id, FinishReason::Cancelled);
         }
     }
 
@@ -363,16 +503,20 @@ impl Engine {
                 live.usage.cached_tokens = cached;
             }
         }
-        let outputs = match self.runner.step(batch, &self.scheduler) {
+        let result = match self.faults.take() {
+            None => self
+                .runner
+                .step(batch, &self.scheduler)
+                .map_err(|e| e.to_string()),
+            Some(StepFault::Fail) => Err("an injected step failure".to_string()),
+            Some(StepFault::Panic) => panic!("an injected engine panic"),
+        };
+        let outputs = match result {
             Ok(outputs) => outputs,
             Err(error) => {
                 tracing::error!(%error, "model step failed; failing its requests");
-                self.scheduler.update(&[]);
-                let failed: Vec<RequestId> = batch.seqs.iter().map(|s| s.id).collect();
-                for id in failed {
-                    if self.scheduler.finish(id, FinishReason::Error).is_ok() {
-                        self.end(id, FinishReason::Error);
-                    }
+                for id in self.scheduler.abort_step() {
+                    self.end(id, FinishReason::Error);
                 }
                 return;
             }
@@ -402,6 +546,17 @@ impl Engine {
             return;
         };
         live.usage.completion_tokens += 1;
+        let now = Instant::now();
+        match live.last_token.replace(now) {
+            None => self
+                .metrics
+                .time_to_first_token
+                .observe((now - live.arrived).as_secs_f64()),
+            Some(previous) => self
+                .metrics
+                .inter_token_latency
+                .observe((now - previous).as_secs_f64()),
+        }
         // A stop token ends the output; its text is not part of it.
         let piece = if finish == Some(FinishReason::Stop) {
             Ok(String::new())
@@ -449,11 +604,15 @@ impl Engine {
 
     /// Sends the last event of a request (with any held-back text) and forgets it.
     fn end(&mut self, id: RequestId, reason: FinishReason) {
-        let Some(mut live) = self.live.remove(&id) else {
-            return;
-        };
         // Whoever sees the last event also sees the blocks it freed.
         self.publish_stats();
+        self.send_last_event(id, reason);
+    }
+
+    fn send_last_event(&mut self, id: RequestId, reason: FinishReason) {
+        let Some(mut live) = self.retire(id, reason) else {
+            return;
+        };
         let text = if live.stopped {
             String::new()
         } else {
@@ -474,7 +633,79 @@ impl Engine {
         });
     }
 
-    fn publish_stats(&self) {
-        *self.stats.lock().expect("stats lock") = self.scheduler.stats();
+    /// Forgets a request and counts its ending: the one place every request passes once.
+    fn retire(&mut self, id: RequestId, reason: FinishReason) -> Option<Live> {
+        let live = self.live.remove(&id)?;
+        self.metrics.record_finish(
+            reason,
+            live.arrived.elapsed(),
+            live.usage.prompt_tokens,
+            live.usage.completion_tokens,
+        );
+        Some(live)
     }
+
+    /// After a panic: every live request ends with an error. The scheduler is not
+    /// consulted, since the panic may have left it half-updated.
+    fn fail_all_live(&mut self) {
+        let ids: Vec<RequestId> = self.live.keys().copied().collect();
+        for id in ids {
+            self.send_last_event(id, FinishReason::Error);
+        }
+    }
+
+    fn publish_stats(&self) {
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.scheduler.stats();
+    }
+}
+
+/// The engine thread: runs the engine, and after a panic fails its live requests and
+/// restarts it with a reloaded runner (or stops, if it cannot reload).
+fn supervise(
+    mut engine: Engine,
+    commands: mpsc::Receiver<Command>,
+    mut reload: Option<RunnerFactory>,
+    name: &str,
+) {
+    loop {
+        let Err(panic) = catch_unwind(AssertUnwindSafe(|| engine.run(&commands))) else {
+            engine.shared.set_health(EngineHealth::Stopped);
+            return;
+        };
+        // Counted and shown before the requests hear of it.
+        let shared = engine.shared.clone();
+        shared.set_health(EngineHealth::Restarting);
+        engine.metrics.record_engine_restart();
+        tracing::error!(
+            model = %name,
+            panic = panic_message(panic.as_ref()),
+            live = engine.live.len(),
+            "the engine panicked; failing its requests and reloading the model"
+        );
+        engine.fail_all_live();
+        let restarted = reload
+            .as_mut()
+            .context("this engine has no way to reload its model")
+            .and_then(|reload| engine.restart(reload));
+        match restarted {
+            Ok(fresh) => {
+                engine = fresh;
+                shared.set_health(EngineHealth::Running);
+                tracing::info!(model = %name, "engine restarted");
+            }
+            Err(error) => {
+                shared.set_health(EngineHealth::Stopped);
+                tracing::error!(model = %name, error = format!("{error:#}"), "the engine could not restart; it has stopped");
+                return;
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }

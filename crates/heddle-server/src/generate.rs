@@ -89,6 +89,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             stop_strings: args.stop.clone(),
             ..StopCriteria::new(args.max_tokens)
         },
+        arrived: std::time::Instant::now(),
     };
     let mut submitted = engine.submit_blocking(request)?;
     let mut out = std::io::stdout().lock();

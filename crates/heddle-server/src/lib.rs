@@ -5,6 +5,8 @@ pub mod api;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod faults;
 pub mod generate;
+pub mod metrics;
 pub mod pool;
 pub mod serve;

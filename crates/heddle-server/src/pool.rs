@@ -13,6 +13,10 @@
 //! Unloading (admin call, eviction, shutdown) removes the model from the pool at once,
 //! cancels its in-flight requests (their clients see the cancellation, see `api`), and
 //! waits for the engine thread to stop, which frees the weights and the cache.
+//!
+//! Engines supervise themselves: one that panics fails its requests and reloads its
+//! runner (see `engine`). One that could not reload has stopped; the pool replaces it
+//! with a fresh load on the model's next use, so a model never stays dead.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -28,7 +32,9 @@ use heddle_model::loaded::kv_bytes_per_block;
 use heddle_model::tokenizer::TokenizerBundle;
 use heddle_model::{load_cpu, KvSize, ModelRunner};
 
-use crate::engine::{Engine, EngineHandle};
+use crate::engine::{Engine, EngineHandle, EngineHealth, EngineOptions, RunnerFactory};
+use crate::faults::FaultInjection;
+use crate::metrics::Metrics;
 
 /// How long an unload waits for the engine thread to finish its cancelled requests.
 const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -193,6 +199,8 @@ pub struct ModelPool {
     load_lock: tokio::sync::Mutex<()>,
     loads: Mutex<HashMap<String, u64>>,
     shutting_down: AtomicBool,
+    metrics: Arc<Metrics>,
+    faults: Arc<FaultInjection>,
 }
 
 impl ModelPool {
@@ -212,7 +220,34 @@ impl ModelPool {
             load_lock: tokio::sync::Mutex::new(()),
             loads: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
+            metrics: Arc::new(Metrics::default()),
+            faults: Arc::new(FaultInjection::default()),
         }
+    }
+
+    /// Every model's request metrics, recorded by their engines.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Faults for tests to arm in this pool's engines (see [`crate::faults`]).
+    pub fn faults(&self) -> &Arc<FaultInjection> {
+        &self.faults
+    }
+
+    /// The first pinned model that is not serving now (not loaded, restarting or
+    /// stopped), if any: the server is not ready while there is one.
+    pub fn pinned_model_not_serving(&self) -> Option<String> {
+        let loaded = self.loaded_map();
+        self.specs
+            .iter()
+            .filter(|spec| spec.pinned)
+            .find(|spec| {
+                loaded
+                    .get(&spec.id)
+                    .is_none_or(|m| m.engine.health() != EngineHealth::Running)
+            })
+            .map(|spec| spec.id.clone())
     }
 
     /// Runs the models on `device` instead of the CPU.
@@ -246,17 +281,19 @@ impl ModelPool {
         let spec = self
             .spec(id)
             .ok_or_else(|| PoolError::UnknownModel(id.to_string()))?;
-        if let Some(model) = self.loaded_map().get(id) {
-            model.touch();
-            return Ok(model.clone());
+        if let Some(model) = self.serving(id) {
+            return Ok(model);
         }
         let _load = self.load_lock.lock().await;
         if self.is_shutting_down() {
             return Err(PoolError::ShuttingDown);
         }
-        if let Some(model) = self.loaded_map().get(id) {
-            model.touch();
-            return Ok(model.clone());
+        if let Some(model) = self.serving(id) {
+            return Ok(model);
+        }
+        // Loaded but stopped: its engine could not restart after a panic.
+        if self.unload_locked(id).await {
+            tracing::warn!(model = %id, "replacing a stopped engine with a fresh load");
         }
         self.load_locked(spec).await
     }
@@ -334,6 +371,16 @@ impl ModelPool {
         self.memory_budget
     }
 
+    /// The loaded model `id`, unless its engine has stopped.
+    fn serving(&self, id: &str) -> Option<Arc<LoadedModel>> {
+        let model = self.loaded_map().get(id)?.clone();
+        if model.engine.health() == EngineHealth::Stopped {
+            return None;
+        }
+        model.touch();
+        Some(model)
+    }
+
     fn loaded_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LoadedModel>>> {
         self.loaded.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -380,9 +427,15 @@ impl ModelPool {
         tracing::info!(model = %spec.id, path = %spec.path.display(), bytes = needed, "loading model");
         let started = Instant::now();
         let (owned_spec, scheduler, device) = (spec.clone(), self.scheduler.clone(), self.device);
-        let model = run_blocking(move || load_model(&owned_spec, &scheduler, device, needed))
-            .await
-            .map_err(load_failed)?;
+        let options = EngineOptions {
+            metrics: self.metrics.model(&spec.id),
+            faults: self.faults.clone(),
+            reload: Some(reloader(spec.clone(), self.scheduler.clone(), device)),
+        };
+        let model =
+            run_blocking(move || load_model(&owned_spec, &scheduler, device, needed, options))
+                .await
+                .map_err(load_failed)?;
         tracing::info!(
             model = %spec.id,
             seconds = started.elapsed().as_secs_f64(),
@@ -529,11 +582,21 @@ fn load_runner(spec: &ModelSpec, base: &SchedulerConfig, device: Device) -> anyh
     })
 }
 
+/// How an engine reloads its runner after a panic: as the pool first loaded it.
+fn reloader(spec: ModelSpec, base: SchedulerConfig, device: Device) -> RunnerFactory {
+    Box::new(move || {
+        tracing::info!(model = %spec.id, "reloading model");
+        let loaded = load_runner(&spec, &base, device)?;
+        Ok((loaded.runner, loaded.num_blocks))
+    })
+}
+
 fn load_model(
     spec: &ModelSpec,
     base: &SchedulerConfig,
     device: Device,
     memory_bytes: u64,
+    options: EngineOptions,
 ) -> anyhow::Result<LoadedModel> {
     let loaded = load_runner(spec, base, device)?;
     let model_config = loaded.runner.config();
@@ -544,11 +607,12 @@ fn load_model(
     };
     let max_sequence_len = scheduler.max_sequence_len();
     let vocab_size = model_config.vocab_size;
-    let (engine, thread) = Engine::spawn(
+    let (engine, thread) = Engine::spawn_with(
         &spec.id,
         loaded.runner,
         Arc::new(loaded.text.tokenizer),
         scheduler,
+        options,
     )?;
     Ok(LoadedModel {
         id: spec.id.clone(),

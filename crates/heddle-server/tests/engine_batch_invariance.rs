@@ -52,6 +52,7 @@ fn request(prompt: &[TokenId]) -> GenerationRequest {
             ignore_eos: true,
             ..StopCriteria::new(OUTPUT_TOKENS)
         },
+        arrived: std::time::Instant::now(),
     }
 }
 

@@ -7,20 +7,19 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use heddle_core::{FinishReason, TokenId};
 use heddle_model::tokenizer::Tokenizer;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::errors::ApiError;
-use super::metrics::{ModelMetrics, SequenceTimer};
 use super::openai::{
     ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TokenLogprobMap, TopLogprob, Usage,
 };
 use crate::engine::{
     EngineEvent, GenerationRequest, SubmitError, Submitted, TokenLogprobs, Usage as EngineUsage,
 };
+use crate::metrics::ModelMetrics;
 use crate::pool::{InFlight, LoadedModel};
 
 /// One submitted sequence: choice `index` of prompt `prompt_index`.
@@ -29,7 +28,6 @@ struct Sequence {
     prompt_index: usize,
     events: UnboundedReceiver<EngineEvent>,
     in_flight: InFlight,
-    timer: SequenceTimer,
 }
 
 /// An event of one of a request's sequences.
@@ -52,8 +50,7 @@ pub struct EventMux {
 pub async fn submit(
     model: &Arc<LoadedModel>,
     requests: Vec<(usize, GenerationRequest)>,
-    metrics: &Arc<ModelMetrics>,
-    arrived: Instant,
+    metrics: &ModelMetrics,
 ) -> Result<EventMux, ApiError> {
     let mut sequences = Vec::with_capacity(requests.len());
     for (index, (prompt_index, request)) in requests.into_iter().enumerate() {
@@ -71,7 +68,6 @@ pub async fn submit(
             prompt_index,
             events,
             in_flight: model.track(id),
-            timer: SequenceTimer::new(metrics.clone(), arrived),
         }));
     }
     Ok(EventMux {
@@ -162,20 +158,14 @@ impl EventMux {
         }
     }
 
-    /// Updates latency metrics, and retires a sequence on its last event.
+    /// Retires a sequence on its last event.
     fn account(&mut self, slot: usize, event: EngineEvent) -> SequenceEvent {
         let finished = matches!(event, EngineEvent::Finished { .. });
         let sequence = self.sequences[slot]
             .as_mut()
             .expect("only live sequences are polled");
-        match &event {
-            EngineEvent::Token { .. } => sequence.timer.on_token(),
-            EngineEvent::Finished { reason, usage, .. } => {
-                sequence
-                    .timer
-                    .on_finish(*reason, usage.prompt_tokens, usage.completion_tokens);
-                sequence.in_flight.finish();
-            }
+        if finished {
+            sequence.in_flight.finish();
         }
         let (index, prompt_index) = (sequence.index, sequence.prompt_index);
         if finished {

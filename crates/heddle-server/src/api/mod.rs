@@ -23,7 +23,6 @@
 pub mod auth;
 pub mod errors;
 pub mod generation;
-pub mod metrics;
 pub mod openai;
 pub mod params;
 pub mod routes;
@@ -42,10 +41,10 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::metrics::Metrics;
 use crate::pool::{LoadedModel, ModelPool, PoolError};
 use auth::ApiKeys;
 use errors::ApiError;
-use metrics::Metrics;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -63,8 +62,8 @@ pub struct AppState {
 impl AppState {
     pub fn new(pool: Arc<ModelPool>, keys: ApiKeys, max_body_bytes: usize) -> Self {
         AppState {
+            metrics: pool.metrics().clone(),
             pool,
-            metrics: Arc::new(Metrics::default()),
             keys: Arc::new(keys),
             max_body_bytes,
             ready: Arc::new(AtomicBool::new(false)),

@@ -27,6 +27,7 @@ use super::params::{self, PromptInput};
 use super::sse::{self, StreamHeader, StreamKind};
 use super::{unix_now, AppState, JsonBody};
 use crate::engine::GenerationRequest;
+use crate::metrics::EngineReport;
 use crate::pool::LoadedModel;
 
 /// OpenAI's default `max_tokens` for completions; chat defaults to the rest of the context.
@@ -37,13 +38,19 @@ pub async fn health() -> Json<serde_json::Value> {
 }
 
 pub async fn ready(State(state): State<AppState>) -> Response {
-    if state.is_ready() {
-        Json(json!({"status": "ready"})).into_response()
-    } else if state.pool.is_shutting_down() {
+    if state.pool.is_shutting_down() {
         ApiError::unavailable("shutting_down", "The server is shutting down.").into_response()
-    } else {
+    } else if !state.is_ready() {
         ApiError::unavailable("not_ready", "The server is still loading its models.")
             .into_response()
+    } else if let Some(model) = state.pool.pinned_model_not_serving() {
+        ApiError::unavailable(
+            "model_not_serving",
+            format!("The pinned model `{model}` is not serving: it is restarting or reloading."),
+        )
+        .into_response()
+    } else {
+        Json(json!({"status": "ready"})).into_response()
     }
 }
 
@@ -52,7 +59,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .pool
         .loaded_models()
         .iter()
-        .map(|m| (m.id.clone(), m.engine.stats()))
+        .map(|m| EngineReport {
+            model: m.id.clone(),
+            stats: m.engine.stats(),
+            health: m.engine.health(),
+        })
         .collect();
     (
         [(
@@ -189,6 +200,7 @@ impl Checked {
         prompt_index: usize,
         prompt: &[TokenId],
         max_tokens: usize,
+        arrived: Instant,
     ) -> impl Iterator<Item = (usize, GenerationRequest)> + '_ {
         let prompt = prompt.to_vec();
         (0..self.n).map(move |choice| {
@@ -204,6 +216,7 @@ impl Checked {
                     max_tokens,
                     ..self.stop.clone()
                 },
+                arrived,
             };
             (prompt_index, request)
         })
@@ -227,11 +240,10 @@ async fn start(
     state: &AppState,
     model: &Arc<LoadedModel>,
     requests: Vec<(usize, GenerationRequest)>,
-    arrived: Instant,
     id_prefix: &str,
 ) -> Result<Started<impl Fn(FinishReason) -> Option<ApiError> + Send + 'static>, ApiError> {
     let metrics = state.metrics.model(&model.id);
-    let mux = generation::submit(model, requests, &metrics, arrived).await?;
+    let mux = generation::submit(model, requests, &metrics).await?;
     let (pool, judged) = (state.pool.clone(), model.clone());
     Ok(Started {
         mux,
@@ -268,14 +280,14 @@ pub async fn chat_completions(
         prompt.len(),
         model.max_sequence_len,
     )?;
-    let requests = checked.requests(0, &prompt, max_tokens).collect();
+    let requests = checked.requests(0, &prompt, max_tokens, arrived).collect();
     let Started {
         mux,
         id,
         created,
         tokenizer,
         failure,
-    } = start(&state, &model, requests, arrived, "chatcmpl-").await?;
+    } = start(&state, &model, requests, "chatcmpl-").await?;
 
     if checked.stream {
         let header = StreamHeader {
@@ -411,7 +423,7 @@ pub async fn completions(
             }
             error
         })?;
-        requests.extend(checked.requests(prompt_index, prompt, max_tokens));
+        requests.extend(checked.requests(prompt_index, prompt, max_tokens, arrived));
     }
     let choice_count = requests.len();
     let Started {
@@ -420,7 +432,7 @@ pub async fn completions(
         created,
         tokenizer,
         failure,
-    } = start(&state, &model, requests, arrived, "cmpl-").await?;
+    } = start(&state, &model, requests, "cmpl-").await?;
 
     if checked.stream {
         let header = StreamHeader {

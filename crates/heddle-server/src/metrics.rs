@@ -1,17 +1,20 @@
 //! Prometheus metrics, labelled by model, written in the text exposition format.
 //!
 //! Scheduler state (queues, seats, KV blocks, prefix cache, preemptions, refusals) is read
-//! from each loaded engine's `stats()` at scrape time; latencies and token counts are
-//! measured by the handlers as events reach them, so they include queueing and
-//! detokenization as a client sees them.
+//! from each loaded engine's `stats()` at scrape time. Latencies, endings and token counts
+//! are recorded by the engine, where every request ends exactly once — also those whose
+//! client left — measured from the moment the HTTP request arrived, so they include
+//! queueing and detokenization.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
 use heddle_core::{FinishReason, Priority, SchedulerStats};
+
+use crate::engine::EngineHealth;
 
 const TTFT_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -64,7 +67,7 @@ impl Histogram {
     }
 }
 
-/// What the handlers measure for one model.
+/// What is measured of one model's requests, kept across its loads.
 #[derive(Debug)]
 pub struct ModelMetrics {
     pub time_to_first_token: Histogram,
@@ -76,6 +79,8 @@ pub struct ModelMetrics {
     finished: [AtomicU64; 4],
     /// Requests answered 429 because the waiting queue was full.
     rejected_queue_full: AtomicU64,
+    /// Times the model's engine panicked and was restarted.
+    engine_restarts: AtomicU64,
 }
 
 const FINISH_REASONS: [FinishReason; 4] = [
@@ -95,6 +100,7 @@ impl Default for ModelMetrics {
             generation_tokens: AtomicU64::default(),
             finished: Default::default(),
             rejected_queue_full: AtomicU64::default(),
+            engine_restarts: AtomicU64::default(),
         }
     }
 }
@@ -104,7 +110,19 @@ impl ModelMetrics {
         self.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn record_finish(&self, reason: FinishReason, prompt_tokens: usize, generated: usize) {
+    pub fn record_engine_restart(&self) {
+        self.engine_restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A sequence ended, `elapsed` after its request arrived.
+    pub fn record_finish(
+        &self,
+        reason: FinishReason,
+        elapsed: Duration,
+        prompt_tokens: usize,
+        generated: usize,
+    ) {
+        self.end_to_end_latency.observe(elapsed.as_secs_f64());
         let slot = FINISH_REASONS
             .iter()
             .position(|r| *r == reason)
@@ -117,44 +135,12 @@ impl ModelMetrics {
     }
 }
 
-/// Times one sequence from the moment its HTTP request arrived.
-#[derive(Debug)]
-pub struct SequenceTimer {
-    metrics: Arc<ModelMetrics>,
-    arrived: Instant,
-    last_token: Option<Instant>,
-}
-
-impl SequenceTimer {
-    pub fn new(metrics: Arc<ModelMetrics>, arrived: Instant) -> Self {
-        SequenceTimer {
-            metrics,
-            arrived,
-            last_token: None,
-        }
-    }
-
-    pub fn on_token(&mut self) {
-        let now = Instant::now();
-        match self.last_token {
-            None => self
-                .metrics
-                .time_to_first_token
-                .observe((now - self.arrived).as_secs_f64()),
-            Some(previous) => self
-                .metrics
-                .inter_token_latency
-                .observe((now - previous).as_secs_f64()),
-        }
-        self.last_token = Some(now);
-    }
-
-    pub fn on_finish(&self, reason: FinishReason, prompt_tokens: usize, generated: usize) {
-        self.metrics
-            .end_to_end_latency
-            .observe(self.arrived.elapsed().as_secs_f64());
-        self.metrics.record_finish(reason, prompt_tokens, generated);
-    }
+/// A loaded model's engine as a scrape sees it.
+#[derive(Debug, Clone)]
+pub struct EngineReport {
+    pub model: String,
+    pub stats: SchedulerStats,
+    pub health: EngineHealth,
 }
 
 /// Picks one of a model's histograms.
@@ -172,8 +158,8 @@ impl Metrics {
         models.entry(id.to_string()).or_default().clone()
     }
 
-    /// The exposition text; `engines` are the loaded models' scheduler stats.
-    pub fn render(&self, engines: &[(String, SchedulerStats)]) -> String {
+    /// The exposition text; `engines` are the loaded models' engines.
+    pub fn render(&self, engines: &[EngineReport]) -> String {
         let models: Vec<(String, Arc<ModelMetrics>)> = self
             .models
             .lock()
@@ -227,6 +213,19 @@ impl Metrics {
         }
         let mut family = Family::new(
             &mut out,
+            "heddle_engine_restarts_total",
+            "counter",
+            "Times a model's engine panicked, failed its requests and was restarted.",
+        );
+        for (id, m) in &models {
+            family.sample(
+                "",
+                &[("model", id)],
+                m.engine_restarts.load(Ordering::Relaxed) as f64,
+            );
+        }
+        let mut family = Family::new(
+            &mut out,
             "heddle_requests_rejected_total",
             "counter",
             "Requests answered 429 because the waiting queue was full.",
@@ -265,17 +264,17 @@ impl Metrics {
     }
 }
 
-fn write_scheduler_families(out: &mut String, engines: &[(String, SchedulerStats)]) {
+fn write_scheduler_families(out: &mut String, engines: &[EngineReport]) {
     let gauge = |out: &mut String, name: &str, help: &str, value: fn(&SchedulerStats) -> f64| {
         let mut family = Family::new(out, name, "gauge", help);
-        for (id, stats) in engines {
-            family.sample("", &[("model", id)], value(stats));
+        for engine in engines {
+            family.sample("", &[("model", &engine.model)], value(&engine.stats));
         }
     };
     let counter = |out: &mut String, name: &str, help: &str, value: fn(&SchedulerStats) -> f64| {
         let mut family = Family::new(out, name, "counter", help);
-        for (id, stats) in engines {
-            family.sample("", &[("model", id)], value(stats));
+        for engine in engines {
+            family.sample("", &[("model", &engine.model)], value(&engine.stats));
         }
     };
 
@@ -285,8 +284,18 @@ fn write_scheduler_families(out: &mut String, engines: &[(String, SchedulerStats
         "gauge",
         "1 for every model loaded in the pool.",
     );
-    for (id, _) in engines {
-        family.sample("", &[("model", id)], 1.0);
+    for engine in engines {
+        family.sample("", &[("model", &engine.model)], 1.0);
+    }
+    let mut family = Family::new(
+        out,
+        "heddle_engine_up",
+        "gauge",
+        "1 while a loaded model's engine serves; 0 while it restarts after a panic or has stopped.",
+    );
+    for engine in engines {
+        let up = engine.health == EngineHealth::Running;
+        family.sample("", &[("model", &engine.model)], f64::from(u8::from(up)));
     }
     let mut family = Family::new(
         out,
@@ -294,12 +303,12 @@ fn write_scheduler_families(out: &mut String, engines: &[(String, SchedulerStats
         "gauge",
         "Waiting requests by base priority.",
     );
-    for (id, stats) in engines {
+    for engine in engines {
         for priority in Priority::ALL {
             family.sample(
                 "",
-                &[("model", id), ("priority", priority.as_str())],
-                stats.waiting[priority.value() as usize] as f64,
+                &[("model", &engine.model), ("priority", priority.as_str())],
+                engine.stats.waiting[priority.value() as usize] as f64,
             );
         }
     }
@@ -445,6 +454,28 @@ fn format_value(value: f64) -> String {
 mod tests {
     use super::*;
 
+    fn report(model: &str, stats: SchedulerStats) -> EngineReport {
+        EngineReport {
+            model: model.to_string(),
+            stats,
+            health: EngineHealth::Running,
+        }
+    }
+
+    #[test]
+    fn an_ending_is_counted_with_its_latency_and_tokens() {
+        let metrics = Metrics::default();
+        let model = metrics.model("m");
+        model.record_finish(FinishReason::Cancelled, Duration::from_millis(30), 12, 3);
+        let text = metrics.render(&[]);
+        assert!(
+            text.contains("heddle_sequences_finished_total{model=\"m\",reason=\"cancelled\"} 1\n")
+        );
+        assert!(text.contains("heddle_end_to_end_latency_seconds_count{model=\"m\"} 1\n"));
+        assert!(text.contains("heddle_prompt_tokens_total{model=\"m\"} 12\n"));
+        assert!(text.contains("heddle_generation_tokens_total{model=\"m\"} 3\n"));
+    }
+
     #[test]
     fn histograms_are_cumulative_with_inf_sum_and_count() {
         let metrics = Metrics::default();
@@ -476,7 +507,7 @@ mod tests {
         stats.kv.used_blocks = 5;
         stats.kv.prefix_hit_tokens = 30;
         stats.kv.prefix_miss_tokens = 10;
-        let text = Metrics::default().render(&[("a\"b".into(), stats)]);
+        let text = Metrics::default().render(&[report("a\"b", stats)]);
         assert!(text.contains("heddle_queue_depth{model=\"a\\\"b\",priority=\"low\"} 3\n"));
         assert!(text.contains("heddle_running_sequences{model=\"a\\\"b\"} 4\n"));
         assert!(text.contains("heddle_kv_blocks_used{model=\"a\\\"b\"} 5\n"));
@@ -489,8 +520,8 @@ mod tests {
         metrics.model("a");
         metrics.model("b");
         let engines = [
-            ("a".to_string(), SchedulerStats::default()),
-            ("b".to_string(), SchedulerStats::default()),
+            report("a", SchedulerStats::default()),
+            report("b", SchedulerStats::default()),
         ];
         let text = metrics.render(&engines);
         let mut seen = std::collections::HashSet::new();

@@ -8,10 +8,12 @@
 //!
 //! Failures: a model step that fails ends that step's requests with an error and is never
 //! credited (see [`Scheduler::abort_step`]); a panic ends every live request with an
-//! error, and the engine then reloads its runner and starts over with an empty scheduler
-//! (its health is `Restarting` meanwhile), or stops if it cannot.
+//! error — except requests that have produced nothing and were not in the step that
+//! panicked, which are submitted again, unseen by their clients — and the engine then
+//! reloads its runner and starts over with an empty scheduler (its health is `Restarting`
+//! meanwhile), or stops if it cannot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -262,6 +264,44 @@ struct Live {
     usage: Usage,
     arrived: Instant,
     last_token: Option<Instant>,
+    /// The request as the scheduler took it, until its first token: a restart after a
+    /// panic submits it again (once).
+    resubmit: Option<Request>,
+}
+
+impl Live {
+    /// Counts the request's ending: every request passes here exactly once.
+    fn record_end(&self, reason: FinishReason, metrics: &ModelMetrics) {
+        metrics.record_finish(
+            reason,
+            self.arrived.elapsed(),
+            self.usage.prompt_tokens,
+            self.usage.completion_tokens,
+        );
+    }
+
+    /// Sends the request's last event, with any held-back text, and counts its ending.
+    fn finish(mut self, reason: FinishReason, metrics: &ModelMetrics) {
+        self.record_end(reason, metrics);
+        let text = if self.stopped {
+            String::new()
+        } else {
+            // Bytes of an unfinished character, then whatever was held back as a possible
+            // stop string: the output is complete, so it is not one.
+            let rest = self.detokenizer.finish().unwrap_or_default();
+            let scan = self.stops.push(&rest);
+            if scan.stop.is_some() {
+                scan.text
+            } else {
+                scan.text + &self.stops.finish()
+            }
+        };
+        let _ = self.events.send(EngineEvent::Finished {
+            reason,
+            text,
+            usage: self.usage,
+        });
+    }
 }
 
 /// The engine thread's state.
@@ -334,13 +374,16 @@ impl Engine {
     }
 
     /// The engine after a panic: a fresh runner and an empty scheduler (nothing the old one
-    /// cached can be trusted), the same handles, metrics and clock. The old runner is
-    /// dropped before the new one loads, so a GPU's memory is not needed twice.
+    /// cached can be trusted), the same handles, metrics and clock; the requests kept by
+    /// [`Self::fail_after_panic`] are submitted again. The old runner is dropped before the
+    /// new one loads, so a GPU's memory is not needed twice. If it cannot reload, the kept
+    /// requests end with an error too.
     fn restart(self, reload: &mut RunnerFactory) -> anyhow::Result<Engine> {
         let Engine {
             scheduler,
             runner,
             tokenizer,
+            live,
             shared,
             metrics,
             faults,
@@ -351,12 +394,23 @@ impl Engine {
         drop(scheduler);
         drop(runner);
         faults.wait_while_restarts_held();
-        let (runner, num_blocks) = reload()?;
-        let scheduler = Scheduler::new(SchedulerConfig {
-            num_blocks,
-            ..config
-        })?;
-        let engine = Engine {
+        let fresh = reload().and_then(|(runner, num_blocks)| {
+            let scheduler = Scheduler::new(SchedulerConfig {
+                num_blocks,
+                ..config
+            })?;
+            Ok((runner, scheduler))
+        });
+        let (runner, scheduler) = match fresh {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                for (_, request) in live {
+                    request.finish(FinishReason::Error, &metrics);
+                }
+                return Err(error);
+            }
+        };
+        let mut engine = Engine {
             scheduler,
             runner,
             tokenizer,
@@ -368,6 +422,23 @@ impl Engine {
             faults,
             started,
         };
+        let mut kept: Vec<(RequestId, Live)> = live.into_iter().collect();
+        kept.sort_by_key(|(_, request)| request.arrived);
+        for (id, mut request) in kept {
+            let core_request = request
+                .resubmit
+                .take()
+                .expect("only requests that can be submitted again are kept");
+            match engine.scheduler.add(core_request) {
+                Ok(outcome) => {
+                    engine.live.insert(id, request);
+                    if let heddle_core::AddOutcome::QueuedDisplacing(victim) = outcome {
+                        engine.end(victim, FinishReason::Cancelled);
+                    }
+                }
+                Err(_) => request.finish(FinishReason::Error, &engine.metrics),
+            }
+        }
         engine.publish_stats();
         Ok(engine)
     }
@@ -445,6 +516,7 @@ impl Engine {
             stop,
             arrival: seconds_since(self.started),
         };
+        let resubmit = core_request.clone();
         match self.scheduler.add(core_request) {
             Ok(outcome) => {
                 if let heddle_core::AddOutcome::QueuedDisplacing(victim) = outcome {
@@ -464,8 +536,10 @@ impl Engine {
                         },
                         arrived,
                         last_token: None,
+                        resubmit: Some(resubmit),
                     },
                 );
+                self.metrics.record_accepted();
                 self.publish_stats();
                 Ok(())
             }
@@ -484,7 +558,9 @@ impl Engine {
             .collect();
         for id in gone {
             self.scheduler.cancel(id);
-            self.retire(id, FinishReason::Cancelled);
+            if let Some(live) = self.live.remove(&id) {
+                live.record_end(FinishReason::Cancelled, &self.metrics);
+            }
         }
     }
 
@@ -548,10 +624,12 @@ impl Engine {
         live.usage.completion_tokens += 1;
         let now = Instant::now();
         match live.last_token.replace(now) {
-            None => self
-                .metrics
-                .time_to_first_token
-                .observe((now - live.arrived).as_secs_f64()),
+            None => {
+                live.resubmit = None;
+                self.metrics
+                    .time_to_first_token
+                    .observe((now - live.arrived).as_secs_f64());
+            }
             Some(previous) => self
                 .metrics
                 .inter_token_latency
@@ -610,46 +688,24 @@ impl Engine {
     }
 
     fn send_last_event(&mut self, id: RequestId, reason: FinishReason) {
-        let Some(mut live) = self.retire(id, reason) else {
-            return;
-        };
-        let text = if live.stopped {
-            String::new()
-        } else {
-            // Bytes of an unfinished character, then whatever was held back as a possible
-            // stop string: the output is complete, so it is not one.
-            let rest = live.detokenizer.finish().unwrap_or_default();
-            let scan = live.stops.push(&rest);
-            if scan.stop.is_some() {
-                scan.text
-            } else {
-                scan.text + &live.stops.finish()
-            }
-        };
-        let _ = live.events.send(EngineEvent::Finished {
-            reason,
-            text,
-            usage: live.usage,
-        });
+        if let Some(live) = self.live.remove(&id) {
+            live.finish(reason, &self.metrics);
+        }
     }
 
-    /// Forgets a request and counts its ending: the one place every request passes once.
-    fn retire(&mut self, id: RequestId, reason: FinishReason) -> Option<Live> {
-        let live = self.live.remove(&id)?;
-        self.metrics.record_finish(
-            reason,
-            live.arrived.elapsed(),
-            live.usage.prompt_tokens,
-            live.usage.completion_tokens,
-        );
-        Some(live)
-    }
-
-    /// After a panic: every live request ends with an error. The scheduler is not
-    /// consulted, since the panic may have left it half-updated.
-    fn fail_all_live(&mut self) {
-        let ids: Vec<RequestId> = self.live.keys().copied().collect();
-        for id in ids {
+    /// After a panic: a request that has produced nothing and was not in the step that
+    /// panicked is kept, to be submitted again after the restart (once, so that a request
+    /// that makes the engine panic cannot do it forever); every other request ends with an
+    /// error. The scheduler is not consulted: the panic may have left it half-updated.
+    fn fail_after_panic(&mut self) {
+        let in_failed_step: HashSet<RequestId> = self.batch.seqs.iter().map(|s| s.id).collect();
+        let failed: Vec<RequestId> = self
+            .live
+            .iter()
+            .filter(|(id, live)| live.resubmit.is_none() || in_failed_step.contains(id))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in failed {
             self.send_last_event(id, FinishReason::Error);
         }
     }
@@ -682,7 +738,7 @@ fn supervise(
             live = engine.live.len(),
             "the engine panicked; failing its requests and reloading the model"
         );
-        engine.fail_all_live();
+        engine.fail_after_panic();
         let restarted = reload
             .as_mut()
             .context("this engine has no way to reload its model")

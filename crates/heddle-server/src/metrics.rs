@@ -81,6 +81,8 @@ pub struct ModelMetrics {
     rejected_queue_full: AtomicU64,
     /// Times the model's engine panicked and was restarted.
     engine_restarts: AtomicU64,
+    /// Sequences the engine accepted; each is counted once more when it ends.
+    accepted: AtomicU64,
 }
 
 const FINISH_REASONS: [FinishReason; 4] = [
@@ -101,6 +103,7 @@ impl Default for ModelMetrics {
             finished: Default::default(),
             rejected_queue_full: AtomicU64::default(),
             engine_restarts: AtomicU64::default(),
+            accepted: AtomicU64::default(),
         }
     }
 }
@@ -108,6 +111,10 @@ impl Default for ModelMetrics {
 impl ModelMetrics {
     pub fn record_queue_full(&self) {
         self.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn record_engine_restart(&self) {
@@ -194,6 +201,19 @@ impl Metrics {
                 "",
                 &[("model", id)],
                 m.generation_tokens.load(Ordering::Relaxed) as f64,
+            );
+        }
+        let mut family = Family::new(
+            &mut out,
+            "heddle_sequences_accepted_total",
+            "counter",
+            "Sequences the engine accepted; once drained, equal to the sum of heddle_sequences_finished_total.",
+        );
+        for (id, m) in &models {
+            family.sample(
+                "",
+                &[("model", id)],
+                m.accepted.load(Ordering::Relaxed) as f64,
             );
         }
         let mut family = Family::new(

@@ -91,7 +91,9 @@ async fn a_failed_step_fails_its_requests_and_never_poisons_the_prefix_cache() {
 async fn a_panicking_engine_fails_its_requests_restarts_and_answers_as_before() {
     let mut spec = model(MODEL);
     spec.pinned = true;
-    let server = start(test_config(vec![spec])).await;
+    let mut config = test_config(vec![spec]);
+    config.scheduler.max_running = 3;
+    let server = start(config).await;
     let body = greedy(LONG_PROMPT, 12);
     let before = completion_text(&server.http, &server.base, &body).await;
     let faults = server.server.pool().faults().clone();
@@ -128,6 +130,20 @@ async fn a_panicking_engine_fails_its_requests_restarts_and_answers_as_before() 
         })
         .await
     );
+    // One more waits for a seat: it has produced nothing, so it survives the panic.
+    let queued = {
+        let (http, base, body) = (server.http.clone(), server.base.clone(), body.clone());
+        tokio::spawn(async move { completion_text(&http, &base, &body).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            server.metrics().await.value(
+                "heddle_queue_depth",
+                &format!("model=\"{MODEL}\",priority=\"normal\""),
+            ) == Some(1.0)
+        })
+        .await
+    );
 
     faults.hold_restarts(true);
     faults.panic_next_step();
@@ -161,6 +177,7 @@ async fn a_panicking_engine_fails_its_requests_restarts_and_answers_as_before() 
     faults.hold_restarts(false);
 
     assert_eq!(waiting.await.unwrap(), before);
+    assert_eq!(queued.await.unwrap(), before);
     let (status, _) = get_json(&server.http, &server.url("/ready")).await;
     assert_eq!(status, 200);
     let metrics = server.metrics().await;

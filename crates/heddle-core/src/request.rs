@@ -278,8 +278,15 @@ pub struct StopCriteria {
     pub ignore_eos: bool,
 }
 
-/// The most stop strings a request may give, as in OpenAI's API.
-pub const MAX_STOP_STRINGS: usize = 4;
+/// Bounds on a request's stop conditions, which are checked after every generated token
+/// on the engine thread all requests share. Generous next to OpenAI's API (at most four
+/// stop strings): an OpenAI or vLLM client does not meet them, a hostile one cannot make
+/// the checks costly.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// The longest stop string, in UTF-8 bytes.
+pub const MAX_STOP_STRING_BYTES: usize = 256;
+/// The most stop token ids.
+pub const MAX_STOP_TOKEN_IDS: usize = 256;
 
 impl StopCriteria {
     pub fn new(max_tokens: usize) -> Self {
@@ -309,6 +316,29 @@ impl StopCriteria {
             return Err(CoreError::InvalidParam {
                 param: "stop",
                 reason: "stop strings must not be empty".into(),
+            });
+        }
+        if let Some(long) = self
+            .stop_strings
+            .iter()
+            .find(|s| s.len() > MAX_STOP_STRING_BYTES)
+        {
+            return Err(CoreError::InvalidParam {
+                param: "stop",
+                reason: format!(
+                    "stop strings must be at most {MAX_STOP_STRING_BYTES} bytes long, got one \
+                     of {} bytes",
+                    long.len()
+                ),
+            });
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(CoreError::InvalidParam {
+                param: "stop_token_ids",
+                reason: format!(
+                    "at most {MAX_STOP_TOKEN_IDS} stop token ids, got {}",
+                    self.stop_token_ids.len()
+                ),
             });
         }
         Ok(())
@@ -506,8 +536,22 @@ mod tests {
         assert!(!stop.is_stop_token(2) && stop.is_stop_token(7));
         stop.stop_strings = vec!["".into()];
         assert!(stop.validate().is_err());
-        stop.stop_strings = vec!["a".into(); 5];
-        assert!(stop.validate().is_err());
+        stop.stop_strings = vec!["a".repeat(MAX_STOP_STRING_BYTES); MAX_STOP_STRINGS];
+        stop.stop_token_ids = vec![7; MAX_STOP_TOKEN_IDS];
+        assert!(stop.validate().is_ok());
+        let rejected = |stop: &StopCriteria| match stop.validate() {
+            Err(CoreError::InvalidParam { param, .. }) => param,
+            other => panic!("{other:?}"),
+        };
+        let mut too_many = stop.clone();
+        too_many.stop_strings.push("b".into());
+        assert_eq!(rejected(&too_many), "stop");
+        let mut too_long = stop.clone();
+        too_long.stop_strings[3].push('é');
+        assert_eq!(rejected(&too_long), "stop");
+        let mut too_many_ids = stop.clone();
+        too_many_ids.stop_token_ids.push(8);
+        assert_eq!(rejected(&too_many_ids), "stop_token_ids");
     }
 
     #[test]

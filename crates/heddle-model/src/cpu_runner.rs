@@ -11,12 +11,15 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvDtype};
 use crate::llama::{Llama, Logits, Scratch, SeqInput};
 use crate::runner::{ModelRunner, SampledOutput};
-use crate::sampling::sample;
+use crate::sampling::Sampler;
 
 pub struct CpuRunner {
     model: Llama,
     cache: KvCache,
     scratch: Scratch,
+    /// One per group of rows sampled in parallel (at most one per thread), each keeping
+    /// its buffers from step to step.
+    samplers: Vec<Sampler>,
     gguf: Option<gguf_file::Content>,
 }
 
@@ -36,6 +39,7 @@ impl CpuRunner {
             model,
             cache,
             scratch: Scratch::default(),
+            samplers: Vec::new(),
             gguf: None,
         })
     }
@@ -91,32 +95,49 @@ impl ModelRunner for CpuRunner {
             .filter(|s| s.needs_logits)
             .map(|s| (s, history.sequence_tokens(s.id), history.prompt_len(s.id)))
             .collect();
+        if sampled.is_empty() {
+            return Ok(Vec::new());
+        }
         let vocab = self.model.config().vocab_size;
-        let draw = |(row, &(seq, tokens, prompt_len)): (
-            &mut [f32],
-            &(&ScheduledSeq, &[TokenId], usize),
-        )| {
-            let s = sample(row, &seq.sampling, tokens, prompt_len, seq.num_generated);
+        // Rows are split into one contiguous group per thread, each group sampled with
+        // its own sampler. Each row is sampled on its own, so the grouping changes nothing.
+        let groups = sampled.len().min(rayon::current_num_threads());
+        if self.samplers.len() < groups {
+            self.samplers.resize_with(groups, Sampler::default);
+        }
+        let rows_per_group = sampled.len().div_ceil(groups);
+        Ok(if groups > 1 {
+            logits
+                .par_chunks_mut(rows_per_group * vocab)
+                .zip(sampled.par_chunks(rows_per_group))
+                .zip(self.samplers.par_iter_mut())
+                .flat_map_iter(|((rows, seqs), sampler)| sample_rows(sampler, rows, seqs, vocab))
+                .collect()
+        } else {
+            sample_rows(&mut self.samplers[0], logits, &sampled, vocab).collect()
+        })
+    }
+}
+
+/// A row to sample: its sequence, the sequence's tokens so far and its prompt length.
+type RowToSample<'a> = (&'a ScheduledSeq, &'a [TokenId], usize);
+
+/// Samples consecutive logits rows with one sampler.
+fn sample_rows<'a>(
+    sampler: &'a mut Sampler,
+    rows: &'a mut [f32],
+    seqs: &'a [RowToSample<'a>],
+    vocab: usize,
+) -> impl Iterator<Item = SampledOutput> + 'a {
+    rows.chunks_exact_mut(vocab)
+        .zip(seqs)
+        .map(move |(row, &(seq, tokens, prompt_len))| {
+            let s = sampler.sample(row, &seq.sampling, tokens, prompt_len, seq.num_generated);
             SampledOutput {
                 id: seq.id,
                 token: s.token,
                 logprob: s.logprob,
                 top_logprobs: s.top_logprobs,
             }
-        };
-        // Each row is sampled on its own, so spreading rows over threads changes nothing.
-        Ok(if sampled.len() > 1 {
-            logits
-                .par_chunks_exact_mut(vocab)
-                .zip(sampled.par_iter())
-                .map(draw)
-                .collect()
-        } else {
-            logits
-                .chunks_exact_mut(vocab)
-                .zip(sampled.iter())
-                .map(draw)
-                .collect()
         })
-    }
 }

@@ -26,11 +26,194 @@ pub struct Sampled {
     pub top_logprobs: Vec<(TokenId, f32)>,
 }
 
-/// Samples from `logits` (the row is modified: penalties are applied in place).
-///
-/// Log-probabilities are those of the raw logits (before penalties and temperature):
-/// OpenAI reports the model's distribution, not the sampler's, and vLLM does the same.
-/// `history` is the prompt followed by the output so far; `prompt_len` splits it.
+/// Chooses tokens, keeping its working buffers from one call to the next: after the
+/// first calls, sampling a token allocates nothing but the `top_logprobs` it returns,
+/// however large the vocabulary. A runner keeps one per thread that samples.
+#[derive(Debug, Default)]
+pub struct Sampler {
+    /// Token ids being ranked or counted: up to the vocabulary, or the history.
+    ids: Vec<TokenId>,
+    /// The (id, weight) of the tokens a draw chooses among.
+    candidates: Vec<(TokenId, f32)>,
+    /// The tokens the penalties changed, with their logits before.
+    originals: Vec<(TokenId, f32)>,
+}
+
+impl Sampler {
+    /// Samples from `logits` (the row is modified: penalties are applied in place).
+    ///
+    /// Log-probabilities are those of the raw logits (before penalties and temperature):
+    /// OpenAI reports the model's distribution, not the sampler's, and vLLM does the
+    /// same. `history` is the prompt followed by the output so far; `prompt_len` splits it.
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        params: &SamplingParams,
+        history: &[TokenId],
+        prompt_len: usize,
+        num_generated: usize,
+    ) -> Sampled {
+        let wants_logprobs = params.logprobs || params.top_logprobs > 0;
+        let lse = if wants_logprobs {
+            log_sum_exp(logits)
+        } else {
+            0.0
+        };
+        let top = top_indices(logits, params.top_logprobs as usize, &mut self.ids);
+        let mut top_logprobs = Vec::with_capacity(top.len());
+        top_logprobs.extend(top.iter().map(|&i| (i, logits[i as usize] - lse)));
+        self.apply_penalties(logits, params, history, prompt_len);
+
+        let token = if params.is_greedy() {
+            argmax(logits)
+        } else {
+            let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(num_generated as u64);
+            self.draw(logits, params, rng.random::<f64>())
+        };
+        let logprob = params.logprobs.then(|| {
+            let raw = self
+                .originals
+                .iter()
+                .find(|(t, _)| *t == token)
+                .map_or(logits[token as usize], |&(_, l)| l);
+            raw - lse
+        });
+        Sampled {
+            token,
+            logprob,
+            top_logprobs,
+        }
+    }
+
+    /// Applies the repetition, frequency and presence penalties in place, keeping the
+    /// original logits of the tokens it changed in `originals`.
+    fn apply_penalties(
+        &mut self,
+        logits: &mut [f32],
+        params: &SamplingParams,
+        history: &[TokenId],
+        prompt_len: usize,
+    ) {
+        self.originals.clear();
+        if !params.has_penalties() {
+            return;
+        }
+        let vocab = logits.len();
+        let output = &history[prompt_len.min(history.len())..];
+        let repetition = params.repetition_penalty != 1.0;
+        // Every token a penalty may touch: all of the history for the repetition
+        // penalty, the output for the others.
+        let touched = &mut self.ids;
+        touched.clear();
+        touched.extend_from_slice(if repetition { history } else { output });
+        touched.sort_unstable();
+        touched.dedup();
+        touched.retain(|&t| (t as usize) < vocab);
+        self.originals
+            .extend(touched.iter().map(|&t| (t, logits[t as usize])));
+
+        if repetition {
+            let p = params.repetition_penalty;
+            for &t in touched.iter() {
+                let l = &mut logits[t as usize];
+                *l = if *l > 0.0 { *l / p } else { *l * p };
+            }
+        }
+        if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
+            let counts = &mut self.ids;
+            counts.clear();
+            counts.extend_from_slice(output);
+            counts.sort_unstable();
+            for run in counts.chunk_by(|a, b| a == b) {
+                if let Some(l) = logits.get_mut(run[0] as usize) {
+                    *l -= params.frequency_penalty * run.len() as f32 + params.presence_penalty;
+                }
+            }
+        }
+    }
+
+    /// Draws with temperature, top-k, top-p and min-p from `u` uniform in [0, 1).
+    fn draw(&mut self, logits: &[f32], params: &SamplingParams, u: f64) -> TokenId {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+        let inv_t = 1.0 / params.temperature;
+        if !inv_t.is_finite() {
+            // A temperature so small that 1/t overflows leaves only the arg-max.
+            return argmax(logits);
+        }
+        // Unnormalised probabilities; the most likely token weighs 1.
+        let weight = |id: TokenId| ((logits[id as usize] - max) * inv_t).exp();
+        let pick = |candidates: &mut dyn Iterator<Item = (TokenId, f32)>, total: f64| {
+            let target = u * total;
+            let mut cum = 0f64;
+            let mut last = 0;
+            for (id, w) in candidates {
+                cum += w as f64;
+                last = id;
+                if cum > target {
+                    return id;
+                }
+            }
+            last
+        };
+        let vocab = logits.len() as TokenId;
+        let sorted = params.top_k > 0 || params.top_p < 1.0;
+        if !sorted {
+            // Only min-p, or nothing: walk the vocabulary in id order, no sorting needed.
+            let keep = |&(_, w): &(TokenId, f32)| w >= params.min_p;
+            let total: f64 = (0..vocab)
+                .map(|i| (i, weight(i)))
+                .filter(keep)
+                .map(|(_, w)| w as f64)
+                .sum();
+            return pick(&mut (0..vocab).map(|i| (i, weight(i))).filter(keep), total);
+        }
+
+        let candidates = &mut self.candidates;
+        let ranked = |n: usize, ids: &mut Vec<TokenId>, candidates: &mut Vec<(TokenId, f32)>| {
+            candidates.clear();
+            candidates.extend(top_indices(logits, n, ids).iter().map(|&i| (i, weight(i))));
+        };
+        if params.top_k > 0 {
+            ranked(params.top_k as usize, &mut self.ids, candidates);
+        } else {
+            // The nucleus is a prefix of the sorted vocabulary: widen the sorted prefix
+            // until it holds top_p of the whole mass (usually at the first try).
+            let total: f64 = (0..vocab).map(|i| weight(i) as f64).sum();
+            let mut n = 64;
+            loop {
+                ranked(n, &mut self.ids, candidates);
+                let mass: f64 = candidates.iter().map(|&(_, w)| w as f64).sum();
+                if mass >= params.top_p as f64 * total || n >= logits.len() {
+                    break;
+                }
+                n *= 8;
+            }
+        }
+        if params.top_p < 1.0 {
+            let mass: f64 = candidates.iter().map(|&(_, w)| w as f64).sum();
+            let mut cum = 0f64;
+            let keep = candidates
+                .iter()
+                .position(|&(_, w)| {
+                    cum += w as f64;
+                    cum >= params.top_p as f64 * mass
+                })
+                .map_or(candidates.len(), |i| i + 1);
+            candidates.truncate(keep);
+        }
+        if params.min_p > 0.0 {
+            let threshold = params.min_p * candidates[0].1;
+            candidates.retain(|&(_, w)| w >= threshold);
+        }
+        let total: f64 = candidates.iter().map(|&(_, w)| w as f64).sum();
+        pick(&mut candidates.iter().copied(), total)
+    }
+}
+
+/// Samples with a fresh [`Sampler`], for one-off use; a runner keeps its samplers so as
+/// not to allocate their buffers for every token.
 pub fn sample(
     logits: &mut [f32],
     params: &SamplingParams,
@@ -38,38 +221,7 @@ pub fn sample(
     prompt_len: usize,
     num_generated: usize,
 ) -> Sampled {
-    let wants_logprobs = params.logprobs || params.top_logprobs > 0;
-    let lse = if wants_logprobs {
-        log_sum_exp(logits)
-    } else {
-        0.0
-    };
-    let top_logprobs = top_indices(logits, params.top_logprobs as usize)
-        .into_iter()
-        .map(|i| (i, logits[i as usize] - lse))
-        .collect();
-    let originals = apply_penalties(logits, params, history, prompt_len);
-
-    let token = if params.is_greedy() {
-        argmax(logits)
-    } else {
-        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(num_generated as u64);
-        draw(logits, params, rng.random::<f64>())
-    };
-    let logprob = params.logprobs.then(|| {
-        let raw = originals
-            .iter()
-            .find(|(t, _)| *t == token)
-            .map_or(logits[token as usize], |&(_, l)| l);
-        raw - lse
-    });
-    Sampled {
-        token,
-        logprob,
-        top_logprobs,
-    }
+    Sampler::default().sample(logits, params, history, prompt_len, num_generated)
 }
 
 /// log Σ exp(l), accumulated in f64 so that log-probabilities over a large vocabulary
@@ -100,143 +252,26 @@ pub fn argmax(logits: &[f32]) -> TokenId {
     best as TokenId
 }
 
-/// The `n` highest logits' ids, highest first, lowest id first on ties.
-fn top_indices(logits: &[f32], n: usize) -> Vec<TokenId> {
+/// The `n` highest logits' ids, highest first, lowest id first on ties, ranked in `ids`
+/// (whose earlier contents are dropped, and whose capacity is kept for the next call).
+fn top_indices<'a>(logits: &[f32], n: usize, ids: &'a mut Vec<TokenId>) -> &'a [TokenId] {
+    ids.clear();
     let n = n.min(logits.len());
     if n == 0 {
-        return Vec::new();
+        return ids;
     }
     let order = |a: &TokenId, b: &TokenId| {
         logits[*b as usize]
             .total_cmp(&logits[*a as usize])
             .then(a.cmp(b))
     };
-    let mut ids: Vec<TokenId> = (0..logits.len() as TokenId).collect();
+    ids.extend(0..logits.len() as TokenId);
     if n < ids.len() {
         ids.select_nth_unstable_by(n - 1, order);
         ids.truncate(n);
     }
     ids.sort_unstable_by(order);
     ids
-}
-
-/// Applies the repetition, frequency and presence penalties in place and returns the
-/// original logits of the tokens it changed.
-fn apply_penalties(
-    logits: &mut [f32],
-    params: &SamplingParams,
-    history: &[TokenId],
-    prompt_len: usize,
-) -> Vec<(TokenId, f32)> {
-    if !params.has_penalties() {
-        return Vec::new();
-    }
-    let vocab = logits.len();
-    let output = &history[prompt_len.min(history.len())..];
-    let repetition = params.repetition_penalty != 1.0;
-    // Every token a penalty may touch: all of the history for the repetition penalty,
-    // the output for the others.
-    let mut touched: Vec<TokenId> = if repetition { history } else { output }.to_vec();
-    touched.sort_unstable();
-    touched.dedup();
-    touched.retain(|&t| (t as usize) < vocab);
-    let originals = touched.iter().map(|&t| (t, logits[t as usize])).collect();
-
-    if repetition {
-        let p = params.repetition_penalty;
-        for &t in &touched {
-            let l = &mut logits[t as usize];
-            *l = if *l > 0.0 { *l / p } else { *l * p };
-        }
-    }
-    if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
-        let mut counts = output.to_vec();
-        counts.sort_unstable();
-        for run in counts.chunk_by(|a, b| a == b) {
-            if let Some(l) = logits.get_mut(run[0] as usize) {
-                *l -= params.frequency_penalty * run.len() as f32 + params.presence_penalty;
-            }
-        }
-    }
-    originals
-}
-
-/// Draws with temperature, top-k, top-p and min-p from `u` uniform in [0, 1).
-fn draw(logits: &[f32], params: &SamplingParams, u: f64) -> TokenId {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
-    let inv_t = 1.0 / params.temperature;
-    if !inv_t.is_finite() {
-        // A temperature so small that 1/t overflows leaves only the arg-max.
-        return argmax(logits);
-    }
-    // Unnormalised probabilities; the most likely token weighs 1.
-    let weight = |id: TokenId| ((logits[id as usize] - max) * inv_t).exp();
-    let pick = |candidates: &mut dyn Iterator<Item = (TokenId, f32)>, total: f64| {
-        let target = u * total;
-        let mut cum = 0f64;
-        let mut last = 0;
-        for (id, w) in candidates {
-            cum += w as f64;
-            last = id;
-            if cum > target {
-                return id;
-            }
-        }
-        last
-    };
-    let vocab = logits.len() as TokenId;
-    let sorted = params.top_k > 0 || params.top_p < 1.0;
-    if !sorted {
-        // Only min-p, or nothing: walk the vocabulary in id order, no sorting needed.
-        let keep = |&(_, w): &(TokenId, f32)| w >= params.min_p;
-        let total: f64 = (0..vocab)
-            .map(|i| (i, weight(i)))
-            .filter(keep)
-            .map(|(_, w)| w as f64)
-            .sum();
-        return pick(&mut (0..vocab).map(|i| (i, weight(i))).filter(keep), total);
-    }
-
-    let mut candidates: Vec<(TokenId, f32)> = if params.top_k > 0 {
-        top_indices(logits, params.top_k as usize)
-            .into_iter()
-            .map(|i| (i, weight(i)))
-            .collect()
-    } else {
-        // The nucleus is a prefix of the sorted vocabulary: widen the sorted prefix until
-        // it holds top_p of the whole mass (usually at the first try).
-        let total: f64 = (0..vocab).map(|i| weight(i) as f64).sum();
-        let mut n = 64;
-        loop {
-            let top: Vec<(TokenId, f32)> = top_indices(logits, n)
-                .into_iter()
-                .map(|i| (i, weight(i)))
-                .collect();
-            let mass: f64 = top.iter().map(|&(_, w)| w as f64).sum();
-            if mass >= params.top_p as f64 * total || n >= logits.len() {
-                break top;
-            }
-            n *= 8;
-        }
-    };
-    if params.top_p < 1.0 {
-        let mass: f64 = candidates.iter().map(|&(_, w)| w as f64).sum();
-        let mut cum = 0f64;
-        let keep = candidates
-            .iter()
-            .position(|&(_, w)| {
-                cum += w as f64;
-                cum >= params.top_p as f64 * mass
-            })
-            .map_or(candidates.len(), |i| i + 1);
-        candidates.truncate(keep);
-    }
-    if params.min_p > 0.0 {
-        let threshold = params.min_p * candidates[0].1;
-        candidates.retain(|&(_, w)| w >= threshold);
-    }
-    let total: f64 = candidates.iter().map(|&(_, w)| w as f64).sum();
-    pick(&mut candidates.into_iter(), total)
 }
 
 #[cfg(test)]
@@ -347,6 +382,29 @@ mod tests {
         // The penalised arg-max was not chosen greedily.
         assert_ne!(s.token, best);
         assert!(s.top_logprobs.iter().any(|&(t, _)| t == s.token));
+    }
+
+    #[test]
+    fn a_reused_sampler_draws_what_a_fresh_one_does() {
+        // Its buffers carry nothing from one call to the next but their capacity.
+        let mut reused = Sampler::default();
+        let history: Vec<TokenId> = (0..40).map(|i| i * 13 % 1000).collect();
+        for case in 0..64u64 {
+            let p = SamplingParams {
+                top_k: [0, 1, 50, 900][case as usize % 4],
+                top_p: [1.0, 0.9, 0.3, 0.999][case as usize / 4 % 4],
+                min_p: [0.0, 0.1][case as usize / 16 % 2],
+                repetition_penalty: [1.0, 1.4][case as usize / 32],
+                frequency_penalty: 0.2,
+                seed: Some(case),
+                logprobs: true,
+                top_logprobs: (case % 6) as u32,
+                ..params(1.2)
+            };
+            let fresh = sample(&mut logits(), &p, &history, 20, case as usize);
+            let again = reused.sample(&mut logits(), &p, &history, 20, case as usize);
+            assert_eq!(fresh, again, "{p:?}");
+        }
     }
 
     #[test]

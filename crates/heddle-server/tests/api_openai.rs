@@ -87,7 +87,7 @@ async fn chat_answers_in_openai_shape_with_true_usage() {
         "messages": [{"role": "user", "content": user}],
         "max_tokens": 6,
         "temperature": 0,
-        "some_future_field": {"ignored": true}
+        "user": "reader-1"
     }))
     .await;
     assert_eq!(status, 200, "{body}");

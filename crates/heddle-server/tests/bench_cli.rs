@@ -1,10 +1,14 @@
 //! `heddle bench` end to end: its command line, against a real heddle server on loopback
-//! with the embedded model, checked against what the server itself counted.
+//! with the embedded model, checked against what the server itself counted; and the
+//! `heddle` binary's own manners: errors in one line, no colour codes off a terminal.
 
 mod api_support;
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use api_support::{model, start, test_config, TestServer};
 use clap::Parser;
@@ -311,4 +315,126 @@ async fn errors_are_counted_by_status() {
     assert_eq!(report.result.latency.ttft_ms, None);
 
     server.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_url_may_name_v1_and_end_in_a_slash() {
+    let server = start(test_config(vec![model(MODEL)])).await;
+    for url in [
+        format!("{}/v1", server.base),
+        format!("{}/v1/", server.base),
+    ] {
+        let mut args = parse(
+            &server,
+            &[
+                "--num-prompts",
+                "2",
+                "--input-len",
+                "4",
+                "--output-len",
+                "2",
+                "--warmup-requests",
+                "0",
+            ],
+        );
+        args.url = url.clone();
+        let workload = bench::prepare(&args).expect("the workload");
+        let report = bench::execute(&args, &workload).await.expect("the run");
+        assert_eq!(
+            report.result.completed, 2,
+            "{url}: {:?}",
+            report.result.errors
+        );
+    }
+    server.server.shutdown().await.unwrap();
+}
+
+/// The `heddle` binary with a clean environment for its output: logs at info, no
+/// NO_COLOR to hide colour codes, and backtraces asked for, which an error must not show.
+fn heddle() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_heddle"));
+    command
+        .env("HEDDLE_LOG", "info")
+        .env_remove("NO_COLOR")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null());
+    command
+}
+
+#[test]
+fn an_unreachable_server_is_one_line_and_a_failure() {
+    // Nothing listens on port 9 (discard) of loopback.
+    for warmup in ["1", "0"] {
+        let output = heddle()
+            .args([
+                "bench",
+                "--url",
+                "http://127.0.0.1:9/v1",
+                "--num-prompts",
+                "2",
+            ])
+            .args(["--input-len", "4", "--output-len", "2", "--no-progress"])
+            .args(["--warmup-requests", warmup])
+            .output()
+            .expect("heddle runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "error: cannot connect to http://127.0.0.1:9/v1/models: connection refused",
+            "warm-up requests: {warmup}"
+        );
+        assert!(output.stdout.is_empty());
+    }
+    // A bad flag value, also one line.
+    let output = heddle()
+        .args(["bench", "--num-prompts", "0"])
+        .output()
+        .expect("heddle runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr).trim_end(),
+        "error: --num-prompts must be at least 1"
+    );
+}
+
+#[test]
+fn logs_carry_no_colour_codes_off_a_terminal() {
+    // stderr is a pipe here, as it is under systemd, docker or `2> file`.
+    let mut server = heddle()
+        .args(["serve", "--port", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("heddle serve starts");
+    let stderr = server.stderr.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut log = Vec::new();
+    while Instant::now() < deadline {
+        match lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                let ready = line.contains("ready");
+                log.push(line);
+                if ready {
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    server.kill().expect("the server stops");
+    server.wait().unwrap();
+    reader.join().unwrap();
+    log.extend(lines.try_iter());
+    let log = log.join("\n");
+    assert!(log.contains("listening on http://127.0.0.1:"), "{log}");
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in: {log:?}");
 }

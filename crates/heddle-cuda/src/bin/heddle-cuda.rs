@@ -1,6 +1,7 @@
 //! `heddle-cuda`: the GPU runner's checks and its in-process benchmark, for the GPU
 //! machine (scripts/gpu/check-and-bench.sh runs both).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::bail;
@@ -67,6 +68,8 @@ fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_env("HEDDLE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours for people; plain text for log files and pipes.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Selftest => {

@@ -2,11 +2,14 @@
 //!
 //! Requests keep the fields whose JSON type varies (`stop`, `prompt`, message `content`,
 //! `priority`) as raw JSON: the handlers convert them with error messages that name the
-//! field, which serde's untagged enums cannot do. Unknown fields are ignored.
+//! field, which serde's untagged enums cannot do. Every field a request type does not
+//! read lands in its `unread` map, which [`super::params::UnreadFields`] accepts
+//! (informational fields) or refuses (fields heddle does not implement, unknown fields):
+//! none is silently dropped.
 
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// Fields shared by `/v1/chat/completions` and `/v1/completions`.
 #[derive(Debug, Default, Deserialize)]
@@ -29,8 +32,6 @@ pub struct CommonFields {
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
-    /// Accepted for compatibility; heddle keeps no per-user state.
-    pub user: Option<String>,
     /// Keep generating past the end-of-sequence token (a vLLM extension).
     pub ignore_eos: Option<bool>,
     /// heddle's own: "high", "normal", "low" (or 0, 1, 2).
@@ -40,6 +41,8 @@ pub struct CommonFields {
 #[derive(Debug, Default, Deserialize)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    #[serde(flatten)]
+    pub unread: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +54,9 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    /// Declared after `common`, whose fields serde takes first: only the rest lands here.
+    #[serde(flatten)]
+    pub unread: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +65,8 @@ pub struct ChatMessageIn {
     /// A string, a list of `{"type": "text", "text": ...}` parts, or null.
     #[serde(default)]
     pub content: Value,
+    #[serde(flatten)]
+    pub unread: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,7 +77,9 @@ pub struct CompletionRequest {
     pub prompt: Option<Value>,
     /// How many alternatives per token to return (0 returns only the chosen token's).
     pub logprobs: Option<i64>,
-    pub echo: Option<bool>,
+    /// Declared after `common`, whose fields serde takes first: only the rest lands here.
+    #[serde(flatten)]
+    pub unread: Map<String, Value>,
 }
 
 /// Token counts of a response.
@@ -233,11 +243,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_fields_are_ignored_and_known_ones_read() {
+    fn fields_not_read_are_kept_apart() {
         let request: ChatCompletionRequest = serde_json::from_str(
             r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}],
                 "temperature": 0, "max_completion_tokens": 5, "frobnicate": {"x": 1},
-                "stream_options": {"include_usage": true}, "logprobs": true}"#,
+                "stream_options": {"include_usage": true}, "logprobs": true, "user": "u"}"#,
         )
         .unwrap();
         assert_eq!(request.common.model.as_deref(), Some("m"));
@@ -249,6 +259,24 @@ mod tests {
             Some(true)
         );
         assert_eq!(request.messages.unwrap()[0].content, Value::from("hi"));
+        // Only what neither the request nor its common fields read.
+        assert_eq!(
+            request.unread.keys().collect::<Vec<_>>(),
+            ["frobnicate", "user"]
+        );
+        let request: CompletionRequest = serde_json::from_str(
+            r#"{"prompt": "x", "seed": 1, "echo": false,
+                "stream_options": {"include_usage": true, "include_obfuscation": false}}"#,
+        )
+        .unwrap();
+        assert_eq!(request.common.seed, Some(1));
+        assert_eq!(request.unread.keys().collect::<Vec<_>>(), ["echo"]);
+        let options = request.common.stream_options.unwrap();
+        assert_eq!(options.include_usage, Some(true));
+        assert_eq!(
+            options.unread.keys().collect::<Vec<_>>(),
+            ["include_obfuscation"]
+        );
     }
 
     #[test]

@@ -1,17 +1,162 @@
 //! Request fields → validated engine parameters, with OpenAI-style 400 errors that name
 //! the field at fault.
 
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 
 use heddle_core::request::MAX_TOP_LOGPROBS;
 use heddle_core::{Priority, SamplingParams, StopCriteria, TokenId};
 use heddle_model::chat_template::ChatMessage;
 
 use super::errors::ApiError;
-use super::openai::{ChatMessageIn, CommonFields};
+use super::openai::{ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest};
 
 /// The most choices one request may produce (n, or prompts × n), as OpenAI's `n` limit.
 pub const MAX_N: usize = 128;
+
+/// What heddle does with the fields of one JSON object of a request that its request
+/// types do not read. A field set to null counts as left out. Any other field is refused
+/// with a 400 naming it, as OpenAI refuses an unknown one ("Unrecognized request argument
+/// supplied"): a server that dropped it would answer something other than what was asked.
+pub struct UnreadFields {
+    /// Fields that only label, route or bill a request: accepted and ignored.
+    informational: &'static [&'static str],
+    /// OpenAI's fields that change the output and that heddle does not implement, with
+    /// what they ask for. Refused, unless their value asks for nothing heddle does not
+    /// do anyway (see [`asks_for_nothing_new`]).
+    unsupported: &'static [(&'static str, &'static str)],
+}
+
+/// Both endpoints accept the same informational fields (OpenAI's chat completions has all
+/// of them, its legacy completions only `user`).
+const INFORMATIONAL: &[&str] = &[
+    "user",
+    "safety_identifier",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+];
+
+/// The fields of a `/v1/chat/completions` request.
+const CHAT_REQUEST: UnreadFields = UnreadFields {
+    informational: INFORMATIONAL,
+    unsupported: &[
+        (
+            "response_format",
+            "structured output (JSON mode, JSON schemas)",
+        ),
+        ("tools", "tool calling"),
+        ("tool_choice", "tool calling"),
+        ("parallel_tool_calls", "tool calling"),
+        ("functions", "function calling"),
+        ("function_call", "function calling"),
+        ("logit_bias", "logit biases"),
+        ("audio", "audio output"),
+        ("modalities", "output other than text"),
+        ("prediction", "predicted outputs"),
+        ("web_search_options", "web search"),
+        ("reasoning_effort", "reasoning effort"),
+        ("verbosity", "verbosity control"),
+    ],
+};
+
+/// The fields of a `/v1/completions` request.
+const COMPLETION_REQUEST: UnreadFields = UnreadFields {
+    informational: INFORMATIONAL,
+    unsupported: &[
+        ("best_of", "best-of sampling"),
+        ("echo", "echoing the prompt"),
+        ("suffix", "insertion before a suffix"),
+        ("logit_bias", "logit biases"),
+    ],
+};
+
+/// The fields of a chat message besides `role` and `content`.
+const CHAT_MESSAGE: UnreadFields = UnreadFields {
+    informational: &[],
+    unsupported: &[
+        ("name", "participant names"),
+        ("tool_calls", "tool calling"),
+        ("tool_call_id", "tool calling"),
+        ("function_call", "function calling"),
+        ("audio", "audio"),
+        ("refusal", "refusals"),
+    ],
+};
+
+/// The fields of `stream_options` besides `include_usage`. heddle's chunks have no
+/// `obfuscation` padding, whichever way `include_obfuscation` is set: it guards against
+/// a side channel and does not change the text.
+const STREAM_OPTIONS: UnreadFields = UnreadFields {
+    informational: &["include_obfuscation"],
+    unsupported: &[],
+};
+
+/// Whether an unsupported field's value asks only for what heddle does anyway: its
+/// default, or an empty list of tools.
+fn asks_for_nothing_new(field: &str, value: &Value) -> bool {
+    match field {
+        "best_of" => value.as_i64() == Some(1),
+        "echo" => value == false,
+        "suffix" => value == "",
+        "logit_bias" => value.as_object().is_some_and(Map::is_empty),
+        "tools" | "functions" | "tool_calls" => value.as_array().is_some_and(Vec::is_empty),
+        "tool_choice" => value == "none",
+        "response_format" => *value == json!({"type": "text"}),
+        "modalities" => *value == json!(["text"]),
+        _ => false,
+    }
+}
+
+impl UnreadFields {
+    /// Accepts `unread`, or refuses its first field heddle cannot honour; `prefix` places
+    /// the object in the request (e.g. `messages[2].`).
+    fn check(&self, prefix: &str, unread: &Map<String, Value>) -> Result<(), ApiError> {
+        for (field, value) in unread {
+            if value.is_null() || self.informational.contains(&field.as_str()) {
+                continue;
+            }
+            let param = format!("{prefix}{field}");
+            match self.unsupported.iter().find(|(name, _)| name == field) {
+                Some(_) if asks_for_nothing_new(field, value) => {}
+                Some((_, feature)) => {
+                    let mut error = ApiError::invalid_param(
+                        &param,
+                        format!("`{param}` is not supported: heddle does not implement {feature}."),
+                    );
+                    error.code = Some("unsupported_parameter");
+                    return Err(error);
+                }
+                None => {
+                    return Err(ApiError::invalid_param(
+                        &param,
+                        format!("Unrecognized request argument supplied: {param}"),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A chat request's fields outside its messages: see [`UnreadFields`].
+pub fn check_chat_fields(request: &ChatCompletionRequest) -> Result<(), ApiError> {
+    CHAT_REQUEST.check("", &request.unread)?;
+    check_stream_options(&request.common)
+}
+
+/// A completions request's fields: see [`UnreadFields`].
+pub fn check_completion_fields(request: &CompletionRequest) -> Result<(), ApiError> {
+    COMPLETION_REQUEST.check("", &request.unread)?;
+    check_stream_options(&request.common)
+}
+
+fn check_stream_options(common: &CommonFields) -> Result<(), ApiError> {
+    match &common.stream_options {
+        Some(options) => STREAM_OPTIONS.check("stream_options.", &options.unread),
+        None => Ok(()),
+    }
+}
 
 /// The model the request names.
 pub fn model_name(common: &CommonFields) -> Result<&str, ApiError> {
@@ -251,6 +396,7 @@ pub fn chat_messages(messages: Option<&[ChatMessageIn]>) -> Result<Vec<ChatMessa
                     ))
                 }
             };
+            CHAT_MESSAGE.check(&format!("messages[{i}]."), &message.unread)?;
             let content = message_text(&message.content).map_err(|reason| {
                 ApiError::invalid_param(format!("messages[{i}].content"), reason)
             })?;
@@ -386,19 +532,101 @@ mod tests {
     }
 
     #[test]
-    fn stop_is_a_string_or_a_list_of_at_most_four() {
+    fn stop_is_a_string_or_a_bounded_list() {
         let one = stop_criteria(&common(json!({"stop": "\n"}))).unwrap();
         assert_eq!(one.stop_strings, ["\n"]);
         let many = stop_criteria(&common(json!({"stop": ["a", "b"], "ignore_eos": true}))).unwrap();
         assert_eq!(many.stop_strings, ["a", "b"]);
         assert!(many.ignore_eos);
+        let sixteen = vec!["x".repeat(256); 16];
+        assert!(stop_criteria(&common(json!({ "stop": sixteen }))).is_ok());
         for bad in [
-            json!(["a", "b", "c", "d", "e"]),
+            json!(vec!["x"; 17]),
+            json!(["x".repeat(257)]),
             json!([""]),
             json!(5),
             json!([1]),
         ] {
-            assert!(stop_criteria(&common(json!({ "stop": bad }))).is_err());
+            let error = stop_criteria(&common(json!({ "stop": bad }))).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some("stop"));
+        }
+        let ids = common(json!({"stop_token_ids": vec![1; 256]}));
+        assert_eq!(stop_criteria(&ids).unwrap().stop_token_ids.len(), 256);
+        let error = stop_criteria(&common(json!({"stop_token_ids": vec![1; 257]}))).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("stop_token_ids"));
+    }
+
+    /// The check of a chat request made of `fields` plus a model and a message.
+    fn chat_fields(fields: Value) -> Result<(), ApiError> {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        let request: ChatCompletionRequest = serde_json::from_value(body).unwrap();
+        check_chat_fields(&request)?;
+        chat_messages(request.messages.as_deref()).map(drop)
+    }
+
+    fn refused_param(result: Result<(), ApiError>) -> String {
+        let error = result.unwrap_err();
+        assert_eq!(error.status, StatusCode::BAD_REQUEST);
+        error.param.expect("the field at fault")
+    }
+
+    #[test]
+    fn fields_heddle_does_not_read_are_refused_by_name() {
+        for field in ["tools", "response_format", "logit_bias", "frobnicate"] {
+            let result = chat_fields(json!({ field: {"x": 1} }));
+            assert_eq!(refused_param(result), field);
+        }
+        let unsupported = chat_fields(json!({"reasoning_effort": "low"})).unwrap_err();
+        assert_eq!(unsupported.code, Some("unsupported_parameter"));
+        assert!(unsupported.message.contains("`reasoning_effort`"));
+        let unknown = chat_fields(json!({"skip_special_tokens": false})).unwrap_err();
+        assert_eq!(
+            unknown.message,
+            "Unrecognized request argument supplied: skip_special_tokens"
+        );
+        let message = chat_fields(json!({
+            "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b", "name": "bob"}]
+        }));
+        assert_eq!(refused_param(message), "messages[1].name");
+        let options = chat_fields(json!({"stream_options": {"include_usage": true, "x": 1}}));
+        assert_eq!(refused_param(options), "stream_options.x");
+        // A completions-only field is unknown to chat, and the other way round.
+        assert_eq!(refused_param(chat_fields(json!({"echo": true}))), "echo");
+        let completion: CompletionRequest =
+            serde_json::from_value(json!({"prompt": "x", "tools": [{"type": "function"}]}))
+                .unwrap();
+        let error = check_completion_fields(&completion).unwrap_err();
+        assert!(error.message.starts_with("Unrecognized"), "{error:?}");
+    }
+
+    #[test]
+    fn informational_null_and_default_values_are_accepted() {
+        chat_fields(json!({
+            "user": "u", "metadata": {"k": "v"}, "store": false, "service_tier": "auto",
+            "prompt_cache_key": "k", "safety_identifier": "s",
+            "web_search_options": null, "frobnicate": null, "tool_choice": "none", "tools": [],
+            "logit_bias": {}, "response_format": {"type": "text"}, "modalities": ["text"],
+            "stream_options": {"include_obfuscation": false},
+            "messages": [{"role": "assistant", "content": "a", "refusal": null, "tool_calls": []}]
+        }))
+        .unwrap();
+        let completion: CompletionRequest = serde_json::from_value(json!({
+            "prompt": "x", "echo": false, "best_of": 1, "suffix": "", "user": "u"
+        }))
+        .unwrap();
+        check_completion_fields(&completion).unwrap();
+        for (field, value) in [
+            ("echo", json!(true)),
+            ("best_of", json!(2)),
+            ("suffix", json!("end")),
+        ] {
+            let completion: CompletionRequest =
+                serde_json::from_value(json!({"prompt": "x", field: value})).unwrap();
+            let error = check_completion_fields(&completion).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some(field));
         }
     }
 

@@ -267,6 +267,7 @@ pub async fn chat_completions(
     JsonBody(request): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
+    params::check_chat_fields(&request)?;
     let logprobs = params::chat_logprobs(request.logprobs, request.top_logprobs)?;
     let requested_max = request.max_completion_tokens.or(request.common.max_tokens);
     let checked = check_common(&caller, &request.common, requested_max, logprobs)?;
@@ -386,9 +387,7 @@ pub async fn completions(
     JsonBody(request): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    if request.echo == Some(true) {
-        return Err(ApiError::invalid_param("echo", "`echo` is not supported."));
-    }
+    params::check_completion_fields(&request)?;
     let logprobs = params::completion_logprobs(request.logprobs)?;
     let checked = check_common(
         &caller,

@@ -55,7 +55,9 @@ pub struct StreamTiming {
 pub enum RequestFailure {
     /// The server answered with a non-success HTTP status.
     Status { status: u16, message: String },
-    /// No answer, or the connection broke (refused, reset, timed out).
+    /// No connection could be made (refused, unknown host, ...).
+    Connect { url: String, reason: String },
+    /// The connection broke, or the server took too long.
     Transport(String),
     /// The stream carried an error event, or a payload that is not JSON.
     Stream(String),
@@ -68,6 +70,7 @@ impl RequestFailure {
     pub fn category(&self) -> String {
         match self {
             RequestFailure::Status { status, .. } => status.to_string(),
+            RequestFailure::Connect { .. } => "connect".into(),
             RequestFailure::Transport(_) => "transport".into(),
             RequestFailure::Stream(_) => "stream_error".into(),
             RequestFailure::NoOutput => "no_output".into(),
@@ -77,6 +80,7 @@ impl RequestFailure {
     pub fn message(&self) -> String {
         match self {
             RequestFailure::Status { status, message } => format!("HTTP {status}: {message}"),
+            RequestFailure::Connect { url, reason } => format!("cannot connect to {url}: {reason}"),
             RequestFailure::Transport(message) | RequestFailure::Stream(message) => message.clone(),
             RequestFailure::NoOutput => "the stream ended without generated text".into(),
         }
@@ -110,7 +114,7 @@ pub struct BenchClient {
 
 impl BenchClient {
     pub fn new(mut settings: ClientSettings) -> anyhow::Result<Self> {
-        settings.base_url = settings.base_url.trim_end_matches('/').to_string();
+        settings.base_url = server_root(&settings.base_url).to_string();
         // A fresh connection per request: servers close idle keep-alive connections on
         // their own schedule (llama-server's cpp-httplib after a few requests or
         // seconds), and a request sent on one that is being closed fails for nothing.
@@ -162,7 +166,7 @@ impl BenchClient {
             .json(&body)
             .send()
             .await
-            .map_err(|e| RequestFailure::Transport(error_chain(&e)))?;
+            .map_err(|e| failure(&self.endpoint_url, &e))?;
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
@@ -194,19 +198,33 @@ impl BenchClient {
     /// Polls `GET /v1/models` until it answers 2xx or `timeout` passes (servers such as
     /// llama-server answer 503 while they load the model).
     pub async fn wait_until_ready(&self, timeout: Duration) -> anyhow::Result<()> {
-        let url = format!("{}/v1/models", self.settings.base_url);
+        let url = self.models_url();
         let deadline = Instant::now() + timeout;
         loop {
             let last = match self.authorized(self.http.get(&url)).send().await {
                 Ok(response) if response.status().is_success() => return Ok(()),
-                Ok(response) => format!("HTTP {}", response.status()),
-                Err(e) => error_chain(&e),
+                Ok(response) => format!("{url} answered HTTP {}", response.status()),
+                Err(e) => failure(&url, &e).message(),
             };
             if Instant::now() >= deadline {
-                anyhow::bail!("{url} not ready after {timeout:?}: {last}");
+                anyhow::bail!("not ready after {timeout:?}: {last}");
             }
             tokio::time::sleep(READY_POLL).await;
         }
+    }
+
+    /// Fails with one clear line when the server cannot be reached at all (`GET
+    /// /v1/models`; any HTTP answer will do), before a run counts every request as failed.
+    pub async fn check_reachable(&self) -> anyhow::Result<()> {
+        let url = self.models_url();
+        match self.authorized(self.http.get(&url)).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => anyhow::bail!("{}", failure(&url, &e).message()),
+        }
+    }
+
+    fn models_url(&self) -> String {
+        format!("{}/v1/models", self.settings.base_url)
     }
 
     fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -214,6 +232,36 @@ impl BenchClient {
             Some(key) => request.bearer_auth(key),
             None => request,
         }
+    }
+}
+
+/// The server's root from a base URL given with or without `/v1` and a trailing slash
+/// (OpenAI clients are configured with `.../v1`).
+fn server_root(base_url: &str) -> &str {
+    let trimmed = base_url.trim_end_matches('/');
+    trimmed
+        .strip_suffix("/v1")
+        .unwrap_or(trimmed)
+        .trim_end_matches('/')
+}
+
+/// A request to `url` that got no answer.
+fn failure(url: &str, error: &reqwest::Error) -> RequestFailure {
+    if !error.is_connect() {
+        return RequestFailure::Transport(error_chain(error));
+    }
+    // The last cause says why ("Connection refused (os error 111)", a DNS failure, ...).
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    let reason = match cause.downcast_ref::<std::io::Error>() {
+        Some(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => io.kind().to_string(),
+        _ => cause.to_string(),
+    };
+    RequestFailure::Connect {
+        url: url.to_string(),
+        reason,
     }
 }
 
@@ -473,11 +521,25 @@ mod tests {
         assert!(body.get("prompt").is_none());
     }
 
+    #[test]
+    fn the_base_url_may_name_v1_and_end_in_a_slash() {
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://127.0.0.1:8080/",
+            "http://127.0.0.1:8080/v1",
+            "http://127.0.0.1:8080/v1/",
+        ] {
+            assert_eq!(server_root(url), "http://127.0.0.1:8080", "{url}");
+        }
+        assert_eq!(server_root("http://host/proxy/v1"), "http://host/proxy");
+        assert_eq!(server_root("http://host/v1beta"), "http://host/v1beta");
+    }
+
     #[tokio::test]
-    async fn a_refused_connection_is_a_transport_failure() {
+    async fn a_refused_connection_is_one_clear_failure() {
         // Port 1 on loopback: nothing listens there.
         let client = BenchClient::new(ClientSettings {
-            base_url: "http://127.0.0.1:1".into(),
+            base_url: "http://127.0.0.1:1/v1/".into(),
             endpoint: Endpoint::Completions,
             model: "m".into(),
             api_key: Some("key".into()),
@@ -493,10 +555,20 @@ mod tests {
             priority: None,
         };
         let failure = client.send(&prompt).await.unwrap_err();
-        assert_eq!(failure.category(), "transport", "{failure:?}");
-        assert!(client
+        assert_eq!(failure.category(), "connect", "{failure:?}");
+        assert_eq!(
+            failure.message(),
+            "cannot connect to http://127.0.0.1:1/v1/completions: connection refused"
+        );
+        let unreachable = client.check_reachable().await.unwrap_err();
+        assert_eq!(
+            unreachable.to_string(),
+            "cannot connect to http://127.0.0.1:1/v1/models: connection refused"
+        );
+        let not_ready = client
             .wait_until_ready(Duration::from_millis(10))
             .await
-            .is_err());
+            .unwrap_err();
+        assert!(not_ready.to_string().ends_with("connection refused"));
     }
 }

@@ -337,6 +337,8 @@ pub async fn execute(args: &BenchArgs, workload: &Workload) -> anyhow::Result<Be
         client
             .wait_until_ready(Duration::from_secs_f64(args.wait_ready))
             .await?;
+    } else {
+        client.check_reachable().await?;
     }
     for (index, prompt) in workload.warmup.iter().enumerate() {
         client.send(prompt).await.map_err(|failure| {

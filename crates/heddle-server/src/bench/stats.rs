@@ -169,7 +169,7 @@ pub struct RunMetrics {
     pub requests: usize,
     pub completed: usize,
     pub failed: usize,
-    /// Failed requests by HTTP status or failure kind (transport, stream_error,
+    /// Failed requests by HTTP status or failure kind (connect, transport, stream_error,
     /// no_output).
     pub errors: BTreeMap<String, usize>,
     /// Completed requests whose stream reported `usage`.

@@ -26,11 +26,15 @@ pub fn model(id: &str) -> ModelSpec {
     }
 }
 
+/// The admin key of [`test_config`]'s servers.
+pub const ADMIN_KEY: &str = "sk-test-admin";
+
 /// A configuration for tests: a free loopback port, small scheduler limits, a short
-/// shutdown grace.
+/// shutdown grace, an admin key, and no API keys (the /v1 routes are open).
 pub fn test_config(models: Vec<ModelSpec>) -> ServerConfig {
     let mut config = ServerConfig::with_models(models);
     config.port = 0;
+    config.admin_api_keys = vec![ADMIN_KEY.into()];
     config.shutdown_grace = Duration::from_secs(5);
     config.scheduler = SchedulerConfig {
         max_running: 8,

@@ -804,6 +804,111 @@ mod tests {
     }
 
     #[test]
+    fn keys_of_each_role_and_connection_limits_come_from_flags_or_the_file() {
+        let weights = temp_file("k.gguf", "x");
+        let file = temp_file(
+            "keys.toml",
+            &format!(
+                r#"
+                admin_api_keys = ["sk-admin"]
+                metrics_api_keys = ["sk-scraper"]
+                admin_on_loopback = false
+                max_connections = 50
+                header_read_timeout_secs = 2.5
+                idle_timeout_secs = 30
+                [[models]]
+                id = "m"
+                path = "{}"
+                [[api_keys]]
+                key = "sk-app"
+                "#,
+                weights.display()
+            ),
+        );
+        let from_file = ServeArgs {
+            config: Some(file.clone()),
+            body_read_timeout_secs: Some(9.0),
+            ..ServeArgs::default()
+        };
+        let config = ServerConfig::resolve(&from_file).unwrap();
+        assert_eq!(config.admin_api_keys, ["sk-admin"]);
+        assert_eq!(config.metrics_api_keys, ["sk-scraper"]);
+        assert_eq!(config.api_keys[0].tier, KeyTier::at(Priority::Normal));
+        assert_eq!(
+            config.http,
+            HttpLimits {
+                max_connections: 50,
+                header_read_timeout: Duration::from_millis(2500),
+                body_read_timeout: Duration::from_secs(9),
+                idle_timeout: Duration::from_secs(30),
+            }
+        );
+        let flags = ServeArgs {
+            admin_api_keys: vec!["sk-root".into()],
+            ..from_file.clone()
+        };
+        assert_eq!(
+            ServerConfig::resolve(&flags).unwrap().admin_api_keys,
+            ["sk-root"]
+        );
+        let twice = ServeArgs {
+            metrics_api_keys: vec!["sk-app".into()],
+            ..from_file.clone()
+        };
+        let err = ServerConfig::resolve(&twice).unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        let no_wait = ServeArgs {
+            idle_timeout_secs: Some(0.0),
+            ..from_file
+        };
+        assert!(ServerConfig::resolve(&no_wait).is_err());
+        // Admin rights are the admin key's alone: the old per-key flag is an error.
+        let old_style = temp_file(
+            "old-keys.toml",
+            "[[api_keys]]\nkey = \"sk-x\"\nadmin = true\n",
+        );
+        let old = ServeArgs {
+            config: Some(old_style),
+            models: vec![format!("m={}", weights.display())],
+            ..ServeArgs::default()
+        };
+        assert!(ServerConfig::resolve(&old).is_err());
+    }
+
+    #[test]
+    fn exposed_addresses_need_api_keys_and_admin_on_loopback_needs_loopback() {
+        let exposed: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let local_v6: SocketAddr = "[::1]:8080".parse().unwrap();
+        let open = ServerConfig::with_models(Vec::new());
+        assert!(open.check_exposure(local).is_ok());
+        assert!(open.check_exposure(local_v6).is_ok());
+        let err = open.check_exposure(exposed).unwrap_err();
+        assert!(err.to_string().contains("--allow-unauthenticated"), "{err}");
+        let allowed = ServerConfig {
+            allow_unauthenticated: true,
+            ..open.clone()
+        };
+        assert!(allowed.check_exposure(exposed).is_ok());
+        let keyed = ServerConfig {
+            api_keys: vec![parse_key_flag("sk-app").unwrap()],
+            ..open.clone()
+        };
+        assert!(keyed.check_exposure(exposed).is_ok());
+        let admin_open = ServerConfig {
+            admin_on_loopback: true,
+            ..keyed.clone()
+        };
+        assert!(admin_open.check_exposure(local).is_ok());
+        assert!(admin_open.check_exposure(exposed).is_err());
+        let both = ServerConfig {
+            admin_api_keys: vec!["sk-admin".into()],
+            ..admin_open
+        };
+        assert!(both.check_exposure(local).is_err());
+    }
+
+    #[test]
     fn mistakes_are_reported() {
         let weights = temp_file("m.gguf", "x");
         let model = format!("m={}", weights.display());

@@ -41,7 +41,7 @@ use axum::http::header::{CONNECTION, CONTENT_LENGTH};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -109,20 +109,30 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Every route of the API: its path and handlers. The router serves exactly these.
+pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    vec![
+        ("/health", get(routes::health)),
+        ("/ready", get(routes::ready)),
+        ("/metrics", get(routes::metrics)),
+        ("/v1/models", get(routes::list_models)),
+        ("/v1/models/{*id}", get(routes::get_model)),
+        ("/v1/chat/completions", post(routes::chat_completions)),
+        ("/v1/completions", post(routes::completions)),
+        ("/admin/models", get(routes::admin_list)),
+        ("/admin/models/{id}/load", post(routes::admin_load)),
+        ("/admin/models/{id}/unload", post(routes::admin_unload)),
+    ]
+}
+
 /// The API's router. Every request, whatever its route, passes the access check
 /// ([`auth::check_access`]) and the body size check first.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(routes::health))
-        .route("/ready", get(routes::ready))
-        .route("/metrics", get(routes::metrics))
-        .route("/v1/models", get(routes::list_models))
-        .route("/v1/models/{*id}", get(routes::get_model))
-        .route("/v1/chat/completions", post(routes::chat_completions))
-        .route("/v1/completions", post(routes::completions))
-        .route("/admin/models", get(routes::admin_list))
-        .route("/admin/models/{id}/load", post(routes::admin_load))
-        .route("/admin/models/{id}/unload", post(routes::admin_unload))
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, handlers)| {
+            router.route(path, handlers)
+        })
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))

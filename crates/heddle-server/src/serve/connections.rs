@@ -160,6 +160,10 @@ impl Tracker {
         }
     }
 
+    fn awaiting_head(&self) -> bool {
+        matches!(*self.phase(), Phase::AwaitingHead { .. })
+    }
+
     /// Since when the connection has been waiting on its client, if it is.
     fn waiting_on_client_since(&self) -> Option<Instant> {
         match *self.phase() {
@@ -294,6 +298,8 @@ enum Ended {
     Finished(hyper::Result<()>),
     TimedOut,
     Evicted,
+    /// The server stops while the connection waits for a request head.
+    Stopped,
 }
 
 async fn serve_connection(
@@ -325,6 +331,10 @@ async fn serve_connection(
             }
             _ = stop.wait_for(|stop| *stop), if !stopping => {
                 stopping = true;
+                // A request still to come would be refused; one under way gets its answer.
+                if tracker.awaiting_head() {
+                    break Ended::Stopped;
+                }
                 Pin::new(&mut connection).graceful_shutdown();
             }
             () = tracker.changed.notified() => {}
@@ -348,6 +358,7 @@ async fn serve_connection(
         }
         Ended::TimedOut => tracing::debug!("closing a connection whose client was too slow"),
         Ended::Evicted => tracing::debug!("closing a connection to make room, or to stop"),
+        Ended::Stopped => tracing::debug!("closing a connection between requests to stop"),
     }
 }
 

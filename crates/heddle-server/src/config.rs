@@ -443,7 +443,7 @@ impl ServerConfig {
                  (--allow-unauthenticated)"
             );
         }
-        if self.metrics_api_keys.is_empty() && self.admin_api_keys.is_empty() {
+        if self.metrics_api_keys.is_empty() {
             tracing::warn!(
                 %address,
                 "/metrics needs no key; set --metrics-api-key to protect it"

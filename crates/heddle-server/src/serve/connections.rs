@@ -353,7 +353,12 @@ async fn serve_connection(
             }
             if tracker.body_unread.load(Ordering::Relaxed) {
                 let stream = connection.into_parts().io.into_inner().stream;
-                linger(stream).await;
+                tokio::select! {
+                    () = linger(stream) => {}
+                    () = tracker.evict.notified() => {
+                        tracing::debug!("cutting a lingering close short to make room");
+                    }
+                }
             }
         }
         Ended::TimedOut => tracing::debug!("closing a connection whose client was too slow"),

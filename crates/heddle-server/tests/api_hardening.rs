@@ -368,12 +368,16 @@ async fn a_stream_waiting_in_the_queue_sends_keep_alive_comments() {
     let mut config = test_config(vec![model(MODEL)]);
     config.scheduler.max_running = 1;
     let server = start(config).await;
-    // One request runs and one waits ahead of the stream, whatever the CPU's speed: the
-    // stream waits longer than the keep-alive interval (15 s).
+    // One request runs and four wait ahead of the stream, 2,000 tokens each (10,000 in a
+    // row with one seat): the stream waits well past the keep-alive interval (15 s), also
+    // on CPUs several times faster than CI's.
     let mut running =
         SseReader::new(open_stream(&server, &streaming_completion(2000, "high")).await);
     running.next_data().await.expect("the first request runs");
-    let ahead = open_stream(&server, &streaming_completion(2000, "high")).await;
+    let mut ahead = Vec::new();
+    for _ in 0..4 {
+        ahead.push(open_stream(&server, &streaming_completion(2000, "high")).await);
+    }
     let mut waiting = open_stream(&server, &streaming_completion(4, "low")).await;
 
     let started = Instant::now();

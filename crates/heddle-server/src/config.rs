@@ -12,6 +12,14 @@
 //! memory_budget = "4GiB"        # or a number of bytes
 //! max_body_bytes = 4194304
 //! shutdown_grace_secs = 30
+//! max_connections = 1024
+//! header_read_timeout_secs = 10
+//! body_read_timeout_secs = 60
+//! idle_timeout_secs = 75
+//! admin_api_keys = ["sk-admin"]     # /admin routes, and /v1 and /metrics too
+//! metrics_api_keys = ["sk-scraper"] # /metrics only
+//! admin_on_loopback = false         # /admin without a key (loopback bind only)
+//! allow_unauthenticated = false     # serve /v1 without API keys on a non-loopback address
 //!
 //! [scheduler]
 //! max_running = 32
@@ -29,12 +37,15 @@
 //! path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"   # omit for the embedded model
 //! pinned = true
 //!
-//! [[api_keys]]
+//! [[api_keys]]                      # keys for the /v1 routes
 //! key = "sk-batch-jobs"
 //! priority = "low"                  # default priority of its requests
 //! allowed_priorities = ["low"]      # default: the default priority and less urgent ones
-//! admin = false                     # may use /admin routes
 //! ```
+//!
+//! Which key opens which routes, and what is open without keys: [`crate::api::auth`].
+//! The server refuses to listen on a non-loopback address without API keys unless
+//! `allow_unauthenticated` is set, and accepts `admin_on_loopback` only on loopback.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,6 +58,7 @@ use serde::Deserialize;
 
 use crate::api::auth::{ApiKey, KeyTier};
 use crate::pool::{Device, ModelSpec};
+use crate::serve::HttpLimits;
 
 /// The id the embedded default model is served under: `smollm2-135m-instruct`.
 pub fn default_model_id() -> String {
@@ -78,9 +90,9 @@ pub struct ServeArgs {
     /// least recently used models are unloaded to stay under it [default: unlimited].
     #[arg(long, env = "HEDDLE_MEMORY_BUDGET")]
     pub memory_budget: Option<String>,
-    /// An API key, as KEY (may ask for any priority, may use admin routes) or KEY:TIER
-    /// with TIER high, normal or low (that priority by default, it or less urgent ones on
-    /// request, no admin routes); repeatable. With keys, every request needs one.
+    /// An API key for the /v1 routes, as KEY (any priority) or KEY:TIER with TIER high,
+    /// normal or low (that priority by default, it or less urgent ones on request);
+    /// repeatable. With API keys, every /v1 request needs one; without, /v1 is open.
     #[arg(
         long = "api-key",
         env = "HEDDLE_API_KEYS",
@@ -88,6 +100,46 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub api_keys: Vec<String>,
+    /// A key for the /admin routes (list, load, unload models), also good for /v1 at any
+    /// priority and for /metrics; repeatable. Without one, admin routes are off.
+    #[arg(
+        long = "admin-api-key",
+        env = "HEDDLE_ADMIN_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub admin_api_keys: Vec<String>,
+    /// A key that may read /metrics and nothing else; repeatable. With one, /metrics needs
+    /// it (or an admin key); without, /metrics is open.
+    #[arg(
+        long = "metrics-api-key",
+        env = "HEDDLE_METRICS_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub metrics_api_keys: Vec<String>,
+    /// Open the /admin routes without a key; only allowed when listening on a loopback
+    /// address, and not together with --admin-api-key.
+    #[arg(long, env = "HEDDLE_ADMIN_ON_LOOPBACK")]
+    pub admin_on_loopback: bool,
+    /// Serve /v1 without API keys on a non-loopback address (refused otherwise).
+    #[arg(long, env = "HEDDLE_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+    /// Most connections held at once; more wait in the kernel's backlog, and when all are
+    /// taken the one that has waited longest on its client (idle, or still sending its
+    /// request) is closed to make room [default: 1024, within the open-file limit].
+    #[arg(long, env = "HEDDLE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has to send a request's headers, from its connection (or its first
+    /// byte after an idle keep-alive wait) [default: 10].
+    #[arg(long, env = "HEDDLE_HEADER_READ_TIMEOUT_SECS")]
+    pub header_read_timeout_secs: Option<f64>,
+    /// Seconds a client has to send a whole request body; later is 408 [default: 60].
+    #[arg(long, env = "HEDDLE_BODY_READ_TIMEOUT_SECS")]
+    pub body_read_timeout_secs: Option<f64>,
+    /// Seconds a keep-alive connection may wait for its next request [default: 75].
+    #[arg(long, env = "HEDDLE_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<f64>,
     /// Largest request body in bytes [default: 4194304].
     #[arg(long, env = "HEDDLE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -152,8 +204,17 @@ pub struct ServerConfig {
     pub port: u16,
     pub models: Vec<ModelSpec>,
     pub memory_budget: Option<u64>,
+    /// Keys for /v1; admin keys open /admin (and /v1, /metrics); metrics keys /metrics.
     pub api_keys: Vec<ApiKey>,
+    pub admin_api_keys: Vec<String>,
+    pub metrics_api_keys: Vec<String>,
+    /// /admin without a key; only on a loopback bind address.
+    pub admin_on_loopback: bool,
+    /// Serve /v1 without API keys on a non-loopback address.
+    pub allow_unauthenticated: bool,
     pub max_body_bytes: usize,
+    /// Connection limits and timeouts.
+    pub http: HttpLimits,
     pub shutdown_grace: Duration,
     /// Every engine's scheduler; `max_model_len` is also capped per model.
     pub scheduler: SchedulerConfig,
@@ -169,7 +230,12 @@ impl ServerConfig {
             models,
             memory_budget: None,
             api_keys: Vec::new(),
+            admin_api_keys: Vec::new(),
+            metrics_api_keys: Vec::new(),
+            admin_on_loopback: false,
+            allow_unauthenticated: false,
             max_body_bytes: 4 * 1024 * 1024,
+            http: HttpLimits::default(),
             shutdown_grace: Duration::from_secs(30),
             scheduler: SchedulerConfig {
                 max_running: 32,
@@ -236,6 +302,31 @@ impl ServerConfig {
         );
         config.shutdown_grace = Duration::try_from_secs_f64(grace)
             .context("shutdown grace must be a non-negative number of seconds")?;
+        let http = &mut config.http;
+        http.max_connections = pick(
+            args.max_connections,
+            file.max_connections,
+            http.max_connections,
+        );
+        if http.max_connections == 0 {
+            bail!("max_connections must be at least 1");
+        }
+        http.header_read_timeout = timeout(
+            "header_read_timeout_secs",
+            args.header_read_timeout_secs
+                .or(file.header_read_timeout_secs),
+            http.header_read_timeout,
+        )?;
+        http.body_read_timeout = timeout(
+            "body_read_timeout_secs",
+            args.body_read_timeout_secs.or(file.body_read_timeout_secs),
+            http.body_read_timeout,
+        )?;
+        http.idle_timeout = timeout(
+            "idle_timeout_secs",
+            args.idle_timeout_secs.or(file.idle_timeout_secs),
+            http.idle_timeout,
+        )?;
         config.memory_budget = match (&args.memory_budget, file.memory_budget) {
             (Some(text), _) => Some(parse_byte_size(text)?),
             (None, Some(ByteSize::Text(text))) => Some(parse_byte_size(&text)?),
@@ -289,7 +380,76 @@ impl ServerConfig {
                 .map(FileApiKey::into_key)
                 .collect::<anyhow::Result<_>>()?
         };
+        config.admin_api_keys = pick_keys(&args.admin_api_keys, file.admin_api_keys);
+        config.metrics_api_keys = pick_keys(&args.metrics_api_keys, file.metrics_api_keys);
+        config.admin_on_loopback =
+            args.admin_on_loopback || file.admin_on_loopback.unwrap_or(false);
+        config.allow_unauthenticated =
+            args.allow_unauthenticated || file.allow_unauthenticated.unwrap_or(false);
+        config.check_keys()?;
         Ok(config)
+    }
+
+    /// Every key is non-empty and opens one thing.
+    fn check_keys(&self) -> anyhow::Result<()> {
+        let all = self
+            .api_keys
+            .iter()
+            .map(|k| k.key.as_str())
+            .chain(self.admin_api_keys.iter().map(String::as_str))
+            .chain(self.metrics_api_keys.iter().map(String::as_str));
+        let mut seen = std::collections::HashSet::new();
+        for key in all {
+            if key.is_empty() {
+                bail!("an API key must not be empty");
+            }
+            if !seen.insert(key) {
+                bail!("an API key is configured twice (keys are listed once, by role)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses what would expose more than the configuration says: /v1 without keys on a
+    /// non-loopback address (unless `allow_unauthenticated`), and `admin_on_loopback`
+    /// anywhere but on loopback or next to admin keys. Warns about what stays open.
+    pub fn check_exposure(&self, address: SocketAddr) -> anyhow::Result<()> {
+        let loopback = address.ip().is_loopback();
+        if self.admin_on_loopback {
+            if !loopback {
+                bail!(
+                    "--admin-on-loopback: {address} is not a loopback address; use \
+                     --admin-api-key to reach admin routes from other machines"
+                );
+            }
+            if !self.admin_api_keys.is_empty() {
+                bail!("--admin-on-loopback and --admin-api-key: choose one");
+            }
+        }
+        if loopback {
+            return Ok(());
+        }
+        if self.api_keys.is_empty() {
+            if !self.allow_unauthenticated {
+                bail!(
+                    "refusing to serve the /v1 API without API keys on {address}, which \
+                     other machines can reach: set --api-key (HEDDLE_API_KEYS), or pass \
+                     --allow-unauthenticated to serve it open"
+                );
+            }
+            tracing::warn!(
+                %address,
+                "serving the /v1 API WITHOUT API KEYS to anyone who can reach this address \
+                 (--allow-unauthenticated)"
+            );
+        }
+        if self.metrics_api_keys.is_empty() {
+            tracing::warn!(
+                %address,
+                "/metrics needs no key; set --metrics-api-key to protect it"
+            );
+        }
+        Ok(())
     }
 
     pub fn bind_address(&self) -> anyhow::Result<SocketAddr> {
@@ -330,6 +490,26 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
 
 fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
     flag.or(file).unwrap_or(default)
+}
+
+/// The flag's keys when given, else the file's.
+fn pick_keys(flag: &[String], file: Option<Vec<String>>) -> Vec<String> {
+    if flag.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flag.to_vec()
+    }
+}
+
+/// A timeout in seconds, which must be positive.
+fn timeout(name: &str, seconds: Option<f64>, default: Duration) -> anyhow::Result<Duration> {
+    let Some(seconds) = seconds else {
+        return Ok(default);
+    };
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        _ => bail!("{name} must be a positive number of seconds, got {seconds}"),
+    }
 }
 
 fn check_models(models: &[ModelSpec]) -> anyhow::Result<()> {
@@ -376,7 +556,7 @@ fn id_from_path(path: &Path) -> anyhow::Result<String> {
     Ok(stem.to_lowercase())
 }
 
-/// `KEY` (unrestricted) or `KEY:TIER`.
+/// `KEY` (any priority) or `KEY:TIER`.
 fn parse_key_flag(text: &str) -> anyhow::Result<ApiKey> {
     let (key, tier) = match text.rsplit_once(':') {
         Some((key, tier)) => {
@@ -385,11 +565,8 @@ fn parse_key_flag(text: &str) -> anyhow::Result<ApiKey> {
                 .with_context(|| format!("API key tier {tier:?}"))?;
             (key, KeyTier::at(priority))
         }
-        None => (text, KeyTier::unrestricted()),
+        None => (text, KeyTier::any()),
     };
-    if key.is_empty() {
-        bail!("an API key must not be empty");
-    }
     Ok(ApiKey {
         key: key.to_string(),
         tier,
@@ -429,11 +606,19 @@ struct FileConfig {
     memory_budget: Option<ByteSize>,
     max_body_bytes: Option<usize>,
     shutdown_grace_secs: Option<f64>,
+    max_connections: Option<usize>,
+    header_read_timeout_secs: Option<f64>,
+    body_read_timeout_secs: Option<f64>,
+    idle_timeout_secs: Option<f64>,
     scheduler: Option<FileScheduler>,
     #[serde(default)]
     models: Vec<FileModel>,
     #[serde(default)]
     api_keys: Vec<FileApiKey>,
+    admin_api_keys: Option<Vec<String>>,
+    metrics_api_keys: Option<Vec<String>>,
+    admin_on_loopback: Option<bool>,
+    allow_unauthenticated: Option<bool>,
 }
 
 impl FileConfig {
@@ -495,15 +680,10 @@ struct FileApiKey {
     key: String,
     priority: Option<String>,
     allowed_priorities: Option<Vec<String>>,
-    #[serde(default)]
-    admin: bool,
 }
 
 impl FileApiKey {
     fn into_key(self) -> anyhow::Result<ApiKey> {
-        if self.key.is_empty() {
-            bail!("an API key must not be empty");
-        }
         let default_priority: Priority = match &self.priority {
             Some(p) => p.parse().context("api_keys.priority")?,
             None => Priority::Normal,
@@ -519,7 +699,6 @@ impl FileApiKey {
                 tier.allowed.push(default_priority);
             }
         }
-        tier.admin = self.admin;
         Ok(ApiKey {
             key: self.key,
             tier,
@@ -619,9 +798,114 @@ mod tests {
         assert_eq!(config.models[0].id, "x");
         assert_eq!(config.models[1].id, "smolthing");
         assert!(config.models[1].pinned && !config.models[0].pinned);
-        assert!(config.api_keys[0].tier.admin);
+        assert_eq!(config.api_keys[0].tier, KeyTier::any());
         assert_eq!(config.api_keys[1].key, "sk-batch");
         assert_eq!(config.api_keys[1].tier, KeyTier::at(Priority::Low));
+    }
+
+    #[test]
+    fn keys_of_each_role_and_connection_limits_come_from_flags_or_the_file() {
+        let weights = temp_file("k.gguf", "x");
+        let file = temp_file(
+            "keys.toml",
+            &format!(
+                r#"
+                admin_api_keys = ["sk-admin"]
+                metrics_api_keys = ["sk-scraper"]
+                admin_on_loopback = false
+                max_connections = 50
+                header_read_timeout_secs = 2.5
+                idle_timeout_secs = 30
+                [[models]]
+                id = "m"
+                path = "{}"
+                [[api_keys]]
+                key = "sk-app"
+                "#,
+                weights.display()
+            ),
+        );
+        let from_file = ServeArgs {
+            config: Some(file.clone()),
+            body_read_timeout_secs: Some(9.0),
+            ..ServeArgs::default()
+        };
+        let config = ServerConfig::resolve(&from_file).unwrap();
+        assert_eq!(config.admin_api_keys, ["sk-admin"]);
+        assert_eq!(config.metrics_api_keys, ["sk-scraper"]);
+        assert_eq!(config.api_keys[0].tier, KeyTier::at(Priority::Normal));
+        assert_eq!(
+            config.http,
+            HttpLimits {
+                max_connections: 50,
+                header_read_timeout: Duration::from_millis(2500),
+                body_read_timeout: Duration::from_secs(9),
+                idle_timeout: Duration::from_secs(30),
+            }
+        );
+        let flags = ServeArgs {
+            admin_api_keys: vec!["sk-root".into()],
+            ..from_file.clone()
+        };
+        assert_eq!(
+            ServerConfig::resolve(&flags).unwrap().admin_api_keys,
+            ["sk-root"]
+        );
+        let twice = ServeArgs {
+            metrics_api_keys: vec!["sk-app".into()],
+            ..from_file.clone()
+        };
+        let err = ServerConfig::resolve(&twice).unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        let no_wait = ServeArgs {
+            idle_timeout_secs: Some(0.0),
+            ..from_file
+        };
+        assert!(ServerConfig::resolve(&no_wait).is_err());
+        // Admin rights are the admin key's alone: the old per-key flag is an error.
+        let old_style = temp_file(
+            "old-keys.toml",
+            "[[api_keys]]\nkey = \"sk-x\"\nadmin = true\n",
+        );
+        let old = ServeArgs {
+            config: Some(old_style),
+            models: vec![format!("m={}", weights.display())],
+            ..ServeArgs::default()
+        };
+        assert!(ServerConfig::resolve(&old).is_err());
+    }
+
+    #[test]
+    fn exposed_addresses_need_api_keys_and_admin_on_loopback_needs_loopback() {
+        let exposed: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let local_v6: SocketAddr = "[::1]:8080".parse().unwrap();
+        let open = ServerConfig::with_models(Vec::new());
+        assert!(open.check_exposure(local).is_ok());
+        assert!(open.check_exposure(local_v6).is_ok());
+        let err = open.check_exposure(exposed).unwrap_err();
+        assert!(err.to_string().contains("--allow-unauthenticated"), "{err}");
+        let allowed = ServerConfig {
+            allow_unauthenticated: true,
+            ..open.clone()
+        };
+        assert!(allowed.check_exposure(exposed).is_ok());
+        let keyed = ServerConfig {
+            api_keys: vec![parse_key_flag("sk-app").unwrap()],
+            ..open.clone()
+        };
+        assert!(keyed.check_exposure(exposed).is_ok());
+        let admin_open = ServerConfig {
+            admin_on_loopback: true,
+            ..keyed.clone()
+        };
+        assert!(admin_open.check_exposure(local).is_ok());
+        assert!(admin_open.check_exposure(exposed).is_err());
+        let both = ServerConfig {
+            admin_api_keys: vec!["sk-admin".into()],
+            ..admin_open
+        };
+        assert!(both.check_exposure(local).is_err());
     }
 
     #[test]

@@ -4,24 +4,63 @@
 //! models; `/ready` turns 200 when they are loaded. On SIGINT or SIGTERM the server stops
 //! accepting connections and refuses new requests (503), lets running requests finish
 //! for the grace period, then cancels the rest, and stops every engine.
+//!
+//! Connections are HTTP/1, served by the server's own accept loop so that each is bounded
+//! (header, body and idle timeouts) and so is their number (see [`connections`]): a flood
+//! of idle or half-sent connections cannot exhaust the open files or lock out real clients.
 
-use std::future::IntoFuture;
+mod connections;
+
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::auth::ApiKeys;
+use crate::api::auth::AccessControl;
 use crate::api::{router, AppState};
 use crate::config::{ServeArgs, ServerConfig};
 use crate::pool::ModelPool;
+use connections::Connections;
 
 /// How long connections may stay open after the grace period's cancellations.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Open files kept for everything but connections (models, the runtime, logs).
+const RESERVED_FILES: u64 = 64;
+/// The pause after an accept error that is not the client's (out of open files), so that
+/// the loop makes room instead of spinning.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How much each connection, and all of them, may hold of the server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HttpLimits {
+    /// Most connections held at once.
+    pub max_connections: usize,
+    /// From a connection's start, or from the first byte after an idle wait, to the end of
+    /// a request's headers.
+    pub header_read_timeout: Duration,
+    /// From a handler's first read of a request body to its end (408 after).
+    pub body_read_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(75),
+        }
+    }
+}
 
 /// Runs `heddle serve` until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -80,12 +119,21 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         )
         .with_device(config.device),
     );
+    let address = config.bind_address()?;
+    config.check_exposure(address)?;
+    let access = AccessControl::new(
+        config.api_keys.clone(),
+        config.admin_api_keys.clone(),
+        config.metrics_api_keys.clone(),
+        config.admin_on_loopback,
+    );
+    let limits = within_open_file_limit(config.http);
     let state = AppState::new(
         pool,
-        ApiKeys::new(config.api_keys.clone()),
+        access,
         config.max_body_bytes,
+        limits.body_read_timeout,
     );
-    let address = config.bind_address()?;
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("binding {address}"))?;
@@ -96,6 +144,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         state.clone(),
         stopped,
         config.shutdown_grace,
+        limits,
     ));
     tracing::info!("listening on http://{addr}");
 
@@ -114,40 +163,137 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     Ok(server)
 }
 
+/// The limits with `max_connections` capped to what the open-file limit leaves room for,
+/// after raising the soft limit to the hard one: past it, accepting fails with "too many
+/// open files" while stalled connections hold every descriptor.
+fn within_open_file_limit(mut limits: HttpLimits) -> HttpLimits {
+    #[cfg(unix)]
+    {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let mut files = getrlimit(Resource::Nofile);
+        if files.current != files.maximum {
+            let raised = Rlimit {
+                current: files.maximum,
+                maximum: files.maximum,
+            };
+            if setrlimit(Resource::Nofile, raised).is_ok() {
+                files = raised;
+            }
+        }
+        if let Some(open_files) = files.current {
+            let room = usize::try_from(open_files.saturating_sub(RESERVED_FILES))
+                .unwrap_or(usize::MAX)
+                .max(1);
+            if limits.max_connections > room {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    open_files,
+                    "the open-file limit leaves room for {room} connections; holding at most \
+                     that many (raise `ulimit -n` for more)"
+                );
+                limits.max_connections = room;
+            }
+        }
+    }
+    limits
+}
+
 async fn serve(
     listener: TcpListener,
     state: AppState,
     stopped: watch::Receiver<bool>,
     grace: Duration,
+    limits: HttpLimits,
 ) -> anyhow::Result<()> {
-    let stop_requested = |mut stopped: watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
+    let connections = Arc::new(Connections::new(limits.max_connections));
+    let server = async {
+        accept(
+            listener,
+            router(state.clone()),
+            &connections,
+            limits,
+            stopped.clone(),
+        )
+        .await;
+        connections.all_closed().await;
     };
-    let server = axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(stop_requested(stopped.clone()))
-        .into_future();
     tokio::pin!(server);
+    let mut stop_requested = stopped.clone();
     let grace_over = async {
-        stop_requested(stopped).await;
+        let _ = stop_requested.wait_for(|stop| *stop).await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        result = &mut server => result.context("serving HTTP")?,
+        () = &mut server => {}
         () = grace_over => {
             tracing::warn!(
                 in_flight = state.pool.in_flight(),
                 "grace period over; cancelling the remaining requests"
             );
             state.pool.cancel_all_requests();
-            match tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await {
-                Ok(result) => result.context("serving HTTP")?,
-                Err(_) => tracing::warn!("connections still open; stopping anyway"),
+            if tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await.is_err() {
+                tracing::warn!("connections still open; closing them");
+                connections.close_all();
             }
         }
     }
     state.pool.unload_all().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Accepts connections until the stop signal, each into a slot of `connections`; the
+/// listener closes on return.
+async fn accept(
+    listener: TcpListener,
+    router: Router,
+    connections: &Arc<Connections>,
+    limits: HttpLimits,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut last_error_logged: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped.wait_for(|stop| *stop) => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) if is_client_error(&error) => continue,
+            Err(error) => {
+                if last_error_logged.is_none_or(|at| at.elapsed() > ACCEPT_ERROR_LOG_INTERVAL) {
+                    tracing::error!(%error, "cannot accept connections; making room");
+                    last_error_logged = Some(Instant::now());
+                }
+                connections.evict_longest_waiting();
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let slot = tokio::select! {
+            slot = connections.slot() => slot,
+            _ = stopped.wait_for(|stop| *stop) => return,
+        };
+        // Stream chunks are small; they should leave at once.
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connections.clone().serve(
+            slot,
+            stream,
+            router.clone(),
+            limits,
+            stopped.clone(),
+        ));
+    }
+}
+
+/// Accept errors that concern one client's connection only.
+fn is_client_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
 }
 
 /// SIGINT (Ctrl-C) or, on Unix, SIGTERM.

@@ -17,22 +17,17 @@ const ADMIN_KEY: &str = "sk-admin";
 const LOW_KEY: &str = "sk-low";
 const BODY_LIMIT: usize = 16 * 1024;
 
-/// A server with API keys and a small body limit.
+/// A server with an admin key, an API key and a small body limit.
 fn server() -> &'static SharedServer {
     static SERVER: OnceLock<SharedServer> = OnceLock::new();
     shared_server(&SERVER, || {
         let mut config = test_config(vec![model(MODEL)]);
         config.max_body_bytes = BODY_LIMIT;
-        config.api_keys = vec![
-            ApiKey {
-                key: ADMIN_KEY.into(),
-                tier: KeyTier::unrestricted(),
-            },
-            ApiKey {
-                key: LOW_KEY.into(),
-                tier: KeyTier::at(Priority::Low),
-            },
-        ];
+        config.admin_api_keys = vec![ADMIN_KEY.into()];
+        config.api_keys = vec![ApiKey {
+            key: LOW_KEY.into(),
+            tier: KeyTier::at(Priority::Low),
+        }];
         config
     })
 }
@@ -222,7 +217,10 @@ async fn unknown_models_and_routes_are_404() {
     let (status, error) = send("/v1/nothing", Some(ADMIN_KEY), "{}".into(), None).await;
     assert_error(status, &error, 404, "invalid_request_error");
     assert_eq!(get_status("/v1/models/gpt-17", Some(ADMIN_KEY)).await, 404);
-    assert_eq!(get_status("/v1/chat/completions", None).await, 405);
+    assert_eq!(
+        get_status("/v1/chat/completions", Some(ADMIN_KEY)).await,
+        405
+    );
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use api_support::{
     assert_error, eventually, model, model_path, post_json, start, test_config, SseReader,
-    TestServer,
+    TestServer, ADMIN_KEY,
 };
 use heddle_server::pool::estimate_memory;
 use serde_json::{json, Value};
@@ -180,6 +180,7 @@ async fn admin_models(server: &TestServer) -> Vec<Value> {
     let list: Value = server
         .http
         .get(server.url("/admin/models"))
+        .bearer_auth(ADMIN_KEY)
         .send()
         .await
         .unwrap()
@@ -230,6 +231,7 @@ async fn two_models_serve_at_once_and_first_requests_share_one_load() {
     let unloaded: Value = server
         .http
         .post(server.url("/admin/models/left/unload"))
+        .bearer_auth(ADMIN_KEY)
         .send()
         .await
         .unwrap()
@@ -241,6 +243,7 @@ async fn two_models_serve_at_once_and_first_requests_share_one_load() {
     let loaded = server
         .http
         .post(server.url("/admin/models/left/load"))
+        .bearer_auth(ADMIN_KEY)
         .send()
         .await
         .unwrap();

@@ -1,6 +1,8 @@
 //! Errors in OpenAI's format: `{"error": {"message", "type", "param", "code"}}` with the
 //! matching HTTP status (and `Retry-After` where waiting helps).
 
+use std::time::Duration;
+
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -115,6 +117,19 @@ impl ApiError {
             format!("The request body is larger than the limit of {limit} bytes."),
         )
         .with_code("request_too_large")
+    }
+
+    /// 408: the request body did not arrive within the body read timeout.
+    pub fn body_timeout(timeout: Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "The request body did not arrive within {} seconds.",
+                timeout.as_secs_f64()
+            ),
+        )
+        .with_code("request_timeout")
     }
 
     /// 429: the model's waiting queue is full of requests at least as urgent.

@@ -4,12 +4,14 @@
 //! `GET /v1/models/{id}`, `GET /health` (the process is alive), `GET /ready` (the startup
 //! loads are done and the server is not shutting down), `GET /metrics` (Prometheus text),
 //! and admin routes: `GET /admin/models`, `POST /admin/models/{id}/load`,
-//! `POST /admin/models/{id}/unload`.
+//! `POST /admin/models/{id}/unload`. Which key each needs: [`auth`].
 //!
 //! Choices this API makes where OpenAI's leaves room:
 //! - Errors are `{"error": {"message", "type", "param", "code"}}`. Every malformed body
 //!   (bad JSON, wrong field types, any content type) is 400 `invalid_request_error`;
-//!   a body over the limit is 413; an unknown route is 404 and a wrong method 405.
+//!   a body over the limit is 413 (at once when its Content-Length says so, before any of
+//!   it is read), one that does not arrive within the body read timeout 408; an unknown
+//!   route is 404 and a wrong method 405 (after the access check: without a key, 401).
 //! - A request may ask for a priority its API key does not allow: 403 `permission_error`.
 //! - A sequence the engine cancels without the client asking ends the request with an
 //!   error instead of a finish_reason: 503 when the server is shutting down or the model
@@ -32,20 +34,22 @@ pub mod sse;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::header::{CONNECTION, CONTENT_LENGTH};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::metrics::Metrics;
 use crate::pool::{LoadedModel, ModelPool, PoolError};
-use auth::ApiKeys;
+use auth::AccessControl;
 use errors::ApiError;
 
 /// What every handler shares.
@@ -53,8 +57,10 @@ use errors::ApiError;
 pub struct AppState {
     pub pool: Arc<ModelPool>,
     pub metrics: Arc<Metrics>,
-    pub keys: Arc<ApiKeys>,
+    pub access: Arc<AccessControl>,
     pub max_body_bytes: usize,
+    /// How long a handler waits for the whole request body.
+    pub body_read_timeout: Duration,
     /// Set once the startup loads are done.
     pub ready: Arc<AtomicBool>,
     /// Unix time the server started; the `created` of every model card.
@@ -62,12 +68,18 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(pool: Arc<ModelPool>, keys: ApiKeys, max_body_bytes: usize) -> Self {
+    pub fn new(
+        pool: Arc<ModelPool>,
+        access: AccessControl,
+        max_body_bytes: usize,
+        body_read_timeout: Duration,
+    ) -> Self {
         AppState {
             metrics: pool.metrics().clone(),
             pool,
-            keys: Arc::new(keys),
+            access: Arc::new(access),
             max_body_bytes,
+            body_read_timeout,
             ready: Arc::new(AtomicBool::new(false)),
             started: unix_now(),
         }
@@ -98,24 +110,67 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The API's router.
+/// Every route of the API: its path and handlers. The router serves exactly these.
+pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    vec![
+        ("/health", get(routes::health)),
+        ("/ready", get(routes::ready)),
+        ("/metrics", get(routes::metrics)),
+        ("/v1/models", get(routes::list_models)),
+        ("/v1/models/{*id}", get(routes::get_model)),
+        ("/v1/chat/completions", post(routes::chat_completions)),
+        ("/v1/completions", post(routes::completions)),
+        ("/admin/models", get(routes::admin_list)),
+        ("/admin/models/{id}/load", post(routes::admin_load)),
+        ("/admin/models/{id}/unload", post(routes::admin_unload)),
+    ]
+}
+
+/// The API's router. Every request, whatever its route, passes the access check
+/// ([`auth::check_access`]) and the body size check first.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(routes::health))
-        .route("/ready", get(routes::ready))
-        .route("/metrics", get(routes::metrics))
-        .route("/v1/models", get(routes::list_models))
-        .route("/v1/models/{*id}", get(routes::get_model))
-        .route("/v1/chat/completions", post(routes::chat_completions))
-        .route("/v1/completions", post(routes::completions))
-        .route("/admin/models", get(routes::admin_list))
-        .route("/admin/models/{id}/load", post(routes::admin_load))
-        .route("/admin/models/{id}/unload", post(routes::admin_unload))
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, handlers)| {
+            router.route(path, handlers)
+        })
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_oversized_bodies,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::check_access,
+        ))
         .layer(CatchPanicLayer::custom(|_| panicked()))
         .with_state(state)
+}
+
+/// A request whose Content-Length is over the limit is answered 413 before any of its
+/// body is read, with `connection: close`; the server then drains what the client still
+/// sends for a bounded time (see `serve`), so that the client reads the 413 instead of a
+/// connection reset. Bodies without a length are limited while they are read (JsonBody).
+async fn refuse_oversized_bodies(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > state.max_body_bytes as u64) {
+        let mut response = ApiError::payload_too_large(state.max_body_bytes).into_response();
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    next.run(request).await
 }
 
 /// A handler panicked (a bug): the client still gets an OpenAI-shaped 500.
@@ -124,15 +179,18 @@ fn panicked() -> Response {
 }
 
 /// A JSON body, whatever its content type, with every rejection in OpenAI's format:
-/// 413 over the size limit, 400 for anything else.
+/// 413 over the size limit, 408 when it does not arrive within the body read timeout, 400
+/// for anything else.
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(request, state)
+        let read = Bytes::from_request(request, state);
+        let bytes = tokio::time::timeout(state.body_read_timeout, read)
             .await
+            .map_err(|_| ApiError::body_timeout(state.body_read_timeout))?
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::payload_too_large(state.max_body_bytes)

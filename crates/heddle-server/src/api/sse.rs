@@ -10,12 +10,17 @@
 //!
 //! Log-probabilities ride on the chunk that carries their token's text; tokens whose text
 //! is still held back (a partial character, a possible stop string) wait for it.
+//!
+//! A stream with nothing to send for [`KEEP_ALIVE_INTERVAL`] (its request still waits in
+//! the queue, or a long prefill runs) sends a `: keep-alive` comment, which clients skip,
+//! so that proxies do not cut a quiet connection.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
 use heddle_core::FinishReason;
@@ -30,6 +35,9 @@ use super::openai::{
     ChatChunkChoice, ChatCompletionChunk, Completion, CompletionChoice, Delta, Usage,
 };
 use crate::engine::EngineEvent;
+
+/// Well below the idle timeouts of common proxies and load balancers (60 s and more).
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Which API the stream answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +68,13 @@ pub fn response<F>(
 where
     F: Fn(FinishReason) -> Option<ApiError> + Send + 'static,
 {
-    Sse::new(chunks(header, mux, tokenizer, failure)).into_response()
+    Sse::new(chunks(header, mux, tokenizer, failure))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(KEEP_ALIVE_INTERVAL)
+                .text("keep-alive"),
+        )
+        .into_response()
 }
 
 struct ChunkStream<F> {

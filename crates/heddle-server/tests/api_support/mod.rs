@@ -26,11 +26,15 @@ pub fn model(id: &str) -> ModelSpec {
     }
 }
 
+/// The admin key of [`test_config`]'s servers.
+pub const ADMIN_KEY: &str = "sk-test-admin";
+
 /// A configuration for tests: a free loopback port, small scheduler limits, a short
-/// shutdown grace.
+/// shutdown grace, an admin key, and no API keys (the /v1 routes are open).
 pub fn test_config(models: Vec<ModelSpec>) -> ServerConfig {
     let mut config = ServerConfig::with_models(models);
     config.port = 0;
+    config.admin_api_keys = vec![ADMIN_KEY.into()];
     config.shutdown_grace = Duration::from_secs(5);
     config.scheduler = SchedulerConfig {
         max_running: 8,
@@ -236,4 +240,86 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// One HTTP/1 response read off a raw connection.
+pub struct RawResponse {
+    pub status: u16,
+    /// Names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Reads one response with a Content-Length body.
+pub async fn read_response(stream: &mut tokio::net::TcpStream) -> std::io::Result<RawResponse> {
+    use tokio::io::AsyncReadExt;
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        data.extend_from_slice(&chunk[..read]);
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map_or(0, |(_, v)| v.parse().expect("a length"));
+    let mut body = data[head_end + 4..].to_vec();
+    while body.len() < length {
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        body.extend_from_slice(&chunk[..read]);
+    }
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Whether the server closes the connection within `limit` (what it sends is discarded).
+pub async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    let until_closed = async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, until_closed).await.is_ok()
 }

@@ -320,6 +320,16 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
             if !(fraction > 0.0 && fraction <= 1.0) {
                 bail!("--gpu-memory-fraction must be in (0, 1], got {fraction}");
             }
+            // Without a GPU, real weights are served on the CPU, with the CPU's batch
+            // sizes (random weights exist only on the GPU).
+            if !args.dummy_weights {
+                if let Err(why) = crate::pool::cuda_device() {
+                    tracing::warn!(
+                        "--device cuda: {why:#}; serving on the CPU, with the CPU's defaults"
+                    );
+                    return Ok(Device::Cpu);
+                }
+            }
             Ok(Device::Cuda {
                 gpu_memory_fraction: fraction,
                 dummy_weights: args.dummy_weights,
@@ -696,5 +706,27 @@ mod tests {
             let err = ServerConfig::resolve(&dummy).unwrap_err();
             assert!(err.to_string().contains("built without cuda"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_cuda_build_without_a_gpu_serves_on_the_cpu_with_its_defaults() {
+        if !cfg!(feature = "cuda") || crate::pool::cuda_device().is_ok() {
+            return;
+        }
+        let args = ServeArgs {
+            device: Some(DeviceKind::Cuda),
+            models: vec![format!("m={}", temp_file("m.gguf", "").display())],
+            ..ServeArgs::default()
+        };
+        let config = ServerConfig::resolve(&args).unwrap();
+        assert_eq!(config.device, Device::Cpu);
+        let cpu = ServerConfig::with_models(Vec::new()).scheduler;
+        assert_eq!(
+            (
+                config.scheduler.max_running,
+                config.scheduler.max_batched_tokens
+            ),
+            (cpu.max_running, cpu.max_batched_tokens)
+        );
     }
 }

@@ -629,6 +629,14 @@ fn load_model(
     })
 }
 
+/// The GPU's name, or why `--device cuda` cannot use one here.
+pub fn cuda_device() -> anyhow::Result<String> {
+    #[cfg(feature = "cuda")]
+    return heddle_cuda::probe_device();
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("this heddle was built without cuda (rebuild with `--features cuda`)")
+}
+
 /// Loading on the GPU, or saying why not.
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -657,6 +665,13 @@ mod cuda {
                 let config = dummy::read_config(&spec.path)?;
                 let text = dummy::tokenizer_bundle(config.vocab_size)?;
                 (config, WeightSource::Dummy { seed: 0 }, text)
+            } else if !spec.path.is_dir() {
+                // A GGUF file (the embedded model among them): dequantized on load, its
+                // own tokenizer and chat template.
+                let content = heddle_model::loader::read_gguf(&spec.path)?;
+                let config = ModelConfig::from_gguf(&content)?;
+                let text = TokenizerBundle::from_gguf(&content)?;
+                (config, WeightSource::Gguf(spec.path.clone()), text)
             } else {
                 let config_path = spec.path.join("config.json");
                 let text = std::fs::read_to_string(&config_path)

@@ -35,15 +35,30 @@ fn open_file(path: &Path) -> Result<BufReader<File>> {
         })
 }
 
+/// How a GGUF file of this architecture lays out the RoPE pairs of Q and K.
+pub fn gguf_rope_layout(architecture: Architecture) -> RopeLayout {
+    match architecture {
+        Architecture::Llama => RopeLayout::Interleaved,
+        Architecture::Qwen2 => RopeLayout::Halves,
+    }
+}
+
 pub(super) fn open(path: &Path) -> Result<OpenedModel> {
     let content = read_gguf(path)?;
     let config = ModelConfig::from_gguf(&content)?;
-    let rope_layout = match config.architecture {
-        Architecture::Llama => RopeLayout::Interleaved,
-        Architecture::Qwen2 => RopeLayout::Halves,
-    };
     // The source needs only the tensor directory; the header goes back to the caller.
-    let tensors = GgufTensors {
+    let tensors = open_tensors(path, &content)?;
+    Ok(OpenedModel {
+        rope_layout: gguf_rope_layout(config.architecture),
+        config,
+        tensors: Box::new(tensors),
+        gguf: Some(content),
+    })
+}
+
+/// The tensors of the GGUF file at `path`, whose header is `content`, read one at a time.
+pub fn open_tensors(path: &Path, content: &Content) -> Result<GgufTensors> {
+    Ok(GgufTensors {
         file: open_file(path)?,
         infos: content
             .tensor_infos
@@ -58,16 +73,11 @@ pub(super) fn open(path: &Path) -> Result<OpenedModel> {
             })
             .collect(),
         data_offset: content.tensor_data_offset,
-    };
-    Ok(OpenedModel {
-        config,
-        rope_layout,
-        tensors: Box::new(tensors),
-        gguf: Some(content),
     })
 }
 
-struct GgufTensors {
+/// A GGUF file's tensors by name.
+pub struct GgufTensors {
     file: BufReader<File>,
     infos: HashMap<String, TensorInfo>,
     data_offset: u64,
@@ -80,6 +90,19 @@ impl GgufTensors {
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         Ok(info.read(&mut self.file, self.data_offset, &Device::Cpu)?)
+    }
+
+    /// A tensor dequantized to f32 (any GGUF type candle reads: F32/F16/BF16, Q4_0,
+    /// Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants), with its row-major shape.
+    pub fn read_f32(&mut self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let t = self.read(name)?;
+        let shape = t.shape().dims().to_vec();
+        let values = t
+            .dequantize(&Device::Cpu)?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok((shape, values))
     }
 }
 

@@ -128,6 +128,11 @@ pub struct ServeArgs {
     /// buffers leave of it [default: 0.9].
     #[arg(long, env = "HEDDLE_GPU_MEMORY_FRACTION")]
     pub gpu_memory_fraction: Option<f64>,
+    /// On cuda: make each request's output independent of what else runs with it (pinned
+    /// GEMM algorithms, one attention kernel), at a cost in speed (docs/CUDA.md). The CPU
+    /// runner always is.
+    #[arg(long, env = "HEDDLE_BATCH_INVARIANT")]
+    pub batch_invariant: bool,
     /// Serve random weights of the shape in --model-config, made on the GPU (benchmarks).
     /// Prompts should be token ids; see docs/CUDA.md.
     #[arg(long, env = "HEDDLE_DUMMY_WEIGHTS", requires = "model_config")]
@@ -333,6 +338,7 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
             Ok(Device::Cuda {
                 gpu_memory_fraction: fraction,
                 dummy_weights: args.dummy_weights,
+                batch_invariant: args.batch_invariant,
             })
         }
     }
@@ -683,7 +689,8 @@ mod tests {
                 config.device,
                 Device::Cuda {
                     gpu_memory_fraction: 0.9,
-                    dummy_weights: true
+                    dummy_weights: true,
+                    batch_invariant: false
                 }
             );
             // The model is the config file, named after it; GPU batch sizes by default.

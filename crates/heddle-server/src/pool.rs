@@ -51,6 +51,8 @@ pub enum Device {
     Cuda {
         gpu_memory_fraction: f64,
         dummy_weights: bool,
+        /// Each request's output independent of its batch (docs/CUDA.md).
+        batch_invariant: bool,
     },
 }
 
@@ -562,9 +564,16 @@ fn load_runner(spec: &ModelSpec, base: &SchedulerConfig, device: Device) -> anyh
     if let Device::Cuda {
         gpu_memory_fraction,
         dummy_weights,
+        batch_invariant,
     } = device
     {
-        match cuda::load(spec, base, gpu_memory_fraction, dummy_weights) {
+        match cuda::load(
+            spec,
+            base,
+            gpu_memory_fraction,
+            dummy_weights,
+            batch_invariant,
+        ) {
             Ok(runner) => return Ok(runner),
             Err(cuda::LoadError::NoDevice(why)) if !dummy_weights => {
                 tracing::warn!(model = %spec.id, "{why:#}; running on the CPU instead");
@@ -653,6 +662,7 @@ mod cuda {
         base: &SchedulerConfig,
         gpu_memory_fraction: f64,
         dummy_weights: bool,
+        batch_invariant: bool,
     ) -> Result<Runner, LoadError> {
         use anyhow::Context;
         use heddle_cuda::{dummy, CudaOptions, CudaRunner, KvBudget, WeightSource};
@@ -688,6 +698,7 @@ mod cuda {
                     max_batched_tokens: base.max_batched_tokens,
                     max_running: base.max_running,
                     kv: KvBudget::MemoryFraction(gpu_memory_fraction),
+                    batch_invariant,
                     ..CudaOptions::default()
                 },
             )?;

@@ -122,3 +122,63 @@ impl TensorSource for GgufTensors {
             .to_vec1::<f32>()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use super::{open_tensors, read_gguf};
+
+    /// Every quantization the GPU loader is promised to read, written to a GGUF file and
+    /// read back dequantized: values within each format's rounding of the originals.
+    #[test]
+    fn quantized_tensors_read_back_as_f32_within_their_rounding() {
+        let (rows, cols) = (4usize, 512usize);
+        let original: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i / cols) as f32))
+            .collect();
+        let tensor = Tensor::from_vec(original.clone(), (rows, cols), &Device::Cpu).unwrap();
+        let formats = [
+            (GgmlDType::F16, 1e-3),
+            (GgmlDType::Q8_0, 1e-2),
+            (GgmlDType::Q6K, 2e-2),
+            (GgmlDType::Q4_0, 0.12),
+            (GgmlDType::Q4_1, 0.12),
+            (GgmlDType::Q4K, 0.12),
+        ];
+        let quantized: Vec<(String, QTensor)> = formats
+            .iter()
+            .map(|(dtype, _)| {
+                (
+                    format!("{dtype:?}.weight"),
+                    QTensor::quantize(&tensor, *dtype).unwrap(),
+                )
+            })
+            .collect();
+        let path = std::env::temp_dir().join(format!("heddle-quants-{}.gguf", std::process::id()));
+        let mut file = std::fs::File::create(&path).unwrap();
+        let arch = gguf_file::Value::String("llama".into());
+        let named: Vec<(&str, &QTensor)> = quantized.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        gguf_file::write(&mut file, &[("general.architecture", &arch)], &named).unwrap();
+        drop(file);
+
+        let content = read_gguf(&path).unwrap();
+        let mut tensors = open_tensors(&path, &content).unwrap();
+        for ((name, _), (dtype, limit)) in quantized.iter().zip(formats) {
+            let (shape, values) = tensors.read_f32(name).unwrap();
+            assert_eq!(shape, vec![rows, cols], "{name}");
+            let (mut diff, mut norm) = (0f64, 0f64);
+            for (v, o) in values.iter().zip(&original) {
+                diff += ((v - o) as f64).powi(2);
+                norm += (*o as f64).powi(2);
+            }
+            let error = (diff / norm).sqrt();
+            assert!(
+                error < limit,
+                "{dtype:?}: relative error {error} over {limit}"
+            );
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}

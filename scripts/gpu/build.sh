@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# Builds the CUDA binaries here (no CUDA toolkit needed) into .gpu-bin/ (git-ignored),
-# stripped so that they travel to the GPU machine (about 17 MB), and copies the peer script
-# into .peer/. Then run scripts/gpu/check-and-bench.sh there, carrying .gpu-bin and .peer.
+# Builds the CUDA binaries here (no CUDA toolkit needed) and stages everything the GPU
+# machine runs into one self-contained folder (default .gpu-bin/, git-ignored): the
+# stripped binaries (about 17 MB), scripts/gpu/, configs/, the committed reference outputs
+# of the embedded model, and the transformers peer script. On the GPU machine, run
+# DEST/scripts/gpu/check-and-bench.sh from DEST.
+#
+#   scripts/gpu/build.sh [DEST]
+#
+# The device tool sends the checkout a session started in: stage into a git-ignored
+# folder of that checkout and name it in the call's `carry`.
 set -eu
 cd "$(dirname "$0")/../.."
+DEST=${1:-.gpu-bin}
+TARGET=${CARGO_TARGET_DIR:-target}
 cargo build --release -p heddle-server --features cuda
 cargo build --release -p heddle-cuda
-mkdir -p .gpu-bin .peer
+mkdir -p "$DEST/bin" "$DEST/scripts" "$DEST/configs" "$DEST/reference" "$DEST/peer"
 for bin in heddle heddle-cuda; do
-  strip -o ".gpu-bin/$bin" "target/release/$bin"
+  strip -o "$DEST/bin/$bin" "$TARGET/release/$bin"
 done
-cp /work/shared/bench/peers/transformers_cb.py .peer/ 2>/dev/null || true
-ls -la .gpu-bin .peer
+rm -rf "$DEST/scripts/gpu"
+cp -r scripts/gpu "$DEST/scripts/"
+cp configs/*.json "$DEST/configs/"
+cp crates/heddle-model/tests/data/llamacpp_reference.json scripts/embedded-model.sha256 "$DEST/reference/"
+cp /work/shared/bench/peers/transformers_cb.py "$DEST/peer/" 2>/dev/null || true
+du -sh "$DEST"/*

@@ -1,37 +1,97 @@
 #!/usr/bin/env bash
 # The CUDA runner's checks and benchmarks, in one go, on the GPU machine (no Rust there:
-# build here first with scripts/gpu/build.sh, which leaves the binaries in .gpu-bin/).
+# scripts/gpu/build.sh builds here and stages this folder's tree: bin/, scripts/, configs/,
+# reference/, peer/). Run from that staged folder:
 #
 #   scripts/gpu/check-and-bench.sh [quick]
 #
-# Prints the self-test table, heddle's in-process throughput on random Llama-3.2-1B and
-# Llama-3.1-8B weights (256 requests × 512 random prompt tokens → 128 output tokens,
-# greedy, ignore_eos, all at once), single-stream 8B decode, the same load through
-# `heddle serve --device cuda` and `heddle bench` over HTTP, the transformers peer on the
-# same load (unless `quick`), and a summary table last.
-# Logs go to $OUT (or /tmp/heddle-gpu) for the device tool to bring back.
+# 1. self-test: every kernel against CPU references, the runner against heddle's CPU
+#    runner, CUDA graph replay;
+# 2. reference: heddle's CUDA runner against HF transformers on checkpoints transformers
+#    makes (scripts/gpu/reference/check_reference.py);
+# 3. batch invariance at the Llama-3.1-8B shape, default and batch-invariant modes;
+# 4. the embedded GGUF model on the GPU against the committed float64 reference, and
+#    `heddle serve --device cuda` with no model answering a chat request over HTTP
+#    (needs the GGUF: $HEDDLE_MODEL_DIR, or its parts, see below);
+# 5. throughput in process on random Llama-3.2-1B and Llama-3.1-8B weights (256 requests
+#    × 512 random prompt tokens → 128 output tokens, greedy, ignore_eos, all at once),
+#    8B also in the batch-invariant mode, single-stream 8B decode; the same load through
+#    `heddle serve` and `heddle bench` over HTTP; the transformers peer (unless `quick`).
+# A summary table comes last. Logs go to $OUT (or /tmp/heddle-gpu).
 set -u
 cd "$(dirname "$0")/../.."
-BIN=${BIN:-.gpu-bin}
+BIN=${BIN:-bin}
 LOGS=${OUT:-/tmp/heddle-gpu}
 mkdir -p "$LOGS"
+: >"$LOGS/results.txt"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export HEDDLE_LOG=${HEDDLE_LOG:-info}
+export NCCL_NVLS_ENABLE=0
 MODE=${1:-full}
+STATUS=0
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 
 echo "== self-test"
-"$BIN/heddle-cuda" selftest 2>"$LOGS/selftest.log" | tee "$LOGS/selftest.txt"
-tail -5 "$LOGS/selftest.log"
+"$BIN/heddle-cuda" selftest 2>"$LOGS/selftest.log" | tee "$LOGS/selftest.txt" || STATUS=1
+grep -E "ERROR|panicked" "$LOGS/selftest.log" | cut -c1-400
 
-for shape in llama-3.2-1b llama-3.1-8b; do
-  echo "== heddle in-process bench $shape"
-  extra=""
-  [ "$shape" = llama-3.1-8b ] && extra="--single-stream"
+echo "== reference: heddle vs HF transformers on checkpoints made by transformers"
+PYTHONUNBUFFERED=1 python3 scripts/gpu/reference/check_reference.py \
+  --heddle-cuda "$BIN/heddle-cuda" --work /tmp/heddle-reference --out "$LOGS" \
+  2>"$LOGS/reference.err" | tee "$LOGS/reference.txt" || STATUS=1
+tail -5 "$LOGS/reference.err"
+
+echo "== batch invariance at the Llama-3.1-8B shape (random weights)"
+"$BIN/heddle-cuda" invariance --config configs/llama-3.1-8b.json \
+  2>"$LOGS/invariance.log" | tee -a "$LOGS/results.txt" || STATUS=1
+grep -E "ERROR|panicked" "$LOGS/invariance.log" | cut -c1-400
+
+# The embedded model: in $HEDDLE_MODEL_DIR, or assembled from parts (a call's files are
+# limited in size, so the 98 MB file may come in pieces: /tmp/heddle-gguf-part-* left by
+# an earlier call on the same machine, then model/part-* of this one).
+export HEDDLE_MODEL_DIR=${HEDDLE_MODEL_DIR:-/tmp/heddle-models}
+GGUF="$HEDDLE_MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
+mkdir -p "$HEDDLE_MODEL_DIR"
+if [ ! -f "$GGUF" ] && ls /tmp/heddle-gguf-part-* model/part-* >/dev/null 2>&1; then
+  cat /tmp/heddle-gguf-part-* model/part-* >"$GGUF"
+fi
+if [ -f "$GGUF" ] && (cd "$HEDDLE_MODEL_DIR" && sha256sum -c --quiet "$OLDPWD/reference/embedded-model.sha256"); then
+  echo "== embedded GGUF (SmolLM2-135M-Instruct Q4_1) on the GPU vs the float64 reference"
+  for dtype in f32 bf16; do
+    "$BIN/heddle-cuda" gguf --model "$GGUF" --reference reference/llamacpp_reference.json \
+      --dtype $dtype 2>"$LOGS/gguf-$dtype.log" | tee -a "$LOGS/results.txt" || STATUS=1
+    grep -E "ERROR|panicked" "$LOGS/gguf-$dtype.log" | cut -c1-400
+  done
+  echo "== heddle serve --device cuda (no model: the embedded one) + one chat request"
+  "$BIN/heddle" serve --device cuda --port 18081 >"$LOGS/serve-embedded.log" 2>&1 &
+  SERVE_PID=$!
+  for _ in $(seq 1 120); do
+    curl -sf localhost:18081/ready >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  curl -s localhost:18081/v1/chat/completions -H 'content-type: application/json' -d '{
+    "model": "smollm2-135m-instruct", "max_tokens": 32, "temperature": 0,
+    "messages": [{"role": "system", "content": "You are a concise assistant."},
+                 {"role": "user", "content": "What is the capital of France?"}]}' \
+    | tee "$LOGS/chat-embedded.json" | python3 -c '
+import json, sys
+reply = json.load(sys.stdin)["choices"][0]["message"]["content"]
+print("RESULT chat embedded_on_gpu reply=" + json.dumps(reply))' | tee -a "$LOGS/results.txt"
+  kill "$SERVE_PID" 2>/dev/null
+  wait "$SERVE_PID" 2>/dev/null
+  grep -E "CUDA runner ready|WARN|ERROR" "$LOGS/serve-embedded.log" | cut -c1-300
+else
+  echo "== embedded GGUF: not here (or not the committed file), skipped"
+fi
+
+for run in llama-3.2-1b: llama-3.1-8b:--single-stream "llama-3.1-8b:--single-stream --batch-invariant"; do
+  shape=${run%%:*}
+  extra=${run#*:}
+  echo "== heddle in-process bench $shape $extra"
   "$BIN/heddle-cuda" bench --config "configs/$shape.json" $extra \
-    2>"$LOGS/bench-$shape.log" | tee -a "$LOGS/results.txt"
-  grep -E "CUDA runner ready|kernels compiled|ERROR|panicked" "$LOGS/bench-$shape.log" | cut -c1-400
+    2>"$LOGS/bench-$shape$(echo $extra | tr -d ' -').log" | tee -a "$LOGS/results.txt"
+  grep -E "CUDA runner ready|ERROR|panicked" "$LOGS/bench-$shape$(echo $extra | tr -d ' -').log" | cut -c1-300
 done
 
 # `heddle serve` on the GPU, driven over HTTP by `heddle bench` (the same load; prompts are
@@ -46,9 +106,6 @@ for shape in llama-3.2-1b llama-3.1-8b; do
     curl -sf localhost:18080/ready >/dev/null 2>&1 && break
     sleep 0.5
   done
-  curl -s localhost:18080/v1/completions -H 'content-type: application/json' \
-    -d "{\"model\":\"$shape\",\"prompt\":[128000,791,6864,315,9822,374],\"max_tokens\":8,\"temperature\":0}"
-  echo
   "$BIN/heddle" bench --url http://127.0.0.1:18080 --model "$shape" \
     --tokenizer /tmp/heddle-dummy-tokenizer/tokenizer.json --num-prompts 256 \
     --input-len 512 --output-len 128 --ignore-eos --no-progress --warmup-requests 4 \
@@ -58,41 +115,54 @@ for shape in llama-3.2-1b llama-3.1-8b; do
     "$LOGS/http-$shape.txt" | head -1 | tee -a "$LOGS/results.txt"
   kill "$SERVE_PID" 2>/dev/null
   wait "$SERVE_PID" 2>/dev/null
-  grep -E "CUDA runner ready|ERROR|WARN" "$LOGS/serve-$shape.log" | cut -c1-400
+  grep -E "ERROR|WARN" "$LOGS/serve-$shape.log" | cut -c1-300
 done
 
 if [ "$MODE" != quick ]; then
   for shape in 1b 8b; do
     echo "== peer transformers_cb $shape"
-    python3 .peer/transformers_cb.py $shape 256 512 128 2>"$LOGS/peer-$shape.log" \
+    python3 peer/transformers_cb.py $shape 256 512 128 2>"$LOGS/peer-$shape.log" \
       | grep -E "RESULT|bandwidth|attn impl" | tee -a "$LOGS/results.txt"
   done
 fi
 
 echo
-echo "== summary (output tokens/s, 256 × 512 → 128)"
+echo "== summary"
+tail -n 1 "$LOGS/selftest.txt"
+sed -n '/^== heddle CUDA runner vs HF transformers/,$p' "$LOGS/reference.txt"
 python3 - "$LOGS/results.txt" <<'PY'
 import re, sys
-heddle, peer, http, single = {}, {}, {}, None
-for line in open(sys.argv[1]):
-    m = re.search(r"RESULT model=llama-3\.(?:2|1)-(\w+) requests.*?seconds=([\d.]+) output_tok_s=([\d.]+)", line)
+lines = open(sys.argv[1]).read().splitlines()
+inv = [l for l in lines if l.startswith("RESULT invariance")]
+if inv:
+    print("batch invariance, Llama-3.1-8B shape, random weights (watched request: 300-token prompt, 32 greedy tokens; logprobs: chosen + top 20):")
+    for l in inv:
+        m = dict(re.findall(r"(\w+)=(\S+)", l))
+        print(f"  {m['mode']:16} batch {m['batch']:>4}: tokens differing {m['tokens_differing']:>6}, "
+              f"max |d logprob| {float(m['max_logprob_difference']):9.2e}  {l.split()[-1]}")
+for l in lines:
+    if l.startswith("RESULT gguf") and "equal=" in l:
+        print("embedded GGUF on the GPU vs float64 greedy: " + l[len("RESULT gguf "):])
+    if l.startswith("RESULT chat"):
+        print("heddle serve --device cuda, embedded model, chat reply: " + l.split("reply=", 1)[1])
+heddle, peer, http, single = {}, {}, {}, {}
+for line in lines:
+    m = re.search(r"RESULT model=llama-3\.(?:2|1)-(\w+\+?\w*) requests.*?seconds=([\d.]+) output_tok_s=([\d.]+)", line)
     if m: heddle[m.group(1)] = (float(m.group(2)), float(m.group(3)))
     m = re.search(r"HTTP model=llama-3\.(?:2|1)-(\w+) output_tok_s=([\d.]+)", line)
     if m: http[m.group(1)] = float(m.group(2))
-    m = re.search(r"single_stream decode_ms_per_token=([\d.]+)", line)
-    if m: single = float(m.group(1))
+    m = re.search(r"RESULT model=llama-3\.(?:2|1)-(\w+\+?\w*) single_stream decode_ms_per_token=([\d.]+)", line)
+    if m: single[m.group(1)] = float(m.group(2))
     m = re.search(r"shape=(\w+).*?: ([\d.]+)s, generated \d+ tokens, (\d+) output tok/s", line)
     if m: peer[m.group(1)] = (float(m.group(2)), float(m.group(3)))
-floor = {"1b": 0.8, "8b": 4.5}
-print(f"{'model':6} {'heddle s':>9} {'heddle tok/s':>13} {'HTTP tok/s':>11} {'peer tok/s':>11} {'vs peer':>8} {'floor s':>8} {'vs floor':>9}")
-for k in ["1b", "8b"]:
+print("throughput, output tokens/s, 256 x 512 -> 128, random weights (in process: heddle-cuda bench; HTTP: heddle serve + heddle bench):")
+print(f"  {'model':14} {'heddle s':>9} {'in-process':>11} {'HTTP':>8} {'peer':>7} {'single-stream ms/token':>23}")
+for k in ["1b", "8b", "8b+invariant"]:
     if k not in heddle: continue
     s, t = heddle[k]
     p = peer.get(k, (None, None))[1]
-    ratio = f"{t/p:.1f}x" if p else "-"
     h = http.get(k)
-    hs = f"{h:.0f}" if h else "-"
-    print(f"{k:6} {s:9.2f} {t:13.0f} {hs:>11} {p if p else '-':>11} {ratio:>8} {floor[k]:8.1f} {s/floor[k]:8.1f}x")
-if single is not None:
-    print(f"single-stream 8B decode: {single:.2f} ms/token (weight-read floor 5.4 ms, goal <= 7.0)")
+    ss = single.get(k)
+    print(f"  {k:14} {s:9.2f} {t:11.0f} {(f'{h:.0f}' if h else '-'):>8} {(p if p else '-'):>7} {(f'{ss:.2f}' if ss else '-'):>23}")
 PY
+exit $STATUS

@@ -11,6 +11,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use crate::kernels::{DType, KernelShape, DECODE_KERNELS, KERNEL_NAMES};
+use crate::pinned_gemm::PinnedGemms;
 
 /// A device allocation and its address (kernels and cuBLAS take raw pointers).
 pub struct DeviceBuffer {
@@ -40,6 +41,8 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub kernels: Kernels,
     blas: CudaBlas,
+    /// Set in batch-invariant mode: GEMMs go to cuBLASLt with pinned algorithms.
+    pinned: Option<PinnedGemms>,
     pub dtype: DType,
     pub name: String,
     pub multiprocessors: usize,
@@ -117,6 +120,7 @@ impl Gpu {
             stream,
             kernels: Kernels { functions },
             blas,
+            pinned: None,
             dtype: shape.dtype,
             name,
             multiprocessors,
@@ -223,6 +227,9 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
+        if let Some(pinned) = &self.pinned {
+            return pinned.gemm(self.stream.cu_stream(), y, f32_out, x, w, rows, n, k);
+        }
         let data = match self.dtype {
             DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
             DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
@@ -259,6 +266,23 @@ impl Gpu {
             )
         }
         .map_err(|e| anyhow::anyhow!("cuBLAS GEMM {rows}x{n}x{k}: {e:?}"))
+    }
+
+    /// From now on, every GEMM's algorithm is fixed per weight shape (chosen for
+    /// `reference_rows` rows, without split-K), so that a row's result does not depend on
+    /// how many rows the step has. `workspace` must outlive the GPU's use.
+    pub fn pin_gemm_algorithms(
+        &mut self,
+        reference_rows: usize,
+        workspace: &DeviceBuffer,
+    ) -> anyhow::Result<()> {
+        self.pinned = Some(PinnedGemms::new(
+            self.dtype == DType::Bf16,
+            reference_rows,
+            workspace.ptr,
+            workspace.bytes,
+        )?);
+        Ok(())
     }
 
     /// Gives cuBLAS its workspace, so that it allocates nothing while a graph is captured.

@@ -7,10 +7,14 @@
 
 pub mod bench;
 pub mod dummy;
+pub mod gguf_reference;
 pub mod gpu;
+pub mod invariance;
 pub mod kernels;
 pub mod memory;
+pub mod pinned_gemm;
 pub mod plan;
+pub mod reference;
 pub mod runner;
 pub mod selftest;
 pub mod weights;

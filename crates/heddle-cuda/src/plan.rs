@@ -219,7 +219,12 @@ impl StepPlan {
                 self.positions.push(0);
                 self.slots
                     .push((pad.scratch_block as usize * block_size) as i32);
-                self.decode_tiles.extend([i as i32, 1, i as i32, 0]);
+                let tiles = if split_decode {
+                    &mut self.decode_tiles
+                } else {
+                    &mut self.tiles
+                };
+                tiles.extend([i as i32, 1, i as i32, 0]);
                 self.table_offsets.push(self.block_tables.len() as i32);
                 self.block_tables.push(pad.scratch_block as i32);
                 self.logit_rows.push(i as i32);

@@ -26,6 +26,8 @@ use crate::weights::{Dims, Weights};
 pub enum WeightSource {
     /// An HF checkpoint directory (config.json and safetensors).
     Checkpoint(PathBuf),
+    /// A GGUF file (dequantized on load).
+    Gguf(PathBuf),
     /// Random weights made on the GPU, for benchmarks.
     Dummy { seed: u64 },
 }
@@ -51,6 +53,12 @@ pub struct CudaOptions {
     /// Replay decode steps as CUDA graphs (one per padded batch size), which saves the
     /// host most of a step's ~10 launches per layer.
     pub cuda_graphs: bool,
+    /// Make a request's results independent of what else is in its steps: GEMM
+    /// algorithms pinned per weight shape (cuBLASLt, no split-K), and every attention
+    /// tile through the one kernel whose per-row order does not depend on the tiling (no
+    /// decode kernel, so no batch-dependent split of contexts). Costs speed; see
+    /// docs/CUDA.md.
+    pub batch_invariant: bool,
 }
 
 impl Default for CudaOptions {
@@ -62,6 +70,7 @@ impl Default for CudaOptions {
             max_running: 256,
             kv: KvBudget::MemoryFraction(0.9),
             cuda_graphs: true,
+            batch_invariant: false,
         }
     }
 }
@@ -145,12 +154,16 @@ impl CudaRunner {
     ) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
         let shape = KernelShape::new(&config, options.block_size, options.dtype)?;
-        let gpu = Gpu::new(&shape)?;
+        let mut gpu = Gpu::new(&shape)?;
         let weights = match source {
             WeightSource::Checkpoint(dir) => Weights::load(&gpu, &config, dir)?,
+            WeightSource::Gguf(path) => {
+                let content = heddle_model::loader::read_gguf(path)?;
+                Weights::load_gguf(&gpu, &config, path, &content)?
+            }
             WeightSource::Dummy { seed } => Weights::dummy(&gpu, &config, *seed)?,
         };
-        let buffers = Self::buffers_for(&gpu, &shape, &config, &options)?;
+        let buffers = Self::buffers_for(&gpu, &shape, &config, &options, &weights)?;
         let per_block = kv_bytes_per_block(&config, options.block_size, options.dtype);
         let (free, total) = gpu.memory()?;
         let num_blocks = match options.kv {
@@ -174,6 +187,9 @@ impl CudaRunner {
         let originals = gpu.alloc(INITIAL_PENALTIES * 4)?;
         let blas_workspace = gpu.alloc(BLAS_WORKSPACE_BYTES)?;
         gpu.set_blas_workspace(&blas_workspace)?;
+        if options.batch_invariant {
+            gpu.pin_gemm_algorithms(options.max_batched_tokens, &blas_workspace)?;
+        }
         gpu.stream.synchronize().context("preparing the GPU")?;
         tracing::info!(
             device = %gpu.name,
@@ -185,6 +201,7 @@ impl CudaRunner {
             kv_cache_mib = (2 * half_cache) >> 20,
             kv_tokens = num_blocks * options.block_size,
             gpu_total_mib = total >> 20,
+            batch_invariant = options.batch_invariant,
             "CUDA runner ready"
         );
         Ok(CudaRunner {
@@ -212,6 +229,7 @@ impl CudaRunner {
         shape: &KernelShape,
         config: &ModelConfig,
         options: &CudaOptions,
+        weights: &Weights,
     ) -> anyhow::Result<Buffers> {
         // Contexts are split only while blocks < 2 per multiprocessor, so blocks × splits
         // stays under 4 per multiprocessor.
@@ -219,7 +237,8 @@ impl CudaRunner {
         let d = Dims::of(config);
         let (t, e) = (options.max_batched_tokens, options.dtype.size_in_bytes());
         let rows = options.max_running.min(t);
-        let inv_freq = heddle_model::llama::rope_frequencies(config, None);
+        let inv_freq =
+            heddle_model::llama::rope_frequencies(config, weights.rope_freq_factors.as_deref());
         Ok(Buffers {
             residual: gpu.alloc(t * d.hidden * 4)?,
             normed: gpu.alloc(t * d.hidden * e)?,
@@ -303,6 +322,11 @@ impl CudaRunner {
         Ok(())
     }
 
+    /// Whether single-token tiles go to the decode attention kernel.
+    fn uses_decode_kernel(&self) -> bool {
+        self.shape.has_decode_kernel() && !self.options.batch_invariant
+    }
+
     /// The fixed layout a pure decode step is padded to for graph replay: the batch size
     /// rounded up to a power of two, the block tables' length likewise.
     fn graph_padding(&self, batch: &ScheduledBatch) -> Option<Padding> {
@@ -340,7 +364,7 @@ impl CudaRunner {
             history,
             self.options.block_size,
             self.shape.tokens_per_tile(),
-            self.shape.has_decode_kernel(),
+            self.uses_decode_kernel(),
             self.config.vocab_size,
             padding,
         );

@@ -1,5 +1,6 @@
 //! Model weights on the GPU: read from HF safetensors (bf16, f16 or f32, one file or
-//! sharded) or made up on the device for benchmarks. Q, K and V are stored as one fused
+//! sharded) or from a GGUF file (any quantization candle reads, dequantized on load), or
+//! made up on the device for benchmarks. Q, K and V are stored as one fused
 //! matrix, and so are the MLP's gate and up projections: one GEMM each instead of three
 //! and two.
 
@@ -33,6 +34,8 @@ pub struct Weights {
     /// None when tied to the embeddings.
     pub lm_head: Option<DeviceBuffer>,
     pub layers: Vec<LayerWeights>,
+    /// Per-frequency RoPE divisors some GGUF files carry (`rope_freqs.weight`).
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 impl Weights {
@@ -105,6 +108,7 @@ impl Weights {
                 Some(tensor(config.vocab_size * d.hidden, 0.0, w)?)
             },
             layers,
+            rope_freq_factors: None,
         };
         gpu.stream
             .synchronize()
@@ -139,63 +143,145 @@ impl Weights {
             }
         }
         let dtype = gpu.dtype;
-        let read = |name: &str, shape: &[usize]| -> anyhow::Result<Vec<u8>> {
-            let file = *by_name
-                .get(name)
-                .with_context(|| format!("tensor {name:?} is missing from {}", dir.display()))?;
-            let view = parsed[file].tensor(name)?;
+        let mut source = |gguf_name: &str, shape: &[usize]| -> anyhow::Result<Option<Vec<u8>>> {
+            let name = heddle_model::loader::hf_name(gguf_name);
+            let Some(&file) = by_name.get(&name) else {
+                return Ok(None);
+            };
+            let view = parsed[file].tensor(&name)?;
             if view.shape() != shape {
                 bail!(
                     "tensor {name:?} has shape {:?}, expected {shape:?}",
                     view.shape()
                 );
             }
-            convert(name, view.dtype(), view.data(), dtype)
+            convert(&name, view.dtype(), view.data(), dtype).map(Some)
         };
+        Self::assemble(gpu, config, &mut source, &dir.display().to_string())
+    }
+
+    /// Reads a GGUF file: every tensor dequantized to f32 on the host, then converted to
+    /// the runner's dtype. GGUF Llama files store Q and K with the rows of each head
+    /// permuted for RoPE on adjacent pairs; they are put back in the HF order that the
+    /// kernels rotate (pairs i, i + head_dim/2).
+    pub fn load_gguf(
+        gpu: &Gpu,
+        config: &ModelConfig,
+        path: &Path,
+        content: &heddle_model::loader::GgufContent,
+    ) -> anyhow::Result<Self> {
+        use heddle_model::loader::{gguf_rope_layout, open_tensors, RopeLayout, TensorSource};
+        let mut tensors = open_tensors(path, content)?;
+        let unpermute = gguf_rope_layout(config.architecture) == RopeLayout::Interleaved;
+        let (hd, heads, kv_heads) = (config.head_dim, config.num_heads, config.num_kv_heads);
+        let dtype = gpu.dtype;
+        let mut source = |name: &str, shape: &[usize]| -> anyhow::Result<Option<Vec<u8>>> {
+            if !tensors.contains(name) {
+                return Ok(None);
+            }
+            let (stored, mut values) = tensors.read_f32(name)?;
+            if stored.iter().product::<usize>() != shape.iter().product::<usize>()
+                || stored.first() != shape.first()
+            {
+                bail!("tensor {name:?} has shape {stored:?}, expected {shape:?}");
+            }
+            let rotated_heads = if name.contains(".attn_q.") {
+                heads
+            } else if name.contains(".attn_k.") {
+                kv_heads
+            } else {
+                0
+            };
+            if unpermute && rotated_heads > 0 {
+                values = unpermute_rope_rows(&values, rotated_heads, hd);
+            }
+            Ok(Some(to_dtype_bytes(values.into_iter(), dtype)))
+        };
+        let mut weights = Self::assemble(gpu, config, &mut source, &path.display().to_string())?;
+        if tensors.contains("rope_freqs.weight") {
+            weights.rope_freq_factors = Some(tensors.read_f32("rope_freqs.weight")?.1);
+        }
+        Ok(weights)
+    }
+
+    /// Uploads a model's tensors, each asked of `source` by its GGUF name with the shape
+    /// it must have (None when the source lacks it).
+    fn assemble(
+        gpu: &Gpu,
+        config: &ModelConfig,
+        source: &mut TensorReader<'_>,
+        origin: &str,
+    ) -> anyhow::Result<Self> {
         let d = Dims::of(config);
-        let h = d.hidden;
+        let (h, vocab) = (d.hidden, config.vocab_size);
+        let lm_head = match source("output.weight", &[vocab, h])? {
+            Some(head) => Some(gpu.upload(&head)?),
+            None if config.tie_word_embeddings => None,
+            None => bail!("tensor \"output.weight\" (lm_head) is missing from {origin}"),
+        };
+        let mut read = |name: &str, shape: &[usize]| -> anyhow::Result<Vec<u8>> {
+            source(name, shape)?
+                .with_context(|| format!("tensor {name:?} is missing from {origin}"))
+        };
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
-            let p = |s: &str| format!("model.layers.{l}.{s}");
-            let mut qkv = read(&p("self_attn.q_proj.weight"), &[d.q, h])?;
-            qkv.extend(read(&p("self_attn.k_proj.weight"), &[d.kv, h])?);
-            qkv.extend(read(&p("self_attn.v_proj.weight"), &[d.kv, h])?);
+            let p = |s: &str| format!("blk.{l}.{s}");
+            let mut qkv = read(&p("attn_q.weight"), &[d.q, h])?;
+            qkv.extend(read(&p("attn_k.weight"), &[d.kv, h])?);
+            qkv.extend(read(&p("attn_v.weight"), &[d.kv, h])?);
             let qkv_bias = if config.attention_bias {
-                let mut b = read(&p("self_attn.q_proj.bias"), &[d.q])?;
-                b.extend(read(&p("self_attn.k_proj.bias"), &[d.kv])?);
-                b.extend(read(&p("self_attn.v_proj.bias"), &[d.kv])?);
+                let mut b = read(&p("attn_q.bias"), &[d.q])?;
+                b.extend(read(&p("attn_k.bias"), &[d.kv])?);
+                b.extend(read(&p("attn_v.bias"), &[d.kv])?);
                 Some(gpu.upload(&b)?)
             } else {
                 None
             };
-            let mut gate_up = read(&p("mlp.gate_proj.weight"), &[d.ffn, h])?;
-            gate_up.extend(read(&p("mlp.up_proj.weight"), &[d.ffn, h])?);
+            let mut gate_up = read(&p("ffn_gate.weight"), &[d.ffn, h])?;
+            gate_up.extend(read(&p("ffn_up.weight"), &[d.ffn, h])?);
             layers.push(LayerWeights {
-                attn_norm: gpu.upload(&read(&p("input_layernorm.weight"), &[h])?)?,
+                attn_norm: gpu.upload(&read(&p("attn_norm.weight"), &[h])?)?,
                 qkv: gpu.upload(&qkv)?,
                 qkv_bias,
-                o: gpu.upload(&read(&p("self_attn.o_proj.weight"), &[h, d.q])?)?,
-                ffn_norm: gpu.upload(&read(&p("post_attention_layernorm.weight"), &[h])?)?,
+                o: gpu.upload(&read(&p("attn_output.weight"), &[h, d.q])?)?,
+                ffn_norm: gpu.upload(&read(&p("ffn_norm.weight"), &[h])?)?,
                 gate_up: gpu.upload(&gate_up)?,
-                down: gpu.upload(&read(&p("mlp.down_proj.weight"), &[h, d.ffn])?)?,
+                down: gpu.upload(&read(&p("ffn_down.weight"), &[h, d.ffn])?)?,
             });
         }
-        let vocab = config.vocab_size;
-        let lm_head = if config.tie_word_embeddings && !by_name.contains_key("lm_head.weight") {
-            None
-        } else {
-            Some(gpu.upload(&read("lm_head.weight", &[vocab, h])?)?)
-        };
         let weights = Weights {
-            embed: gpu.upload(&read("model.embed_tokens.weight", &[vocab, h])?)?,
-            final_norm: gpu.upload(&read("model.norm.weight", &[h])?)?,
+            embed: gpu.upload(&read("token_embd.weight", &[vocab, h])?)?,
+            final_norm: gpu.upload(&read("output_norm.weight", &[h])?)?,
             lm_head,
             layers,
+            rope_freq_factors: None,
         };
         gpu.stream.synchronize().context("uploading weights")?;
         Ok(weights)
     }
 }
+
+/// Rows of a Q or K projection (or bias) of `heads` heads, from GGUF Llama's order (row
+/// 2i + j of a head is RoPE pair i's j-th element) back to HF's (row j·head_dim/2 + i).
+pub fn unpermute_rope_rows(values: &[f32], heads: usize, head_dim: usize) -> Vec<f32> {
+    let cols = values.len() / (heads * head_dim);
+    let half = head_dim / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let from = (h * head_dim + 2 * i + j) * cols;
+                let to = (h * head_dim + j * half + i) * cols;
+                out[to..to + cols].copy_from_slice(&values[from..from + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Gives a tensor's bytes in the runner's dtype, asked for by its GGUF name and the shape it
+/// must have; None when the checkpoint lacks it.
+type TensorReader<'a> = dyn FnMut(&str, &[usize]) -> anyhow::Result<Option<Vec<u8>>> + 'a;
 
 /// The widths the weights are made of.
 #[derive(Debug, Clone, Copy)]
@@ -240,17 +326,37 @@ fn convert(name: &str, from: StDtype, data: &[u8], to: DType) -> anyhow::Result<
         ),
         other => bail!("tensor {name:?} has unsupported type {other:?} (bf16, f16 or f32)"),
     };
-    Ok(match to {
+    Ok(to_dtype_bytes(values, to))
+}
+
+/// f32 values as little-endian bytes of `to`.
+fn to_dtype_bytes(values: impl Iterator<Item = f32>, to: DType) -> Vec<u8> {
+    match to {
         DType::Bf16 => values
             .flat_map(|v| bf16::from_f32(v).to_le_bytes())
             .collect(),
         DType::F32 => values.flat_map(f32::to_le_bytes).collect(),
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gguf_rope_rows_go_back_to_the_hf_order() {
+        // One head of 4 dimensions, 2 columns: GGUF rows are pairs (0, 2), (1, 3) of HF.
+        let hf = [[0.0f32, 0.5], [1.0, 1.5], [2.0, 2.5], [3.0, 3.5]];
+        let gguf: Vec<f32> = [0, 2, 1, 3].iter().flat_map(|&r| hf[r]).collect();
+        let back = unpermute_rope_rows(&gguf, 1, 4);
+        assert_eq!(back, hf.concat());
+        // Heads are permuted each on its own; a bias is a matrix of one column.
+        let two_heads: Vec<f32> = [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0].to_vec();
+        assert_eq!(
+            unpermute_rope_rows(&two_heads, 2, 4),
+            (0..8).map(|v| v as f32).collect::<Vec<_>>()
+        );
+    }
 
     #[test]
     fn conversions_round_trip_the_stored_values() {

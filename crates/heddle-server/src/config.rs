@@ -180,6 +180,11 @@ pub struct ServeArgs {
     /// buffers leave of it [default: 0.9].
     #[arg(long, env = "HEDDLE_GPU_MEMORY_FRACTION")]
     pub gpu_memory_fraction: Option<f64>,
+    /// On cuda: make each request's output independent of what else runs with it (pinned
+    /// GEMM algorithms, one attention kernel), at a cost in speed (docs/CUDA.md). The CPU
+    /// runner always is.
+    #[arg(long, env = "HEDDLE_BATCH_INVARIANT")]
+    pub batch_invariant: bool,
     /// Serve random weights of the shape in --model-config, made on the GPU (benchmarks).
     /// Prompts should be token ids; see docs/CUDA.md.
     #[arg(long, env = "HEDDLE_DUMMY_WEIGHTS", requires = "model_config")]
@@ -480,9 +485,20 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
             if !(fraction > 0.0 && fraction <= 1.0) {
                 bail!("--gpu-memory-fraction must be in (0, 1], got {fraction}");
             }
+            // Without a GPU, real weights are served on the CPU, with the CPU's batch
+            // sizes (random weights exist only on the GPU).
+            if !args.dummy_weights {
+                if let Err(why) = crate::pool::cuda_device() {
+                    tracing::warn!(
+                        "--device cuda: {why:#}; serving on the CPU, with the CPU's defaults"
+                    );
+                    return Ok(Device::Cpu);
+                }
+            }
             Ok(Device::Cuda {
                 gpu_memory_fraction: fraction,
                 dummy_weights: args.dummy_weights,
+                batch_invariant: args.batch_invariant,
             })
         }
     }
@@ -957,7 +973,8 @@ mod tests {
                 config.device,
                 Device::Cuda {
                     gpu_memory_fraction: 0.9,
-                    dummy_weights: true
+                    dummy_weights: true,
+                    batch_invariant: false
                 }
             );
             // The model is the config file, named after it; GPU batch sizes by default.
@@ -980,5 +997,27 @@ mod tests {
             let err = ServerConfig::resolve(&dummy).unwrap_err();
             assert!(err.to_string().contains("built without cuda"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_cuda_build_without_a_gpu_serves_on_the_cpu_with_its_defaults() {
+        if !cfg!(feature = "cuda") || crate::pool::cuda_device().is_ok() {
+            return;
+        }
+        let args = ServeArgs {
+            device: Some(DeviceKind::Cuda),
+            models: vec![format!("m={}", temp_file("m.gguf", "").display())],
+            ..ServeArgs::default()
+        };
+        let config = ServerConfig::resolve(&args).unwrap();
+        assert_eq!(config.device, Device::Cpu);
+        let cpu = ServerConfig::with_models(Vec::new()).scheduler;
+        assert_eq!(
+            (
+                config.scheduler.max_running,
+                config.scheduler.max_batched_tokens
+            ),
+            (cpu.max_running, cpu.max_batched_tokens)
+        );
     }
 }

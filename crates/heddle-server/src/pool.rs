@@ -51,6 +51,8 @@ pub enum Device {
     Cuda {
         gpu_memory_fraction: f64,
         dummy_weights: bool,
+        /// Each request's output independent of its batch (docs/CUDA.md).
+        batch_invariant: bool,
     },
 }
 
@@ -562,9 +564,16 @@ fn load_runner(spec: &ModelSpec, base: &SchedulerConfig, device: Device) -> anyh
     if let Device::Cuda {
         gpu_memory_fraction,
         dummy_weights,
+        batch_invariant,
     } = device
     {
-        match cuda::load(spec, base, gpu_memory_fraction, dummy_weights) {
+        match cuda::load(
+            spec,
+            base,
+            gpu_memory_fraction,
+            dummy_weights,
+            batch_invariant,
+        ) {
             Ok(runner) => return Ok(runner),
             Err(cuda::LoadError::NoDevice(why)) if !dummy_weights => {
                 tracing::warn!(model = %spec.id, "{why:#}; running on the CPU instead");
@@ -629,6 +638,14 @@ fn load_model(
     })
 }
 
+/// The GPU's name, or why `--device cuda` cannot use one here.
+pub fn cuda_device() -> anyhow::Result<String> {
+    #[cfg(feature = "cuda")]
+    return heddle_cuda::probe_device();
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("this heddle was built without cuda (rebuild with `--features cuda`)")
+}
+
 /// Loading on the GPU, or saying why not.
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -645,6 +662,7 @@ mod cuda {
         base: &SchedulerConfig,
         gpu_memory_fraction: f64,
         dummy_weights: bool,
+        batch_invariant: bool,
     ) -> Result<Runner, LoadError> {
         use anyhow::Context;
         use heddle_cuda::{dummy, CudaOptions, CudaRunner, KvBudget, WeightSource};
@@ -657,6 +675,13 @@ mod cuda {
                 let config = dummy::read_config(&spec.path)?;
                 let text = dummy::tokenizer_bundle(config.vocab_size)?;
                 (config, WeightSource::Dummy { seed: 0 }, text)
+            } else if !spec.path.is_dir() {
+                // A GGUF file (the embedded model among them): dequantized on load, its
+                // own tokenizer and chat template.
+                let content = heddle_model::loader::read_gguf(&spec.path)?;
+                let config = ModelConfig::from_gguf(&content)?;
+                let text = TokenizerBundle::from_gguf(&content)?;
+                (config, WeightSource::Gguf(spec.path.clone()), text)
             } else {
                 let config_path = spec.path.join("config.json");
                 let text = std::fs::read_to_string(&config_path)
@@ -673,6 +698,7 @@ mod cuda {
                     max_batched_tokens: base.max_batched_tokens,
                     max_running: base.max_running,
                     kv: KvBudget::MemoryFraction(gpu_memory_fraction),
+                    batch_invariant,
                     ..CudaOptions::default()
                 },
             )?;

@@ -7,8 +7,9 @@ mod safetensors;
 
 use std::path::{Path, PathBuf};
 
-pub use gguf::read_gguf;
-pub use safetensors::weight_files;
+pub use candle_core::quantized::gguf_file::Content as GgufContent;
+pub use gguf::{gguf_rope_layout, open_tensors, read_gguf, GgufTensors};
+pub use safetensors::{hf_name, weight_files};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};

@@ -67,7 +67,7 @@ pub(super) fn open_files(dir: &Path, files: Vec<PathBuf>) -> Result<OpenedModel>
 }
 
 /// The HF name of a tensor given by its GGUF name.
-fn hf_name(gguf: &str) -> String {
+pub fn hf_name(gguf: &str) -> String {
     match gguf {
         "token_embd.weight" => return "model.embed_tokens.weight".into(),
         "output_norm.weight" => return "model.norm.weight".into(),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::api::auth::AccessControl;
@@ -30,6 +30,8 @@ use connections::Connections;
 
 /// How long connections may stay open after the grace period's cancellations.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections the kernel may queue before the accept loop takes them.
+const LISTEN_BACKLOG: u32 = 4096;
 /// Open files kept for everything but connections (models, the runtime, logs).
 const RESERVED_FILES: u64 = 64;
 /// The pause after an accept error that is not the client's (out of open files), so that
@@ -134,9 +136,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         config.max_body_bytes,
         limits.body_read_timeout,
     );
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding {address}"))?;
+    let listener = listen(address).with_context(|| format!("binding {address}"))?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(serve(
@@ -161,6 +161,22 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     state.ready.store(true, Ordering::Release);
     tracing::info!(models = state.pool.specs().len(), "ready");
     Ok(server)
+}
+
+/// A listener whose backlog holds a flood of connections (the kernel caps it at
+/// `net.core.somaxconn`): the accept loop drains it fast, closing stalled connections for
+/// room, while a full backlog would drop new clients' SYNs and make them retry a second
+/// or more later.
+fn listen(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// The limits with `max_connections` capped to what the open-file limit leaves room for,
@@ -276,13 +292,7 @@ async fn accept(
         };
         // Stream chunks are small; they should leave at once.
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connections.clone().serve(
-            slot,
-            stream,
-            router.clone(),
-            limits,
-            stopped.clone(),
-        ));
+        connections.spawn(slot, stream, router.clone(), limits, stopped.clone());
     }
 }
 

@@ -340,6 +340,45 @@ async fn at_the_connection_cap_waiting_clients_make_room_and_busy_ones_do_not() 
 }
 
 #[tokio::test]
+async fn a_client_waiting_for_a_slot_gets_the_one_of_a_finished_response() {
+    let mut config = test_config(vec![model(MODEL)]);
+    config.http.max_connections = 2;
+    config.http.idle_timeout = Duration::from_secs(30);
+    config.scheduler.max_running = 2;
+    let server = start(config).await;
+
+    let mut stream =
+        SseReader::new(open_stream(&server, &streaming_completion(1500, "normal")).await);
+    stream.next_data().await.expect("the stream runs");
+    // A keep-alive client whose connection stays open, idle, after its answer.
+    let keeper = reqwest::Client::new();
+    let finite = json!({"model": MODEL, "prompt": "Hello", "max_tokens": 800,
+                        "ignore_eos": true});
+    let answered = tokio::spawn(
+        keeper
+            .post(server.url("/v1/completions"))
+            .json(&finite)
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waited = Instant::now();
+    assert!(
+        health_within(&server, Duration::from_secs(20)).await,
+        "the waiting client is answered"
+    );
+    let response = answered.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    // Well before the idle timeout would free the keep-alive connection's slot.
+    assert!(
+        waited.elapsed() < Duration::from_secs(15),
+        "waited {:?}",
+        waited.elapsed()
+    );
+    drop((stream, keeper));
+    server.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn shutdown_does_not_wait_for_clients_between_requests() {
     let server = start(test_config(vec![model(MODEL)])).await;
     let mut half = connect(&server).await;

@@ -68,6 +68,8 @@ struct Tracker {
     phase: Mutex<Phase>,
     /// Wakes the connection's task to recompute its deadline.
     changed: Notify,
+    /// Wakes an accept loop that waits for a connection it may close for room.
+    now_waiting: Arc<Notify>,
     evicted: AtomicBool,
     evict: Notify,
     /// The last response went out before its request's body was read to the end.
@@ -75,7 +77,7 @@ struct Tracker {
 }
 
 impl Tracker {
-    fn new() -> Self {
+    fn new(now_waiting: Arc<Notify>) -> Self {
         Tracker {
             phase: Mutex::new(Phase::AwaitingHead {
                 since: Instant::now(),
@@ -83,6 +85,7 @@ impl Tracker {
                 kept_alive: false,
             }),
             changed: Notify::new(),
+            now_waiting,
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
             body_unread: AtomicBool::new(false),
@@ -140,6 +143,7 @@ impl Tracker {
             first_byte: None,
             kept_alive: true,
         });
+        self.now_waiting.notify_one();
     }
 
     /// When the connection must be closed if it is still in its current phase.
@@ -184,6 +188,9 @@ pub(super) struct Connections {
     slots: Arc<Semaphore>,
     live: Mutex<HashMap<u64, Arc<Tracker>>>,
     next_id: AtomicU64,
+    /// Notified when a connection the server was responding on starts waiting on its
+    /// client, so that it can be closed for room.
+    now_waiting: Arc<Notify>,
     last_full_warning: Mutex<Option<Instant>>,
 }
 
@@ -194,6 +201,7 @@ impl Connections {
             slots: Arc::new(Semaphore::new(max)),
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            now_waiting: Arc::new(Notify::new()),
             last_full_warning: Mutex::new(None),
         }
     }
@@ -205,18 +213,26 @@ impl Connections {
     }
 
     /// A slot for a connection just accepted: a free one, else the one of the connection
-    /// that has waited longest on its client (which is closed), else the next one freed.
+    /// that has waited longest on its client (which is closed), else the first one that
+    /// frees or whose connection starts waiting on its client.
     pub(super) async fn slot(&self) -> OwnedSemaphorePermit {
-        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            return slot;
+        let mut warned = false;
+        loop {
+            if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+                return slot;
+            }
+            let evicted = self.evict_longest_waiting();
+            if !warned {
+                self.warn_full(evicted);
+                warned = true;
+            }
+            tokio::select! {
+                slot = self.slots.clone().acquire_owned() => {
+                    return slot.expect("the slots are never closed");
+                }
+                () = self.now_waiting.notified(), if !evicted => {}
+            }
         }
-        let evicted = self.evict_longest_waiting();
-        self.warn_full(evicted);
-        self.slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the slots are never closed")
     }
 
     /// Closes the connection that has waited longest on its client; false if every
@@ -274,9 +290,10 @@ impl Connections {
         let _ = self.slots.acquire_many(all).await;
     }
 
-    /// Serves one accepted connection in its slot until it ends.
-    pub(super) async fn serve(
-        self: Arc<Self>,
+    /// Serves an accepted connection in its slot, on a task of its own. It can be closed
+    /// for room from now on, before the task first runs.
+    pub(super) fn spawn(
+        self: &Arc<Self>,
         slot: OwnedSemaphorePermit,
         stream: TcpStream,
         router: Router,
@@ -284,11 +301,14 @@ impl Connections {
         stop: watch::Receiver<bool>,
     ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let tracker = Arc::new(Tracker::new());
+        let tracker = Arc::new(Tracker::new(self.now_waiting.clone()));
         self.live().insert(id, tracker.clone());
-        serve_connection(stream, router, tracker, limits, stop).await;
-        self.live().remove(&id);
-        drop(slot);
+        let connections = self.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, router, tracker, limits, stop).await;
+            connections.live().remove(&id);
+            drop(slot);
+        });
     }
 }
 

@@ -75,7 +75,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-pub async fn list_models(State(state): State<AppState>, _caller: Caller) -> Json<ModelList> {
+pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
         data: state
@@ -89,7 +89,6 @@ pub async fn list_models(State(state): State<AppState>, _caller: Caller) -> Json
 
 pub async fn get_model(
     State(state): State<AppState>,
-    _caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ModelCard>, ApiError> {
     let Path(id) = id.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;

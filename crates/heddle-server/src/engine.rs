@@ -353,7 +353,34 @@ impl Engine {
             shared: shared.clone(),
             tokenizer: tokenizer.clone(),
         };
-        let engine = Engine {
+        let engine = Engine::new(
+            scheduler,
+            runner,
+            tokenizer,
+            shared,
+            options.metrics,
+            options.faults,
+            Instant::now(),
+        );
+        let name = name.to_string();
+        let reload = options.reload;
+        let thread = std::thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || supervise(engine, commands_rx, reload, &name))?;
+        Ok((handle, thread))
+    }
+
+    /// An engine with no request yet.
+    fn new(
+        scheduler: Scheduler,
+        runner: Box<dyn ModelRunner>,
+        tokenizer: Arc<Tokenizer>,
+        shared: Arc<Shared>,
+        metrics: Arc<ModelMetrics>,
+        faults: Arc<FaultInjection>,
+        started: Instant,
+    ) -> Self {
+        Engine {
             scheduler,
             runner,
             tokenizer,
@@ -361,16 +388,10 @@ impl Engine {
             batch: ScheduledBatch::default(),
             sampled: Vec::new(),
             shared,
-            metrics: options.metrics,
-            faults: options.faults,
-            started: Instant::now(),
-        };
-        let name = name.to_string();
-        let reload = options.reload;
-        let thread = std::thread::Builder::new()
-            .name(format!("engine-{name}"))
-            .spawn(move || supervise(engine, commands_rx, reload, &name))?;
-        Ok((handle, thread))
+            metrics,
+            faults,
+            started,
+        }
     }
 
     /// The engine after a panic: a fresh runner and an empty scheduler (nothing the old one
@@ -410,18 +431,9 @@ impl Engine {
                 return Err(error);
             }
         };
-        let mut engine = Engine {
-            scheduler,
-            runner,
-            tokenizer,
-            live: HashMap::new(),
-            batch: ScheduledBatch::default(),
-            sampled: Vec::new(),
-            shared,
-            metrics,
-            faults,
-            started,
-        };
+        let mut engine = Engine::new(
+            scheduler, runner, tokenizer, shared, metrics, faults, started,
+        );
         let mut kept: Vec<(RequestId, Live)> = live.into_iter().collect();
         kept.sort_by_key(|(_, request)| request.arrived);
         for (id, mut request) in kept {

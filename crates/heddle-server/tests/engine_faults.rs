@@ -8,7 +8,9 @@ mod api_support;
 
 use std::time::Duration;
 
-use api_support::{assert_error, eventually, model, post_json, start, test_config, SseReader};
+use api_support::{
+    assert_error, eventually, model, post_json, start, test_config, SseReader, TestServer,
+};
 use serde_json::{json, Value};
 
 const MODEL: &str = "smollm2";
@@ -22,6 +24,20 @@ const LONG_PROMPT: &str = "The weaver sat at the loom before dawn, threading the
 fn greedy(prompt: &str, max_tokens: usize) -> Value {
     json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
            "ignore_eos": true})
+}
+
+/// Starts `body` as a stream and checks that it started.
+async fn open_stream(server: &TestServer, mut body: Value) -> SseReader {
+    body["stream"] = json!(true);
+    let response = server
+        .http
+        .post(server.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    SseReader::new(response)
 }
 
 async fn completion_text(http: &reqwest::Client, base: &str, body: &Value) -> String {
@@ -51,18 +67,8 @@ async fn a_failed_step_fails_its_requests_and_never_poisons_the_prefix_cache() {
 
     // A stream whose step fails ends with an error event, then [DONE].
     server.server.pool().faults().fail_next_steps(1);
-    let mut streamed = body.clone();
-    streamed["prompt"] = json!(format!("{LONG_PROMPT} Then"));
-    streamed["stream"] = json!(true);
-    let response = server
-        .http
-        .post(server.url("/v1/completions"))
-        .json(&streamed)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let events = SseReader::new(response).collect().await;
+    let streamed = greedy(&format!("{LONG_PROMPT} Then"), 12);
+    let events = open_stream(&server, streamed).await.collect().await;
     assert_eq!(
         events.last().map(String::as_str),
         Some("[DONE]"),
@@ -101,16 +107,7 @@ async fn a_panicking_engine_fails_its_requests_restarts_and_answers_as_before() 
     // Two streams and one plain request in flight when the engine panics.
     let mut streams = Vec::new();
     for _ in 0..2 {
-        let mut long = greedy("Write about looms:", 1500);
-        long["stream"] = json!(true);
-        let response = server
-            .http
-            .post(server.url("/v1/completions"))
-            .json(&long)
-            .send()
-            .await
-            .unwrap();
-        let mut reader = SseReader::new(response);
+        let mut reader = open_stream(&server, greedy("Write about looms:", 1500)).await;
         reader.next_data().await.expect("a first chunk");
         streams.push(reader);
     }

@@ -5,8 +5,11 @@ id). Run by crates/heddle-server/tests/api_python_client.rs, which starts the se
 scripts/test-python.sh installs the client and runs that test. Works under pytest too.
 """
 
+import io
+import json
 import os
 import sys
+import time
 
 import openai
 
@@ -87,6 +90,82 @@ def test_errors_become_the_client_exceptions():
         assert error.body["param"] == "temperature", error.body
     else:
         raise AssertionError("a negative temperature must fail")
+
+
+def _batch_file(lines):
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    return client.files.create(file=("input.jsonl", io.BytesIO(content)), purpose="batch")
+
+
+def _wait(batch_id, statuses):
+    deadline = time.monotonic() + 60
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.1)
+
+
+def _chat_line(custom_id, content, **fields):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0}
+    body.update(fields)
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def test_batches_upload_run_and_download():
+    uploaded = _batch_file([_chat_line("hello", "Say hello."), _chat_line("bad", "x", temperature=-1)])
+    assert uploaded.id.startswith("file-") and uploaded.purpose == "batch"
+    assert client.files.retrieve(uploaded.id).bytes == uploaded.bytes
+    assert uploaded.id in [f.id for f in client.files.list()]
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"from": "python"},
+    )
+    assert batch.status == "validating" and batch.metadata == {"from": "python"}
+    done = _wait(batch.id, ("completed", "failed"))
+    assert done.status == "completed", done
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (2, 1, 1)
+    output = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in output] == ["hello"]
+    answer = output[0]["response"]["body"]
+    interactive = client.chat.completions.create(**_chat_line("x", "Say hello.")["body"])
+    assert answer["choices"][0]["message"]["content"] == interactive.choices[0].message.content
+    errors = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
+    assert errors[0]["custom_id"] == "bad"
+    assert errors[0]["response"]["status_code"] == 400
+    assert errors[0]["response"]["body"]["error"]["param"] == "temperature"
+    assert batch.id in [b.id for b in client.batches.list(limit=100)]
+    assert client.files.delete(uploaded.id).deleted
+    try:
+        client.files.retrieve(uploaded.id)
+    except openai.NotFoundError:
+        pass
+    else:
+        raise AssertionError("a deleted file must be gone")
+
+
+def test_batches_cancel_and_page():
+    lines = [_chat_line(f"n{i}", f"Tell story {i}.", max_tokens=48, ignore_eos=True) for i in range(24)]
+    uploaded = _batch_file(lines)
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled"), cancelling
+    cancelled = _wait(batch.id, ("cancelled",))
+    assert cancelled.request_counts.completed < 24
+    second = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    client.batches.cancel(second.id)
+    first_page = client.batches.list(limit=1)
+    assert [b.id for b in first_page.data] == [second.id] and first_page.has_more
+    assert [b.id for b in client.batches.list(limit=1, after=second.id).data] == [batch.id]
+    try:
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "endpoint", error.body
+    else:
+        raise AssertionError("an unsupported endpoint must fail")
 
 
 if __name__ == "__main__":

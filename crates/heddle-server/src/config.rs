@@ -20,6 +20,8 @@
 //! metrics_api_keys = ["sk-scraper"] # /metrics only
 //! admin_on_loopback = false         # /admin without a key (loopback bind only)
 //! allow_unauthenticated = false     # serve /v1 without API keys on a non-loopback address
+//! data_dir = "/var/lib/heddle"      # the Batch API's database [default: see --data-dir]
+//! batch_lines_in_flight = 8         # batch lines submitted at once, per model
 //!
 //! [scheduler]
 //! max_running = 32
@@ -193,6 +195,16 @@ pub struct ServeArgs {
     /// the model's id is the file name without extension.
     #[arg(long, env = "HEDDLE_MODEL_CONFIG")]
     pub model_config: Option<PathBuf>,
+    /// Where the Batch API keeps its files, batches and results (a SQLite database)
+    /// [default: `heddle` in the user's data directory, $XDG_DATA_HOME or
+    /// ~/.local/share].
+    #[arg(long, env = "HEDDLE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Most lines of batches submitted to one model's engine at once; the rest wait, so
+    /// that batches never fill the waiting queue ahead of interactive requests
+    /// [default: 8].
+    #[arg(long, env = "HEDDLE_BATCH_LINES_IN_FLIGHT")]
+    pub batch_lines_in_flight: Option<usize>,
 }
 
 /// `--device`.
@@ -224,6 +236,11 @@ pub struct ServerConfig {
     /// Every engine's scheduler; `max_model_len` is also capped per model.
     pub scheduler: SchedulerConfig,
     pub device: Device,
+    /// The Batch API's database folder; None keeps batches in memory only (embedding and
+    /// tests: nothing survives the process). `heddle serve` always has one.
+    pub data_dir: Option<PathBuf>,
+    /// Most batch lines in flight per model.
+    pub batch_lines_in_flight: usize,
 }
 
 impl ServerConfig {
@@ -249,6 +266,8 @@ impl ServerConfig {
                 ..SchedulerConfig::default()
             },
             device: Device::Cpu,
+            data_dir: None,
+            batch_lines_in_flight: 8,
         }
     }
 
@@ -392,6 +411,18 @@ impl ServerConfig {
         config.allow_unauthenticated =
             args.allow_unauthenticated || file.allow_unauthenticated.unwrap_or(false);
         config.check_keys()?;
+        config.data_dir = Some(match args.data_dir.clone().or(file.data_dir) {
+            Some(dir) => dir,
+            None => default_data_dir()?,
+        });
+        config.batch_lines_in_flight = pick(
+            args.batch_lines_in_flight,
+            file.batch_lines_in_flight,
+            config.batch_lines_in_flight,
+        );
+        if config.batch_lines_in_flight == 0 {
+            bail!("batch_lines_in_flight must be at least 1");
+        }
         Ok(config)
     }
 
@@ -502,6 +533,19 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
             })
         }
     }
+}
+
+/// `heddle` in the user's data directory: $XDG_DATA_HOME, else ~/.local/share.
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    let non_empty = |name| std::env::var_os(name).filter(|value| !value.is_empty());
+    let base = match non_empty("XDG_DATA_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(
+            non_empty("HOME").context("neither XDG_DATA_HOME nor HOME is set: pass --data-dir")?,
+        )
+        .join(".local/share"),
+    };
+    Ok(base.join("heddle"))
 }
 
 fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
@@ -635,6 +679,8 @@ struct FileConfig {
     metrics_api_keys: Option<Vec<String>>,
     admin_on_loopback: Option<bool>,
     allow_unauthenticated: Option<bool>,
+    data_dir: Option<PathBuf>,
+    batch_lines_in_flight: Option<usize>,
 }
 
 impl FileConfig {
@@ -796,6 +842,43 @@ mod tests {
         assert_eq!(ids, [("a", false), ("b", true)]);
         assert_eq!(config.api_keys[0].tier.default_priority, Priority::Low);
         assert_eq!(config.api_keys[0].tier.allowed, [Priority::Low]);
+        assert!(config.data_dir.is_some_and(|dir| dir.ends_with("heddle")));
+        assert_eq!(config.batch_lines_in_flight, 8);
+    }
+
+    #[test]
+    fn the_batch_settings_come_from_flags_or_the_file() {
+        let weights = temp_file("batch.gguf", "x");
+        let file = temp_file(
+            "batch.toml",
+            &format!(
+                "data_dir = \"/srv/heddle\"\nbatch_lines_in_flight = 3\n[[models]]\nid = \"m\"\npath = \"{}\"\n",
+                weights.display()
+            ),
+        );
+        let from_file = ServeArgs {
+            config: Some(file),
+            ..ServeArgs::default()
+        };
+        let config = ServerConfig::resolve(&from_file).unwrap();
+        assert_eq!(config.data_dir.as_deref(), Some(Path::new("/srv/heddle")));
+        assert_eq!(config.batch_lines_in_flight, 3);
+        let flags = ServeArgs {
+            data_dir: Some("/tmp/elsewhere".into()),
+            batch_lines_in_flight: Some(1),
+            ..from_file.clone()
+        };
+        let config = ServerConfig::resolve(&flags).unwrap();
+        assert_eq!(
+            config.data_dir.as_deref(),
+            Some(Path::new("/tmp/elsewhere"))
+        );
+        assert_eq!(config.batch_lines_in_flight, 1);
+        let none = ServeArgs {
+            batch_lines_in_flight: Some(0),
+            ..from_file
+        };
+        assert!(ServerConfig::resolve(&none).is_err());
     }
 
     #[test]

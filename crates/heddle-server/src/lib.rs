@@ -2,6 +2,7 @@
 //! HTTP API and the `heddle` command's subcommands.
 
 pub mod api;
+pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod engine;

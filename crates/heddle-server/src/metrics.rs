@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -152,17 +152,66 @@ pub struct EngineReport {
 
 /// Picks one of a model's histograms.
 type HistogramOf = fn(&ModelMetrics) -> &Histogram;
+/// Reads one of a model's batch line counts.
+type BatchLineCount = fn(&BatchLineMetrics) -> f64;
+
+/// Lines of batches (the Batch API) of one model: how many wait for a slot, how many are
+/// submitted, and how each ended. A line is counted once as it ends: its result is
+/// committed to the database first.
+#[derive(Debug, Default)]
+pub struct BatchLineMetrics {
+    queued: AtomicI64,
+    running: AtomicI64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl BatchLineMetrics {
+    /// `count` lines of a batch now wait for a slot.
+    pub fn add_queued(&self, count: usize) {
+        self.queued.fetch_add(count as i64, Ordering::Relaxed);
+    }
+
+    /// `count` waiting lines left the queue without running (the batch was cancelled,
+    /// expired or the server stopped).
+    pub fn remove_queued(&self, count: usize) {
+        self.queued.fetch_sub(count as i64, Ordering::Relaxed);
+    }
+
+    /// A waiting line got its slot.
+    pub fn start_running(&self) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        self.running.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A running line gave its slot back: `ended` says how, if its result was committed.
+    pub fn stop_running(&self, ended: Option<bool>) {
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        match ended {
+            Some(true) => self.completed.fetch_add(1, Ordering::Relaxed),
+            Some(false) => self.failed.fetch_add(1, Ordering::Relaxed),
+            None => 0,
+        };
+    }
+}
 
 /// Every model's metrics, kept across unloads so that counters never go backwards.
 #[derive(Debug, Default)]
 pub struct Metrics {
     models: Mutex<BTreeMap<String, Arc<ModelMetrics>>>,
+    batch_lines: Mutex<BTreeMap<String, Arc<BatchLineMetrics>>>,
 }
 
 impl Metrics {
     pub fn model(&self, id: &str) -> Arc<ModelMetrics> {
         let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
         models.entry(id.to_string()).or_default().clone()
+    }
+
+    /// The batch line counts of a model (for lines naming no served model: "unknown").
+    pub fn batch_lines(&self, model: &str) -> Arc<BatchLineMetrics> {
+        let mut lines = self.batch_lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines.entry(model.to_string()).or_default().clone()
     }
 
     /// The exposition text; `engines` are the loaded models' engines.
@@ -280,7 +329,50 @@ impl Metrics {
                 family.histogram(id, pick(m));
             }
         }
+        self.write_batch_families(&mut out);
         out
+    }
+
+    fn write_batch_families(&self, out: &mut String) {
+        let lines: Vec<(String, Arc<BatchLineMetrics>)> = self
+            .batch_lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, m)| (id.clone(), m.clone()))
+            .collect();
+        let families: [(&str, &str, &str, BatchLineCount); 4] = [
+            (
+                "heddle_batch_lines_queued",
+                "gauge",
+                "Lines of running batches waiting for one of the model's batch slots.",
+                |m| m.queued.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "heddle_batch_lines_running",
+                "gauge",
+                "Lines of batches submitted to the model's engine now.",
+                |m| m.running.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "heddle_batch_lines_completed_total",
+                "counter",
+                "Batch lines answered 200, their result committed.",
+                |m| m.completed.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "heddle_batch_lines_failed_total",
+                "counter",
+                "Batch lines that failed (their error committed to the batch's error file).",
+                |m| m.failed.load(Ordering::Relaxed) as f64,
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            let mut family = Family::new(out, name, kind, help);
+            for (id, m) in &lines {
+                family.sample("", &[("model", id)], value(m));
+            }
+        }
     }
 }
 
@@ -532,6 +624,28 @@ mod tests {
         assert!(text.contains("heddle_running_sequences{model=\"a\\\"b\"} 4\n"));
         assert!(text.contains("heddle_kv_blocks_used{model=\"a\\\"b\"} 5\n"));
         assert!(text.contains("heddle_prefix_cache_hit_rate{model=\"a\\\"b\"} 0.75\n"));
+    }
+
+    #[test]
+    fn batch_lines_move_from_queued_to_running_to_an_ending() {
+        let metrics = Metrics::default();
+        let lines = metrics.batch_lines("m");
+        lines.add_queued(4);
+        lines.start_running();
+        lines.start_running();
+        lines.stop_running(Some(true));
+        lines.stop_running(Some(false));
+        lines.start_running();
+        lines.stop_running(None);
+        lines.remove_queued(1);
+        let text = metrics.render(&[]);
+        assert!(
+            text.contains("heddle_batch_lines_queued{model=\"m\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("heddle_batch_lines_running{model=\"m\"} 0\n"));
+        assert!(text.contains("heddle_batch_lines_completed_total{model=\"m\"} 1\n"));
+        assert!(text.contains("heddle_batch_lines_failed_total{model=\"m\"} 1\n"));
     }
 
     #[test]

@@ -24,6 +24,8 @@ use tokio::sync::watch;
 
 use crate::api::auth::AccessControl;
 use crate::api::{router, AppState};
+use crate::batch::runner::BatchRunner;
+use crate::batch::store::Store;
 use crate::config::{ServeArgs, ServerConfig};
 use crate::pool::ModelPool;
 use connections::Connections;
@@ -98,8 +100,10 @@ impl RunningServer {
         &self.state.pool
     }
 
-    /// Starts the graceful shutdown without waiting for it.
+    /// Starts the graceful shutdown without waiting for it. Batches stop at once (their
+    /// lines in flight run again after a restart); interactive requests get the grace.
     pub fn begin_shutdown(&self) {
+        self.state.batches.stop();
         self.state.pool.begin_shutdown();
         self.stop.send_replace(true);
     }
@@ -107,6 +111,7 @@ impl RunningServer {
     /// Shuts down gracefully and waits until every engine has stopped.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.begin_shutdown();
+        self.state.batches.stopped().await;
         self.task.await.context("the server task panicked")?
     }
 }
@@ -130,11 +135,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         config.admin_on_loopback,
     );
     let limits = within_open_file_limit(config.http);
+    let store = Store::open(config.data_dir.as_deref()).context("opening the batch database")?;
+    let batches = Arc::new(BatchRunner::new(store, config.batch_lines_in_flight));
     let state = AppState::new(
         pool,
         access,
         config.max_body_bytes,
         limits.body_read_timeout,
+        batches,
     );
     let listener = listen(address).with_context(|| format!("binding {address}"))?;
     let addr = listener.local_addr()?;
@@ -160,6 +168,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     }
     state.ready.store(true, Ordering::Release);
     tracing::info!(models = state.pool.specs().len(), "ready");
+    let resumed = state.batches.resume(&state).await;
+    match resumed {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(batches = count, "resuming unfinished batches"),
+        Err(error) => tracing::error!(%error, "cannot resume the unfinished batches"),
+    }
     Ok(server)
 }
 

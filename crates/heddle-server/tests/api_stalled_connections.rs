@@ -70,6 +70,11 @@ impl ChildServer {
             .args(["--max-connections", &MAX_CONNECTIONS.to_string()])
             .env("NO_COLOR", "1")
             .env("HEDDLE_LOG", "info")
+            // Its own batch database, not the user's.
+            .env(
+                "HEDDLE_DATA_DIR",
+                std::env::temp_dir().join(format!("heddle-stalled-{}", std::process::id())),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

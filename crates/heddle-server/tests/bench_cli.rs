@@ -357,6 +357,11 @@ fn heddle() -> Command {
         .env("HEDDLE_LOG", "info")
         .env_remove("NO_COLOR")
         .env("RUST_BACKTRACE", "1")
+        // Its own batch database, not the user's.
+        .env(
+            "HEDDLE_DATA_DIR",
+            std::env::temp_dir().join(format!("heddle-bench-cli-{}", std::process::id())),
+        )
         .stdin(Stdio::null());
     command
 }

@@ -4,7 +4,8 @@
 //! `GET /v1/models/{id}`, `GET /health` (the process is alive), `GET /ready` (the startup
 //! loads are done and the server is not shutting down), `GET /metrics` (Prometheus text),
 //! and admin routes: `GET /admin/models`, `POST /admin/models/{id}/load`,
-//! `POST /admin/models/{id}/unload`. Which key each needs: [`auth`].
+//! `POST /admin/models/{id}/unload`, and the Batch API (`/v1/files`, `/v1/batches`, see
+//! [`crate::batch`]). Which key each needs: [`auth`].
 //!
 //! Choices this API makes where OpenAI's leaves room:
 //! - Errors are `{"error": {"message", "type", "param", "code"}}`. Every malformed body
@@ -47,6 +48,8 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::batch::runner::BatchRunner;
+use crate::batch::{batches_api, files_api};
 use crate::metrics::Metrics;
 use crate::pool::{LoadedModel, ModelPool, PoolError};
 use auth::AccessControl;
@@ -65,6 +68,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Unix time the server started; the `created` of every model card.
     pub started: u64,
+    /// The Batch API's database and runner.
+    pub batches: Arc<BatchRunner>,
 }
 
 impl AppState {
@@ -73,6 +78,7 @@ impl AppState {
         access: AccessControl,
         max_body_bytes: usize,
         body_read_timeout: Duration,
+        batches: Arc<BatchRunner>,
     ) -> Self {
         AppState {
             metrics: pool.metrics().clone(),
@@ -82,6 +88,7 @@ impl AppState {
             body_read_timeout,
             ready: Arc::new(AtomicBool::new(false)),
             started: unix_now(),
+            batches,
         }
     }
 
@@ -120,6 +127,18 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/models/{*id}", get(routes::get_model)),
         ("/v1/chat/completions", post(routes::chat_completions)),
         ("/v1/completions", post(routes::completions)),
+        ("/v1/files", get(files_api::list).post(files_api::upload)),
+        (
+            "/v1/files/{id}",
+            get(files_api::retrieve).delete(files_api::delete),
+        ),
+        ("/v1/files/{id}/content", get(files_api::content)),
+        (
+            "/v1/batches",
+            get(batches_api::list).post(batches_api::create),
+        ),
+        ("/v1/batches/{id}", get(batches_api::retrieve)),
+        ("/v1/batches/{id}/cancel", post(batches_api::cancel)),
         ("/admin/models", get(routes::admin_list)),
         ("/admin/models/{id}/load", post(routes::admin_load)),
         ("/admin/models/{id}/unload", post(routes::admin_unload)),

@@ -248,23 +248,49 @@ async fn start(
     })
 }
 
-fn new_id(prefix: &str) -> String {
+/// A fresh random id with the given prefix (`chatcmpl-`, `file-`, `batch_`, ...).
+pub fn new_id(prefix: &str) -> String {
     format!(
         "{prefix}{}",
         Alphanumeric.sample_string(&mut rand::rng(), 24)
     )
 }
 
+/// What a generation call produced: an SSE stream already under way, or a whole body.
+pub enum Reply<T> {
+    Stream(Response),
+    Whole(T),
+}
+
+impl<T: serde::Serialize> IntoResponse for Reply<T> {
+    fn into_response(self) -> Response {
+        match self {
+            Reply::Stream(response) => response,
+            Reply::Whole(body) => Json(body).into_response(),
+        }
+    }
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     caller: Caller,
     JsonBody(request): JsonBody<ChatCompletionRequest>,
-) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
+) -> Result<Reply<ChatCompletion>, ApiError> {
+    chat(&state, &caller, request, Instant::now()).await
+}
+
+/// A chat completion request, from validation to its answer: what the HTTP handler and
+/// each line of a batch both run.
+pub async fn chat(
+    state: &AppState,
+    caller: &Caller,
+    request: ChatCompletionRequest,
+    arrived: Instant,
+) -> Result<Reply<ChatCompletion>, ApiError> {
     params::check_chat_fields(&request)?;
     let logprobs = params::chat_logprobs(request.logprobs, request.top_logprobs)?;
     let requested_max = request.max_completion_tokens.or(request.common.max_tokens);
-    let checked = check_common(&caller, &request.common, requested_max, logprobs)?;
+    let checked = check_common(caller, &request.common, requested_max, logprobs)?;
     let messages = params::chat_messages(request.messages.as_deref())?;
     let model = state.model(&checked.model).await?;
 
@@ -282,7 +308,7 @@ pub async fn chat_completions(
         created,
         tokenizer,
         failure,
-    } = start(&state, &model, requests, "chatcmpl-").await?;
+    } = start(state, &model, requests, "chatcmpl-").await?;
 
     if checked.stream {
         let header = StreamHeader {
@@ -294,7 +320,9 @@ pub async fn chat_completions(
             prompt_count: 1,
             include_usage: checked.include_usage,
         };
-        return Ok(sse::response(header, mux, tokenizer, failure));
+        return Ok(Reply::Stream(sse::response(
+            header, mux, tokenizer, failure,
+        )));
     }
     let collected = generation::collect(mux, 1, failure).await?;
     let choices = collected
@@ -310,15 +338,14 @@ pub async fn chat_completions(
             finish_reason: finish_reason_name(choice.reason),
         })
         .collect();
-    Ok(Json(ChatCompletion {
+    Ok(Reply::Whole(ChatCompletion {
         id,
         object: "chat.completion",
         created,
         model: checked.model,
         choices,
         usage: collected.usage,
-    })
-    .into_response())
+    }))
 }
 
 /// Renders the conversation with the model's template and tokenizes it, off the async
@@ -379,16 +406,21 @@ pub async fn completions(
     State(state): State<AppState>,
     caller: Caller,
     JsonBody(request): JsonBody<CompletionRequest>,
-) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
+) -> Result<Reply<Completion>, ApiError> {
+    completion(&state, &caller, request, Instant::now()).await
+}
+
+/// A completions request, from validation to its answer: what the HTTP handler and each
+/// line of a batch both run.
+pub async fn completion(
+    state: &AppState,
+    caller: &Caller,
+    request: CompletionRequest,
+    arrived: Instant,
+) -> Result<Reply<Completion>, ApiError> {
     params::check_completion_fields(&request)?;
     let logprobs = params::completion_logprobs(request.logprobs)?;
-    let checked = check_common(
-        &caller,
-        &request.common,
-        request.common.max_tokens,
-        logprobs,
-    )?;
+    let checked = check_common(caller, &request.common, request.common.max_tokens, logprobs)?;
     let model = state.model(&checked.model).await?;
     let prompts = params::prompts(request.prompt.as_ref(), model.vocab_size)?;
     if prompts.len() * checked.n > params::MAX_N {
@@ -425,7 +457,7 @@ pub async fn completions(
         created,
         tokenizer,
         failure,
-    } = start(&state, &model, requests, "cmpl-").await?;
+    } = start(state, &model, requests, "cmpl-").await?;
 
     if checked.stream {
         let header = StreamHeader {
@@ -437,7 +469,9 @@ pub async fn completions(
             prompt_count: prompts.len(),
             include_usage: checked.include_usage,
         };
-        return Ok(sse::response(header, mux, tokenizer, failure));
+        return Ok(Reply::Stream(sse::response(
+            header, mux, tokenizer, failure,
+        )));
     }
     let collected = generation::collect(mux, prompts.len(), failure).await?;
     let choices = collected
@@ -450,13 +484,12 @@ pub async fn completions(
             finish_reason: Some(finish_reason_name(choice.reason)),
         })
         .collect();
-    Ok(Json(Completion {
+    Ok(Reply::Whole(Completion {
         id,
         object: "text_completion",
         created,
         model: checked.model,
         choices,
         usage: Some(collected.usage),
-    })
-    .into_response())
+    }))
 }

@@ -40,7 +40,9 @@ while IFS= read -r line; do
     echo "+ $command" >&2
     if [[ "$command" == *" serve" ]]; then
         eval "$command --help" >/dev/null
-        eval "$command" &
+        # exec: the background job becomes the server itself (cargo run execs it too),
+        # so stopping it stops the server rather than only a wrapping shell.
+        eval "exec $command" &
         server_pid=$!
     else
         eval "$command" >/dev/null

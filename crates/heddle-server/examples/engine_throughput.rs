@@ -71,6 +71,7 @@ fn main() -> anyhow::Result<()> {
                     ..StopCriteria::new(OUTPUT_TOKENS)
                 },
                 arrived: Instant::now(),
+                logits: Default::default(),
             })
             .collect();
         let started = Instant::now();

@@ -27,10 +27,13 @@
 pub mod auth;
 pub mod errors;
 pub mod generation;
+pub mod logit_bias;
 pub mod openai;
 pub mod params;
+pub mod response_format;
 pub mod routes;
 pub mod sse;
+pub mod tokenize;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -120,6 +123,8 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/models/{*id}", get(routes::get_model)),
         ("/v1/chat/completions", post(routes::chat_completions)),
         ("/v1/completions", post(routes::completions)),
+        ("/tokenize", post(tokenize::tokenize)),
+        ("/detokenize", post(tokenize::detokenize)),
         ("/admin/models", get(routes::admin_list)),
         ("/admin/models/{id}/load", post(routes::admin_load)),
         ("/admin/models/{id}/unload", post(routes::admin_unload)),

@@ -36,6 +36,15 @@ pub struct CommonFields {
     pub ignore_eos: Option<bool>,
     /// heddle's own: "high", "normal", "low" (or 0, 1, 2).
     pub priority: Option<Value>,
+    /// Structured output (see [`super::response_format`]): OpenAI's field and the
+    /// vLLM-named extensions.
+    pub response_format: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    /// `{"token id": bias}` (see [`super::logit_bias`]).
+    pub logit_bias: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

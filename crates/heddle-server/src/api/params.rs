@@ -41,16 +41,11 @@ const INFORMATIONAL: &[&str] = &[
 const CHAT_REQUEST: UnreadFields = UnreadFields {
     informational: INFORMATIONAL,
     unsupported: &[
-        (
-            "response_format",
-            "structured output (JSON mode, JSON schemas)",
-        ),
         ("tools", "tool calling"),
         ("tool_choice", "tool calling"),
         ("parallel_tool_calls", "tool calling"),
         ("functions", "function calling"),
         ("function_call", "function calling"),
-        ("logit_bias", "logit biases"),
         ("audio", "audio output"),
         ("modalities", "output other than text"),
         ("prediction", "predicted outputs"),
@@ -67,7 +62,6 @@ const COMPLETION_REQUEST: UnreadFields = UnreadFields {
         ("best_of", "best-of sampling"),
         ("echo", "echoing the prompt"),
         ("suffix", "insertion before a suffix"),
-        ("logit_bias", "logit biases"),
     ],
 };
 
@@ -99,10 +93,8 @@ fn asks_for_nothing_new(field: &str, value: &Value) -> bool {
         "best_of" => value.as_i64() == Some(1),
         "echo" => value == false,
         "suffix" => value == "",
-        "logit_bias" => value.as_object().is_some_and(Map::is_empty),
         "tools" | "functions" | "tool_calls" => value.as_array().is_some_and(Vec::is_empty),
         "tool_choice" => value == "none",
-        "response_format" => *value == json!({"type": "text"}),
         "modalities" => *value == json!(["text"]),
         _ => false,
     }

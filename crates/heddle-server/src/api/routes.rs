@@ -19,16 +19,19 @@ use heddle_model::tokenizer::Tokenizer;
 use super::auth::Caller;
 use super::errors::ApiError;
 use super::generation::{self, chat_logprobs, completion_logprobs, finish_reason_name};
+use super::logit_bias::logit_bias;
 use super::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, CommonFields, Completion,
     CompletionChoice, CompletionRequest, ModelCard, ModelList,
 };
 use super::params::{self, PromptInput};
+use super::response_format::{self, RequestedGrammar};
 use super::sse::{self, StreamHeader, StreamKind};
 use super::{unix_now, AppState, JsonBody};
 use crate::engine::GenerationRequest;
 use crate::metrics::EngineReport;
 use crate::pool::LoadedModel;
+use crate::sequence_logits::SequenceLogits;
 
 /// OpenAI's default `max_tokens` for completions; chat defaults to the rest of the context.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -164,6 +167,7 @@ struct Checked {
     n: usize,
     stream: bool,
     include_usage: bool,
+    grammar: Option<RequestedGrammar>,
 }
 
 fn check_common(
@@ -185,18 +189,37 @@ fn check_common(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        grammar: response_format::requested_grammar(common)?,
     })
+}
+
+/// The request's logit biases and compiled grammar, for `model`.
+async fn sequence_logits(
+    model: &Arc<LoadedModel>,
+    common: &CommonFields,
+    grammar: Option<RequestedGrammar>,
+) -> Result<SequenceLogits, ApiError> {
+    let bias = logit_bias(common.logit_bias.as_ref(), model.vocab_size)?;
+    if !bias.is_empty() {
+        response_format::refuse_unless_supported(model, "logit_bias")?;
+    }
+    let constraint = match grammar {
+        Some(grammar) => Some(response_format::compile(model, grammar).await?),
+        None => None,
+    };
+    Ok(SequenceLogits { bias, constraint })
 }
 
 impl Checked {
     /// The engine requests for one prompt: `n` of them, seeds spread so choices differ.
-    fn requests(
-        &self,
+    fn requests<'a>(
+        &'a self,
         prompt_index: usize,
         prompt: &[TokenId],
         max_tokens: usize,
         arrived: Instant,
-    ) -> impl Iterator<Item = (usize, GenerationRequest)> + '_ {
+        logits: &'a SequenceLogits,
+    ) -> impl Iterator<Item = (usize, GenerationRequest)> + 'a {
         let prompt = prompt.to_vec();
         (0..self.n).map(move |choice| {
             let sampling = SamplingParams {
@@ -212,6 +235,7 @@ impl Checked {
                     ..self.stop.clone()
                 },
                 arrived,
+                logits: logits.clone(),
             };
             (prompt_index, request)
         })
@@ -268,6 +292,7 @@ pub async fn chat_completions(
     let checked = check_common(&caller, &request.common, requested_max, logprobs)?;
     let messages = params::chat_messages(request.messages.as_deref())?;
     let model = state.model(&checked.model).await?;
+    let logits = sequence_logits(&model, &request.common, checked.grammar.clone()).await?;
 
     let prompt = tokenize_chat(&model, messages).await?;
     let max_tokens = params::max_tokens(
@@ -276,7 +301,9 @@ pub async fn chat_completions(
         prompt.len(),
         model.max_sequence_len,
     )?;
-    let requests = checked.requests(0, &prompt, max_tokens, arrived).collect();
+    let requests = checked
+        .requests(0, &prompt, max_tokens, arrived, &logits)
+        .collect();
     let Started {
         mux,
         id,
@@ -401,6 +428,7 @@ pub async fn completions(
             ),
         ));
     }
+    let logits = sequence_logits(&model, &request.common, checked.grammar.clone()).await?;
     let prompts = tokenize_prompts(&model, prompts).await?;
 
     let mut requests = Vec::with_capacity(prompts.len() * checked.n);
@@ -417,7 +445,7 @@ pub async fn completions(
             }
             error
         })?;
-        requests.extend(checked.requests(prompt_index, prompt, max_tokens, arrived));
+        requests.extend(checked.requests(prompt_index, prompt, max_tokens, arrived, &logits));
     }
     let choice_count = requests.len();
     let Started {

@@ -5,10 +5,13 @@ id). Run by crates/heddle-server/tests/api_python_client.rs, which starts the se
 scripts/test-python.sh installs the client and runs that test. Works under pytest too.
 """
 
+import json
 import os
 import sys
+from typing import Literal, Optional
 
 import openai
+import pydantic
 
 BASE_URL = os.environ["HEDDLE_BASE_URL"]
 MODEL = os.environ["HEDDLE_MODEL"]
@@ -87,6 +90,76 @@ def test_errors_become_the_client_exceptions():
         assert error.body["param"] == "temperature", error.body
     else:
         raise AssertionError("a negative temperature must fail")
+
+
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "population": {"type": "integer", "minimum": 0},
+        "districts": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
+        "climate": {"enum": ["hot", "mild", "cold"]},
+        "mayor": {"anyOf": [{"type": "string", "maxLength": 20}, {"type": "null"}]},
+    },
+    "required": ["city", "population", "districts", "climate", "mayor"],
+    "additionalProperties": False,
+}
+
+
+def check_city(city):
+    assert set(city) == {"city", "population", "districts", "climate", "mayor"}, city
+    assert isinstance(city["city"], str) and len(city["city"]) <= 20
+    assert isinstance(city["population"], int) and city["population"] >= 0
+    assert 1 <= len(city["districts"]) <= 3 and all(isinstance(d, str) and len(d) <= 12 for d in city["districts"])
+    assert city["climate"] in ("hot", "mild", "cold")
+    assert city["mayor"] is None or (isinstance(city["mayor"], str) and len(city["mayor"]) <= 20)
+
+
+def test_response_format_json_schema():
+    for temperature in (0, 1):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Describe a city as JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA, "strict": True}},
+            max_tokens=200,
+            temperature=temperature,
+            seed=3,
+        )
+        assert reply.choices[0].finish_reason == "stop", reply
+        check_city(json.loads(reply.choices[0].message.content))
+
+
+class Pet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    species: Literal["cat", "dog", "parrot"]
+    age: int
+    nickname: Optional[str]
+
+
+def test_parse_with_a_pydantic_model():
+    reply = client.chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Invent a pet."}],
+        response_format=Pet,
+        max_tokens=120,
+        temperature=0,
+    )
+    pet = reply.choices[0].message.parsed
+    assert isinstance(pet, Pet), reply
+    assert pet.species in ("cat", "dog", "parrot")
+
+
+def test_invalid_schemas_are_bad_requests():
+    try:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}},
+        )
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "response_format", error.body
+    else:
+        raise AssertionError("an invalid schema must fail")
 
 
 if __name__ == "__main__":

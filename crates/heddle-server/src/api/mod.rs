@@ -1,7 +1,7 @@
 //! The OpenAI-compatible HTTP API.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-//! `GET /v1/models/{id}`, `GET /health` (the process is alive), `GET /ready` (the startup
+//! `GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, `GET /health` (the process is alive), `GET /ready` (the startup
 //! loads are done and the server is not shutting down), `GET /metrics` (Prometheus text),
 //! and admin routes: `GET /admin/models`, `POST /admin/models/{id}/load`,
 //! `POST /admin/models/{id}/unload`. Which key each needs: [`auth`].
@@ -19,7 +19,7 @@
 //!   an engine failure is 500. In a stream, whose status is already sent, the error
 //!   arrives as `data: {"error": ...}` followed by `data: [DONE]`.
 //! - With `n` > 1 and a `seed`, choice i uses seed + i so that the choices differ.
-//! - A request field heddle does not implement (`tools`, `response_format`, `echo`, ...)
+//! - A request field heddle does not implement (`tools`, `echo`, ...)
 //!   or does not know is refused with a 400 naming it, never ignored; informational ones
 //!   (`user`, `metadata`, ...) are accepted (docs/API.md lists every field).
 //! - `logprobs` token texts of partial UTF-8 characters show U+FFFD.

@@ -551,11 +551,21 @@ async fn fuzzed_schemas_get_a_400_or_valid_output() {
     let mut schemas: Vec<Value> = (0..24).map(|_| random_schema(&mut rng, 4)).collect();
     // Deep nesting, and a recursive schema ($ref the validator cannot follow: it must be
     // refused or produce JSON).
-    let mut deep = json!({"type": "integer"});
-    for _ in 0..200 {
-        deep = json!({"type": "array", "items": deep, "maxItems": 1});
-    }
-    schemas.push(deep);
+    let nested = |levels| {
+        let mut deep = json!({"type": "integer"});
+        for _ in 0..levels {
+            deep = json!({"type": "array", "items": deep, "maxItems": 1});
+        }
+        deep
+    };
+    schemas.push(nested(40));
+    // Nested past the JSON parser's depth limit: the body itself is refused.
+    let (status, body) = chat(chat_request(
+        "Produce JSON.",
+        json_schema_format(&nested(200)),
+    ))
+    .await;
+    assert_eq!(status, 400, "{body}");
     let mut refused = 0;
     for schema in &schemas {
         let mut request = chat_request("Produce JSON.", json_schema_format(schema));

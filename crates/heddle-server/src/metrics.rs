@@ -65,6 +65,12 @@ impl Histogram {
         state.sum += value;
     }
 
+    /// How many observations, and their sum.
+    pub fn count_and_sum(&self) -> (u64, f64) {
+        let state = self.snapshot();
+        (state.counts.iter().sum(), state.sum)
+    }
+
     fn snapshot(&self) -> HistogramState {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }

@@ -627,47 +627,7 @@ impl Engine {
         }
         let mut failed_grammars = Vec::new();
         let result = match self.faults.take() {
-            None => {
-                let sampled: HashSet<RequestId> = batch
-                    .seqs
-                    .iter()
-                    .filter(|s| s.needs_logits)
-                    .map(|s| s.id)
-                    .collect();
-                let adjusted: Vec<(RequestId, &mut SequenceLogits)> = self
-                    .live
-                    .iter_mut()
-                    .filter(|(id, live)| !live.logits.is_unchanged() && sampled.contains(id))
-                    .map(|(&id, live)| (id, &mut live.logits))
-                    .collect();
-                if adjusted.is_empty() {
-                    self.runner
-                        .step(batch, &self.scheduler)
-                        .map_err(|e| e.to_string())
-                } else {
-                    let (runner, scheduler, metrics) =
-                        (&mut self.runner, &self.scheduler, &self.metrics);
-                    std::thread::scope(|scope| {
-                        let worker = scope.spawn(|| sequence_logits::compute(adjusted));
-                        let pending = Box::new(|| {
-                            let waiting = Instant::now();
-                            let computed = worker
-                                .join()
-                                .map_err(|_| "the grammar mask worker panicked".to_string())?;
-                            metrics.record_grammar_masks(
-                                computed.masked,
-                                computed.mask_time,
-                                waiting.elapsed(),
-                            );
-                            failed_grammars = computed.failed;
-                            Ok(computed.adjustments)
-                        });
-                        runner
-                            .step_adjusted(batch, scheduler, pending)
-                            .map_err(|e| e.to_string())
-                    })
-                }
-            }
+            None => self.run_model(&mut failed_grammars),
             Some(StepFault::Fail) => Err("an injected step failure".to_string()),
             Some(StepFault::Panic) => panic!("an injected engine panic"),
         };
@@ -698,6 +658,58 @@ impl Engine {
             self.deliver(event.id, event.token, event.finish, output);
         }
         self.publish_stats();
+    }
+
+    /// Runs the model on the scheduled batch. Sequences sampled this step that have logit
+    /// adjustments get them from a worker that computes their grammar masks alongside the
+    /// forward pass; those whose grammar failed are added to `failed_grammars`.
+    fn run_model(
+        &mut self,
+        failed_grammars: &mut Vec<(RequestId, String)>,
+    ) -> Result<Vec<SampledOutput>, String> {
+        let batch = &self.batch;
+        let adjusted: Vec<(RequestId, &mut SequenceLogits)> =
+            if self.live.values().all(|live| live.logits.is_unchanged()) {
+                Vec::new()
+            } else {
+                let sampled: HashSet<RequestId> = batch
+                    .seqs
+                    .iter()
+                    .filter(|s| s.needs_logits)
+                    .map(|s| s.id)
+                    .collect();
+                self.live
+                    .iter_mut()
+                    .filter(|(id, live)| !live.logits.is_unchanged() && sampled.contains(id))
+                    .map(|(&id, live)| (id, &mut live.logits))
+                    .collect()
+            };
+        if adjusted.is_empty() {
+            return self
+                .runner
+                .step(batch, &self.scheduler)
+                .map_err(|e| e.to_string());
+        }
+        let (runner, scheduler, metrics) = (&mut self.runner, &self.scheduler, &self.metrics);
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(|| sequence_logits::compute(adjusted));
+            let pending = Box::new(|| {
+                let waiting = Instant::now();
+                let computed = worker
+                    .join()
+                    .map_err(|_| "the grammar mask worker panicked".to_string())?;
+                metrics.record_grammar_masks(
+                    computed.masked,
+                    computed.mask_time,
+                    waiting.elapsed(),
+                );
+                *failed_grammars = computed.failed;
+                Ok(computed.adjustments)
+            });
+            runner
+                .step_adjusted(batch, scheduler, pending)
+                .map_err(|e| e.to_string())
+        })
     }
 
     /// Turns one sampled token into text and events, applying stop strings.

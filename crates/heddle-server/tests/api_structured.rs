@@ -274,6 +274,39 @@ async fn json_object_regex_choice_and_lark_outputs_match() {
 }
 
 #[tokio::test]
+async fn a_streamed_constrained_output_is_the_same_as_a_whole_one() {
+    let schema = person_schema();
+    let request = chat_request("Describe a farmer as JSON.", json_schema_format(&schema));
+    let (status, whole) = chat(request.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    let response = reqwest::Client::new()
+        .post(server().url("/v1/chat/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut text = String::new();
+    let mut finish = None;
+    for event in api_support::SseReader::new(response).collect().await {
+        if event == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(&event).unwrap();
+        let choice = &chunk["choices"][0];
+        text.push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finish = Some(reason.to_string());
+        }
+    }
+    assert_eq!(finish.as_deref(), Some("stop"));
+    assert_eq!(text, content(&whole));
+    assert_valid(&schema, &text);
+}
+
+#[tokio::test]
 async fn completions_honour_grammars_too() {
     let (status, body) = post_json(
         &reqwest::Client::new(),

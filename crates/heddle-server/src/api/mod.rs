@@ -34,6 +34,8 @@ pub mod response_format;
 pub mod routes;
 pub mod sse;
 pub mod tokenize;
+pub mod tool_call_parser;
+pub mod tools;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

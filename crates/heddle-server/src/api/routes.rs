@@ -27,6 +27,7 @@ use super::openai::{
 use super::params::{self, PromptInput};
 use super::response_format::{self, RequestedGrammar};
 use super::sse::{self, StreamHeader, StreamKind};
+use super::tools::{self, ToolRequest};
 use super::{unix_now, AppState, JsonBody};
 use crate::engine::GenerationRequest;
 use crate::metrics::EngineReport;
@@ -291,10 +292,35 @@ pub async fn chat_completions(
     let requested_max = request.max_completion_tokens.or(request.common.max_tokens);
     let checked = check_common(&caller, &request.common, requested_max, logprobs)?;
     let messages = params::chat_messages(request.messages.as_deref())?;
+    let tools = tools::tool_request(
+        request.tools.as_ref(),
+        request.tool_choice.as_ref(),
+        request.parallel_tool_calls.as_ref(),
+    )?
+    .map(Arc::new);
+    let tool_grammar = tools.as_ref().and_then(|tools| tools.grammar());
+    let grammar = match (checked.grammar.clone(), tool_grammar) {
+        (Some(grammar), Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                format!(
+                    "`tool_choice` \"required\" or a named function constrains the output, and \
+                     so does `{}`; give one of them.",
+                    grammar.field
+                ),
+            ))
+        }
+        (Some(grammar), None) => Some(grammar),
+        (None, Some(spec)) => Some(RequestedGrammar {
+            field: "tools",
+            spec,
+        }),
+        (None, None) => None,
+    };
     let model = state.model(&checked.model).await?;
-    let logits = sequence_logits(&model, &request.common, checked.grammar.clone()).await?;
+    let logits = sequence_logits(&model, &request.common, grammar).await?;
 
-    let prompt = tokenize_chat(&model, messages).await?;
+    let prompt = tokenize_chat(&model, messages, tools.clone()).await?;
     let max_tokens = params::max_tokens(
         checked.max_tokens,
         None,
@@ -321,6 +347,7 @@ pub async fn chat_completions(
             choice_count: checked.n,
             prompt_count: 1,
             include_usage: checked.include_usage,
+            tools,
         };
         return Ok(sse::response(header, mux, tokenizer, failure));
     }
@@ -328,14 +355,33 @@ pub async fn chat_completions(
     let choices = collected
         .choices
         .into_iter()
-        .map(|choice| ChatChoice {
-            index: choice.index,
-            logprobs: logprobs.map(|_| chat_logprobs(&tokenizer, &choice.tokens)),
-            message: AssistantMessage {
-                role: "assistant",
-                content: choice.text,
-            },
-            finish_reason: finish_reason_name(choice.reason),
+        .map(|choice| {
+            let logprobs = logprobs.map(|_| chat_logprobs(&tokenizer, &choice.tokens));
+            let (message, finish_reason) = match &tools {
+                Some(tools) => {
+                    let reply = tools.reply(choice.text, choice.reason);
+                    let message = AssistantMessage {
+                        role: "assistant",
+                        content: reply.content,
+                        tool_calls: reply.tool_calls,
+                    };
+                    (message, reply.finish_reason)
+                }
+                None => {
+                    let message = AssistantMessage {
+                        role: "assistant",
+                        content: Some(choice.text),
+                        tool_calls: None,
+                    };
+                    (message, finish_reason_name(choice.reason))
+                }
+            };
+            ChatChoice {
+                index: choice.index,
+                logprobs,
+                message,
+                finish_reason,
+            }
         })
         .collect();
     Ok(Json(ChatCompletion {
@@ -350,20 +396,36 @@ pub async fn chat_completions(
 }
 
 /// Renders the conversation with the model's template and tokenizes it, off the async
-/// threads (a long conversation takes a while).
+/// threads (a long conversation takes a while). Tools go to a template that reads them,
+/// or else into the system prompt (see [`tools`]).
 async fn tokenize_chat(
     model: &Arc<LoadedModel>,
-    messages: Vec<ChatMessage>,
+    mut messages: Vec<ChatMessage>,
+    tools: Option<Arc<ToolRequest>>,
 ) -> Result<Vec<TokenId>, ApiError> {
     let model = model.clone();
     tokio::task::spawn_blocking(move || {
-        let text = model
-            .chat_template
-            .render(&messages, true)
-            .map_err(|error| match error {
-                ChatTemplateError::Raised(message) => ApiError::invalid_param("messages", message),
-                other => ApiError::internal(other.to_string()),
-            })?;
+        let template = &model.chat_template;
+        let mut variables = serde_json::Map::new();
+        if template.reads_tools() {
+            if let Some(tools) = &tools {
+                variables = tools.template_variables();
+            }
+        } else {
+            messages = tools::inline_tool_messages(messages);
+            if let Some(tools) = &tools {
+                tools.add_prompt(&mut messages);
+            }
+        }
+        let text =
+            template
+                .render_with(&messages, true, &variables)
+                .map_err(|error| match error {
+                    ChatTemplateError::Raised(message) => {
+                        ApiError::invalid_param("messages", message)
+                    }
+                    other => ApiError::internal(other.to_string()),
+                })?;
         model
             .engine
             .tokenizer()
@@ -465,6 +527,7 @@ pub async fn completions(
             choice_count,
             prompt_count: prompts.len(),
             include_usage: checked.include_usage,
+            tools: None,
         };
         return Ok(sse::response(header, mux, tokenizer, failure));
     }

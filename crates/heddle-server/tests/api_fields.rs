@@ -165,6 +165,12 @@ fn ok_json(text: &str) -> bool {
     text == r#"{"ok":true}"# || text == r#"{"ok":false}"#
 }
 
+/// A function taking one integer.
+fn one_tool() -> Value {
+    json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+        "properties": {"x": {"type": "integer"}}, "required": ["x"], "additionalProperties": false}}}])
+}
+
 /// The cases both endpoints share: sampling, stopping, streaming, heddle's extensions,
 /// informational fields and unknown ones. The base request asks for 4 tokens.
 fn shared_cases(text: fn(&Value) -> String) -> Vec<Case> {
@@ -337,15 +343,32 @@ fn chat_cases() -> Vec<Case> {
         ),
         case("logit_bias", json!({"15": -100}), honoured_quietly()),
         // Not implemented: refused until they are.
-        case(
+        case_with(
             "tools",
-            json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-            Refused,
+            json!({"tools": one_tool(), "tool_choice": "required", "parallel_tool_calls": false, "max_tokens": 40}),
+            honoured(|b| b["choices"][0]["finish_reason"] == "tool_calls"),
         ),
         case("tools", json!([]), Accepted),
+        case_with(
+            "tool_choice",
+            json!({"tools": one_tool(), "tool_choice": {"type": "function", "function": {"name": "f"}}, "max_tokens": 40}),
+            honoured(|b| b["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "f"),
+        ),
         case("tool_choice", json!("auto"), Refused),
         case("tool_choice", json!("none"), Accepted),
-        case("parallel_tool_calls", json!(false), Refused),
+        case_with(
+            "parallel_tool_calls",
+            json!({"tools": one_tool(), "tool_choice": "required", "parallel_tool_calls": true, "max_tokens": 40}),
+            // Calls until the model stops, or max_tokens cuts the list: then no calls.
+            honoured(|b| {
+                let choice = &b["choices"][0];
+                match choice["finish_reason"].as_str() {
+                    Some("tool_calls") => choice["message"]["tool_calls"].as_array().is_some_and(|c| !c.is_empty()),
+                    Some("length") => choice["message"].get("tool_calls").is_none(),
+                    _ => false,
+                }
+            }),
+        ),
         case("functions", json!([{"name": "f", "parameters": {"type": "object"}}]), Refused),
         case("function_call", json!("auto"), Refused),
         case("logit_bias", json!({}), Accepted),

@@ -162,6 +162,89 @@ def test_invalid_schemas_are_bad_requests():
         raise AssertionError("an invalid schema must fail")
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 24}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def weather_question(**kwargs):
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+        max_tokens=60,
+        temperature=0,
+        **kwargs,
+    )
+
+
+def test_tools_with_each_tool_choice():
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        reply = weather_question(tool_choice=choice, parallel_tool_calls=False)
+        assert reply.choices[0].finish_reason == "tool_calls", reply
+        (call,) = reply.choices[0].message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name == "get_weather"
+        assert isinstance(json.loads(call.function.arguments)["city"], str)
+    reply = weather_question(tool_choice="none")
+    assert not reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    reply = weather_question(tool_choice="auto")
+    message = reply.choices[0].message
+    if reply.choices[0].finish_reason == "tool_calls":
+        assert message.tool_calls[0].function.name == "get_weather"
+    else:
+        assert message.content is not None and not message.tool_calls
+
+
+def test_streamed_tool_calls_and_a_tool_result_turn():
+    stream = weather_question(tool_choice="required", parallel_tool_calls=False, stream=True)
+    calls, finish = {}, None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] += delta.id or ""
+            entry["name"] += delta.function.name or ""
+            entry["arguments"] += delta.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    call = calls[0]
+    assert call["name"] == "get_weather"
+    json.loads(call["arguments"])
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": call["id"], "type": "function", "function": {"name": "get_weather", "arguments": call["arguments"]}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": call["id"], "content": "18 degrees and sunny"},
+        ],
+        tools=[WEATHER_TOOL],
+        tool_choice="none",
+        max_tokens=20,
+        temperature=0,
+    )
+    assert reply.choices[0].message.content
+
+
 if __name__ == "__main__":
     tests = [(name, f) for name, f in sorted(globals().items()) if name.startswith("test_") and callable(f)]
     for name, test in tests:

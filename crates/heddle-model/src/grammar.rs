@@ -68,7 +68,12 @@ impl GrammarCompiler {
     /// past the tokenizer's are never allowed). The tokenizer's stop tokens are the ones
     /// a grammar allows once it is complete.
     pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize) -> Result<Self, GrammarError> {
-        let stop_ids = tokenizer.stop_token_ids();
+        let stop_ids: Vec<TokenId> = tokenizer
+            .stop_token_ids()
+            .iter()
+            .copied()
+            .filter(|&id| (id as usize) < vocab_size)
+            .collect();
         let Some(&eos) = stop_ids.first() else {
             return Err(GrammarError(
                 "the model's tokenizer names no end-of-sequence token".into(),
@@ -87,7 +92,7 @@ impl GrammarCompiler {
             })
             .collect();
         let info = TokRxInfo::new(vocab_size as u32, eos);
-        let trie = TokTrie::from(&info, &words).with_eos_tokens(stop_ids);
+        let trie = TokTrie::from(&info, &words).with_eos_tokens(&stop_ids);
         let env: TokEnv = Arc::new(VocabularyEnv { trie, tokenizer });
         let mut factory = ParserFactory::new_simple(&env)
             .map_err(|e| GrammarError(format!("indexing the vocabulary failed: {e}")))?;

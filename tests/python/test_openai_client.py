@@ -10,8 +10,10 @@ import json
 import os
 import sys
 import time
+from typing import Literal, Optional
 
 import openai
+import pydantic
 
 BASE_URL = os.environ["HEDDLE_BASE_URL"]
 MODEL = os.environ["HEDDLE_MODEL"]
@@ -166,6 +168,159 @@ def test_batches_cancel_and_page():
         assert error.body["param"] == "endpoint", error.body
     else:
         raise AssertionError("an unsupported endpoint must fail")
+
+
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "population": {"type": "integer", "minimum": 0},
+        "districts": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
+        "climate": {"enum": ["hot", "mild", "cold"]},
+        "mayor": {"anyOf": [{"type": "string", "maxLength": 20}, {"type": "null"}]},
+    },
+    "required": ["city", "population", "districts", "climate", "mayor"],
+    "additionalProperties": False,
+}
+
+
+def check_city(city):
+    assert set(city) == {"city", "population", "districts", "climate", "mayor"}, city
+    assert isinstance(city["city"], str) and len(city["city"]) <= 20
+    assert isinstance(city["population"], int) and city["population"] >= 0
+    assert 1 <= len(city["districts"]) <= 3 and all(isinstance(d, str) and len(d) <= 12 for d in city["districts"])
+    assert city["climate"] in ("hot", "mild", "cold")
+    assert city["mayor"] is None or (isinstance(city["mayor"], str) and len(city["mayor"]) <= 20)
+
+
+def test_response_format_json_schema():
+    for temperature in (0, 1):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Describe a city as JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA, "strict": True}},
+            max_tokens=200,
+            temperature=temperature,
+            seed=3,
+        )
+        assert reply.choices[0].finish_reason == "stop", reply
+        check_city(json.loads(reply.choices[0].message.content))
+
+
+class Pet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    species: Literal["cat", "dog", "parrot"]
+    age: int
+    nickname: Optional[str]
+
+
+def test_parse_with_a_pydantic_model():
+    reply = client.chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Invent a pet."}],
+        response_format=Pet,
+        max_tokens=120,
+        temperature=0,
+    )
+    pet = reply.choices[0].message.parsed
+    assert isinstance(pet, Pet), reply
+    assert pet.species in ("cat", "dog", "parrot")
+
+
+def test_invalid_schemas_are_bad_requests():
+    try:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}},
+        )
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "response_format", error.body
+    else:
+        raise AssertionError("an invalid schema must fail")
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 24}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def weather_question(**kwargs):
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+        max_tokens=60,
+        temperature=0,
+        **kwargs,
+    )
+
+
+def test_tools_with_each_tool_choice():
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        reply = weather_question(tool_choice=choice, parallel_tool_calls=False)
+        assert reply.choices[0].finish_reason == "tool_calls", reply
+        (call,) = reply.choices[0].message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name == "get_weather"
+        assert isinstance(json.loads(call.function.arguments)["city"], str)
+    reply = weather_question(tool_choice="none")
+    assert not reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    reply = weather_question(tool_choice="auto")
+    message = reply.choices[0].message
+    if reply.choices[0].finish_reason == "tool_calls":
+        assert message.tool_calls[0].function.name == "get_weather"
+    else:
+        assert message.content is not None and not message.tool_calls
+
+
+def test_streamed_tool_calls_and_a_tool_result_turn():
+    stream = weather_question(tool_choice="required", parallel_tool_calls=False, stream=True)
+    calls, finish = {}, None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] += delta.id or ""
+            entry["name"] += delta.function.name or ""
+            entry["arguments"] += delta.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    call = calls[0]
+    assert call["name"] == "get_weather"
+    json.loads(call["arguments"])
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": call["id"], "type": "function", "function": {"name": "get_weather", "arguments": call["arguments"]}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": call["id"], "content": "18 degrees and sunny"},
+        ],
+        tools=[WEATHER_TOOL],
+        tool_choice="none",
+        max_tokens=20,
+        temperature=0,
+    )
+    assert reply.choices[0].message.content
 
 
 if __name__ == "__main__":

@@ -16,11 +16,19 @@ use serde::{Deserialize, Serialize};
 use crate::tokenizer::Tokenizer;
 
 /// One message of a conversation, as templates see it (`message['role']`,
-/// `message['content']`).
+/// `message['content']`, and for tool use `message['tool_calls']` and
+/// `message['tool_call_id']`, absent when unset).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant's calls, as templates expect them: `{"type": "function", "id",
+    /// "function": {"name", "arguments": {...}}}` with the arguments as an object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -28,6 +36,8 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -103,6 +113,14 @@ impl ChatTemplate {
             tokenizer.bos_token().unwrap_or_default(),
             tokenizer.eos_token().unwrap_or_default(),
         )
+    }
+
+    /// Whether the template reads the `tools` variable, i.e. knows how to show a model its
+    /// tools (and, then, its tool calls and results).
+    pub fn reads_tools(&self) -> bool {
+        self.env
+            .get_template(TEMPLATE_NAME)
+            .is_ok_and(|template| template.undeclared_variables(false).contains("tools"))
     }
 
     /// Renders a conversation; `add_generation_prompt` appends the header that opens the

@@ -10,6 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvDtype};
 use crate::llama::{Llama, Logits, Scratch, SeqInput};
+use crate::logits_processing::{LogitsAdjustment, PendingAdjustments, StepAdjustments};
 use crate::runner::{ModelRunner, SampledOutput};
 use crate::sampling::Sampler;
 
@@ -69,6 +70,19 @@ impl ModelRunner for CpuRunner {
         batch: &ScheduledBatch,
         history: &dyn SequenceTokens,
     ) -> Result<Vec<SampledOutput>, ModelError> {
+        self.step_adjusted(batch, history, Box::new(|| Ok(StepAdjustments::new())))
+    }
+
+    fn applies_logits_adjustments(&self) -> bool {
+        true
+    }
+
+    fn step_adjusted(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+        adjustments: PendingAdjustments<'_>,
+    ) -> Result<Vec<SampledOutput>, ModelError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -89,11 +103,17 @@ impl ModelRunner for CpuRunner {
         let logits = self
             .model
             .forward(&inputs, &mut self.cache, &mut self.scratch)?;
+        let adjustments = adjustments().map_err(ModelError::LogitsProcessing)?;
         let sampled: Vec<_> = batch
             .seqs
             .iter()
             .filter(|s| s.needs_logits)
-            .map(|s| (s, history.sequence_tokens(s.id), history.prompt_len(s.id)))
+            .map(|s| RowToSample {
+                seq: s,
+                history: history.sequence_tokens(s.id),
+                prompt_len: history.prompt_len(s.id),
+                adjustment: adjustments.get(&s.id),
+            })
             .collect();
         if sampled.is_empty() {
             return Ok(Vec::new());
@@ -119,8 +139,14 @@ impl ModelRunner for CpuRunner {
     }
 }
 
-/// A row to sample: its sequence, the sequence's tokens so far and its prompt length.
-type RowToSample<'a> = (&'a ScheduledSeq, &'a [TokenId], usize);
+/// A row to sample: its sequence, the sequence's tokens so far, its prompt length and
+/// what changes its logits.
+struct RowToSample<'a> {
+    seq: &'a ScheduledSeq,
+    history: &'a [TokenId],
+    prompt_len: usize,
+    adjustment: Option<&'a LogitsAdjustment>,
+}
 
 /// Samples consecutive logits rows with one sampler.
 fn sample_rows<'a>(
@@ -129,15 +155,20 @@ fn sample_rows<'a>(
     seqs: &'a [RowToSample<'a>],
     vocab: usize,
 ) -> impl Iterator<Item = SampledOutput> + 'a {
-    rows.chunks_exact_mut(vocab)
-        .zip(seqs)
-        .map(move |(row, &(seq, tokens, prompt_len))| {
-            let s = sampler.sample(row, &seq.sampling, tokens, prompt_len, seq.num_generated);
-            SampledOutput {
-                id: seq.id,
-                token: s.token,
-                logprob: s.logprob,
-                top_logprobs: s.top_logprobs,
-            }
-        })
+    rows.chunks_exact_mut(vocab).zip(seqs).map(move |(row, r)| {
+        let s = sampler.sample_adjusted(
+            row,
+            &r.seq.sampling,
+            r.adjustment,
+            r.history,
+            r.prompt_len,
+            r.seq.num_generated,
+        );
+        SampledOutput {
+            id: r.seq.id,
+            token: s.token,
+            logprob: s.logprob,
+            top_logprobs: s.top_logprobs,
+        }
+    })
 }

@@ -36,6 +36,10 @@ pub enum ModelError {
     },
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// The logits adjustments of a step (grammar masks) could not be computed, or the
+    /// runner cannot apply them.
+    #[error("logits processing failed: {0}")]
+    LogitsProcessing(String),
     /// A GPU runner's driver, kernel or library call failed.
     #[error("GPU error: {0}")]
     Device(String),

@@ -4,6 +4,7 @@ use heddle_core::{RequestId, SampledToken, ScheduledBatch, SequenceTokens, Token
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::logits_processing::PendingAdjustments;
 
 /// A model that computes scheduled batches and samples their next tokens. Sampling happens
 /// inside, so that a GPU runner can sample on the device and copy back only token ids.
@@ -19,6 +20,28 @@ pub trait ModelRunner: Send {
         batch: &ScheduledBatch,
         history: &dyn SequenceTokens,
     ) -> Result<Vec<SampledOutput>, ModelError>;
+
+    /// Whether [`Self::step_adjusted`] applies logit biases and grammar masks. A runner
+    /// that cannot must never be given a sequence that needs them: the engine refuses
+    /// such requests instead of sampling them unconstrained.
+    fn applies_logits_adjustments(&self) -> bool {
+        false
+    }
+
+    /// [`Self::step`], with each sampled row changed by its sequence's adjustment before
+    /// sampling. `adjustments` is called once, after the forward pass: the masks it waits
+    /// for are computed meanwhile.
+    fn step_adjusted(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+        adjustments: PendingAdjustments<'_>,
+    ) -> Result<Vec<SampledOutput>, ModelError> {
+        let _ = (batch, history, adjustments);
+        Err(ModelError::LogitsProcessing(
+            "this runner cannot apply logit biases or grammar masks".into(),
+        ))
+    }
 }
 
 /// The token sampled for one sequence, with the log-probabilities it asked for.

@@ -1,6 +1,7 @@
 //! Choosing the next token from one sequence's logits.
 //!
-//! Order of operations (HF's, also vLLM's): repetition penalty over prompt and output,
+//! Order of operations (HF's, also vLLM's), after the sequence's logit biases and grammar
+//! mask (see [`crate::logits_processing`]): repetition penalty over prompt and output,
 //! frequency and presence penalties over the output, then temperature, top-k, top-p
 //! (within the top-k mass) and min-p, then a draw. Greedy (temperature 0 or top-k 1) takes
 //! the arg-max of the penalised logits, the lowest id on ties.
@@ -15,6 +16,8 @@
 use heddle_core::{SamplingParams, TokenId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::logits_processing::LogitsAdjustment;
 
 /// A sampled token, with log-probabilities when asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +40,8 @@ pub struct Sampler {
     candidates: Vec<(TokenId, f32)>,
     /// The tokens the penalties changed, with their logits before.
     originals: Vec<(TokenId, f32)>,
+    /// The row before its adjustment, when log-probabilities are asked for.
+    raw: Vec<f32>,
 }
 
 impl Sampler {
@@ -53,6 +58,20 @@ impl Sampler {
         prompt_len: usize,
         num_generated: usize,
     ) -> Sampled {
+        self.sample_adjusted(logits, params, None, history, prompt_len, num_generated)
+    }
+
+    /// [`Self::sample`] after `adjustment` (logit biases, a grammar's mask) changes the
+    /// row. Log-probabilities stay those of the model's raw logits.
+    pub fn sample_adjusted(
+        &mut self,
+        logits: &mut [f32],
+        params: &SamplingParams,
+        adjustment: Option<&LogitsAdjustment>,
+        history: &[TokenId],
+        prompt_len: usize,
+        num_generated: usize,
+    ) -> Sampled {
         let wants_logprobs = params.logprobs || params.top_logprobs > 0;
         let lse = if wants_logprobs {
             log_sum_exp(logits)
@@ -62,6 +81,13 @@ impl Sampler {
         let top = top_indices(logits, params.top_logprobs as usize, &mut self.ids);
         let mut top_logprobs = Vec::with_capacity(top.len());
         top_logprobs.extend(top.iter().map(|&i| (i, logits[i as usize] - lse)));
+        self.raw.clear();
+        if let Some(adjustment) = adjustment {
+            if params.logprobs {
+                self.raw.extend_from_slice(logits);
+            }
+            adjustment.apply(logits);
+        }
         self.apply_penalties(logits, params, history, prompt_len);
 
         let token = if params.is_greedy() {
@@ -73,11 +99,14 @@ impl Sampler {
             self.draw(logits, params, rng.random::<f64>())
         };
         let logprob = params.logprobs.then(|| {
-            let raw = self
-                .originals
-                .iter()
-                .find(|(t, _)| *t == token)
-                .map_or(logits[token as usize], |&(_, l)| l);
+            let raw = match self.raw.get(token as usize) {
+                Some(&raw) => raw,
+                None => self
+                    .originals
+                    .iter()
+                    .find(|(t, _)| *t == token)
+                    .map_or(logits[token as usize], |&(_, l)| l),
+            };
             raw - lse
         });
         Sampled {
@@ -149,6 +178,9 @@ impl Sampler {
             let mut cum = 0f64;
             let mut last = 0;
             for (id, w) in candidates {
+                if w <= 0.0 {
+                    continue; // masked out, or too unlikely to matter: never drawn
+                }
                 cum += w as f64;
                 last = id;
                 if cum > target {

@@ -435,6 +435,14 @@ impl Tokenizer {
         Some(piece.replace('\u{2581}', " ").into_bytes())
     }
 
+    /// Whether `id` is a special token (`<|im_end|>`, ...): control, not text.
+    pub fn is_special_token(&self, id: TokenId) -> bool {
+        let added = self.inner.get_added_vocabulary();
+        added
+            .simple_id_to_token(id)
+            .is_some_and(|text| added.is_special_token(&text))
+    }
+
     /// The id of a token given its vocabulary text (e.g. `"<|im_end|>"`).
     pub fn token_to_id(&self, token: &str) -> Option<TokenId> {
         self.inner.token_to_id(token)

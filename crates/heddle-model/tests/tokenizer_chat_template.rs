@@ -65,6 +65,9 @@ fn llama3_style_template() {
 #[test]
 fn tools_are_rendered_with_python_json() {
     let tmpl = template("tok_llama3_style.jinja", "<|begin_of_text|>", "<|eot_id|>");
+    assert!(tmpl.reads_tools());
+    let chatml = ChatTemplate::new(heddle_model::chat_template::CHATML_TEMPLATE, "", "").unwrap();
+    assert!(!chatml.reads_tools());
     let tools = json!([{
         "description": "Weather at <place> & 'now'",
         "name": "get_weather",

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use heddle_core::{
     Scheduler, SchedulerConfig, SchedulerStats, StopCriteria, TokenId,
 };
 use heddle_model::detokenizer::IncrementalDetokenizer;
+use heddle_model::grammar::{GrammarCompiler, GrammarError};
 use heddle_model::runner::{ModelRunner, SampledOutput};
 use heddle_model::stop_strings::StopStringMatcher;
 use heddle_model::tokenizer::Tokenizer;
@@ -35,6 +36,7 @@ use tokio::sync::{mpsc as async_mpsc, oneshot};
 
 use crate::faults::{FaultInjection, StepFault};
 use crate::metrics::ModelMetrics;
+use crate::sequence_logits::{self, SequenceLogits};
 
 /// What a caller asks the engine to generate.
 #[derive(Debug, Clone)]
@@ -47,6 +49,8 @@ pub struct GenerationRequest {
     pub stop: StopCriteria,
     /// When the caller received it: latencies are measured from here.
     pub arrived: Instant,
+    /// Logit biases and the grammar the output must match.
+    pub logits: SequenceLogits,
 }
 
 /// Log-probabilities of one generated token.
@@ -180,11 +184,37 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     shared: Arc<Shared>,
     tokenizer: Arc<Tokenizer>,
+    grammars: Arc<Grammars>,
+}
+
+/// The model's grammar compiler, built on first use (indexing the vocabulary takes a
+/// moment that requests without a grammar need not pay).
+struct Grammars {
+    compiler: OnceLock<Result<GrammarCompiler, GrammarError>>,
+    vocab_size: usize,
+    /// Whether the runner applies masks and biases; if not, requests that need them are
+    /// refused.
+    supported: bool,
 }
 
 impl EngineHandle {
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
+    }
+
+    /// Whether this engine's runner can apply grammar masks and logit biases.
+    pub fn applies_logits_adjustments(&self) -> bool {
+        self.grammars.supported
+    }
+
+    /// The compiler of grammars over this model's vocabulary. The first call builds it:
+    /// call it off the async threads.
+    pub fn grammar_compiler(&self) -> Result<&GrammarCompiler, GrammarError> {
+        self.grammars
+            .compiler
+            .get_or_init(|| GrammarCompiler::new(self.tokenizer.clone(), self.grammars.vocab_size))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// The scheduler's counters as of the last step.
@@ -260,6 +290,7 @@ struct Live {
     stops: StopStringMatcher,
     /// A stop string matched: the rest of the output is dropped.
     stopped: bool,
+    logits: SequenceLogits,
     wants_logprobs: bool,
     usage: Usage,
     arrived: Instant,
@@ -347,11 +378,17 @@ impl Engine {
             health: AtomicU8::new(EngineHealth::Running as u8),
         });
         let (commands, commands_rx) = mpsc::channel();
+        let grammars = Grammars {
+            compiler: OnceLock::new(),
+            vocab_size: runner.config().vocab_size,
+            supported: runner.applies_logits_adjustments(),
+        };
         let handle = EngineHandle {
             commands,
             next_id: Arc::new(AtomicU64::new(1)),
             shared: shared.clone(),
             tokenizer: tokenizer.clone(),
+            grammars: Arc::new(grammars),
         };
         let engine = Engine::new(
             scheduler,
@@ -513,7 +550,15 @@ impl Engine {
             mut sampling,
             mut stop,
             arrived,
+            logits,
         } = request;
+        if !logits.is_unchanged() && !self.runner.applies_logits_adjustments() {
+            return Err(SubmitError::Invalid(
+                "This model's runner cannot apply grammar masks or logit biases: \
+                 `response_format`, the guided_* fields and `logit_bias` are refused on it."
+                    .into(),
+            ));
+        }
         // Every request gets a seed, so its sampling never depends on the batch.
         sampling.seed.get_or_insert_with(rand::random);
         stop.eos_token_ids = self.tokenizer.stop_token_ids().to_vec();
@@ -540,6 +585,7 @@ impl Engine {
                         events,
                         detokenizer: IncrementalDetokenizer::new(self.tokenizer.clone(), true),
                         stopped: false,
+                        logits,
                         stops,
                         wants_logprobs,
                         usage: Usage {
@@ -591,11 +637,9 @@ impl Engine {
                 live.usage.cached_tokens = cached;
             }
         }
+        let mut failed_grammars = Vec::new();
         let result = match self.faults.take() {
-            None => self
-                .runner
-                .step(batch, &self.scheduler)
-                .map_err(|e| e.to_string()),
+            None => self.run_model(&mut failed_grammars),
             Some(StepFault::Fail) => Err("an injected step failure".to_string()),
             Some(StepFault::Panic) => panic!("an injected engine panic"),
         };
@@ -617,9 +661,67 @@ impl Engine {
         let mut remaining = outputs.iter();
         for event in events {
             let output = remaining.by_ref().find(|o| o.id == event.id);
+            if let Some((_, error)) = failed_grammars.iter().find(|(id, _)| *id == event.id) {
+                tracing::error!(%error, id = event.id, "the grammar failed; failing its request");
+                let _ = self.scheduler.finish(event.id, FinishReason::Error);
+                self.end(event.id, FinishReason::Error);
+                continue;
+            }
             self.deliver(event.id, event.token, event.finish, output);
         }
         self.publish_stats();
+    }
+
+    /// Runs the model on the scheduled batch. Sequences sampled this step that have logit
+    /// adjustments get them from a worker that computes their grammar masks alongside the
+    /// forward pass; those whose grammar failed are added to `failed_grammars`.
+    fn run_model(
+        &mut self,
+        failed_grammars: &mut Vec<(RequestId, String)>,
+    ) -> Result<Vec<SampledOutput>, String> {
+        let batch = &self.batch;
+        let adjusted: Vec<(RequestId, &mut SequenceLogits)> =
+            if self.live.values().all(|live| live.logits.is_unchanged()) {
+                Vec::new()
+            } else {
+                let sampled: HashSet<RequestId> = batch
+                    .seqs
+                    .iter()
+                    .filter(|s| s.needs_logits)
+                    .map(|s| s.id)
+                    .collect();
+                self.live
+                    .iter_mut()
+                    .filter(|(id, live)| !live.logits.is_unchanged() && sampled.contains(id))
+                    .map(|(&id, live)| (id, &mut live.logits))
+                    .collect()
+            };
+        if adjusted.is_empty() {
+            return self
+                .runner
+                .step(batch, &self.scheduler)
+                .map_err(|e| e.to_string());
+        }
+        let (runner, scheduler, metrics) = (&mut self.runner, &self.scheduler, &self.metrics);
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(|| sequence_logits::compute(adjusted));
+            let pending = Box::new(|| {
+                let waiting = Instant::now();
+                let computed = worker
+                    .join()
+                    .map_err(|_| "the grammar mask worker panicked".to_string())?;
+                metrics.record_grammar_masks(
+                    computed.masked,
+                    computed.mask_time,
+                    waiting.elapsed(),
+                );
+                *failed_grammars = computed.failed;
+                Ok(computed.adjustments)
+            });
+            runner
+                .step_adjusted(batch, scheduler, pending)
+                .map_err(|e| e.to_string())
+        })
     }
 
     /// Turns one sampled token into text and events, applying stop strings.
@@ -648,7 +750,23 @@ impl Engine {
                 .observe((now - previous).as_secs_f64()),
         }
         // A stop token ends the output; its text is not part of it.
-        let piece = if finish == Some(FinishReason::Stop) {
+        let stop_token = finish == Some(FinishReason::Stop);
+        // The grammar advances with every accepted token; once complete, it ends the
+        // output (the stop token it would force next adds nothing).
+        let mut finish = finish;
+        if let Some(constraint) = live.logits.constraint.as_mut() {
+            if let Err(error) = constraint.accept(token) {
+                tracing::error!(%error, id, token, "a token the grammar refuses was sampled");
+                let _ = self.scheduler.finish(id, FinishReason::Error);
+                self.end(id, FinishReason::Error);
+                return;
+            }
+            if finish.is_none() && constraint.is_complete() {
+                let _ = self.scheduler.finish(id, FinishReason::Stop);
+                finish = Some(FinishReason::Stop);
+            }
+        }
+        let piece = if stop_token {
             Ok(String::new())
         } else {
             live.detokenizer.push(token)

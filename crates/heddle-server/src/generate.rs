@@ -90,6 +90,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ..StopCriteria::new(args.max_tokens)
         },
         arrived: std::time::Instant::now(),
+        logits: Default::default(),
     };
     let mut submitted = engine.submit_blocking(request)?;
     let mut out = std::io::stdout().lock();

@@ -10,4 +10,5 @@ pub mod faults;
 pub mod generate;
 pub mod metrics;
 pub mod pool;
+pub mod sequence_logits;
 pub mod serve;

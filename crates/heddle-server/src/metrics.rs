@@ -22,6 +22,9 @@ const TTFT_BUCKETS: &[f64] = &[
 const INTER_TOKEN_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
+const GRAMMAR_MASK_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
 const END_TO_END_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
@@ -62,6 +65,12 @@ impl Histogram {
         state.sum += value;
     }
 
+    /// How many observations, and their sum.
+    pub fn count_and_sum(&self) -> (u64, f64) {
+        let state = self.snapshot();
+        (state.counts.iter().sum(), state.sum)
+    }
+
     fn snapshot(&self) -> HistogramState {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -73,6 +82,11 @@ pub struct ModelMetrics {
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub end_to_end_latency: Histogram,
+    /// Per step with grammars: the time to compute all their masks (alongside the
+    /// forward pass) ...
+    pub grammar_mask: Histogram,
+    /// ... and how long sampling then still waited for them (what the masks cost the step).
+    pub grammar_mask_wait: Histogram,
     prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
     /// Finished sequences by reason: stop, length, cancelled, error.
@@ -98,6 +112,8 @@ impl Default for ModelMetrics {
             time_to_first_token: Histogram::new(TTFT_BUCKETS),
             inter_token_latency: Histogram::new(INTER_TOKEN_BUCKETS),
             end_to_end_latency: Histogram::new(END_TO_END_BUCKETS),
+            grammar_mask: Histogram::new(GRAMMAR_MASK_BUCKETS),
+            grammar_mask_wait: Histogram::new(GRAMMAR_MASK_BUCKETS),
             prompt_tokens: AtomicU64::default(),
             generation_tokens: AtomicU64::default(),
             finished: Default::default(),
@@ -111,6 +127,19 @@ impl Default for ModelMetrics {
 impl ModelMetrics {
     pub fn record_queue_full(&self) {
         self.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One step's grammar masks: how many, how long they took, how long sampling waited.
+    pub fn record_grammar_masks(
+        &self,
+        masked: usize,
+        mask_time: std::time::Duration,
+        wait: std::time::Duration,
+    ) {
+        if masked > 0 {
+            self.grammar_mask.observe(mask_time.as_secs_f64());
+            self.grammar_mask_wait.observe(wait.as_secs_f64());
+        }
     }
 
     pub fn record_accepted(&self) {
@@ -306,7 +335,7 @@ impl Metrics {
                 m.rejected_queue_full.load(Ordering::Relaxed) as f64,
             );
         }
-        let histograms: [(&str, &str, HistogramOf); 3] = [
+        let histograms: [(&str, &str, HistogramOf); 5] = [
             (
                 "heddle_time_to_first_token_seconds",
                 "Time from request arrival to the first generated token.",
@@ -321,6 +350,18 @@ impl Metrics {
                 "heddle_end_to_end_latency_seconds",
                 "Time from request arrival to the end of a sequence.",
                 |m| &m.end_to_end_latency,
+            ),
+            (
+                "heddle_grammar_mask_seconds",
+                "Per step with grammar-constrained sequences: time to compute their token \
+                 masks, alongside the forward pass.",
+                |m| &m.grammar_mask,
+            ),
+            (
+                "heddle_grammar_mask_wait_seconds",
+                "Per step with grammar-constrained sequences: time sampling waited for the \
+                 masks after the forward pass.",
+                |m| &m.grammar_mask_wait,
             ),
         ];
         for (name, help, pick) in histograms {

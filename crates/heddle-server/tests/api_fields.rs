@@ -88,6 +88,10 @@ const HEDDLE_EXTENSIONS: &[&str] = &[
     "min_p",
     "repetition_penalty",
     "stop_token_ids",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
 ];
 
 /// What heddle must do with a request.
@@ -151,6 +155,22 @@ fn stream_ended_with_usage(body: &Value) -> bool {
     chunks.len() > 1 && chunks.last().unwrap()["usage"]["completion_tokens"].as_u64() > Some(0)
 }
 
+/// A schema whose only valid documents are `{"ok":true}` and `{"ok":false}`.
+fn ok_schema() -> Value {
+    json!({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+           "additionalProperties": false})
+}
+
+fn ok_json(text: &str) -> bool {
+    text == r#"{"ok":true}"# || text == r#"{"ok":false}"#
+}
+
+/// A function taking one integer.
+fn one_tool() -> Value {
+    json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+        "properties": {"x": {"type": "integer"}}, "required": ["x"], "additionalProperties": false}}}])
+}
+
 /// The cases both endpoints share: sampling, stopping, streaming, heddle's extensions,
 /// informational fields and unknown ones. The base request asks for 4 tokens.
 fn shared_cases(text: fn(&Value) -> String) -> Vec<Case> {
@@ -208,12 +228,33 @@ fn shared_cases(text: fn(&Value) -> String) -> Vec<Case> {
         case("min_p", json!(0.1), honoured_quietly()),
         case("repetition_penalty", json!(1.2), honoured_quietly()),
         case("stop_token_ids", json!([0, 1]), honoured_quietly()),
+        case_with(
+            "guided_json",
+            json!({"guided_json": ok_schema(), "max_tokens": 16}),
+            honoured(move |b| ok_json(&text(b))),
+        ),
+        case_with(
+            "guided_regex",
+            json!({"guided_regex": "[0-9]{3}", "max_tokens": 16}),
+            honoured(move |b| text(b).len() == 3 && text(b).chars().all(|c| c.is_ascii_digit())),
+        ),
+        case_with(
+            "guided_choice",
+            json!({"guided_choice": ["red", "green"], "max_tokens": 16}),
+            honoured(move |b| ["red", "green"].contains(&text(b).as_str())),
+        ),
+        case_with(
+            "guided_grammar",
+            json!({"guided_grammar": "start: \"yes\" | \"no\"", "max_tokens": 16}),
+            honoured(move |b| ["yes", "no"].contains(&text(b).as_str())),
+        ),
+        case("guided_regex", json!("(["), Refused),
+        case("logit_bias", json!({"99999999": 1}), Refused),
         // Informational.
         case("user", json!("user-1234"), Accepted),
         // Unknown fields, OpenAI's answer: "Unrecognized request argument supplied".
         case("frobnicate", json!(1), Refused),
         case("skip_special_tokens", json!(false), Refused),
-        case("guided_json", json!({"type": "object"}), Refused),
         // A null field is a field left out, known or not.
         case("frobnicate", json!(null), Accepted),
         case("logit_bias", json!(null), Accepted),
@@ -278,30 +319,58 @@ fn chat_cases() -> Vec<Case> {
         case("service_tier", json!("auto"), Accepted),
         case("prompt_cache_key", json!("conversation-7"), Accepted),
         case("safety_identifier", json!("hashed-user"), Accepted),
-        // Not implemented: refused until they are.
-        case(
+        case_with(
             "response_format",
-            json!({"type": "json_object"}),
-            Refused,
+            json!({"response_format": {"type": "json_object"}, "max_tokens": 64}),
+            honoured(|b| {
+                let text = chat_text(b);
+                match b["choices"][0]["finish_reason"].as_str() {
+                    Some("stop") => serde_json::from_str::<Value>(&text).is_ok_and(|v| v.is_object()),
+                    _ => text.starts_with('{'),
+                }
+            }),
         ),
-        case(
+        case_with(
             "response_format",
-            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
-            Refused,
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": ok_schema()}}, "max_tokens": 16}),
+            honoured(|b| ok_json(&chat_text(b))),
         ),
         case("response_format", json!({"type": "text"}), Accepted),
-        case(
-            "tools",
-            json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+        case_with(
+            "response_format.type",
+            json!({"response_format": {"type": "xml"}}),
             Refused,
         ),
+        case("logit_bias", json!({"15": -100}), honoured_quietly()),
+        // Not implemented: refused until they are.
+        case_with(
+            "tools",
+            json!({"tools": one_tool(), "tool_choice": "required", "parallel_tool_calls": false, "max_tokens": 40}),
+            honoured(|b| b["choices"][0]["finish_reason"] == "tool_calls"),
+        ),
         case("tools", json!([]), Accepted),
+        case_with(
+            "tool_choice",
+            json!({"tools": one_tool(), "tool_choice": {"type": "function", "function": {"name": "f"}}, "max_tokens": 40}),
+            honoured(|b| b["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "f"),
+        ),
         case("tool_choice", json!("auto"), Refused),
         case("tool_choice", json!("none"), Accepted),
-        case("parallel_tool_calls", json!(false), Refused),
+        case_with(
+            "parallel_tool_calls",
+            json!({"tools": one_tool(), "tool_choice": "required", "parallel_tool_calls": true, "max_tokens": 40}),
+            // Calls until the model stops, or max_tokens cuts the list: then no calls.
+            honoured(|b| {
+                let choice = &b["choices"][0];
+                match choice["finish_reason"].as_str() {
+                    Some("tool_calls") => choice["message"]["tool_calls"].as_array().is_some_and(|c| !c.is_empty()),
+                    Some("length") => choice["message"].get("tool_calls").is_none(),
+                    _ => false,
+                }
+            }),
+        ),
         case("functions", json!([{"name": "f", "parameters": {"type": "object"}}]), Refused),
         case("function_call", json!("auto"), Refused),
-        case("logit_bias", json!({"15": -100}), Refused),
         case("logit_bias", json!({}), Accepted),
         case("audio", json!({"voice": "alloy", "format": "wav"}), Refused),
         case("modalities", json!(["text", "audio"]), Refused),
@@ -377,7 +446,7 @@ fn completion_cases() -> Vec<Case> {
         case("echo", json!(false), Accepted),
         case("suffix", json!(" and that was all."), Refused),
         case("suffix", json!(""), Accepted),
-        case("logit_bias", json!({"15": -100}), Refused),
+        case("logit_bias", json!({"15": -100}), honoured_quietly()),
         case("logit_bias", json!({}), Accepted),
         // Chat-only fields are unknown here.
         case("max_completion_tokens", json!(2), Refused),

@@ -53,6 +53,7 @@ fn request(prompt: &[TokenId]) -> GenerationRequest {
             ..StopCriteria::new(OUTPUT_TOKENS)
         },
         arrived: std::time::Instant::now(),
+        logits: Default::default(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The OpenAI-compatible HTTP API.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-//! `GET /v1/models/{id}`, `GET /health` (the process is alive), `GET /ready` (the startup
+//! `GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, `GET /health` (the process is alive), `GET /ready` (the startup
 //! loads are done and the server is not shutting down), `GET /metrics` (Prometheus text),
 //! and admin routes: `GET /admin/models`, `POST /admin/models/{id}/load`,
 //! `POST /admin/models/{id}/unload`, and the Batch API (`/v1/files`, `/v1/batches`, see
@@ -20,7 +20,7 @@
 //!   an engine failure is 500. In a stream, whose status is already sent, the error
 //!   arrives as `data: {"error": ...}` followed by `data: [DONE]`.
 //! - With `n` > 1 and a `seed`, choice i uses seed + i so that the choices differ.
-//! - A request field heddle does not implement (`tools`, `response_format`, `echo`, ...)
+//! - A request field heddle does not implement (`echo`, `suffix`, ...)
 //!   or does not know is refused with a 400 naming it, never ignored; informational ones
 //!   (`user`, `metadata`, ...) are accepted (docs/API.md lists every field).
 //! - `logprobs` token texts of partial UTF-8 characters show U+FFFD.
@@ -28,10 +28,15 @@
 pub mod auth;
 pub mod errors;
 pub mod generation;
+pub mod logit_bias;
 pub mod openai;
 pub mod params;
+pub mod response_format;
 pub mod routes;
 pub mod sse;
+pub mod tokenize;
+pub mod tool_call_parser;
+pub mod tools;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -139,6 +144,8 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ),
         ("/v1/batches/{id}", get(batches_api::retrieve)),
         ("/v1/batches/{id}/cancel", post(batches_api::cancel)),
+        ("/tokenize", post(tokenize::tokenize)),
+        ("/detokenize", post(tokenize::detokenize)),
         ("/admin/models", get(routes::admin_list)),
         ("/admin/models/{id}/load", post(routes::admin_load)),
         ("/admin/models/{id}/unload", post(routes::admin_unload)),

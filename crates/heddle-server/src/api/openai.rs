@@ -36,6 +36,15 @@ pub struct CommonFields {
     pub ignore_eos: Option<bool>,
     /// heddle's own: "high", "normal", "low" (or 0, 1, 2).
     pub priority: Option<Value>,
+    /// Structured output (see [`super::response_format`]): OpenAI's field and the
+    /// vLLM-named extensions.
+    pub response_format: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    /// `{"token id": bias}` (see [`super::logit_bias`]).
+    pub logit_bias: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +63,10 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    /// Tool calling (see [`super::tools`]).
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<Value>,
     /// Declared after `common`, whose fields serde takes first: only the rest lands here.
     #[serde(flatten)]
     pub unread: Map<String, Value>,
@@ -65,6 +78,9 @@ pub struct ChatMessageIn {
     /// A string, a list of `{"type": "text", "text": ...}` parts, or null.
     #[serde(default)]
     pub content: Value,
+    /// An assistant's calls; a tool message's answered call.
+    pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<Value>,
     #[serde(flatten)]
     pub unread: Map<String, Value>,
 }
@@ -129,7 +145,29 @@ pub struct ChatChoice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the reply is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// A call the model made: `{"id", "type": "function", "function": {"name", "arguments"}}`,
+/// the arguments a JSON text.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCall {
+    /// Its position among the message's calls (streamed deltas only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -178,6 +216,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 /// A `/v1/completions` response; its streamed chunks have the same shape.
@@ -300,6 +340,7 @@ mod tests {
                 delta: Delta {
                     role: Some("assistant"),
                     content: Some(String::new()),
+                    tool_calls: None,
                 },
                 logprobs: None,
                 finish_reason: None,

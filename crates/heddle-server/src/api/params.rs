@@ -9,6 +9,7 @@ use heddle_model::chat_template::ChatMessage;
 
 use super::errors::ApiError;
 use super::openai::{ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest};
+use super::tools::message_tool_calls;
 
 /// The most choices one request may produce (n, or prompts × n), as OpenAI's `n` limit.
 pub const MAX_N: usize = 128;
@@ -41,16 +42,8 @@ const INFORMATIONAL: &[&str] = &[
 const CHAT_REQUEST: UnreadFields = UnreadFields {
     informational: INFORMATIONAL,
     unsupported: &[
-        (
-            "response_format",
-            "structured output (JSON mode, JSON schemas)",
-        ),
-        ("tools", "tool calling"),
-        ("tool_choice", "tool calling"),
-        ("parallel_tool_calls", "tool calling"),
-        ("functions", "function calling"),
+        ("functions", "function calling (use `tools`)"),
         ("function_call", "function calling"),
-        ("logit_bias", "logit biases"),
         ("audio", "audio output"),
         ("modalities", "output other than text"),
         ("prediction", "predicted outputs"),
@@ -67,7 +60,6 @@ const COMPLETION_REQUEST: UnreadFields = UnreadFields {
         ("best_of", "best-of sampling"),
         ("echo", "echoing the prompt"),
         ("suffix", "insertion before a suffix"),
-        ("logit_bias", "logit biases"),
     ],
 };
 
@@ -76,9 +68,7 @@ const CHAT_MESSAGE: UnreadFields = UnreadFields {
     informational: &[],
     unsupported: &[
         ("name", "participant names"),
-        ("tool_calls", "tool calling"),
-        ("tool_call_id", "tool calling"),
-        ("function_call", "function calling"),
+        ("function_call", "function calling (use `tool_calls`)"),
         ("audio", "audio"),
         ("refusal", "refusals"),
     ],
@@ -99,10 +89,7 @@ fn asks_for_nothing_new(field: &str, value: &Value) -> bool {
         "best_of" => value.as_i64() == Some(1),
         "echo" => value == false,
         "suffix" => value == "",
-        "logit_bias" => value.as_object().is_some_and(Map::is_empty),
-        "tools" | "functions" | "tool_calls" => value.as_array().is_some_and(Vec::is_empty),
-        "tool_choice" => value == "none",
-        "response_format" => *value == json!({"type": "text"}),
+        "functions" => value.as_array().is_some_and(Vec::is_empty),
         "modalities" => *value == json!(["text"]),
         _ => false,
     }
@@ -367,7 +354,8 @@ fn context_exceeded(param: &str, message: String) -> ApiError {
 
 /// Chat messages → the template's messages. Content is a string, a list of text parts,
 /// or null (an assistant turn with no text); roles are system, developer (OpenAI's newer
-/// name for system), user and assistant.
+/// name for system), user, assistant (with `tool_calls`, see [`super::tools`]) and tool
+/// (with `tool_call_id`).
 pub fn chat_messages(messages: Option<&[ChatMessageIn]>) -> Result<Vec<ChatMessage>, ApiError> {
     let messages = match messages {
         Some(messages) if !messages.is_empty() => messages,
@@ -386,12 +374,13 @@ pub fn chat_messages(messages: Option<&[ChatMessageIn]>) -> Result<Vec<ChatMessa
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
+                "tool" => "tool",
                 other => {
                     return Err(ApiError::invalid_param(
                         format!("messages[{i}].role"),
                         format!(
-                            "Unsupported role {other:?}: expected system, developer, user or \
-                             assistant."
+                            "Unsupported role {other:?}: expected system, developer, user, \
+                             assistant or tool."
                         ),
                     ))
                 }
@@ -400,7 +389,39 @@ pub fn chat_messages(messages: Option<&[ChatMessageIn]>) -> Result<Vec<ChatMessa
             let content = message_text(&message.content).map_err(|reason| {
                 ApiError::invalid_param(format!("messages[{i}].content"), reason)
             })?;
-            Ok(ChatMessage::new(role, &content))
+            let mut chat_message = ChatMessage::new(role, &content);
+            match (role, &message.tool_calls) {
+                (_, None | Some(Value::Null)) => {}
+                ("assistant", Some(calls)) => {
+                    let param = format!("messages[{i}].tool_calls");
+                    let calls = message_tool_calls(&param, calls)?;
+                    chat_message.tool_calls = (!calls.is_empty()).then_some(calls);
+                }
+                (_, Some(_)) => {
+                    return Err(ApiError::invalid_param(
+                        format!("messages[{i}].tool_calls"),
+                        "Only assistant messages have `tool_calls`.",
+                    ))
+                }
+            }
+            match (role, &message.tool_call_id) {
+                ("tool", Some(Value::String(id))) => chat_message.tool_call_id = Some(id.clone()),
+                ("tool", _) => {
+                    return Err(ApiError::invalid_param(
+                        format!("messages[{i}].tool_call_id"),
+                        "A tool message needs the `tool_call_id` (a string) of the call it \
+                         answers.",
+                    ))
+                }
+                (_, None | Some(Value::Null)) => {}
+                (_, Some(_)) => {
+                    return Err(ApiError::invalid_param(
+                        format!("messages[{i}].tool_call_id"),
+                        "Only tool messages have a `tool_call_id`.",
+                    ))
+                }
+            }
+            Ok(chat_message)
         })
         .collect()
 }
@@ -575,7 +596,7 @@ mod tests {
 
     #[test]
     fn fields_heddle_does_not_read_are_refused_by_name() {
-        for field in ["tools", "response_format", "logit_bias", "frobnicate"] {
+        for field in ["functions", "frobnicate"] {
             let result = chat_fields(json!({ field: {"x": 1} }));
             assert_eq!(refused_param(result), field);
         }

@@ -19,16 +19,20 @@ use heddle_model::tokenizer::Tokenizer;
 use super::auth::Caller;
 use super::errors::ApiError;
 use super::generation::{self, chat_logprobs, completion_logprobs, finish_reason_name};
+use super::logit_bias::logit_bias;
 use super::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, CommonFields, Completion,
     CompletionChoice, CompletionRequest, ModelCard, ModelList,
 };
 use super::params::{self, PromptInput};
+use super::response_format::{self, RequestedGrammar};
 use super::sse::{self, StreamHeader, StreamKind};
+use super::tools::{self, ToolRequest};
 use super::{unix_now, AppState, JsonBody};
 use crate::engine::GenerationRequest;
 use crate::metrics::EngineReport;
 use crate::pool::LoadedModel;
+use crate::sequence_logits::SequenceLogits;
 
 /// OpenAI's default `max_tokens` for completions; chat defaults to the rest of the context.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -163,6 +167,7 @@ struct Checked {
     n: usize,
     stream: bool,
     include_usage: bool,
+    grammar: Option<RequestedGrammar>,
 }
 
 fn check_common(
@@ -184,18 +189,37 @@ fn check_common(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        grammar: response_format::requested_grammar(common)?,
     })
+}
+
+/// The request's logit biases and compiled grammar, for `model`.
+async fn sequence_logits(
+    model: &Arc<LoadedModel>,
+    common: &CommonFields,
+    grammar: Option<RequestedGrammar>,
+) -> Result<SequenceLogits, ApiError> {
+    let bias = logit_bias(common.logit_bias.as_ref(), model.vocab_size)?;
+    if !bias.is_empty() {
+        response_format::refuse_unless_supported(model, "logit_bias")?;
+    }
+    let constraint = match grammar {
+        Some(grammar) => Some(response_format::compile(model, grammar).await?),
+        None => None,
+    };
+    Ok(SequenceLogits { bias, constraint })
 }
 
 impl Checked {
     /// The engine requests for one prompt: `n` of them, seeds spread so choices differ.
-    fn requests(
-        &self,
+    fn requests<'a>(
+        &'a self,
         prompt_index: usize,
         prompt: &[TokenId],
         max_tokens: usize,
         arrived: Instant,
-    ) -> impl Iterator<Item = (usize, GenerationRequest)> + '_ {
+        logits: &'a SequenceLogits,
+    ) -> impl Iterator<Item = (usize, GenerationRequest)> + 'a {
         let prompt = prompt.to_vec();
         (0..self.n).map(move |choice| {
             let sampling = SamplingParams {
@@ -211,6 +235,7 @@ impl Checked {
                     ..self.stop.clone()
                 },
                 arrived,
+                logits: logits.clone(),
             };
             (prompt_index, request)
         })
@@ -292,16 +317,44 @@ pub async fn chat(
     let requested_max = request.max_completion_tokens.or(request.common.max_tokens);
     let checked = check_common(caller, &request.common, requested_max, logprobs)?;
     let messages = params::chat_messages(request.messages.as_deref())?;
+    let tools = tools::tool_request(
+        request.tools.as_ref(),
+        request.tool_choice.as_ref(),
+        request.parallel_tool_calls.as_ref(),
+    )?
+    .map(Arc::new);
+    let tool_grammar = tools.as_ref().and_then(|tools| tools.grammar());
+    let grammar = match (checked.grammar.clone(), tool_grammar) {
+        (Some(grammar), Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                format!(
+                    "`tool_choice` \"required\" or a named function constrains the output, and \
+                     so does `{}`; give one of them.",
+                    grammar.field
+                ),
+            ))
+        }
+        (Some(grammar), None) => Some(grammar),
+        (None, Some(spec)) => Some(RequestedGrammar {
+            field: "tools",
+            spec,
+        }),
+        (None, None) => None,
+    };
     let model = state.model(&checked.model).await?;
+    let logits = sequence_logits(&model, &request.common, grammar).await?;
 
-    let prompt = tokenize_chat(&model, messages).await?;
+    let prompt = tokenize_chat(&model, messages, tools.clone()).await?;
     let max_tokens = params::max_tokens(
         checked.max_tokens,
         None,
         prompt.len(),
         model.max_sequence_len,
     )?;
-    let requests = checked.requests(0, &prompt, max_tokens, arrived).collect();
+    let requests = checked
+        .requests(0, &prompt, max_tokens, arrived, &logits)
+        .collect();
     let Started {
         mux,
         id,
@@ -319,6 +372,7 @@ pub async fn chat(
             choice_count: checked.n,
             prompt_count: 1,
             include_usage: checked.include_usage,
+            tools,
         };
         return Ok(Reply::Stream(sse::response(
             header, mux, tokenizer, failure,
@@ -328,14 +382,33 @@ pub async fn chat(
     let choices = collected
         .choices
         .into_iter()
-        .map(|choice| ChatChoice {
-            index: choice.index,
-            logprobs: logprobs.map(|_| chat_logprobs(&tokenizer, &choice.tokens)),
-            message: AssistantMessage {
-                role: "assistant",
-                content: choice.text,
-            },
-            finish_reason: finish_reason_name(choice.reason),
+        .map(|choice| {
+            let logprobs = logprobs.map(|_| chat_logprobs(&tokenizer, &choice.tokens));
+            let (message, finish_reason) = match &tools {
+                Some(tools) => {
+                    let reply = tools.reply(choice.text, choice.reason);
+                    let message = AssistantMessage {
+                        role: "assistant",
+                        content: reply.content,
+                        tool_calls: reply.tool_calls,
+                    };
+                    (message, reply.finish_reason)
+                }
+                None => {
+                    let message = AssistantMessage {
+                        role: "assistant",
+                        content: Some(choice.text),
+                        tool_calls: None,
+                    };
+                    (message, finish_reason_name(choice.reason))
+                }
+            };
+            ChatChoice {
+                index: choice.index,
+                logprobs,
+                message,
+                finish_reason,
+            }
         })
         .collect();
     Ok(Reply::Whole(ChatCompletion {
@@ -349,20 +422,36 @@ pub async fn chat(
 }
 
 /// Renders the conversation with the model's template and tokenizes it, off the async
-/// threads (a long conversation takes a while).
+/// threads (a long conversation takes a while). Tools go to a template that reads them,
+/// or else into the system prompt (see [`tools`]).
 async fn tokenize_chat(
     model: &Arc<LoadedModel>,
-    messages: Vec<ChatMessage>,
+    mut messages: Vec<ChatMessage>,
+    tools: Option<Arc<ToolRequest>>,
 ) -> Result<Vec<TokenId>, ApiError> {
     let model = model.clone();
     tokio::task::spawn_blocking(move || {
-        let text = model
-            .chat_template
-            .render(&messages, true)
-            .map_err(|error| match error {
-                ChatTemplateError::Raised(message) => ApiError::invalid_param("messages", message),
-                other => ApiError::internal(other.to_string()),
-            })?;
+        let template = &model.chat_template;
+        let mut variables = serde_json::Map::new();
+        if template.reads_tools() {
+            if let Some(tools) = &tools {
+                variables = tools.template_variables();
+            }
+        } else {
+            messages = tools::inline_tool_messages(messages);
+            if let Some(tools) = &tools {
+                tools.add_prompt(&mut messages);
+            }
+        }
+        let text =
+            template
+                .render_with(&messages, true, &variables)
+                .map_err(|error| match error {
+                    ChatTemplateError::Raised(message) => {
+                        ApiError::invalid_param("messages", message)
+                    }
+                    other => ApiError::internal(other.to_string()),
+                })?;
         model
             .engine
             .tokenizer()
@@ -432,6 +521,7 @@ pub async fn completion(
             ),
         ));
     }
+    let logits = sequence_logits(&model, &request.common, checked.grammar.clone()).await?;
     let prompts = tokenize_prompts(&model, prompts).await?;
 
     let mut requests = Vec::with_capacity(prompts.len() * checked.n);
@@ -448,7 +538,7 @@ pub async fn completion(
             }
             error
         })?;
-        requests.extend(checked.requests(prompt_index, prompt, max_tokens, arrived));
+        requests.extend(checked.requests(prompt_index, prompt, max_tokens, arrived, &logits));
     }
     let choice_count = requests.len();
     let Started {
@@ -468,6 +558,7 @@ pub async fn completion(
             choice_count,
             prompt_count: prompts.len(),
             include_usage: checked.include_usage,
+            tools: None,
         };
         return Ok(Reply::Stream(sse::response(
             header, mux, tokenizer, failure,

@@ -34,6 +34,7 @@ use super::generation::{
 use super::openai::{
     ChatChunkChoice, ChatCompletionChunk, Completion, CompletionChoice, Delta, Usage,
 };
+use super::tools::ToolRequest;
 use crate::engine::EngineEvent;
 
 /// Well below the idle timeouts of common proxies and load balancers (60 s and more).
@@ -55,6 +56,9 @@ pub struct StreamHeader {
     pub choice_count: usize,
     pub prompt_count: usize,
     pub include_usage: bool,
+    /// A chat request's tools: each choice's text is held back until it ends, then sent
+    /// as one content delta, or as `tool_calls` deltas when it made calls.
+    pub tools: Option<Arc<ToolRequest>>,
 }
 
 /// The SSE response for a request's sequences. `failure` maps abnormal finishes to the
@@ -86,6 +90,8 @@ struct ChunkStream<F> {
     pending: Vec<Vec<TokenRecord>>,
     /// Per choice: characters of text sent so far.
     sent_chars: Vec<usize>,
+    /// Per choice: text held back while tool calls may be in it.
+    held: Vec<String>,
     usage: UsageTally,
     out: VecDeque<Event>,
     started: bool,
@@ -104,6 +110,7 @@ where
     let state = ChunkStream {
         pending: vec![Vec::new(); header.choice_count],
         sent_chars: vec![0; header.choice_count],
+        held: vec![String::new(); header.choice_count],
         usage: UsageTally::new(header.prompt_count),
         header,
         mux,
@@ -139,6 +146,7 @@ where
                     let delta = Delta {
                         role: Some("assistant"),
                         content: Some(String::new()),
+                        tool_calls: None,
                     };
                     self.push_chat(index, delta, Vec::new(), None);
                 }
@@ -185,6 +193,10 @@ where
                     return;
                 }
                 self.usage.add(prompt_index, &usage);
+                if let Some(tools) = self.header.tools.clone() {
+                    self.finish_with_tools(&tools, index, text, reason);
+                    return;
+                }
                 if !text.is_empty() || !self.pending[index].is_empty() {
                     self.push_text(index, text);
                 }
@@ -199,7 +211,52 @@ where
         }
     }
 
+    /// Ends a choice of a request with tools: its calls, or its held-back text.
+    fn finish_with_tools(
+        &mut self,
+        tools: &ToolRequest,
+        index: usize,
+        text: String,
+        reason: FinishReason,
+    ) {
+        let mut whole = std::mem::take(&mut self.held[index]);
+        whole.push_str(&text);
+        let reply = tools.reply(whole, reason);
+        let tokens = std::mem::take(&mut self.pending[index]);
+        let delta = match reply.tool_calls {
+            Some(mut calls) => {
+                for (position, call) in calls.iter_mut().enumerate() {
+                    call.index = Some(position);
+                }
+                Delta {
+                    role: None,
+                    content: reply.content,
+                    tool_calls: Some(calls),
+                }
+            }
+            None => Delta {
+                role: None,
+                content: reply.content.filter(|text| !text.is_empty()),
+                tool_calls: None,
+            },
+        };
+        if delta.content.is_some() || delta.tool_calls.is_some() || !tokens.is_empty() {
+            self.push_chat(index, delta, tokens, None);
+        }
+        self.push_chat(
+            index,
+            Delta::default(),
+            Vec::new(),
+            Some(reply.finish_reason),
+        );
+    }
+
     fn push_text(&mut self, index: usize, text: String) {
+        if self.header.tools.is_some() {
+            // Sent when the choice ends (see `finish_with_tools`); logprobs wait with it.
+            self.held[index].push_str(&text);
+            return;
+        }
         self.sent_chars[index] += text.chars().count();
         let tokens = std::mem::take(&mut self.pending[index]);
         match self.header.kind {
@@ -207,6 +264,7 @@ where
                 let delta = Delta {
                     role: None,
                     content: Some(text),
+                    tool_calls: None,
                 };
                 self.push_chat(index, delta, tokens, None);
             }

@@ -1,0 +1,122 @@
+//! Grammar constraints through the engine, with the real scheduler and CPU runner: a
+//! completed grammar ends the output even when end-of-sequence is ignored, and a runner
+//! that cannot apply masks refuses constrained requests instead of ignoring them.
+
+use std::sync::Arc;
+
+use heddle_core::{
+    FinishReason, Priority, SamplingParams, ScheduledBatch, SchedulerConfig, SequenceTokens,
+    StopCriteria,
+};
+use heddle_model::grammar::GrammarSpec;
+use heddle_model::runner::{ModelRunner, SampledOutput};
+use heddle_model::{embedded_model_path, load_cpu, CpuRunner, KvSize, ModelConfig, ModelError};
+use heddle_server::engine::{Engine, EngineEvent, EngineHandle, GenerationRequest, SubmitError};
+use heddle_server::sequence_logits::SequenceLogits;
+
+const BLOCK_SIZE: usize = 16;
+
+/// The CPU runner seen only through [`ModelRunner::step`]: a runner that applies no
+/// logits adjustments, as the GPU runner is today.
+struct WithoutAdjustments(CpuRunner);
+
+impl ModelRunner for WithoutAdjustments {
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
+    }
+
+    fn step(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+    ) -> Result<Vec<SampledOutput>, ModelError> {
+        self.0.step(batch, history)
+    }
+}
+
+fn engine(wrap: impl FnOnce(CpuRunner) -> Box<dyn ModelRunner>) -> EngineHandle {
+    let path = embedded_model_path().expect("the embedded model (run scripts/fetch-model.sh)");
+    let model = load_cpu(&path, KvSize::Blocks(32), BLOCK_SIZE).unwrap();
+    let config = SchedulerConfig {
+        num_blocks: 32,
+        block_size: BLOCK_SIZE,
+        max_model_len: 512,
+        ..SchedulerConfig::default()
+    };
+    let tokenizer = Arc::new(model.text.tokenizer);
+    Engine::spawn("test", wrap(model.runner), tokenizer, config)
+        .unwrap()
+        .0
+}
+
+fn request(handle: &EngineHandle, spec: &GrammarSpec, ignore_eos: bool) -> GenerationRequest {
+    let constraint = handle.grammar_compiler().unwrap().compile(spec).unwrap();
+    GenerationRequest {
+        prompt: handle.tokenizer().encode_prompt("Pick a colour:").unwrap(),
+        priority: Priority::Normal,
+        sampling: SamplingParams::greedy(),
+        stop: StopCriteria {
+            ignore_eos,
+            ..StopCriteria::new(50)
+        },
+        arrived: std::time::Instant::now(),
+        logits: SequenceLogits {
+            constraint: Some(constraint),
+            ..SequenceLogits::default()
+        },
+    }
+}
+
+#[test]
+fn a_completed_grammar_ends_the_output_even_past_ignored_eos() {
+    let handle = engine(|runner| Box::new(runner));
+    assert!(handle.applies_logits_adjustments());
+    let spec = GrammarSpec::Choice(vec!["red".into(), "green".into(), "blue".into()]);
+    for ignore_eos in [false, true] {
+        let mut submitted = handle
+            .submit_blocking(request(&handle, &spec, ignore_eos))
+            .unwrap();
+        let mut text = String::new();
+        let finish = loop {
+            match submitted.events.blocking_recv().expect("an event") {
+                EngineEvent::Token { text: piece, .. } => text.push_str(&piece),
+                EngineEvent::Finished {
+                    reason,
+                    text: rest,
+                    usage,
+                } => {
+                    text.push_str(&rest);
+                    assert!(usage.completion_tokens <= 3, "{usage:?}");
+                    break reason;
+                }
+            }
+        };
+        assert_eq!(finish, FinishReason::Stop);
+        assert!(
+            ["red", "green", "blue"].contains(&text.as_str()),
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn a_runner_without_masks_refuses_constrained_requests() {
+    let handle = engine(|runner| Box::new(WithoutAdjustments(runner)));
+    assert!(!handle.applies_logits_adjustments());
+    let spec = GrammarSpec::Regex("[0-9]+".into());
+    match handle.submit_blocking(request(&handle, &spec, false)) {
+        Err(SubmitError::Invalid(message)) => {
+            assert!(message.contains("response_format"), "{message}")
+        }
+        other => panic!("a constrained request was taken: {other:?}"),
+    }
+    let mut biased = request(&handle, &spec, false);
+    biased.logits = SequenceLogits {
+        bias: Arc::from([(5, 1.0)]),
+        constraint: None,
+    };
+    assert!(matches!(
+        handle.submit_blocking(biased),
+        Err(SubmitError::Invalid(_))
+    ));
+}

@@ -2,7 +2,8 @@
 # Builds the CUDA binaries here (no CUDA toolkit needed) and stages everything the GPU
 # machine runs into one self-contained folder (default .gpu-bin/, git-ignored): the
 # stripped binaries (about 17 MB), scripts/gpu/, configs/, the committed reference outputs
-# of the embedded model, and the transformers peer script. On the GPU machine, run
+# of the embedded model, the embedded model's header (its tokenizer, 2 MB: the structured
+# output benchmark's vocabulary) and the transformers peer script. On the GPU machine, run
 # DEST/scripts/gpu/check-and-bench.sh from DEST.
 #
 #   scripts/gpu/build.sh [DEST]
@@ -13,12 +14,14 @@ set -eu
 cd "$(dirname "$0")/../.."
 DEST=${1:-.gpu-bin}
 TARGET=${CARGO_TARGET_DIR:-target}
-cargo build --release -p heddle-server --features cuda
+cargo build --release -p heddle-server --features cuda --bin heddle --example engine_throughput
 cargo build --release -p heddle-cuda
-mkdir -p "$DEST/bin" "$DEST/scripts" "$DEST/configs" "$DEST/reference" "$DEST/peer"
-for bin in heddle heddle-cuda; do
-  strip -o "$DEST/bin/$bin" "$TARGET/release/$bin"
+mkdir -p "$DEST/bin" "$DEST/scripts" "$DEST/configs" "$DEST/reference" "$DEST/peer" "$DEST/model"
+for bin in heddle heddle-cuda examples/engine_throughput; do
+  strip -o "$DEST/bin/$(basename $bin)" "$TARGET/release/$bin"
 done
+# The GGUF header and metadata end 1.8 MB in; the tokenizer is read from them alone.
+head -c 2097152 "$(bash scripts/fetch-model.sh)" >"$DEST/model/embedded-tokenizer.gguf"
 rm -rf "$DEST/scripts/gpu"
 cp -r scripts/gpu "$DEST/scripts/"
 cp configs/*.json "$DEST/configs/"

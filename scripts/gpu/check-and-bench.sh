@@ -13,7 +13,9 @@
 # 4. the embedded GGUF model on the GPU against the committed float64 reference, and
 #    `heddle serve --device cuda` with no model answering a chat request over HTTP
 #    (needs the GGUF: $HEDDLE_MODEL_DIR, or its parts, see below);
-# 5. throughput in process on random Llama-3.2-1B and Llama-3.1-8B weights (256 requests
+# 5. structured output: free vs JSON-schema throughput and mask time at 256 requests, and
+#    256 sampled outputs under a schema, each checked (1B shape, the embedded tokenizer);
+# 6. throughput in process on random Llama-3.2-1B and Llama-3.1-8B weights (256 requests
 #    × 512 random prompt tokens → 128 output tokens, greedy, ignore_eos, all at once),
 #    8B also in the batch-invariant mode, single-stream 8B decode; the same load through
 #    `heddle serve` and `heddle bench` over HTTP; the transformers peer (unless `quick`).
@@ -94,6 +96,18 @@ for run in llama-3.2-1b: llama-3.1-8b:--single-stream "llama-3.1-8b:--single-str
   grep -E "CUDA runner ready|ERROR|panicked" "$LOGS/bench-$shape$(echo $extra | tr -d ' -').log" | cut -c1-300
 done
 
+echo "== structured output on the GPU: Llama-3.2-1B shape, random weights, the embedded tokenizer"
+# 256 requests x 128 random prompt tokens -> 128 greedy tokens, free then under a JSON schema
+# the 128 tokens cannot complete (so both generate as many), then 256 sampled requests under
+# a schema they can complete, each output checked.
+"$BIN/engine_throughput" model/embedded-tokenizer.gguf --cuda-shape configs/llama-3.2-1b.json \
+  --concurrency 256 --json-schema --check-valid 256 2>"$LOGS/structured.log" \
+  | tee "$LOGS/structured.txt" || STATUS=1
+grep -E "ERROR|panicked" "$LOGS/structured.log" | cut -c1-400
+sed -n 's/^| 256 | \([0-9.]*\) | \([0-9.]*\) | \([0-9.]*\) | \([0-9.]*\) | \([0-9.]*\) |$/RESULT structured free_tok_s=\1 schema_tok_s=\2 ratio=\3 mask_ms_per_step=\4 wait_ms_per_step=\5/p' \
+  "$LOGS/structured.txt" | tee -a "$LOGS/results.txt"
+grep "^RESULT structured_valid" "$LOGS/structured.txt" >>"$LOGS/results.txt"
+
 # `heddle serve` on the GPU, driven over HTTP by `heddle bench` (the same load; prompts are
 # text of the stand-in tokenizer's words, exactly 512 tokens each).
 "$BIN/heddle-cuda" tokenizer --vocab-size 128256 --out /tmp/heddle-dummy-tokenizer
@@ -143,6 +157,8 @@ if inv:
 for l in lines:
     if l.startswith("RESULT gguf") and "equal=" in l:
         print("embedded GGUF on the GPU vs float64 greedy: " + l[len("RESULT gguf "):])
+    if l.startswith("RESULT structured"):
+        print("structured output, 1B shape, random weights, in process: " + l[len("RESULT "):])
     if l.startswith("RESULT chat"):
         print("heddle serve --device cuda, embedded model, chat reply: " + l.split("reply=", 1)[1])
 heddle, peer, http, single = {}, {}, {}, {}

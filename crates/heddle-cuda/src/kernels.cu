@@ -487,7 +487,17 @@ extern "C" __global__ void silu_mul(const elem_t* gate_up, elem_t* out, int ffn,
 #define SP_PENALTY_COUNT 11
 #define SP_UNIFORM_LO 12
 #define SP_UNIFORM_HI 13
-#define SP_FIELDS 14
+#define SP_ADJUSTED 14
+#define SP_FIELDS 15
+
+// A row's logit biases and grammar mask, in the step's adjustment words (see
+// adjustments.rs): words[row] is the offset of the row's record, or -1. A record is
+// [mask words, bias count, mask (bit t of word t/32: token t allowed), then per bias
+// (token, bias bits, the raw logit the kernel saves)]. Tokens past the mask are banned.
+#define ADJ_MASK_WORDS 0
+#define ADJ_BIAS_COUNT 1
+#define ADJ_HEADER 2
+#define ADJ_BIAS_BAN -100.0f
 
 struct ArgBest {
     float v;
@@ -564,14 +574,15 @@ __device__ float threshold_for(const float* row, int vocab, float max, float inv
 }
 
 // Samples one token per row of logits (rows: [n][vocab], f32). Order as the CPU sampler:
-// log-probabilities of the raw logits, then penalties (in place), then greedy arg-max or
+// log-probabilities of the raw logits, then the row's logit biases and grammar mask (rows
+// with SP_ADJUSTED), then penalties (in place), then greedy arg-max or
 // temperature, top-k, top-p, min-p and a draw with the row's uniform number. The kept set
 // is {w >= threshold}: tokens tied with the k-th or the nucleus's last weight are all kept.
 // The draw walks the kept tokens in id order. Outputs: tokens [n], logprobs [n] (f32 bits),
 // top [n][MAX_TOP_LOGPROBS][2] (id, f32 bits of log p).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample(float* logits, int vocab, const int* params, const int* penalties, float* originals,
-       int* out, int n_rows) {
+       int* adjustments, int* out, int n_rows) {
     __shared__ ArgBest best_scratch[32];
     __shared__ double sum_scratch[32];
     __shared__ int pick;
@@ -604,6 +615,31 @@ sample(float* logits, int vocab, const int* params, const int* penalties, float*
             }
             prev = b;
         }
+    }
+
+    int* bias = nullptr;
+    int bias_count = 0;
+    if (p[SP_ADJUSTED] && adjustments[row_idx] >= 0) {
+        int* record = adjustments + adjustments[row_idx];
+        int mask_words = record[ADJ_MASK_WORDS];
+        bias_count = record[ADJ_BIAS_COUNT];
+        const unsigned* mask = (const unsigned*)(record + ADJ_HEADER);
+        bias = record + ADJ_HEADER + mask_words;
+        // Biased tokens are distinct, so each thread owns its entries.
+        for (int e = threadIdx.x; e < bias_count; e += SAMPLE_THREADS) {
+            int tok = bias[3 * e];
+            float v = row[tok], b = __int_as_float(bias[3 * e + 1]);
+            bias[3 * e + 2] = __float_as_int(v);
+            row[tok] = b <= ADJ_BIAS_BAN ? NEG_INF : v + b;
+        }
+        __syncthreads();
+        if (mask_words > 0) {
+            for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+                int w = i >> 5;
+                if (w >= mask_words || !((mask[w] >> (i & 31)) & 1u)) row[i] = NEG_INF;
+            }
+        }
+        __syncthreads();
     }
 
     int pen_off = p[SP_PENALTY_OFFSET], pen_count = p[SP_PENALTY_COUNT];
@@ -697,6 +733,9 @@ sample(float* logits, int vocab, const int* params, const int* penalties, float*
         float raw = row[token];
         for (int e = 0; e < pen_count; e++)
             if (penalties[2 * (pen_off + e)] == token) raw = originals[pen_off + e];
+        // A bias saved the logit before any change (penalties saw the biased one).
+        for (int e = 0; e < bias_count; e++)
+            if (bias[3 * e] == token) raw = __int_as_float(bias[3 * e + 2]);
         logprobs[row_idx] = want_logprob ? raw - lse : 0.0f;
     }
 }

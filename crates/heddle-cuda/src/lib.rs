@@ -5,6 +5,7 @@
 //! this crate builds anywhere without a CUDA toolkit; the kernels (kernels.cu) are compiled
 //! by NVRTC for the GPU at hand when a runner starts. See docs/CUDA.md.
 
+pub mod adjustments;
 pub mod bench;
 pub mod dummy;
 pub mod gguf_reference;

@@ -7,7 +7,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Words per sampled row's parameters (`SP_FIELDS` in the kernel source).
-pub const SAMPLE_FIELDS: usize = 14;
+pub const SAMPLE_FIELDS: usize = 15;
+/// The word of a row's parameters that says its logits are adjusted (`SP_ADJUSTED`).
+const SAMPLE_ADJUSTED: usize = 14;
 
 /// Where each part starts in [`StepPlan::words`], in words.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -201,6 +203,7 @@ impl StepPlan {
                     pen_count as i32,
                     u as u32 as i32,
                     (u >> 32) as u32 as i32,
+                    0,
                 ]);
                 self.rows.push(SampledRow {
                     id: seq.id,
@@ -244,6 +247,7 @@ impl StepPlan {
                     0,
                     0,
                     0,
+                    0,
                 ]);
             }
             self.block_tables.resize(pad.block_capacity, 0);
@@ -275,6 +279,15 @@ impl StepPlan {
             self.words.extend_from_slice(part);
         }
         self.offsets = offsets;
+    }
+
+    /// Marks every sampled row as having its logits adjusted: the sampler then reads the
+    /// row's record from the step's adjustment words (see crate::adjustments), which
+    /// must be copied before it runs.
+    pub fn mark_adjusted(&mut self) {
+        for i in 0..self.rows.len() {
+            self.words[self.offsets.sample_params + i * SAMPLE_FIELDS + SAMPLE_ADJUSTED] = 1;
+        }
     }
 
     /// Whether any row asked for log-probabilities (then the whole output comes back).
@@ -350,6 +363,9 @@ mod tests {
         assert_eq!(w[o.sample_params + 7], 1, "greedy");
         assert!(plan.wants_logprobs());
         assert_eq!(plan.sample_params.len(), SAMPLE_FIELDS * plan.rows.len());
+        assert_eq!(w[o.sample_params + SAMPLE_ADJUSTED], 0);
+        plan.mark_adjusted();
+        assert_eq!(plan.words[o.sample_params + SAMPLE_ADJUSTED], 1);
         // Split for the decode kernel: the single-token tile moves after the others.
         plan.build(&batch, &history, 16, 8, true, 100, None);
         assert_eq!((plan.num_tiles, plan.num_decode_tiles), (3, 1));

@@ -4,12 +4,16 @@
 //! One step is: one host→device copy of the step's packed metadata, the kernels and GEMMs
 //! of every layer queued on one stream, the sampler, and one device→host copy of the
 //! sampled ids (and log-probabilities when asked for), which is the step's only wait.
+//! A step whose logits are adjusted (logit biases, grammar masks) queues the forward
+//! pass, waits on the host for the masks while the GPU runs it, then copies them and
+//! queues the sampler: still one wait.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use heddle_core::{ScheduledBatch, SequenceTokens};
+use heddle_model::logits_processing::{PendingAdjustments, StepAdjustments};
 use heddle_model::runner::{ModelRunner, SampledOutput};
 use heddle_model::{ModelConfig, ModelError};
 
@@ -120,11 +124,17 @@ pub struct CudaRunner {
     metadata: DeviceBuffer,
     /// The penalised tokens' original logits; grows as needed.
     originals: DeviceBuffer,
+    /// The step's logit biases and grammar masks (see crate::adjustments); grows as
+    /// needed. Only steps with adjustments read it, and their sampler runs outside any
+    /// graph, so growing it never invalidates one.
+    adjustments: DeviceBuffer,
+    host_adjustments: Vec<i32>,
     host_sampled: Vec<i32>,
     times: StepTimes,
     /// Captured decode steps by layout; they bake in the buffers' addresses, so they are
     /// dropped whenever a buffer is reallocated.
-    graphs: HashMap<Padding, DecodeGraph>,
+    /// The sampler is in a graph unless the step's logits are adjusted first.
+    graphs: HashMap<(Padding, bool), DecodeGraph>,
     /// cuBLAS's workspace, set explicitly so that GEMMs can be captured in graphs.
     _blas_workspace: DeviceBuffer,
 }
@@ -185,6 +195,7 @@ impl CudaRunner {
         let v_cache = gpu.alloc(half_cache).context("allocating the KV cache")?;
         let metadata = gpu.alloc(INITIAL_METADATA_WORDS * 4)?;
         let originals = gpu.alloc(INITIAL_PENALTIES * 4)?;
+        let adjustments = gpu.alloc(4096)?;
         let blas_workspace = gpu.alloc(BLAS_WORKSPACE_BYTES)?;
         gpu.set_blas_workspace(&blas_workspace)?;
         if options.batch_invariant {
@@ -217,6 +228,8 @@ impl CudaRunner {
             plan: StepPlan::default(),
             metadata,
             originals,
+            adjustments,
+            host_adjustments: Vec::new(),
             host_sampled: Vec::new(),
             times: StepTimes::default(),
             graphs: HashMap::new(),
@@ -352,12 +365,15 @@ impl CudaRunner {
         })
     }
 
-    /// Packs the step's metadata and uploads it (growing the buffers if needed).
+    /// Packs the step's metadata and uploads it (growing the buffers if needed). With
+    /// `adjusted`, the sampler reads each row's biases and mask from the adjustment words,
+    /// which must be uploaded before it runs.
     fn pack(
         &mut self,
         batch: &ScheduledBatch,
         history: &dyn SequenceTokens,
         padding: Option<Padding>,
+        adjusted: bool,
     ) -> anyhow::Result<()> {
         self.plan.build(
             batch,
@@ -368,6 +384,9 @@ impl CudaRunner {
             self.config.vocab_size,
             padding,
         );
+        if adjusted {
+            self.plan.mark_adjusted();
+        }
         let words = &self.plan.words;
         if words.len() * 4 > self.metadata.bytes {
             self.graphs.clear();
@@ -382,16 +401,18 @@ impl CudaRunner {
         self.gpu.write(&self.metadata, words)
     }
 
-    /// Runs a padded decode step from its graph, capturing the graph on first use.
-    fn replay(&mut self, padding: Padding) -> anyhow::Result<()> {
-        if !self.graphs.contains_key(&padding) {
+    /// Runs a padded decode step from its graph (with the sampler when `sample`),
+    /// capturing the graph on first use.
+    fn replay(&mut self, padding: Padding, sample: bool) -> anyhow::Result<()> {
+        let key = (padding, sample);
+        if !self.graphs.contains_key(&key) {
             let stream = self.gpu.stream.clone();
             stream
                 .begin_capture(
                     cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
                 )
                 .context("starting a CUDA graph capture")?;
-            let queued = self.enqueue(true);
+            let queued = self.enqueue(sample);
             let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
             queued?;
             let graph = graph
@@ -400,11 +421,12 @@ impl CudaRunner {
             tracing::debug!(
                 rows = padding.rows,
                 blocks = padding.block_capacity,
+                sample,
                 "captured a decode step"
             );
-            self.graphs.insert(padding, DecodeGraph(graph));
+            self.graphs.insert(key, DecodeGraph(graph));
         }
-        self.graphs[&padding]
+        self.graphs[&key]
             .0
             .launch()
             .context("launching a decode step's graph")
@@ -562,22 +584,31 @@ impl CudaRunner {
                 d.hidden,
             )?;
             if sample {
-                gpu.launch(
-                    "sample",
-                    grid(rows, SAMPLE_THREADS),
-                    &[
-                        &b.logits.ptr,
-                        &(c.vocab_size as i32),
-                        &meta(o.sample_params),
-                        &meta(o.penalties),
-                        &self.originals.ptr,
-                        &b.sampled.ptr,
-                        &(rows as i32),
-                    ],
-                )?;
+                self.enqueue_sampler()?;
             }
         }
         Ok(())
+    }
+
+    /// Queues the sampler over the step's logits rows.
+    fn enqueue_sampler(&self) -> anyhow::Result<()> {
+        let o = self.plan.offsets;
+        let meta = |offset: usize| self.metadata.ptr + 4 * offset as u64;
+        let rows = self.plan.sampled_rows;
+        self.gpu.launch(
+            "sample",
+            grid(rows, SAMPLE_THREADS),
+            &[
+                &self.buffers.logits.ptr,
+                &(self.config.vocab_size as i32),
+                &meta(o.sample_params),
+                &meta(o.penalties),
+                &self.originals.ptr,
+                &self.adjustments.ptr,
+                &self.buffers.sampled.ptr,
+                &(rows as i32),
+            ],
+        )
     }
 
     /// Runs one step and returns the f32 logits of its sampled rows, [rows × vocab],
@@ -588,13 +619,24 @@ impl CudaRunner {
         history: &dyn SequenceTokens,
     ) -> Result<Vec<f32>, ModelError> {
         self.check(batch)?;
-        self.pack(batch, history, None).map_err(device_error)?;
+        self.pack(batch, history, None, false)
+            .map_err(device_error)?;
         self.enqueue(false).map_err(device_error)?;
         let mut logits = vec![0f32; self.plan.rows.len() * self.config.vocab_size];
         self.gpu
             .read(&self.buffers.logits, &mut logits)
             .map_err(device_error)?;
         Ok(logits)
+    }
+
+    /// Packs the step's adjustments and copies them behind the queued forward pass.
+    fn upload_adjustments(&mut self, adjustments: &StepAdjustments) -> anyhow::Result<()> {
+        crate::adjustments::pack(&self.plan.rows, adjustments, &mut self.host_adjustments);
+        let bytes = self.host_adjustments.len() * 4;
+        if bytes > self.adjustments.bytes {
+            self.adjustments = self.gpu.alloc(bytes.next_power_of_two())?;
+        }
+        self.gpu.write(&self.adjustments, &self.host_adjustments)
     }
 
     /// Copies the sampled ids (and log-probabilities if asked for) back: the step's wait.
@@ -665,12 +707,46 @@ impl ModelRunner for CudaRunner {
         let started = std::time::Instant::now();
         self.check(batch)?;
         let padding = self.graph_padding(batch);
-        self.pack(batch, history, padding).map_err(device_error)?;
+        self.pack(batch, history, padding, false)
+            .map_err(device_error)?;
         match padding {
-            Some(padding) => self.replay(padding),
+            Some(padding) => self.replay(padding, true),
             None => self.enqueue(true),
         }
         .map_err(device_error)?;
+        self.read_sampled(started).map_err(device_error)
+    }
+
+    fn applies_logits_adjustments(&self) -> bool {
+        true
+    }
+
+    /// The forward pass is queued first; the host then waits for the masks while the GPU
+    /// runs it, copies them on the same stream, and queues the sampler behind the copy.
+    fn step_adjusted(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+        adjustments: PendingAdjustments<'_>,
+    ) -> Result<Vec<SampledOutput>, ModelError> {
+        if batch.is_empty() {
+            adjustments().map_err(ModelError::LogitsProcessing)?;
+            return Ok(Vec::new());
+        }
+        let started = std::time::Instant::now();
+        self.check(batch)?;
+        let padding = self.graph_padding(batch);
+        self.pack(batch, history, padding, true)
+            .map_err(device_error)?;
+        match padding {
+            Some(padding) => self.replay(padding, false),
+            None => self.enqueue(false),
+        }
+        .map_err(device_error)?;
+        let adjustments = adjustments().map_err(ModelError::LogitsProcessing)?;
+        self.upload_adjustments(&adjustments)
+            .map_err(device_error)?;
+        self.enqueue_sampler().map_err(device_error)?;
         self.read_sampled(started).map_err(device_error)
     }
 }

@@ -16,8 +16,10 @@ use heddle_core::{
     RequestId, SamplingParams, ScheduledBatch, ScheduledSeq, Scheduler, SchedulerConfig,
     SequenceTokens, TokenId,
 };
+use heddle_model::grammar::TokenMask;
 use heddle_model::kv_cache::{KvCache, KvDtype};
 use heddle_model::llama::{Llama, Logits, Scratch, SeqInput};
+use heddle_model::logits_processing::{LogitsAdjustment, StepAdjustments};
 use heddle_model::runner::ModelRunner;
 use heddle_model::ModelConfig;
 
@@ -537,6 +539,8 @@ fn sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
         limit: Some(1e-4),
     });
 
+    checks.extend(adjusted_sampler_checks(gpu, tag)?);
+
     // Probabilities 0.1 .. 0.4 over four tokens; 4000 seeded draws, then again.
     let vocab = 4usize;
     let draws = 4000usize;
@@ -600,6 +604,146 @@ fn sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
     Ok(checks)
 }
 
+/// Logit biases and grammar masks applied by the device sampler against the CPU
+/// sampler's `sample_adjusted`: greedy rows with a mask that excludes the leader, with a
+/// ban of the leader and a boost, with both and penalties; log-probabilities stay the raw
+/// ones; seeded draws under a mask never leave it.
+fn adjusted_sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
+    let vocab = 1000usize;
+    let mut history = History(HashMap::new());
+    history.0.insert(2, (vec![3, 5, 3, 7, 7], 2));
+    let logits = random_values(4 * vocab, 12, 5.0);
+    let leader = |row: usize| {
+        let r = &logits[row * vocab..][..vocab];
+        (0..vocab).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap() as TokenId
+    };
+    // Allowed: every third token and the last few (past-the-mask tokens are banned).
+    let allowed: Vec<TokenId> = (0..vocab as TokenId - 40)
+        .filter(|t| t % 3 == 1 && *t != leader(0) && *t != leader(2))
+        .collect();
+    let mask = TokenMask::allowing(vocab - 40, &allowed);
+    let with_logprobs = SamplingParams {
+        logprobs: true,
+        top_logprobs: 3,
+        ..greedy()
+    };
+    let rows: Vec<(SamplingParams, LogitsAdjustment)> = vec![
+        (
+            with_logprobs,
+            LogitsAdjustment {
+                bias: Vec::new().into(),
+                mask: Some(mask.clone()),
+            },
+        ),
+        (
+            with_logprobs,
+            LogitsAdjustment {
+                bias: vec![(leader(1), -100.0), (17, 30.0)].into(),
+                mask: None,
+            },
+        ),
+        (
+            SamplingParams {
+                repetition_penalty: 1.3,
+                presence_penalty: 0.5,
+                ..with_logprobs
+            },
+            LogitsAdjustment {
+                bias: vec![(3, 40.0), (7, 39.5), (allowed[5], 1.0)].into(),
+                mask: Some(mask.clone()),
+            },
+        ),
+        (with_logprobs, LogitsAdjustment::default()),
+    ];
+    let mut adjustments = StepAdjustments::new();
+    for (i, (_, a)) in rows.iter().enumerate() {
+        adjustments.insert(i as RequestId, a.clone());
+    }
+    let batch = ScheduledBatch {
+        seqs: rows
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| ScheduledSeq {
+                sampling: *p,
+                ..seq(i as RequestId, vec![0], 0, &[0])
+            })
+            .collect(),
+        preempted: vec![],
+    };
+    let (tokens, logprobs, tops) =
+        run_adjusted_sampler(gpu, &logits, vocab, batch, &history, Some(&adjustments))?;
+    let mut sampler = heddle_model::sampling::Sampler::default();
+    let (mut mismatch, mut lp_err) = (0usize, 0f64);
+    for (i, (p, a)) in rows.iter().enumerate() {
+        let hist = history.sequence_tokens(i as RequestId).to_vec();
+        let prompt = history.prompt_len(i as RequestId);
+        let mut row = logits[i * vocab..][..vocab].to_vec();
+        let cpu = sampler.sample_adjusted(&mut row, p, Some(a), &hist, prompt, 0);
+        mismatch += (cpu.token != tokens[i]) as usize;
+        lp_err = lp_err.max((cpu.logprob.unwrap_or(0.0) - logprobs[i]).abs() as f64);
+        for (a, b) in cpu.top_logprobs.iter().zip(&tops[i]) {
+            mismatch += (a.0 != b.0) as usize;
+            lp_err = lp_err.max((a.1 - b.1).abs() as f64);
+        }
+    }
+    // The rows must have changed the choice, or the check proves nothing.
+    let changed = (0..3).filter(|&i| tokens[i] != leader(i)).count();
+    let mut checks = vec![
+        Check {
+            name: format!(
+                "kernel sample with logit biases and grammar masks vs CPU, mismatches ({tag})"
+            ),
+            error: (mismatch + (3 - changed)) as f64,
+            limit: Some(0.0),
+        },
+        Check {
+            name: format!("kernel sample adjusted log-probabilities stay raw, abs error ({tag})"),
+            error: lp_err,
+            limit: Some(1e-4),
+        },
+    ];
+
+    // 2000 seeded draws under the mask at temperature 1: none outside it.
+    let draws = 2000usize;
+    let drawn = SamplingParams {
+        temperature: 1.0,
+        seed: Some(9),
+        ..Default::default()
+    };
+    let mut adjustments = StepAdjustments::new();
+    let row_logits: Vec<f32> = (0..draws)
+        .flat_map(|_| logits[..vocab].iter().copied())
+        .collect();
+    let seqs = (0..draws)
+        .map(|i| {
+            adjustments.insert(
+                i as RequestId,
+                LogitsAdjustment {
+                    bias: Vec::new().into(),
+                    mask: Some(mask.clone()),
+                },
+            );
+            ScheduledSeq {
+                sampling: drawn,
+                num_generated: i,
+                ..seq(i as RequestId, vec![0], 0, &[0])
+            }
+        })
+        .collect();
+    let batch = ScheduledBatch {
+        seqs,
+        preempted: vec![],
+    };
+    let (tokens, _, _) =
+        run_adjusted_sampler(gpu, &row_logits, vocab, batch, &history, Some(&adjustments))?;
+    checks.push(Check {
+        name: format!("kernel sample seeded draws under a grammar mask, tokens outside ({tag})"),
+        error: tokens.iter().filter(|&&t| !mask.allows(t)).count() as f64,
+        limit: Some(0.0),
+    });
+    Ok(checks)
+}
+
 type SamplerOutput = (Vec<TokenId>, Vec<f32>, Vec<Vec<(TokenId, f32)>>);
 
 fn run_sampler(
@@ -609,8 +753,27 @@ fn run_sampler(
     batch: ScheduledBatch,
     history: &History,
 ) -> anyhow::Result<SamplerOutput> {
+    run_adjusted_sampler(gpu, logits, vocab, batch, history, None)
+}
+
+/// [`run_sampler`], with `adjustments` applied before the draw when given.
+fn run_adjusted_sampler(
+    gpu: &Gpu,
+    logits: &[f32],
+    vocab: usize,
+    batch: ScheduledBatch,
+    history: &History,
+    adjustments: Option<&StepAdjustments>,
+) -> anyhow::Result<SamplerOutput> {
     let mut plan = StepPlan::default();
     plan.build(&batch, history, 16, 1, false, vocab, None);
+    let mut adjustment_words = Vec::new();
+    if let Some(adjustments) = adjustments {
+        plan.mark_adjusted();
+        crate::adjustments::pack(&plan.rows, adjustments, &mut adjustment_words);
+    }
+    adjustment_words.push(0);
+    let adjustment_buf = gpu.upload(&adjustment_words)?;
     let rows = plan.rows.len();
     let meta = gpu.upload(&plan.words)?;
     let logits_buf = gpu.upload(logits)?;
@@ -626,6 +789,7 @@ fn run_sampler(
             &(meta.ptr + 4 * o.sample_params as u64),
             &(meta.ptr + 4 * o.penalties as u64),
             &originals.ptr,
+            &adjustment_buf.ptr,
             &out.ptr,
             &(rows as i32),
         ],

@@ -251,12 +251,27 @@ impl fmt::Debug for TokenMask {
 }
 
 impl TokenMask {
+    /// A mask over `size` token ids that allows exactly `tokens` (those below `size`).
+    pub fn allowing(size: usize, tokens: &[TokenId]) -> TokenMask {
+        let mut bits = SimpleVob::alloc(size);
+        for &token in tokens.iter().filter(|&&t| (t as usize) < size) {
+            bits.allow_token(token);
+        }
+        TokenMask(bits)
+    }
+
     pub fn allows(&self, token: TokenId) -> bool {
         (token as usize) < self.0.len() && self.0.is_allowed(token)
     }
 
     pub fn num_allowed(&self) -> usize {
         self.0.num_set()
+    }
+
+    /// The mask as bits: token t is allowed when bit t % 32 of word t / 32 is set; tokens
+    /// past the last word are not.
+    pub fn words(&self) -> &[u32] {
+        self.0.as_slice()
     }
 
     /// Sets every disallowed token's logit to -inf (tokens past the mask too).

@@ -20,6 +20,21 @@ pub struct DeviceBuffer {
     pub bytes: usize,
 }
 
+/// Page-locked host words that copies to the GPU start from (see [`Gpu::write_staged`]).
+pub struct StagingBuffer {
+    words: cudarc::driver::PinnedHostSlice<i32>,
+}
+
+impl StagingBuffer {
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+}
+
 /// The compiled kernels, by name.
 pub struct Kernels {
     functions: Vec<(&'static str, CudaFunction)>,
@@ -154,6 +169,42 @@ impl Gpu {
         }
         .context("copying to the GPU")?;
         Ok(buffer)
+    }
+
+    /// Page-locked host memory for `len` i32 words, for [`Self::write_staged`].
+    pub fn alloc_staging(&self, len: usize) -> anyhow::Result<StagingBuffer> {
+        // SAFETY: the words are written before any copy reads them.
+        let words = unsafe { self.ctx.alloc_pinned::<i32>(len.max(1)) }
+            .with_context(|| format!("allocating {} KiB of page-locked memory", len >> 8))?;
+        Ok(StagingBuffer { words })
+    }
+
+    /// Queues a copy of `data` to the start of `buffer` through `staging` and returns at
+    /// once: a copy from page-locked memory needs no wait, where one from ordinary memory
+    /// first waits for the stream's queued work. `staging` must not be written again
+    /// before the stream has passed this copy (a runner's steps end with a synchronising
+    /// read, so the next step may).
+    pub fn write_staged(
+        &self,
+        staging: &mut StagingBuffer,
+        buffer: &DeviceBuffer,
+        data: &[i32],
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            std::mem::size_of_val(data) <= buffer.bytes && data.len() <= staging.words.len(),
+            "buffer too small"
+        );
+        let words = staging.words.as_mut_slice().context("page-locked memory")?;
+        words[..data.len()].copy_from_slice(data);
+        // SAFETY: checked above; the staging words stay untouched until the copy is done.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                buffer.ptr,
+                &words[..data.len()],
+                self.stream.cu_stream(),
+            )
+        }
+        .context("copying to the GPU")
     }
 
     /// Copies `data` to the start of `buffer`.

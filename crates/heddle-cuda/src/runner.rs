@@ -17,7 +17,7 @@ use heddle_model::logits_processing::{PendingAdjustments, StepAdjustments};
 use heddle_model::runner::{ModelRunner, SampledOutput};
 use heddle_model::{ModelConfig, ModelError};
 
-use crate::gpu::{grid, DeviceBuffer, Gpu};
+use crate::gpu::{grid, DeviceBuffer, Gpu, StagingBuffer};
 use crate::kernels::{
     decode_splits, DType, KernelShape, ATTENTION_THREADS, MAX_TOP_LOGPROBS, SAMPLE_THREADS,
 };
@@ -129,6 +129,9 @@ pub struct CudaRunner {
     /// graph, so growing it never invalidates one.
     adjustments: DeviceBuffer,
     host_adjustments: Vec<i32>,
+    /// Where the adjustments are copied from: page-locked, so that the copy is queued
+    /// behind the forward pass instead of waiting for it.
+    adjustments_staging: StagingBuffer,
     host_sampled: Vec<i32>,
     times: StepTimes,
     /// Captured decode steps by layout; they bake in the buffers' addresses, so they are
@@ -196,6 +199,7 @@ impl CudaRunner {
         let metadata = gpu.alloc(INITIAL_METADATA_WORDS * 4)?;
         let originals = gpu.alloc(INITIAL_PENALTIES * 4)?;
         let adjustments = gpu.alloc(4096)?;
+        let adjustments_staging = gpu.alloc_staging(1024)?;
         let blas_workspace = gpu.alloc(BLAS_WORKSPACE_BYTES)?;
         gpu.set_blas_workspace(&blas_workspace)?;
         if options.batch_invariant {
@@ -230,6 +234,7 @@ impl CudaRunner {
             originals,
             adjustments,
             host_adjustments: Vec::new(),
+            adjustments_staging,
             host_sampled: Vec::new(),
             times: StepTimes::default(),
             graphs: HashMap::new(),
@@ -632,11 +637,18 @@ impl CudaRunner {
     /// Packs the step's adjustments and copies them behind the queued forward pass.
     fn upload_adjustments(&mut self, adjustments: &StepAdjustments) -> anyhow::Result<()> {
         crate::adjustments::pack(&self.plan.rows, adjustments, &mut self.host_adjustments);
-        let bytes = self.host_adjustments.len() * 4;
-        if bytes > self.adjustments.bytes {
-            self.adjustments = self.gpu.alloc(bytes.next_power_of_two())?;
+        let words = self.host_adjustments.len();
+        if words * 4 > self.adjustments.bytes {
+            self.adjustments = self.gpu.alloc((words * 4).next_power_of_two())?;
         }
-        self.gpu.write(&self.adjustments, &self.host_adjustments)
+        if words > self.adjustments_staging.len() {
+            self.adjustments_staging = self.gpu.alloc_staging(words.next_power_of_two())?;
+        }
+        self.gpu.write_staged(
+            &mut self.adjustments_staging,
+            &self.adjustments,
+            &self.host_adjustments,
+        )
     }
 
     /// Copies the sampled ids (and log-probabilities if asked for) back: the step's wait.

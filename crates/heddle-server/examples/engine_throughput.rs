@@ -68,6 +68,7 @@ fn main() -> anyhow::Result<()> {
     };
     let max_level = *levels.iter().max().unwrap_or(&1).max(&check_valid);
     let needed_blocks = max_level * (PROMPT_TOKENS + VALID_MAX_TOKENS).div_ceil(BLOCK_SIZE) + 8;
+    let warm_up = cuda_shape.is_some();
     let (runner, tokenizer, num_blocks) = match cuda_shape {
         Some(config) => cuda_runner(&path, &config, max_level)?,
         None => {
@@ -126,6 +127,14 @@ fn main() -> anyhow::Result<()> {
                     .collect()
             })
             .collect();
+        if warm_up {
+            // The GPU captures a CUDA graph per padded batch size (and per kind of step)
+            // on first use; time only steady steps.
+            run(&engine, &prompts, None)?;
+            if let Some(constraint) = &constraint {
+                run(&engine, &prompts, Some(constraint))?;
+            }
+        }
         let (free, seconds) = run(&engine, &prompts, None)?;
         if let Some(constraint) = &constraint {
             let before = metrics.grammar_mask.count_and_sum();
@@ -145,7 +154,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if check_valid > 0 {
+        let before = metrics.grammar_mask.count_and_sum();
         check_outputs_valid(&engine, &tokenizer, check_valid, vocab, &mut rng)?;
+        let (steps, mask) = delta(metrics.grammar_mask.count_and_sum(), before);
+        println!(
+            "RESULT structured_valid mask_ms_per_step={:.3}",
+            mask * 1e3 / steps
+        );
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ use anyhow::Context;
 use heddle_core::scheduler::AddError;
 use heddle_core::{
     FinishReason, Priority, Request, RequestId, SampledToken, SamplingParams, ScheduledBatch,
-    Scheduler, SchedulerConfig, SchedulerStats, StopCriteria, TokenId,
+    Scheduler, SchedulerConfig, SchedulerStats, StepEvent, StopCriteria, TokenId,
 };
 use heddle_model::detokenizer::IncrementalDetokenizer;
 use heddle_model::grammar::{GrammarCompiler, GrammarError};
@@ -656,6 +656,7 @@ impl Engine {
         self.sampled.clear();
         self.sampled.extend(outputs.iter().map(SampledToken::from));
         let events = self.scheduler.update(&self.sampled);
+        let mut grammars = self.advance_grammars(&events);
         // `update` reports at most one event per sampled token, in the same order, so
         // each event's output is found by walking the outputs once.
         let mut remaining = outputs.iter();
@@ -667,9 +668,38 @@ impl Engine {
                 self.end(event.id, FinishReason::Error);
                 continue;
             }
-            self.deliver(event.id, event.token, event.finish, output);
+            let grammar = grammars.remove(&event.id);
+            self.deliver(event.id, event.token, event.finish, output, grammar);
         }
         self.publish_stats();
+    }
+
+    /// Advances the grammars of the sequences that accepted a token this step, all at
+    /// once on the mask threads; by sequence, whether the grammar is now complete, or why
+    /// it refused the token.
+    fn advance_grammars(
+        &mut self,
+        events: &[StepEvent],
+    ) -> HashMap<RequestId, Result<bool, String>> {
+        if self
+            .live
+            .values()
+            .all(|live| live.logits.constraint.is_none())
+        {
+            return HashMap::new();
+        }
+        let tokens: HashMap<RequestId, TokenId> = events.iter().map(|e| (e.id, e.token)).collect();
+        let accepted: Vec<_> = self
+            .live
+            .iter_mut()
+            .filter_map(|(id, live)| {
+                let token = *tokens.get(id)?;
+                Some((*id, live.logits.constraint.as_mut()?, token))
+            })
+            .collect();
+        sequence_logits::accept_tokens(accepted)
+            .into_iter()
+            .collect()
     }
 
     /// Runs the model on the scheduled batch. Sequences sampled this step that have logit
@@ -724,13 +754,15 @@ impl Engine {
         })
     }
 
-    /// Turns one sampled token into text and events, applying stop strings.
+    /// Turns one sampled token into text and events, applying stop strings. `grammar` is
+    /// the sequence's grammar after the token (see [`Self::advance_grammars`]).
     fn deliver(
         &mut self,
         id: RequestId,
         token: TokenId,
         finish: Option<FinishReason>,
         output: Option<&SampledOutput>,
+        grammar: Option<Result<bool, String>>,
     ) {
         let Some(live) = self.live.get_mut(&id) else {
             return;
@@ -754,17 +786,18 @@ impl Engine {
         // The grammar advances with every accepted token; once complete, it ends the
         // output (the stop token it would force next adds nothing).
         let mut finish = finish;
-        if let Some(constraint) = live.logits.constraint.as_mut() {
-            if let Err(error) = constraint.accept(token) {
+        match grammar {
+            Some(Err(error)) => {
                 tracing::error!(%error, id, token, "a token the grammar refuses was sampled");
                 let _ = self.scheduler.finish(id, FinishReason::Error);
                 self.end(id, FinishReason::Error);
                 return;
             }
-            if finish.is_none() && constraint.is_complete() {
+            Some(Ok(true)) if finish.is_none() => {
                 let _ = self.scheduler.finish(id, FinishReason::Stop);
                 finish = Some(FinishReason::Stop);
             }
+            _ => {}
         }
         let piece = if stop_token {
             Ok(String::new())

@@ -89,6 +89,26 @@ pub fn compute(seqs: Vec<(RequestId, &mut SequenceLogits)>) -> ComputedAdjustmen
     computed
 }
 
+/// Advances each grammar past its sequence's token of this step, spread over the mask
+/// threads (a token costs tens of microseconds; a step may bring hundreds). For each:
+/// whether the grammar is now complete, or why it refused the token.
+pub fn accept_tokens(
+    accepted: Vec<(RequestId, &mut TokenConstraint, TokenId)>,
+) -> Vec<(RequestId, Result<bool, String>)> {
+    mask_pool().install(|| {
+        accepted
+            .into_par_iter()
+            .map(|(id, constraint, token)| {
+                let result = constraint
+                    .accept(token)
+                    .map(|()| constraint.is_complete())
+                    .map_err(|e| e.0);
+                (id, result)
+            })
+            .collect()
+    })
+}
+
 /// Threads that compute masks, apart from the forward pass's: half the cores, at least
 /// one. Shared by every engine of the process.
 fn mask_pool() -> &'static rayon::ThreadPool {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# heddle's test command: installs what the tests need (the embedded model and the
-# official `openai` Python client), then runs every test of the workspace in one cargo
-# invocation. Used as is by CI (.ci/run).
+# heddle's test command: installs what the tests need (the embedded model, the
+# official `openai` Python client and sglang-router), then runs every test of the
+# workspace in one cargo invocation. Used as is by CI (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,5 +11,9 @@ bash scripts/fetch-model.sh >/dev/null
 # The openai client for the test that drives a live server with it.
 HEDDLE_PYTHON="$(bash scripts/python-client.sh)"
 export HEDDLE_PYTHON
+
+# sglang-router, for the test that routes between two replicas.
+HEDDLE_ROUTER_PYTHON="$(bash scripts/sglang-router.sh)"
+export HEDDLE_ROUTER_PYTHON
 
 cargo test --workspace --locked "$@"

@@ -15,6 +15,7 @@ use rustc_hash::FxHashMap;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::CoreError;
+use crate::kv_events::{KvCacheEvent, KvEventLog};
 use crate::request::TokenId;
 
 /// Index of a physical KV block.
@@ -113,6 +114,8 @@ pub struct BlockPool {
     tick: u64,
     hit_tokens: u64,
     miss_tokens: u64,
+    /// Changes of the prefix cache, for KV-event subscribers (off unless enabled).
+    events: KvEventLog,
 }
 
 impl BlockPool {
@@ -132,7 +135,28 @@ impl BlockPool {
             tick: 0,
             hit_tokens: 0,
             miss_tokens: 0,
+            events: KvEventLog::default(),
         }
+    }
+
+    /// Starts recording the prefix cache's changes for [`Self::drain_events`], on a pool
+    /// that has cached nothing yet. The first event is [`KvCacheEvent::AllBlocksCleared`]:
+    /// a subscriber that heard of an earlier pool (an engine before its restart) forgets it.
+    pub fn enable_events(&mut self) {
+        debug_assert!(
+            self.cache.is_empty(),
+            "events start before anything is cached"
+        );
+        if !self.events.is_enabled() {
+            self.events.enable();
+            self.events.cleared();
+        }
+    }
+
+    /// The prefix cache's changes since the last drain, oldest first (none unless
+    /// [`Self::enable_events`] was called).
+    pub fn drain_events(&mut self) -> Vec<KvCacheEvent> {
+        self.events.drain()
     }
 
     pub fn block_size(&self) -> usize {
@@ -242,6 +266,7 @@ impl BlockPool {
             // simply returns to the free list when released.
             if !self.cache.contains_key(&hash) && self.blocks[block as usize].cached.is_none() {
                 self.cache.insert(hash, block);
+                self.events.stored(hash, parent, chunk);
                 self.blocks[block as usize].cached = Some(CachedContent {
                     hash,
                     parent,
@@ -297,6 +322,7 @@ impl BlockPool {
                 entry.lru_tick = None;
                 let content = entry.cached.take().expect("evictable blocks are cached");
                 self.cache.remove(&content.hash);
+                self.events.removed(content.hash);
                 block
             }
         };
@@ -450,6 +476,48 @@ mod tests {
         pool.free_table(table).unwrap();
         assert!(pool.grow(&mut other, 4));
         pool.free_table(other).unwrap();
+    }
+
+    #[test]
+    fn events_report_stored_chains_evictions_and_start_cleared() {
+        let mut pool = BlockPool::new(3, 2);
+        let (table, _) = compute(&mut pool, &[1, 2, 3, 4, 5]);
+        assert!(pool.drain_events().is_empty(), "off unless enabled");
+        pool.free_table(table).unwrap();
+
+        let mut pool = BlockPool::new(3, 2);
+        pool.enable_events();
+        let (table, _) = compute(&mut pool, &[1, 2, 3, 4, 5]);
+        let first = block_hash(None, &[1, 2]);
+        let second = block_hash(Some(first), &[3, 4]);
+        assert_eq!(
+            pool.drain_events(),
+            vec![
+                KvCacheEvent::AllBlocksCleared,
+                KvCacheEvent::BlockStored {
+                    block_hashes: vec![first, second],
+                    parent_block_hash: None,
+                    token_ids: vec![1, 2, 3, 4],
+                    block_size: 2,
+                },
+            ]
+        );
+        pool.free_table(table).unwrap();
+        // A hit stores nothing new; reusing the blocks for other tokens evicts them.
+        let (table, hit) = compute(&mut pool, &[1, 2, 3, 4, 9]);
+        assert_eq!(hit, 4);
+        assert!(pool.drain_events().is_empty());
+        pool.free_table(table).unwrap();
+        let mut grab = BlockTable::default();
+        assert!(pool.grow(&mut grab, 6));
+        assert_eq!(
+            pool.drain_events(),
+            vec![KvCacheEvent::BlockRemoved {
+                block_hashes: vec![second, first]
+            }],
+            "the tail of the chain is evicted first"
+        );
+        pool.free_table(grab).unwrap();
     }
 
     #[test]

@@ -25,6 +25,7 @@ use rustc_hash::FxHashMap;
 use crate::batch::{SampledToken, ScheduledBatch, ScheduledSeq, SequenceTokens, StepEvent};
 use crate::error::CoreError;
 use crate::kv::{BlockPool, BlockTable, KvStats, DEFAULT_BLOCK_SIZE};
+use crate::kv_events::KvCacheEvent;
 use crate::queue::{AgingQueue, PutOutcome, UrgencyKey, DEFAULT_AGING_RATE};
 use crate::request::{FinishReason, Priority, Request, RequestId, RequestStatus, TokenId};
 
@@ -268,6 +269,17 @@ impl Scheduler {
     /// Prompt tokens of `id` served from the prefix cache when it was first admitted.
     pub fn cached_prompt_tokens(&self, id: RequestId) -> Option<usize> {
         self.seqs.get(&id).and_then(|s| s.cached_prompt_tokens)
+    }
+
+    /// Records the prefix cache's changes from now on, for [`Self::drain_kv_events`];
+    /// called on a new scheduler, before its first step.
+    pub fn enable_kv_events(&mut self) {
+        self.pool.enable_events();
+    }
+
+    /// The prefix cache's changes since the last drain (see [`crate::kv_events`]).
+    pub fn drain_kv_events(&mut self) -> Vec<KvCacheEvent> {
+        self.pool.drain_events()
     }
 
     pub fn stats(&self) -> SchedulerStats {
@@ -796,6 +808,31 @@ mod tests {
         assert_eq!((kv.prefix_hit_tokens, kv.prefix_miss_tokens), (8, 12));
         sched.update(&fake_sample(&batch));
         assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn kv_events_report_the_blocks_a_prompt_cached() {
+        let mut sched = Scheduler::new(config(32, 4)).unwrap();
+        sched.enable_kv_events();
+        let a = req(1, 10, 1, Priority::Normal, 0.0);
+        let prompt = a.prompt.clone();
+        sched.add(a).unwrap();
+        step(&mut sched);
+        let first = crate::kv::block_hash(None, &prompt[..4]);
+        let second = crate::kv::block_hash(Some(first), &prompt[4..8]);
+        assert_eq!(
+            sched.drain_kv_events(),
+            vec![
+                KvCacheEvent::AllBlocksCleared,
+                KvCacheEvent::BlockStored {
+                    block_hashes: vec![first, second],
+                    parent_block_hash: None,
+                    token_ids: prompt[..8].to_vec(),
+                    block_size: 4,
+                },
+            ]
+        );
+        assert!(sched.drain_kv_events().is_empty());
     }
 
     #[test]

@@ -59,6 +59,7 @@ use heddle_core::{Priority, SchedulerConfig};
 use serde::Deserialize;
 
 use crate::api::auth::{ApiKey, KeyTier};
+use crate::kv_events::KvEventsConfig;
 use crate::pool::{Device, ModelSpec};
 use crate::serve::HttpLimits;
 
@@ -205,6 +206,24 @@ pub struct ServeArgs {
     /// [default: 8].
     #[arg(long, env = "HEDDLE_BATCH_LINES_IN_FLIGHT")]
     pub batch_lines_in_flight: Option<usize>,
+    /// The name(s) clients use for the one model served, as vLLM's flag: the first is its
+    /// id (in responses, metrics and `/server_info`), the others are accepted too. Names
+    /// the embedded model, the single `--model`, or the single model of the file.
+    #[arg(
+        long = "served-model-name",
+        env = "HEDDLE_SERVED_MODEL_NAME",
+        num_args = 1..,
+        value_delimiter = ','
+    )]
+    pub served_model_names: Vec<String>,
+    /// Publish KV-cache events (blocks stored / removed / all cleared) on this ZeroMQ PUB
+    /// endpoint, in vLLM's format, for prefix-aware routers, e.g. `tcp://*:5557`
+    /// (docs/DEPLOY.md). Off by default.
+    #[arg(long, env = "HEDDLE_KV_EVENTS_ENDPOINT")]
+    pub kv_events_endpoint: Option<String>,
+    /// The topic (first frame) of the KV event messages [default: empty, as vLLM's].
+    #[arg(long, env = "HEDDLE_KV_EVENTS_TOPIC", requires = "kv_events_endpoint")]
+    pub kv_events_topic: Option<String>,
 }
 
 /// `--device`.
@@ -241,6 +260,8 @@ pub struct ServerConfig {
     pub data_dir: Option<PathBuf>,
     /// Most batch lines in flight per model.
     pub batch_lines_in_flight: usize,
+    /// Where KV-cache events are published; None publishes none.
+    pub kv_events: Option<KvEventsConfig>,
 }
 
 impl ServerConfig {
@@ -268,6 +289,7 @@ impl ServerConfig {
             device: Device::Cpu,
             data_dir: None,
             batch_lines_in_flight: 8,
+            kv_events: None,
         }
     }
 
@@ -367,6 +389,7 @@ impl ServerConfig {
                 id: id_from_path(&path)?,
                 path,
                 pinned: true,
+                aliases: Vec::new(),
             }]
         } else if !args.models.is_empty() {
             args.models
@@ -383,6 +406,7 @@ impl ServerConfig {
                 id: default_model_id(),
                 path: heddle_model::embedded_model_path()?,
                 pinned: true,
+                aliases: Vec::new(),
             }]
         };
         for id in &args.pinned {
@@ -391,7 +415,17 @@ impl ServerConfig {
                 None => bail!("--pin {id}: no model has that id"),
             }
         }
+        if !args.served_model_names.is_empty() {
+            name_the_served_model(&mut config.models, &args.served_model_names)?;
+        }
         check_models(&config.models)?;
+        config.kv_events = args
+            .kv_events_endpoint
+            .as_ref()
+            .map(|endpoint| KvEventsConfig {
+                endpoint: endpoint.clone(),
+                topic: args.kv_events_topic.clone().unwrap_or_default(),
+            });
 
         config.api_keys = if !args.api_keys.is_empty() {
             args.api_keys
@@ -572,14 +606,31 @@ fn timeout(name: &str, seconds: Option<f64>, default: Duration) -> anyhow::Resul
     }
 }
 
+/// `--served-model-name`: the first name becomes the model's id, the others its aliases.
+fn name_the_served_model(models: &mut [ModelSpec], names: &[String]) -> anyhow::Result<()> {
+    let [model] = models else {
+        bail!(
+            "--served-model-name names the one model served, but {} are configured; \
+             name each with --model ID=PATH instead",
+            models.len()
+        );
+    };
+    let names: Vec<String> = names.iter().map(|n| n.trim().to_string()).collect();
+    model.id = names[0].clone();
+    model.aliases = names[1..].to_vec();
+    Ok(())
+}
+
 fn check_models(models: &[ModelSpec]) -> anyhow::Result<()> {
     let mut ids = std::collections::HashSet::new();
     for model in models {
-        if model.id.is_empty() {
-            bail!("a model id must not be empty");
-        }
-        if !ids.insert(model.id.as_str()) {
-            bail!("model id {:?} is configured twice", model.id);
+        for name in std::iter::once(&model.id).chain(&model.aliases) {
+            if name.is_empty() {
+                bail!("a model id must not be empty");
+            }
+            if !ids.insert(name.as_str()) {
+                bail!("model id {name:?} is configured twice");
+            }
         }
         if !model.path.exists() {
             bail!(
@@ -605,6 +656,7 @@ fn parse_model_flag(text: &str) -> anyhow::Result<ModelSpec> {
         id,
         path,
         pinned: false,
+        aliases: Vec::new(),
     })
 }
 
@@ -732,6 +784,7 @@ impl FileModel {
             id: self.id,
             path,
             pinned: self.pinned,
+            aliases: Vec::new(),
         })
     }
 }
@@ -783,6 +836,60 @@ mod tests {
     #[test]
     fn the_embedded_model_has_a_lowercase_id() {
         assert_eq!(default_model_id(), "smollm2-135m-instruct");
+    }
+
+    #[test]
+    fn served_model_names_rename_the_one_model_and_add_aliases() {
+        let weights = temp_file("served.gguf", "not really a model");
+        let one = ServeArgs {
+            models: vec![format!("x={}", weights.display())],
+            served_model_names: vec!["meta/llama".into(), "llama".into()],
+            data_dir: Some(std::env::temp_dir()),
+            ..ServeArgs::default()
+        };
+        let config = ServerConfig::resolve(&one).unwrap();
+        assert_eq!(config.models[0].id, "meta/llama");
+        assert_eq!(config.models[0].aliases, vec!["llama".to_string()]);
+        assert!(config.models[0].answers_to("llama"));
+        assert!(!config.models[0].answers_to("x"));
+
+        let two = ServeArgs {
+            models: vec![
+                format!("a={}", weights.display()),
+                format!("b={}", weights.display()),
+            ],
+            ..one.clone()
+        };
+        let error = ServerConfig::resolve(&two).unwrap_err().to_string();
+        assert!(error.contains("--served-model-name"), "{error}");
+
+        let repeated = ServeArgs {
+            served_model_names: vec!["same".into(), "same".into()],
+            ..one.clone()
+        };
+        assert!(ServerConfig::resolve(&repeated).is_err());
+    }
+
+    #[test]
+    fn kv_events_are_off_unless_an_endpoint_is_given() {
+        let weights = temp_file("events.gguf", "not really a model");
+        let args = ServeArgs {
+            models: vec![format!("m={}", weights.display())],
+            data_dir: Some(std::env::temp_dir()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(ServerConfig::resolve(&args).unwrap().kv_events, None);
+        let on = ServeArgs {
+            kv_events_endpoint: Some("tcp://*:5557".into()),
+            ..args
+        };
+        assert_eq!(
+            ServerConfig::resolve(&on).unwrap().kv_events,
+            Some(KvEventsConfig {
+                endpoint: "tcp://*:5557".into(),
+                topic: String::new(),
+            })
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ use heddle_model::tokenizer::Tokenizer;
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 
 use crate::faults::{FaultInjection, StepFault};
+use crate::kv_events::KvEventSink;
 use crate::metrics::ModelMetrics;
 use crate::sequence_logits::{self, SequenceLogits};
 
@@ -165,6 +166,8 @@ pub struct EngineOptions {
     pub faults: Arc<FaultInjection>,
     /// Reloads the runner after a panic; without it a panicked engine stops.
     pub reload: Option<RunnerFactory>,
+    /// Where the prefix cache's changes are published (`--kv-events-endpoint`).
+    pub kv_events: Option<KvEventSink>,
 }
 
 impl Default for EngineOptions {
@@ -173,6 +176,7 @@ impl Default for EngineOptions {
             metrics: Arc::new(ModelMetrics::default()),
             faults: Arc::new(FaultInjection::default()),
             reload: None,
+            kv_events: None,
         }
     }
 }
@@ -348,6 +352,7 @@ pub struct Engine {
     metrics: Arc<ModelMetrics>,
     faults: Arc<FaultInjection>,
     started: Instant,
+    kv_events: Option<KvEventSink>,
 }
 
 /// How long an idle engine waits for a command before checking again.
@@ -398,6 +403,7 @@ impl Engine {
             options.metrics,
             options.faults,
             Instant::now(),
+            options.kv_events,
         );
         let name = name.to_string();
         let reload = options.reload;
@@ -407,16 +413,22 @@ impl Engine {
         Ok((handle, thread))
     }
 
-    /// An engine with no request yet.
+    /// An engine with no request yet. With a KV event sink, its fresh scheduler records
+    /// the prefix cache's changes, starting with "all cleared".
+    #[allow(clippy::too_many_arguments)]
     fn new(
-        scheduler: Scheduler,
+        mut scheduler: Scheduler,
         runner: Box<dyn ModelRunner>,
         tokenizer: Arc<Tokenizer>,
         shared: Arc<Shared>,
         metrics: Arc<ModelMetrics>,
         faults: Arc<FaultInjection>,
         started: Instant,
+        kv_events: Option<KvEventSink>,
     ) -> Self {
+        if kv_events.is_some() {
+            scheduler.enable_kv_events();
+        }
         Engine {
             scheduler,
             runner,
@@ -428,6 +440,7 @@ impl Engine {
             metrics,
             faults,
             started,
+            kv_events,
         }
     }
 
@@ -446,6 +459,7 @@ impl Engine {
             metrics,
             faults,
             started,
+            kv_events,
             ..
         } = self;
         let config = scheduler.config().clone();
@@ -469,7 +483,7 @@ impl Engine {
             }
         };
         let mut engine = Engine::new(
-            scheduler, runner, tokenizer, shared, metrics, faults, started,
+            scheduler, runner, tokenizer, shared, metrics, faults, started, kv_events,
         );
         let mut kept: Vec<(RequestId, Live)> = live.into_iter().collect();
         kept.sort_by_key(|(_, request)| request.arrived);
@@ -622,7 +636,16 @@ impl Engine {
         }
     }
 
+    /// One step, then what it changed in the prefix cache (blocks evicted while
+    /// scheduling, blocks cached by the update) goes to the KV event subscribers.
     fn step(&mut self) {
+        self.compute_step();
+        if let Some(sink) = &self.kv_events {
+            sink.publish(self.scheduler.drain_kv_events());
+        }
+    }
+
+    fn compute_step(&mut self) {
         self.scheduler.schedule_into(&mut self.batch);
         let batch = &self.batch;
         if batch.is_empty() {
@@ -886,9 +909,17 @@ fn supervise(
     mut reload: Option<RunnerFactory>,
     name: &str,
 ) {
+    // Whatever this engine cached is gone once it stops (unloaded, or unable to restart).
+    let kv_events = engine.kv_events.clone();
+    let announce_stopped = || {
+        if let Some(sink) = &kv_events {
+            sink.publish(vec![heddle_core::KvCacheEvent::AllBlocksCleared]);
+        }
+    };
     loop {
         let Err(panic) = catch_unwind(AssertUnwindSafe(|| engine.run(&commands))) else {
             engine.shared.set_health(EngineHealth::Stopped);
+            announce_stopped();
             return;
         };
         // Counted and shown before the requests hear of it.
@@ -914,6 +945,7 @@ fn supervise(
             }
             Err(error) => {
                 shared.set_health(EngineHealth::Stopped);
+                announce_stopped();
                 tracing::error!(model = %name, error = format!("{error:#}"), "the engine could not restart; it has stopped");
                 return;
             }

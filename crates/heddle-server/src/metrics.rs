@@ -254,6 +254,7 @@ impl Metrics {
             .collect();
         let mut out = String::new();
         write_scheduler_families(&mut out, engines);
+        crate::vllm_gauges::write(&mut out, engines);
 
         let mut family = Family::new(
             &mut out,
@@ -538,19 +539,19 @@ fn write_scheduler_families(out: &mut String, engines: &[EngineReport]) {
 }
 
 /// Writes one metric family: its HELP and TYPE lines, then its samples.
-struct Family<'a> {
+pub(crate) struct Family<'a> {
     out: &'a mut String,
     name: &'a str,
 }
 
 impl<'a> Family<'a> {
-    fn new(out: &'a mut String, name: &'a str, kind: &str, help: &str) -> Self {
+    pub(crate) fn new(out: &'a mut String, name: &'a str, kind: &str, help: &str) -> Self {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         Family { out, name }
     }
 
-    fn sample(&mut self, suffix: &str, labels: &[(&str, &str)], value: f64) {
+    pub(crate) fn sample(&mut self, suffix: &str, labels: &[(&str, &str)], value: f64) {
         let _ = write!(self.out, "{}{suffix}", self.name);
         if !labels.is_empty() {
             self.out.push('{');

@@ -33,6 +33,7 @@ use heddle_model::tokenizer::TokenizerBundle;
 use heddle_model::{load_cpu, KvSize, ModelRunner};
 
 use crate::engine::{Engine, EngineHandle, EngineHealth, EngineOptions, RunnerFactory};
+use crate::kv_events::KvEventSink;
 use crate::faults::FaultInjection;
 use crate::metrics::Metrics;
 
@@ -64,6 +65,16 @@ pub struct ModelSpec {
     pub path: PathBuf,
     /// Loaded at start and never evicted.
     pub pinned: bool,
+    /// Other names requests may use for it (`--served-model-name`'s names after the
+    /// first); responses and metrics use `id`.
+    pub aliases: Vec<String>,
+}
+
+impl ModelSpec {
+    /// Whether a request naming `name` means this model.
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.id == name || self.aliases.iter().any(|alias| alias == name)
+    }
 }
 
 /// Why the pool cannot hand out a model.
@@ -203,6 +214,7 @@ pub struct ModelPool {
     shutting_down: AtomicBool,
     metrics: Arc<Metrics>,
     faults: Arc<FaultInjection>,
+    kv_events: Option<KvEventSink>,
 }
 
 impl ModelPool {
@@ -224,7 +236,14 @@ impl ModelPool {
             shutting_down: AtomicBool::new(false),
             metrics: Arc::new(Metrics::default()),
             faults: Arc::new(FaultInjection::default()),
+            kv_events: None,
         }
+    }
+
+    /// Publishes every engine's prefix-cache changes through `sink`.
+    pub fn with_kv_events(mut self, sink: KvEventSink) -> Self {
+        self.kv_events = Some(sink);
+        self
     }
 
     /// Every model's request metrics, recorded by their engines.
@@ -258,12 +277,18 @@ impl ModelPool {
         self
     }
 
+    /// The configuration every engine's scheduler starts from.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler
+    }
+
     pub fn specs(&self) -> &[ModelSpec] {
         &self.specs
     }
 
-    pub fn spec(&self, id: &str) -> Option<&ModelSpec> {
-        self.specs.iter().find(|s| s.id == id)
+    /// The model a request naming `name` (its id or an alias) means.
+    pub fn spec(&self, name: &str) -> Option<&ModelSpec> {
+        self.specs.iter().find(|s| s.answers_to(name))
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -283,6 +308,7 @@ impl ModelPool {
         let spec = self
             .spec(id)
             .ok_or_else(|| PoolError::UnknownModel(id.to_string()))?;
+        let id = spec.id.as_str();
         if let Some(model) = self.serving(id) {
             return Ok(model);
         }
@@ -309,12 +335,12 @@ impl ModelPool {
     }
 
     /// Unloads a model (admin call); false if it was not loaded.
-    pub async fn unload(&self, id: &str) -> Result<bool, PoolError> {
-        if self.spec(id).is_none() {
-            return Err(PoolError::UnknownModel(id.to_string()));
-        }
+    pub async fn unload(&self, name: &str) -> Result<bool, PoolError> {
+        let Some(spec) = self.spec(name) else {
+            return Err(PoolError::UnknownModel(name.to_string()));
+        };
         let _load = self.load_lock.lock().await;
-        Ok(self.unload_locked(id).await)
+        Ok(self.unload_locked(&spec.id).await)
     }
 
     /// Refuses new requests from now on (they get 503).
@@ -433,6 +459,7 @@ impl ModelPool {
             metrics: self.metrics.model(&spec.id),
             faults: self.faults.clone(),
             reload: Some(reloader(spec.clone(), self.scheduler.clone(), device)),
+            kv_events: self.kv_events.clone(),
         };
         let model =
             run_blocking(move || load_model(&owned_spec, &scheduler, device, needed, options))

@@ -27,7 +27,8 @@ use crate::api::{router, AppState};
 use crate::batch::runner::BatchRunner;
 use crate::batch::store::Store;
 use crate::config::{ServeArgs, ServerConfig};
-use crate::pool::ModelPool;
+use crate::kv_events::{start_publisher, Medium};
+use crate::pool::{Device, ModelPool};
 use connections::Connections;
 
 /// How long connections may stay open after the grace period's cancellations.
@@ -118,14 +119,20 @@ impl RunningServer {
 
 /// Binds, starts serving, and loads the pinned models.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
-    let pool = Arc::new(
-        ModelPool::new(
-            config.models.clone(),
-            config.scheduler.clone(),
-            config.memory_budget,
-        )
-        .with_device(config.device),
-    );
+    let mut pool = ModelPool::new(
+        config.models.clone(),
+        config.scheduler.clone(),
+        config.memory_budget,
+    )
+    .with_device(config.device);
+    if let Some(kv_events) = &config.kv_events {
+        let medium = match config.device {
+            Device::Cpu => Medium::Cpu,
+            Device::Cuda { .. } => Medium::Gpu,
+        };
+        pool = pool.with_kv_events(start_publisher(kv_events, medium).await?);
+    }
+    let pool = Arc::new(pool);
     let address = config.bind_address()?;
     config.check_exposure(address)?;
     let access = AccessControl::new(

@@ -33,6 +33,7 @@ pub mod openai;
 pub mod params;
 pub mod response_format;
 pub mod routes;
+pub mod server_info;
 pub mod sse;
 pub mod tokenize;
 pub mod tool_call_parser;
@@ -128,6 +129,7 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/health", get(routes::health)),
         ("/ready", get(routes::ready)),
         ("/metrics", get(routes::metrics)),
+        ("/server_info", get(server_info::server_info)),
         ("/v1/models", get(routes::list_models)),
         ("/v1/models/{*id}", get(routes::get_model)),
         ("/v1/chat/completions", post(routes::chat_completions)),

@@ -86,7 +86,8 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
             .pool
             .specs()
             .iter()
-            .map(|spec| model_card(&state, &spec.id))
+            .flat_map(|spec| std::iter::once(&spec.id).chain(&spec.aliases))
+            .map(|name| model_card(&state, name))
             .collect(),
     })
 }
@@ -97,7 +98,8 @@ pub async fn get_model(
 ) -> Result<Json<ModelCard>, ApiError> {
     let Path(id) = id.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     match state.pool.spec(&id) {
-        Some(spec) => Ok(Json(model_card(&state, &spec.id))),
+        // Under the name asked for: every served name is a model to clients.
+        Some(_) => Ok(Json(model_card(&state, &id))),
         None => Err(ApiError::model_not_found(&id)),
     }
 }

@@ -23,6 +23,7 @@ pub fn model(id: &str) -> ModelSpec {
         id: id.into(),
         path: model_path(),
         pinned: false,
+        aliases: Vec::new(),
     }
 }
 

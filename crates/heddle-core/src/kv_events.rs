@@ -63,7 +63,9 @@ impl KvEventLog {
         }) = self.pending.last_mut()
         {
             // The previous event ends in this block's parent: the chain goes on.
-            if parent.is_some() && block_hashes.last() == parent.as_ref() && *block_size == tokens.len()
+            if parent.is_some()
+                && block_hashes.last() == parent.as_ref()
+                && *block_size == tokens.len()
             {
                 block_hashes.push(hash);
                 token_ids.extend_from_slice(tokens);

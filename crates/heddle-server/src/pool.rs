@@ -33,8 +33,8 @@ use heddle_model::tokenizer::TokenizerBundle;
 use heddle_model::{load_cpu, KvSize, ModelRunner};
 
 use crate::engine::{Engine, EngineHandle, EngineHealth, EngineOptions, RunnerFactory};
-use crate::kv_events::KvEventSink;
 use crate::faults::FaultInjection;
+use crate::kv_events::KvEventSink;
 use crate::metrics::Metrics;
 
 /// How long an unload waits for the engine thread to finish its cancelled requests.

@@ -50,8 +50,24 @@ const CHAT_REQUEST: UnreadFields = UnreadFields {
         ("web_search_options", "web search"),
         ("reasoning_effort", "reasoning effort"),
         ("verbosity", "verbosity control"),
+        SGLANG_SKIP_SPECIAL_TOKENS,
+        SGLANG_NO_STOP_TRIM,
+        SGLANG_RETURN_HIDDEN_STATES,
+        (
+            "continue_final_message",
+            "continuing the last assistant message",
+        ),
+        ("separate_reasoning", "a reasoning parser"),
+        ("stream_reasoning", "a reasoning parser"),
     ],
 };
+
+// SGLang's extensions, which sglang-router writes into every request it forwards, at
+// their defaults; heddle does what those defaults ask.
+const SGLANG_SKIP_SPECIAL_TOKENS: (&str, &str) =
+    ("skip_special_tokens", "keeping special tokens in the text");
+const SGLANG_NO_STOP_TRIM: (&str, &str) = ("no_stop_trim", "keeping stop strings in the text");
+const SGLANG_RETURN_HIDDEN_STATES: (&str, &str) = ("return_hidden_states", "hidden states");
 
 /// The fields of a `/v1/completions` request.
 const COMPLETION_REQUEST: UnreadFields = UnreadFields {
@@ -60,6 +76,9 @@ const COMPLETION_REQUEST: UnreadFields = UnreadFields {
         ("best_of", "best-of sampling"),
         ("echo", "echoing the prompt"),
         ("suffix", "insertion before a suffix"),
+        SGLANG_SKIP_SPECIAL_TOKENS,
+        SGLANG_NO_STOP_TRIM,
+        SGLANG_RETURN_HIDDEN_STATES,
     ],
 };
 
@@ -91,6 +110,12 @@ fn asks_for_nothing_new(field: &str, value: &Value) -> bool {
         "suffix" => value == "",
         "functions" => value.as_array().is_some_and(Vec::is_empty),
         "modalities" => *value == json!(["text"]),
+        "skip_special_tokens" => value == true,
+        "no_stop_trim" | "return_hidden_states" | "continue_final_message" => value == false,
+        // SGLang separates reasoning only with a reasoning parser, which heddle, like an
+        // SGLang server started without `--reasoning-parser`, does not have: either value
+        // leaves the text as it is.
+        "separate_reasoning" | "stream_reasoning" => value.is_boolean(),
         _ => false,
     }
 }
@@ -603,10 +628,10 @@ mod tests {
         let unsupported = chat_fields(json!({"reasoning_effort": "low"})).unwrap_err();
         assert_eq!(unsupported.code, Some("unsupported_parameter"));
         assert!(unsupported.message.contains("`reasoning_effort`"));
-        let unknown = chat_fields(json!({"skip_special_tokens": false})).unwrap_err();
+        let unknown = chat_fields(json!({"min_tokens": 3})).unwrap_err();
         assert_eq!(
             unknown.message,
-            "Unrecognized request argument supplied: skip_special_tokens"
+            "Unrecognized request argument supplied: min_tokens"
         );
         let message = chat_fields(json!({
             "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b", "name": "bob"}]
@@ -648,6 +673,34 @@ mod tests {
                 serde_json::from_value(json!({"prompt": "x", field: value})).unwrap();
             let error = check_completion_fields(&completion).unwrap_err();
             assert_eq!(error.param.as_deref(), Some(field));
+        }
+    }
+
+    #[test]
+    fn sglang_router_defaults_are_accepted_and_other_values_refused() {
+        // What sglang-router 0.3 adds to every chat request it forwards.
+        chat_fields(json!({
+            "no_stop_trim": false, "ignore_eos": false, "continue_final_message": false,
+            "skip_special_tokens": true, "separate_reasoning": true, "stream_reasoning": true,
+            "return_hidden_states": false
+        }))
+        .unwrap();
+        let completion: CompletionRequest = serde_json::from_value(json!({
+            "prompt": "x", "echo": false, "no_stop_trim": false, "ignore_eos": false,
+            "skip_special_tokens": true, "return_hidden_states": false
+        }))
+        .unwrap();
+        check_completion_fields(&completion).unwrap();
+        for (field, value) in [
+            ("skip_special_tokens", json!(false)),
+            ("no_stop_trim", json!(true)),
+            ("return_hidden_states", json!(true)),
+            ("continue_final_message", json!(true)),
+            ("separate_reasoning", json!("yes")),
+        ] {
+            let error = chat_fields(json!({ field: value })).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some(field));
+            assert_eq!(error.code, Some("unsupported_parameter"));
         }
     }
 

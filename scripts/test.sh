@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # heddle's test command: installs what the tests need (the embedded model, the
-# official `openai` Python client and sglang-router), then runs every test of the
+# official `openai` Python client and the router-side tools), then runs every test of the
 # workspace in one cargo invocation. Used as is by CI (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +12,8 @@ bash scripts/fetch-model.sh >/dev/null
 HEDDLE_PYTHON="$(bash scripts/python-client.sh)"
 export HEDDLE_PYTHON
 
-# sglang-router, for the test that routes between two replicas.
-HEDDLE_ROUTER_PYTHON="$(bash scripts/sglang-router.sh)"
+# sglang-router and the KV-event and manifest readers, for the scale-out tests.
+HEDDLE_ROUTER_PYTHON="$(bash scripts/router-tools.sh)"
 export HEDDLE_ROUTER_PYTHON
 
 cargo test --workspace --locked "$@"

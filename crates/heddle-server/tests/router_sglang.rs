@@ -1,6 +1,6 @@
 //! Two heddle replicas behind sglang-router, the router people already run: each replica
 //! is the `heddle` binary serving the real embedded model on a loopback port, the router
-//! is the PyPI package (scripts/sglang-router.sh installs it into target/router-venv and
+//! is the PyPI package (scripts/router-tools.sh installs it into target/router-venv and
 //! scripts/test.sh points HEDDLE_ROUTER_PYTHON there).
 //!
 //! - The router learns the model's id from the replicas (`/server_info`) and requests
@@ -39,7 +39,7 @@ fn router_python() -> PathBuf {
     assert!(
         venv.exists(),
         "this test needs sglang-router: run `bash scripts/test.sh`, or \
-         `bash scripts/sglang-router.sh` once before `cargo test`"
+         `bash scripts/router-tools.sh` once before `cargo test`"
     );
     venv
 }

@@ -344,6 +344,7 @@ pub async fn chat(
         }),
         (None, None) => None,
     };
+    // Answers name the model by its id, whichever of its names the request used.
     let model = state.model(&checked.model).await?;
     let logits = sequence_logits(&model, &request.common, grammar).await?;
 
@@ -370,7 +371,7 @@ pub async fn chat(
             kind: StreamKind::Chat,
             id,
             created,
-            model: checked.model,
+            model: model.id.clone(),
             choice_count: checked.n,
             prompt_count: 1,
             include_usage: checked.include_usage,
@@ -417,7 +418,7 @@ pub async fn chat(
         id,
         object: "chat.completion",
         created,
-        model: checked.model,
+        model: model.id.clone(),
         choices,
         usage: collected.usage,
     }))
@@ -556,7 +557,7 @@ pub async fn completion(
             kind: StreamKind::Completion,
             id,
             created,
-            model: checked.model,
+            model: model.id.clone(),
             choice_count,
             prompt_count: prompts.len(),
             include_usage: checked.include_usage,
@@ -581,7 +582,7 @@ pub async fn completion(
         id,
         object: "text_completion",
         created,
-        model: checked.model,
+        model: model.id.clone(),
         choices,
         usage: Some(collected.usage),
     }))

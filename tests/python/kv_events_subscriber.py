@@ -1,9 +1,11 @@
 """Reads heddle's KV-cache events as a consumer of vLLM's reads vLLM's: a ZeroMQ SUB socket
 (pyzmq, i.e. libzmq) and msgspec structs laid out as vLLM lays out its KVEventBatch.
 Prints one JSON line per event (with the message's topic and sequence number), after a
-line `subscribed`; stops after the number of seconds given.
+line `subscribed`; stops after the number of seconds given. `connect` dials a publisher
+that binds (Dynamo's relay does so); `bind` waits for publishers to connect (llm-d's
+endpoint picker does so).
 
-Usage: kv_events_subscriber.py ENDPOINT TOPIC SECONDS
+Usage: kv_events_subscriber.py connect|bind ENDPOINT TOPIC SECONDS
 """
 
 import json
@@ -47,10 +49,13 @@ class KVEventBatch(EventBatch):
 
 
 def main() -> None:
-    endpoint, topic, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    mode, endpoint, topic, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     decoder = msgspec.msgpack.Decoder(KVEventBatch)
     socket = zmq.Context().socket(zmq.SUB)
-    socket.connect(endpoint)
+    if mode == "bind":
+        socket.bind(endpoint)
+    else:
+        socket.connect(endpoint)
     socket.setsockopt_string(zmq.SUBSCRIBE, topic)
     print("subscribed", flush=True)
     deadline = time.monotonic() + seconds

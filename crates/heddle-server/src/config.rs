@@ -217,8 +217,9 @@ pub struct ServeArgs {
     )]
     pub served_model_names: Vec<String>,
     /// Publish KV-cache events (blocks stored / removed / all cleared) on this ZeroMQ PUB
-    /// endpoint, in vLLM's format, for prefix-aware routers, e.g. `tcp://*:5557`
-    /// (docs/DEPLOY.md). Off by default.
+    /// endpoint, in vLLM's format, for prefix-aware routers: bound with a wildcard host
+    /// (`tcp://*:5557`), connected to a subscriber otherwise (`tcp://epp:5557`), as vLLM
+    /// does (docs/DEPLOY.md). Off by default.
     #[arg(long, env = "HEDDLE_KV_EVENTS_ENDPOINT")]
     pub kv_events_endpoint: Option<String>,
     /// The topic (first frame) of the KV event messages [default: empty, as vLLM's].

@@ -1,8 +1,7 @@
 //! KV-cache events as vLLM publishes them, for exact prefix-aware routers (Dynamo, llm-d):
-//! a ZeroMQ PUB socket (`--kv-events-endpoint`, e.g. `tcp://*:5557`) sending one
-//! multipart message per batch of events: the topic, the batch's sequence number (8 bytes,
-//! big-endian) and the batch in MessagePack, laid out as vLLM's msgspec structs
-//! (`array_like`, tagged):
+//! a ZeroMQ PUB socket (`--kv-events-endpoint`) sending one multipart message per batch of
+//! events: the topic, the batch's sequence number (8 bytes, big-endian) and the batch in
+//! MessagePack, laid out as vLLM's msgspec structs (`array_like`, tagged):
 //!
 //! ```text
 //! KVEventBatch     = [ts: float, events: [event, ...]]
@@ -11,6 +10,11 @@
 //! BlockRemoved     = ["BlockRemoved", block_hashes: [int], medium: str]
 //! AllBlocksCleared = ["AllBlocksCleared"]
 //! ```
+//!
+//! As in vLLM, an endpoint with a wildcard (`tcp://*:5557`, `tcp://[::]:5557`) is bound,
+//! for subscribers to connect to (Dynamo's relay does); any other (`tcp://epp:5557`) is
+//! connected to a subscriber that binds (llm-d's endpoint picker does), in the background,
+//! reconnecting when it goes away.
 //!
 //! Block hashes are heddle's own chained hashes (unsigned 64-bit integers, see
 //! `heddle_core::kv::block_hash`). Engines hand their events to a [`KvEventSink`] after
@@ -34,7 +38,7 @@ const QUEUE_BATCHES: usize = 4096;
 /// Where KV events are published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvEventsConfig {
-    /// A ZeroMQ endpoint to bind, `tcp://HOST:PORT` (`*` for every interface).
+    /// A ZeroMQ endpoint, `tcp://HOST:PORT`: bound with a wildcard host, else connected.
     pub endpoint: String,
     /// The first frame of every message; subscribers filter on its prefix.
     pub topic: String,
@@ -89,22 +93,35 @@ impl KvEventSink {
     }
 }
 
-/// Binds the PUB socket and starts the task that sends what the sink queues. The task
-/// ends when every sink is dropped.
+/// Opens the PUB socket (binding now, so that a taken port fails the start) and starts
+/// the task that sends what the sink queues; the task ends when every sink is dropped.
 pub async fn start_publisher(
     config: &KvEventsConfig,
     medium: Medium,
 ) -> anyhow::Result<KvEventSink> {
     let mut socket = zeromq::PubSocket::new();
-    let endpoint = bindable(&config.endpoint);
-    let bound = socket
-        .bind(&endpoint)
-        .await
-        .with_context(|| format!("binding the KV events socket to {}", config.endpoint))?;
-    tracing::info!(endpoint = %bound, topic = %config.topic, "publishing KV cache events");
+    let binds = binds(&config.endpoint);
+    if binds {
+        let bound = socket
+            .bind(&bindable(&config.endpoint))
+            .await
+            .with_context(|| format!("binding the KV events socket to {}", config.endpoint))?;
+        tracing::info!(endpoint = %bound, topic = %config.topic, "publishing KV cache events");
+    }
     let (queue, mut batches) = mpsc::channel::<Batch>(QUEUE_BATCHES);
     let topic = config.topic.clone().into_bytes();
+    let endpoint = config.endpoint.clone();
     tokio::spawn(async move {
+        if !binds {
+            // Waits for the subscriber; meanwhile batches queue, then drop.
+            match socket.connect(&endpoint).await {
+                Ok(()) => tracing::info!(%endpoint, "publishing KV cache events"),
+                Err(error) => {
+                    tracing::error!(%endpoint, %error, "cannot connect the KV events socket");
+                    return;
+                }
+            }
+        }
         while let Some(batch) = batches.recv().await {
             let mut message = ZmqMessage::from(topic.clone());
             message.push_back(batch.seq.to_be_bytes().to_vec().into());
@@ -118,6 +135,11 @@ pub async fn start_publisher(
         queue,
         next_seq: Arc::new(AtomicU64::new(0)),
     })
+}
+
+/// vLLM's rule: bind where the endpoint has a wildcard host, connect anywhere else.
+fn binds(endpoint: &str) -> bool {
+    endpoint.contains('*') || endpoint.contains("::")
 }
 
 /// vLLM's default endpoint binds every interface as `tcp://*:PORT`; the socket library
@@ -232,6 +254,14 @@ mod tests {
         expected.extend_from_slice(&[0x91, 0x05, 0xa3]);
         expected.extend_from_slice(b"GPU");
         assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn wildcards_bind_and_addresses_connect() {
+        assert!(binds("tcp://*:5557"));
+        assert!(binds("tcp://[::]:5557"));
+        assert!(!binds("tcp://epp.default.svc:5557"));
+        assert!(!binds("tcp://127.0.0.1:5557"));
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //!   (the sum of `heddle_queue_depth`);
 //! - `vllm:num_requests_running`: sequences in the batch (`heddle_running_sequences`);
 //! - `vllm:kv_cache_usage_perc`: the share of KV blocks that cannot be handed out now,
-//!   0 to 1 as in vLLM despite the name (`heddle_kv_blocks_used / heddle_kv_blocks_total`).
+//!   0 to 1 as in vLLM despite the name (`heddle_kv_blocks_used / heddle_kv_blocks_total`);
+//! - `vllm:cache_config_info`: 1, labelled with the cache's `block_size` and
+//!   `num_gpu_blocks` (vLLM's name, whatever the device), which prefix-aware scorers read
+//!   to cut prompts into blocks as the replica does.
 
 use heddle_core::SchedulerStats;
 
@@ -38,6 +41,22 @@ pub fn write(out: &mut String, engines: &[EngineReport]) {
             family.sample("", &[("model_name", &engine.model)], value(&engine.stats));
         }
     }
+    let mut family = Family::new(
+        out,
+        "vllm:cache_config_info",
+        "gauge",
+        "Information of the LLMEngine CacheConfig",
+    );
+    for engine in engines {
+        let kv = &engine.stats.kv;
+        let (block_size, blocks) = (kv.block_size.to_string(), kv.total_blocks.to_string());
+        let labels = [
+            ("model_name", engine.model.as_str()),
+            ("block_size", &block_size),
+            ("num_gpu_blocks", &blocks),
+        ];
+        family.sample("", &labels, 1.0);
+    }
 }
 
 fn kv_cache_usage(stats: &SchedulerStats) -> f64 {
@@ -62,6 +81,7 @@ mod tests {
         };
         stats.kv.total_blocks = 200;
         stats.kv.used_blocks = 50;
+        stats.kv.block_size = 16;
         let engines = [EngineReport {
             model: "m".into(),
             stats,
@@ -73,6 +93,9 @@ mod tests {
         assert!(text.contains("vllm:num_requests_waiting{model_name=\"m\"} 7\n"));
         assert!(text.contains("vllm:num_requests_running{model_name=\"m\"} 3\n"));
         assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\n"));
+        assert!(text.contains(
+            "vllm:cache_config_info{model_name=\"m\",block_size=\"16\",num_gpu_blocks=\"200\"} 1\n"
+        ));
     }
 
     #[test]

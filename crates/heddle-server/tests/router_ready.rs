@@ -156,12 +156,12 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    fn start(endpoint: &str, topic: &str) -> Subscriber {
+    fn start(mode: &str, endpoint: &str, topic: &str) -> Subscriber {
         let script = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/python/kv_events_subscriber.py");
         let mut child = Command::new(router_python())
             .arg(script)
-            .args([endpoint, topic, "120"])
+            .args([mode, endpoint, topic, "120"])
             .stdout(Stdio::piped())
             .spawn()
             .expect("python runs");
@@ -234,23 +234,45 @@ fn hashes(event: &Value) -> Vec<u64> {
         .collect()
 }
 
-#[tokio::test]
-async fn kv_events_reach_a_zeromq_subscriber_in_vllms_format() {
-    let port = TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let endpoint = format!("tcp://127.0.0.1:{port}");
+        .port()
+}
+
+#[tokio::test]
+async fn kv_events_reach_a_subscriber_that_connects_to_a_bound_endpoint() {
+    let port = free_port();
+    let heddle_binds = format!("tcp://*:{port}");
+    let subscriber_connects = format!("tcp://127.0.0.1:{port}");
+    kv_events_reach_a_subscriber(&heddle_binds, "connect", &subscriber_connects).await;
+}
+
+#[tokio::test]
+async fn kv_events_reach_a_subscriber_that_binds() {
+    let endpoint = format!("tcp://127.0.0.1:{}", free_port());
+    kv_events_reach_a_subscriber(&endpoint, "bind", &endpoint).await;
+}
+
+/// KV events of a server publishing on `endpoint`, read by a subscriber that `mode`s
+/// (binds or connects) `subscriber_endpoint`, are vLLM's events of the blocks heddle
+/// cached, evicted and cleared.
+async fn kv_events_reach_a_subscriber(endpoint: &str, mode: &str, subscriber_endpoint: &str) {
+    // A subscriber that binds is there before the server connects.
+    let bound_first =
+        (mode == "bind").then(|| Subscriber::start(mode, subscriber_endpoint, "heddle"));
     let mut config = test_config(vec![model("m")]);
     // Room for three requests' blocks: the fourth evicts cached ones.
     config.scheduler.num_blocks = 9;
     config.kv_events = Some(KvEventsConfig {
-        endpoint: endpoint.clone(),
+        endpoint: endpoint.to_string(),
         topic: "heddle".into(),
     });
     let server = start(config).await;
-    let subscriber = Subscriber::start(&endpoint, "heddle");
+    let subscriber =
+        bound_first.unwrap_or_else(|| Subscriber::start(mode, subscriber_endpoint, "heddle"));
     let patience = Duration::from_secs(30);
     assert!(subscriber
         .until(patience, |e| e["type"] == "subscribed")

@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Serve models over the OpenAI-compatible HTTP API (default: the embedded model on
     /// 127.0.0.1:8080).
-    Serve(config::ServeArgs),
+    Serve(Box<config::ServeArgs>),
     /// Generate a completion from a model, streaming it to stdout.
     Generate(generate::GenerateArgs),
     /// Benchmark an OpenAI-compatible server under load (TTFT, TPOT, ITL, throughput).
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let outcome = match Cli::parse().command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
     };

@@ -16,9 +16,12 @@ use heddle_core::SchedulerStats;
 
 use crate::metrics::{EngineReport, Family};
 
-/// Appends the three families, one sample per loaded model.
+/// Reads one gauge's value from a scheduler's counters.
+type GaugeOf = fn(&SchedulerStats) -> f64;
+
+/// Appends the families, one sample per loaded model.
 pub fn write(out: &mut String, engines: &[EngineReport]) {
-    let families: [(&str, &str, fn(&SchedulerStats) -> f64); 3] = [
+    let families: [(&str, &str, GaugeOf); 3] = [
         (
             "vllm:num_requests_waiting",
             "Number of requests waiting to be processed.",

@@ -106,7 +106,7 @@ async fn start_replica(http: &reqwest::Client, dir: &Path, name: &str) -> Proces
         .args(["--served-model-name", MODEL, "--kv-blocks", "1024"])
         .arg("--data-dir")
         .arg(dir.join(name))
-        .env("RUST_LOG", "warn");
+        .env("HEDDLE_LOG", "warn");
     let replica = Process::spawn(command, port, dir.join(format!("{name}.log")));
     let ready = eventually(STARTUP, || async {
         let response = http.get(format!("{}/ready", replica.base)).send().await;

@@ -623,6 +623,7 @@ impl Engine {
     }
 
     fn step(&mut self) {
+        let started = Instant::now();
         self.scheduler.schedule_into(&mut self.batch);
         let batch = &self.batch;
         if batch.is_empty() {
@@ -638,11 +639,15 @@ impl Engine {
             }
         }
         let mut failed_grammars = Vec::new();
+        let model_started = Instant::now();
         let result = match self.faults.take() {
             None => self.run_model(&mut failed_grammars),
             Some(StepFault::Fail) => Err("an injected step failure".to_string()),
             Some(StepFault::Panic) => panic!("an injected engine panic"),
         };
+        self.metrics
+            .model_step
+            .observe(model_started.elapsed().as_secs_f64());
         let outputs = match result {
             Ok(outputs) => outputs,
             Err(error) => {
@@ -672,6 +677,9 @@ impl Engine {
             self.deliver(event.id, event.token, event.finish, output, grammar);
         }
         self.publish_stats();
+        self.metrics
+            .engine_step
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Advances the grammars of the sequences that accepted a token this step, all at
@@ -733,12 +741,17 @@ impl Engine {
                 .map_err(|e| e.to_string());
         }
         let (runner, scheduler, metrics) = (&mut self.runner, &self.scheduler, &self.metrics);
-        std::thread::scope(|scope| {
-            let worker = scope.spawn(|| sequence_logits::compute(adjusted));
+        // The masks are computed on the mask threads (no thread is started per step) while
+        // this thread runs the step; the runner waits for them only before sampling.
+        sequence_logits::mask_pool().in_place_scope(|scope| {
+            let (sender, receiver) = mpsc::sync_channel(1);
+            scope.spawn(move |_| {
+                let _ = sender.send(sequence_logits::compute(adjusted));
+            });
             let pending = Box::new(|| {
                 let waiting = Instant::now();
-                let computed = worker
-                    .join()
+                let computed = receiver
+                    .recv()
                     .map_err(|_| "the grammar mask worker panicked".to_string())?;
                 metrics.record_grammar_masks(
                     computed.masked,

@@ -839,7 +839,12 @@ mod tests {
         }
         assert_eq!(
             chunks,
-            [(0, 4, Some(3)), (4, 4, Some(3)), (8, 2, Some(3)), (10, 1, None)],
+            [
+                (0, 4, Some(3)),
+                (4, 4, Some(3)),
+                (8, 2, Some(3)),
+                (10, 1, None)
+            ],
             "computed from the start despite the cache, scored until the first token"
         );
         assert_eq!(sched.stats().kv.prefix_hit_tokens, 0);

@@ -587,9 +587,7 @@ impl Engine {
         let stops = StopStringMatcher::new(&stop.stop_strings);
         let prompt_tokens = prompt.len();
         let wants_logprobs = sampling.logprobs || sampling.top_logprobs > 0;
-        let prompt_logprobs = sampling
-            .prompt_logprobs
-            .map(|_| vec![None; prompt_tokens]);
+        let prompt_logprobs = sampling.prompt_logprobs.map(|_| vec![None; prompt_tokens]);
         let core_request = Request {
             id,
             prompt,

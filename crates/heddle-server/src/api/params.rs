@@ -303,15 +303,10 @@ pub fn stop_criteria(common: &CommonFields) -> Result<StopCriteria, ApiError> {
 
 /// `max_tokens` (or `max_completion_tokens`) as asked, before the prompt is known: >= 1,
 /// or 0 with `echo` (to score the prompt and generate nothing).
-pub fn requested_max_tokens(
-    requested: Option<i64>,
-    echo: bool,
-) -> Result<Option<usize>, ApiError> {
+pub fn requested_max_tokens(requested: Option<i64>, echo: bool) -> Result<Option<usize>, ApiError> {
     match requested {
         None => Ok(None),
-        Some(n) if n >= 1 || (n == 0 && echo) => {
-            Ok(Some(usize::try_from(n).unwrap_or(usize::MAX)))
-        }
+        Some(n) if n >= 1 || (n == 0 && echo) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
         Some(0) => Err(ApiError::invalid_param(
             "max_tokens",
             "`max_tokens` must be at least 1, got 0 (0 is allowed only with `echo`, to \
@@ -650,10 +645,7 @@ mod tests {
         }))
         .unwrap();
         check_completion_fields(&completion).unwrap();
-        for (field, value) in [
-            ("best_of", json!(2)),
-            ("suffix", json!("end")),
-        ] {
+        for (field, value) in [("best_of", json!(2)), ("suffix", json!("end"))] {
             let completion: CompletionRequest =
                 serde_json::from_value(json!({"prompt": "x", field: value})).unwrap();
             let error = check_completion_fields(&completion).unwrap_err();

@@ -256,6 +256,7 @@ fn check_outputs_valid(
         while let Some(event) = s.events.blocking_recv() {
             match event {
                 EngineEvent::Token { token, .. } => tokens.push(token),
+                EngineEvent::PromptLogprobs(_) => {}
                 EngineEvent::Finished { reason: r, .. } => {
                     reason = Some(r);
                     break;
@@ -368,6 +369,7 @@ fn run(
         while let Some(event) = s.events.blocking_recv() {
             match event {
                 EngineEvent::Token { .. } => generated += 1,
+                EngineEvent::PromptLogprobs(_) => {}
                 EngineEvent::Finished { .. } => break,
             }
         }

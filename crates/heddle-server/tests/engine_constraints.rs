@@ -1,6 +1,7 @@
 //! Grammar constraints through the engine, with the real scheduler and CPU runner: a
 //! completed grammar ends the output even when end-of-sequence is ignored, and a runner
-//! that cannot apply masks refuses constrained requests instead of ignoring them.
+//! that cannot apply masks refuses constrained requests instead of ignoring them (and one
+//! that cannot score prompts refuses requests for prompt log-probabilities).
 
 use std::sync::Arc;
 
@@ -80,6 +81,7 @@ fn a_completed_grammar_ends_the_output_even_past_ignored_eos() {
         let finish = loop {
             match submitted.events.blocking_recv().expect("an event") {
                 EngineEvent::Token { text: piece, .. } => text.push_str(&piece),
+                EngineEvent::PromptLogprobs(_) => panic!("prompt log-probabilities not asked for"),
                 EngineEvent::Finished {
                     reason,
                     text: rest,
@@ -119,4 +121,45 @@ fn a_runner_without_masks_refuses_constrained_requests() {
         handle.submit_blocking(biased),
         Err(SubmitError::Invalid(_))
     ));
+}
+
+#[test]
+fn a_runner_that_cannot_score_prompts_refuses_prompt_logprobs() {
+    let handle = engine(|runner| Box::new(WithoutAdjustments(runner)));
+    let request = GenerationRequest {
+        prompt: handle.tokenizer().encode_prompt("Score me").unwrap(),
+        priority: Priority::Normal,
+        sampling: SamplingParams {
+            prompt_logprobs: Some(1),
+            ..SamplingParams::greedy()
+        },
+        stop: StopCriteria::new(0),
+        arrived: std::time::Instant::now(),
+        logits: SequenceLogits::default(),
+    };
+    match handle.submit_blocking(request.clone()) {
+        Err(SubmitError::Invalid(message)) => assert!(message.contains("echo"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The CPU runner scores it: the prompt's log-probabilities, then the end, no token.
+    let handle = engine(|runner| Box::new(runner));
+    let prompt_len = request.prompt.len();
+    let mut submitted = handle.submit_blocking(request).unwrap();
+    match submitted.events.blocking_recv() {
+        Some(EngineEvent::PromptLogprobs(scored)) => {
+            assert_eq!(scored.len(), prompt_len);
+            assert!(scored[0].is_none());
+            assert!(scored[1..]
+                .iter()
+                .all(|s| s.as_ref().is_some_and(|s| s.top.len() == 1)));
+        }
+        other => panic!("expected the prompt's log-probabilities, got {other:?}"),
+    }
+    match submitted.events.blocking_recv() {
+        Some(EngineEvent::Finished { reason, usage, .. }) => {
+            assert_eq!(reason, FinishReason::Length);
+            assert_eq!(usage.completion_tokens, 0);
+        }
+        other => panic!("expected the end, got {other:?}"),
+    }
 }

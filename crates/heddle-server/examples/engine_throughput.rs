@@ -276,6 +276,7 @@ fn check_outputs_valid(
         while let Some(event) = s.events.blocking_recv() {
             match event {
                 EngineEvent::Token { token, .. } => tokens.push(token),
+                EngineEvent::PromptLogprobs(_) => {}
                 EngineEvent::Finished { reason: r, .. } => {
                     reason = Some(r);
                     break;
@@ -414,6 +415,7 @@ fn run(
         while let Some(event) = s.events.blocking_recv() {
             match event {
                 EngineEvent::Token { .. } => generated += 1,
+                EngineEvent::PromptLogprobs(_) => {}
                 EngineEvent::Finished { .. } => break,
             }
         }

@@ -80,6 +80,10 @@ pub enum EngineEvent {
         text: String,
         logprobs: Option<TokenLogprobs>,
     },
+    /// The log-probabilities of the prompt's tokens, for a request with
+    /// `prompt_logprobs`: one entry per prompt token, the first `None` (nothing predicts
+    /// it). Sent once, before anything else.
+    PromptLogprobs(Vec<Option<TokenLogprobs>>),
     /// The request ended; nothing follows. `text` is output held back until now.
     Finished {
         reason: FinishReason,
@@ -292,6 +296,13 @@ struct Live {
     stopped: bool,
     logits: SequenceLogits,
     wants_logprobs: bool,
+    /// The prompt's log-probabilities by position, filled as its chunks are computed
+    /// (a recompute after preemption overwrites), until they are sent with the first
+    /// token; None when not asked for or already sent.
+    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    /// `max_tokens: 0` (to score the prompt): nothing is generated. The scheduler runs it
+    /// for one token, which is dropped.
+    generates_nothing: bool,
     usage: Usage,
     arrived: Instant,
     last_token: Option<Instant>,
@@ -552,6 +563,17 @@ impl Engine {
             arrived,
             logits,
         } = request;
+        if sampling.prompt_logprobs.is_some() && !self.runner.computes_prompt_logprobs() {
+            return Err(SubmitError::Invalid(
+                "This model's runner cannot compute prompt log-probabilities: `echo` with \
+                 `logprobs` is refused on it."
+                    .into(),
+            ));
+        }
+        let generates_nothing = stop.max_tokens == 0;
+        if generates_nothing {
+            stop.max_tokens = 1;
+        }
         if !logits.is_unchanged() && !self.runner.applies_logits_adjustments() {
             return Err(SubmitError::Invalid(
                 "This model's runner cannot apply grammar masks or logit biases: \
@@ -565,6 +587,7 @@ impl Engine {
         let stops = StopStringMatcher::new(&stop.stop_strings);
         let prompt_tokens = prompt.len();
         let wants_logprobs = sampling.logprobs || sampling.top_logprobs > 0;
+        let prompt_logprobs = sampling.prompt_logprobs.map(|_| vec![None; prompt_tokens]);
         let core_request = Request {
             id,
             prompt,
@@ -588,6 +611,8 @@ impl Engine {
                         logits,
                         stops,
                         wants_logprobs,
+                        prompt_logprobs,
+                        generates_nothing,
                         usage: Usage {
                             prompt_tokens,
                             ..Usage::default()
@@ -658,6 +683,19 @@ impl Engine {
                 return;
             }
         };
+        for scored in self.runner.take_prompt_logprobs() {
+            let slot = self
+                .live
+                .get_mut(&scored.id)
+                .and_then(|live| live.prompt_logprobs.as_mut())
+                .and_then(|prompt| prompt.get_mut(scored.position));
+            if let Some(slot) = slot {
+                *slot = Some(TokenLogprobs {
+                    logprob: scored.logprob,
+                    top: scored.top_logprobs,
+                });
+            }
+        }
         self.sampled.clear();
         self.sampled.extend(outputs.iter().map(SampledToken::from));
         let events = self.scheduler.update(&self.sampled);
@@ -780,6 +818,17 @@ impl Engine {
         let Some(live) = self.live.get_mut(&id) else {
             return;
         };
+        // The whole prompt was computed before this first token was sampled.
+        if let Some(prompt) = live.prompt_logprobs.take() {
+            debug_assert!(prompt.iter().skip(1).all(Option::is_some));
+            let _ = live.events.send(EngineEvent::PromptLogprobs(prompt));
+        }
+        if live.generates_nothing {
+            // Its only token, sampled because a step that ends a prompt samples one: the
+            // scheduler has already ended it (its max_tokens was 1).
+            self.end(id, FinishReason::Length);
+            return;
+        }
         live.usage.completion_tokens += 1;
         let now = Instant::now();
         match live.last_token.replace(now) {

@@ -442,7 +442,15 @@ fn completion_cases() -> Vec<Case> {
         ),
         case("best_of", json!(3), Refused),
         case("best_of", json!(1), Accepted),
-        case("echo", json!(true), Refused),
+        case(
+            "echo",
+            json!(true),
+            honoured(|b| {
+                b["choices"][0]["text"]
+                    .as_str()
+                    .is_some_and(|text| text.starts_with("The three primary colours are"))
+            }),
+        ),
         case("echo", json!(false), Accepted),
         case("suffix", json!(" and that was all."), Refused),
         case("suffix", json!(""), Accepted),

@@ -58,7 +58,6 @@ const COMPLETION_REQUEST: UnreadFields = UnreadFields {
     informational: INFORMATIONAL,
     unsupported: &[
         ("best_of", "best-of sampling"),
-        ("echo", "echoing the prompt"),
         ("suffix", "insertion before a suffix"),
     ],
 };
@@ -87,7 +86,6 @@ const STREAM_OPTIONS: UnreadFields = UnreadFields {
 fn asks_for_nothing_new(field: &str, value: &Value) -> bool {
     match field {
         "best_of" => value.as_i64() == Some(1),
-        "echo" => value == false,
         "suffix" => value == "",
         "functions" => value.as_array().is_some_and(Vec::is_empty),
         "modalities" => *value == json!(["text"]),
@@ -272,6 +270,8 @@ pub fn sampling(
         seed: common.seed.map(|s| s as u64),
         logprobs: logprobs.is_some(),
         top_logprobs: logprobs.unwrap_or(0),
+        // Set by the completions endpoint for `echo`.
+        prompt_logprobs: None,
     };
     params.validate()?;
     Ok(params)
@@ -301,11 +301,17 @@ pub fn stop_criteria(common: &CommonFields) -> Result<StopCriteria, ApiError> {
     Ok(stop)
 }
 
-/// `max_tokens` (or `max_completion_tokens`) as asked, before the prompt is known: >= 1.
-pub fn requested_max_tokens(requested: Option<i64>) -> Result<Option<usize>, ApiError> {
+/// `max_tokens` (or `max_completion_tokens`) as asked, before the prompt is known: >= 1,
+/// or 0 with `echo` (to score the prompt and generate nothing).
+pub fn requested_max_tokens(requested: Option<i64>, echo: bool) -> Result<Option<usize>, ApiError> {
     match requested {
         None => Ok(None),
-        Some(n) if n >= 1 => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+        Some(n) if n >= 1 || (n == 0 && echo) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+        Some(0) => Err(ApiError::invalid_param(
+            "max_tokens",
+            "`max_tokens` must be at least 1, got 0 (0 is allowed only with `echo`, to \
+             score the prompt).",
+        )),
         Some(n) => Err(ApiError::invalid_param(
             "max_tokens",
             format!("`max_tokens` must be at least 1, got {n}."),
@@ -635,15 +641,11 @@ mod tests {
         }))
         .unwrap();
         let completion: CompletionRequest = serde_json::from_value(json!({
-            "prompt": "x", "echo": false, "best_of": 1, "suffix": "", "user": "u"
+            "prompt": "x", "echo": true, "best_of": 1, "suffix": "", "user": "u"
         }))
         .unwrap();
         check_completion_fields(&completion).unwrap();
-        for (field, value) in [
-            ("echo", json!(true)),
-            ("best_of", json!(2)),
-            ("suffix", json!("end")),
-        ] {
+        for (field, value) in [("best_of", json!(2)), ("suffix", json!("end"))] {
             let completion: CompletionRequest =
                 serde_json::from_value(json!({"prompt": "x", field: value})).unwrap();
             let error = check_completion_fields(&completion).unwrap_err();
@@ -653,10 +655,12 @@ mod tests {
 
     #[test]
     fn max_tokens_respects_the_context() {
-        assert_eq!(requested_max_tokens(Some(5)).unwrap(), Some(5));
-        assert_eq!(requested_max_tokens(None).unwrap(), None);
+        assert_eq!(requested_max_tokens(Some(5), false).unwrap(), Some(5));
+        assert_eq!(requested_max_tokens(None, false).unwrap(), None);
+        assert_eq!(requested_max_tokens(Some(0), true).unwrap(), Some(0));
+        assert!(requested_max_tokens(Some(-1), true).is_err());
         for bad in [0, -3] {
-            let error = requested_max_tokens(Some(bad)).unwrap_err();
+            let error = requested_max_tokens(Some(bad), false).unwrap_err();
             assert_eq!(error.param.as_deref(), Some("max_tokens"));
         }
         assert_eq!(max_tokens(Some(5), None, 10, 100).unwrap(), 5);

@@ -217,6 +217,12 @@ fn shared_cases(text: fn(&Value) -> String) -> Vec<Case> {
             json!({"stream": true, "stream_options": {"frobnicate": true}}),
             Refused,
         ),
+        // Options for a stream nobody asked for, as OpenAI answers them.
+        case_with(
+            "stream_options",
+            json!({"stream_options": {"include_usage": true}}),
+            Refused,
+        ),
         // heddle's extensions.
         case("priority", json!("low"), honoured_quietly()),
         case(

@@ -138,6 +138,11 @@ pub fn check_completion_fields(request: &CompletionRequest) -> Result<(), ApiErr
 
 fn check_stream_options(common: &CommonFields) -> Result<(), ApiError> {
     match &common.stream_options {
+        // As OpenAI: options for a stream that is not asked for are a mistake.
+        Some(_) if common.stream != Some(true) => Err(ApiError::invalid_param(
+            "stream_options",
+            "`stream_options` is only allowed when `stream` is true.",
+        )),
         Some(options) => STREAM_OPTIONS.check("stream_options.", &options.unread),
         None => Ok(()),
     }
@@ -618,8 +623,11 @@ mod tests {
             "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b", "name": "bob"}]
         }));
         assert_eq!(refused_param(message), "messages[1].name");
-        let options = chat_fields(json!({"stream_options": {"include_usage": true, "x": 1}}));
+        let options =
+            chat_fields(json!({"stream": true, "stream_options": {"include_usage": true, "x": 1}}));
         assert_eq!(refused_param(options), "stream_options.x");
+        let without_stream = chat_fields(json!({"stream_options": {"include_usage": true}}));
+        assert_eq!(refused_param(without_stream), "stream_options");
         // A completions-only field is unknown to chat, and the other way round.
         assert_eq!(refused_param(chat_fields(json!({"echo": true}))), "echo");
         let completion: CompletionRequest =
@@ -636,7 +644,7 @@ mod tests {
             "prompt_cache_key": "k", "safety_identifier": "s",
             "web_search_options": null, "frobnicate": null, "tool_choice": "none", "tools": [],
             "logit_bias": {}, "response_format": {"type": "text"}, "modalities": ["text"],
-            "stream_options": {"include_obfuscation": false},
+            "stream": true, "stream_options": {"include_obfuscation": false},
             "messages": [{"role": "assistant", "content": "a", "refusal": null, "tool_calls": []}]
         }))
         .unwrap();

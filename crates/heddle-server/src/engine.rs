@@ -97,6 +97,12 @@ pub enum EngineEvent {
 pub enum SubmitError {
     #[error("{0}")]
     Invalid(String),
+    /// The request asks, through `param`, for what this engine's runner cannot do.
+    #[error("{message}")]
+    Unsupported {
+        param: &'static str,
+        message: &'static str,
+    },
     #[error("the waiting queue is full; retry later")]
     QueueFull,
     #[error("the engine has stopped")]
@@ -564,11 +570,11 @@ impl Engine {
             logits,
         } = request;
         if sampling.prompt_logprobs.is_some() && !self.runner.computes_prompt_logprobs() {
-            return Err(SubmitError::Invalid(
-                "This model's runner cannot compute prompt log-probabilities: `echo` with \
-                 `logprobs` is refused on it."
-                    .into(),
-            ));
+            return Err(SubmitError::Unsupported {
+                param: "echo",
+                message: "This model's runner cannot compute prompt log-probabilities: `echo` \
+                          with `logprobs` is refused on it.",
+            });
         }
         let generates_nothing = stop.max_tokens == 0;
         if generates_nothing {

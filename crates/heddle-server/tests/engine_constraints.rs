@@ -138,7 +138,10 @@ fn a_runner_that_cannot_score_prompts_refuses_prompt_logprobs() {
         logits: SequenceLogits::default(),
     };
     match handle.submit_blocking(request.clone()) {
-        Err(SubmitError::Invalid(message)) => assert!(message.contains("echo"), "{message}"),
+        Err(SubmitError::Unsupported { param, message }) => {
+            assert_eq!(param, "echo");
+            assert!(message.contains("echo"), "{message}");
+        }
         other => panic!("expected a refusal, got {other:?}"),
     }
     // The CPU runner scores it: the prompt's log-probabilities, then the end, no token.

@@ -62,6 +62,11 @@ pub async fn submit(
                 return Err(ApiError::queue_full(&model.id, 1));
             }
             Err(SubmitError::Invalid(message)) => return Err(ApiError::bad_request(message)),
+            Err(SubmitError::Unsupported { param, message }) => {
+                let mut error = ApiError::invalid_param(param, message);
+                error.code = Some("unsupported_parameter");
+                return Err(error);
+            }
             Err(SubmitError::Stopped) => return Err(unloaded(&model.id)),
         };
         sequences.push(Some(Sequence {

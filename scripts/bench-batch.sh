@@ -99,9 +99,8 @@ out, during = sys.argv[1], int(sys.argv[2])
 rows = []
 for label in ("idle", "with-batch"):
     r = json.load(open(os.path.join(out, f"{label}.json")))["result"]
-    lat = r["latency"]
-    rows.append((label, r["completed"], r["failed"], lat["ttft_ms"]["median"], lat["ttft_ms"]["p90"],
-                 lat["tpot_ms"]["median"], lat["tpot_ms"]["p90"], r["output_throughput"]))
+    rows.append((label, r["completed"], r["failed"], r["ttft_ms"]["median"], r["ttft_ms"]["p90"],
+                 r["tpot_ms"]["median"], r["tpot_ms"]["p90"], r["output_throughput"]))
 print("| interactive run | completed | failed | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | TPOT p90 ms | output tok/s |")
 print("|---|---|---|---|---|---|---|---|")
 for row in rows:

@@ -104,7 +104,7 @@ echo "== structured output on the GPU: Llama-3.2-1B shape, random weights, the e
   --concurrency 256 --json-schema --check-valid 256 2>"$LOGS/structured.log" \
   | tee "$LOGS/structured.txt" || STATUS=1
 grep -E "ERROR|panicked" "$LOGS/structured.log" | cut -c1-400
-sed -n 's/^| 256 | \([0-9.]*\) | \([0-9.]*\) | \([0-9.]*\) | \([0-9.]*\) | \([0-9.]*\) |$/RESULT structured free_tok_s=\1 schema_tok_s=\2 ratio=\3 mask_ms_per_step=\4 wait_ms_per_step=\5/p' \
+sed -n 's/^| 256 | \([0-9.]*\) | \([0-9.]*\) | \([0-9.]*\) | \([0-9.]*\) | \([0-9.]*\) | .*$/RESULT structured free_tok_s=\1 schema_tok_s=\2 ratio=\3 mask_ms_per_step=\4 wait_ms_per_step=\5/p' \
   "$LOGS/structured.txt" | tee -a "$LOGS/results.txt"
 grep "^RESULT structured_valid" "$LOGS/structured.txt" >>"$LOGS/results.txt"
 

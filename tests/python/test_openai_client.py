@@ -80,6 +80,30 @@ def test_completions_and_stream():
     assert pieces[-1].choices[0].finish_reason == "length"
 
 
+def test_echo_scores_the_prompt_as_the_generation_did():
+    # What lm-evaluation-harness's loglikelihood requests send.
+    prompt = "The capital of France is"
+    generated = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=1)
+    continuation = generated.choices[0].text
+    scored = client.completions.create(
+        model=MODEL, prompt=prompt + continuation, echo=True, logprobs=1, max_tokens=0, temperature=0
+    )
+    choice = scored.choices[0]
+    assert choice.text == prompt + continuation
+    assert choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.text_offset)
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    # The continuation's tokens, scored, have the log-probabilities their generation had
+    # (when re-tokenizing the text gives back the same tokens, as it does here).
+    tail = logprobs.token_logprobs[-len(generated.choices[0].logprobs.token_logprobs) :]
+    assert logprobs.tokens[-len(tail) :] == generated.choices[0].logprobs.tokens
+    for a, b in zip(tail, generated.choices[0].logprobs.token_logprobs):
+        assert abs(a - b) < 1e-4, (tail, generated.choices[0].logprobs.token_logprobs)
+
+
 def test_errors_become_the_client_exceptions():
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])

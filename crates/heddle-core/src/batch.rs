@@ -19,6 +19,12 @@ pub struct ScheduledSeq {
     /// last chunk of a prefill).
     pub needs_logits: bool,
     pub sampling: SamplingParams,
+    /// `Some(top-N)` when the runner must also return, for each of `tokens` whose next
+    /// token is a prompt token, that token's log-probability and the N most likely
+    /// alternatives: set while a request with `prompt_logprobs` computes its prompt the
+    /// first time, never once its first token was sampled (a recompute after preemption
+    /// then repeats nothing).
+    pub prompt_logprobs: Option<u32>,
     /// Tokens generated so far; with the seed it makes seeded sampling independent of
     /// the batch and of preemption.
     pub num_generated: usize,

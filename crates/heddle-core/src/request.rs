@@ -175,6 +175,11 @@ pub struct SamplingParams {
     pub logprobs: bool,
     /// How many alternatives with their log-probabilities (0..=20).
     pub top_logprobs: u32,
+    /// Return the log-probability of every prompt token after the first, given the tokens
+    /// before it, with this many alternatives (0..=20) — what scoring a text needs (the
+    /// legacy completions' `echo` with `logprobs`). The prompt is then computed, never
+    /// served from the prefix cache.
+    pub prompt_logprobs: Option<u32>,
 }
 
 impl Default for SamplingParams {
@@ -190,6 +195,7 @@ impl Default for SamplingParams {
             seed: None,
             logprobs: false,
             top_logprobs: 0,
+            prompt_logprobs: None,
         }
     }
 }
@@ -256,6 +262,12 @@ impl SamplingParams {
                     "must be in [0, {MAX_TOP_LOGPROBS}], got {}",
                     self.top_logprobs
                 ),
+            );
+        }
+        if let Some(top) = self.prompt_logprobs.filter(|&top| top > MAX_TOP_LOGPROBS) {
+            return bad(
+                "prompt_logprobs",
+                format!("must be in [0, {MAX_TOP_LOGPROBS}], got {top}"),
             );
         }
         Ok(())
@@ -515,6 +527,13 @@ mod tests {
                     ..Default::default()
                 },
                 "top_logprobs",
+            ),
+            (
+                SamplingParams {
+                    prompt_logprobs: Some(21),
+                    ..Default::default()
+                },
+                "prompt_logprobs",
             ),
         ];
         for (params, name) in cases {

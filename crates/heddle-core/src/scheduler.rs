@@ -161,6 +161,19 @@ impl Sequence {
     fn num_generated(&self) -> usize {
         self.tokens.len() - self.request.prompt.len()
     }
+
+    /// The top-N of the prompt log-probabilities still to compute: until the first token
+    /// is sampled, which happens only once the whole prompt was computed and scored.
+    fn prompt_logprobs_due(&self) -> Option<u32> {
+        self.request
+            .sampling
+            .prompt_logprobs
+            .filter(|_| self.num_generated() == 0)
+    }
+
+    fn scores_prompt(&self) -> bool {
+        self.prompt_logprobs_due().is_some()
+    }
 }
 
 /// The continuous-batching scheduler of one model.
@@ -486,7 +499,10 @@ impl Scheduler {
             (self.config.watermark * self.config.num_blocks as f64).ceil() as usize
         };
         let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
-        let (mut table, cached) = if self.config.enable_prefix_cache {
+        // A prompt whose log-probabilities are asked for must be computed: cached blocks
+        // hold its keys and values but not its logits. (Its blocks are still registered.)
+        let reuses_cache = self.config.enable_prefix_cache && !seq.scores_prompt();
+        let (mut table, cached) = if reuses_cache {
             self.pool.lookup_prefix(&seq.tokens, 1)
         } else {
             (BlockTable::default(), 0)
@@ -561,6 +577,7 @@ impl Scheduler {
                 block_table: Vec::new(),
                 needs_logits: false,
                 sampling: seq.request.sampling,
+                prompt_logprobs: None,
                 num_generated: 0,
             });
         }
@@ -574,6 +591,7 @@ impl Scheduler {
         slot.block_table.extend_from_slice(seq.table.blocks());
         slot.needs_logits = start + n == seq.tokens.len();
         slot.sampling = seq.request.sampling;
+        slot.prompt_logprobs = seq.prompt_logprobs_due();
         slot.num_generated = seq.num_generated();
     }
 
@@ -833,6 +851,106 @@ mod tests {
             ]
         );
         assert!(sched.drain_kv_events().is_empty());
+    }
+
+    #[test]
+    fn a_prompt_to_score_is_computed_in_full_and_scored_in_every_chunk() {
+        let mut cfg = config(32, 4);
+        cfg.prefill_chunk = 4;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        let a = req(1, 10, 1, Priority::Normal, 0.0);
+        let mut b = req(2, 10, 2, Priority::Normal, 1.0);
+        b.prompt = a.prompt.clone();
+        b.sampling.prompt_logprobs = Some(3);
+        sched.add(a).unwrap();
+        while sched.has_work() {
+            step(&mut sched);
+        }
+        assert!(sched.stats().kv.cached_blocks >= 2, "the prompt is cached");
+        sched.add(b).unwrap();
+        let mut chunks = Vec::new();
+        while sched.has_work() {
+            let (batch, _) = step(&mut sched);
+            let s = &batch.seqs[0];
+            chunks.push((s.start_position, s.tokens.len(), s.prompt_logprobs));
+        }
+        assert_eq!(
+            chunks,
+            [
+                (0, 4, Some(3)),
+                (4, 4, Some(3)),
+                (8, 2, Some(3)),
+                (10, 1, None)
+            ],
+            "computed from the start despite the cache, scored until the first token"
+        );
+        assert_eq!(sched.stats().kv.prefix_hit_tokens, 0);
+        assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn a_scored_prompt_is_not_scored_again_after_preemption() {
+        // As in the preemption test below: 3 is preempted after its first token.
+        let mut cfg = config(6, 4);
+        cfg.max_running = 3;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 8, 8, Priority::Normal, 0.0)).unwrap();
+        sched.add(req(2, 8, 8, Priority::Normal, 1.0)).unwrap();
+        let mut scored = req(3, 8, 8, Priority::Normal, 2.0);
+        scored.sampling.prompt_logprobs = Some(0);
+        sched.add(scored).unwrap();
+        let (batch, _) = step(&mut sched);
+        assert_eq!(batch.seqs[2].prompt_logprobs, Some(0));
+        let (batch, _) = step(&mut sched);
+        assert_eq!(batch.preempted, vec![3]);
+        while sched.status(1).is_some() || sched.status(2).is_some() {
+            step(&mut sched);
+        }
+        // Its prompt was scored and delivered with its first token: the recompute reuses
+        // the cached prompt and scores nothing.
+        let batch = sched.schedule();
+        let s = &batch.seqs[0];
+        assert_eq!((s.id, s.start_position, s.prompt_logprobs), (3, 8, None));
+        sched.update(&fake_sample(&batch));
+        while sched.has_work() {
+            step(&mut sched);
+        }
+        assert_no_leak(&sched);
+    }
+
+    #[test]
+    fn a_scored_prompt_preempted_during_its_prefill_is_scored_from_the_start() {
+        // 5 blocks of 4: the 16-token prompt's fourth chunk needs a fourth block while
+        // the other sequence holds two.
+        let mut cfg = config(5, 4);
+        cfg.max_running = 2;
+        cfg.prefill_chunk = 4;
+        let mut sched = Scheduler::new(cfg).unwrap();
+        sched.add(req(1, 4, 8, Priority::Normal, 0.0)).unwrap();
+        let mut scored = req(2, 16, 1, Priority::Normal, 1.0);
+        scored.sampling.prompt_logprobs = Some(1);
+        sched.add(scored).unwrap();
+        let mut starts = Vec::new();
+        while sched.has_work() {
+            let (batch, _) = step(&mut sched);
+            if !batch.preempted.is_empty() {
+                starts.push(None);
+            }
+            for s in batch.seqs.iter().filter(|s| s.id == 2) {
+                assert_eq!(s.prompt_logprobs, Some(1), "scored in every chunk");
+                starts.push(Some(s.start_position));
+            }
+        }
+        let preempted_at = starts
+            .iter()
+            .position(Option::is_none)
+            .expect("the long prompt ran out of blocks");
+        assert_eq!(
+            starts[preempted_at + 1],
+            Some(0),
+            "recomputed from the start: {starts:?}"
+        );
+        assert_no_leak(&sched);
     }
 
     #[test]

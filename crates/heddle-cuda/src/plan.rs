@@ -321,6 +321,7 @@ mod tests {
             block_table: table,
             needs_logits: true,
             sampling: SamplingParams::default(),
+            prompt_logprobs: None,
             num_generated: 0,
         }
     }

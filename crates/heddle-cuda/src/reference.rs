@@ -148,6 +148,7 @@ pub fn run(runner: &mut CudaRunner, job: &Job) -> anyhow::Result<Output> {
             block_table: tables[i].clone(),
             needs_logits,
             sampling: greedy,
+            prompt_logprobs: None,
             num_generated: generated,
         };
     // Logits by (prompt, position).

@@ -163,6 +163,7 @@ fn seq(id: RequestId, tokens: Vec<TokenId>, start: usize, table: &[u32]) -> Sche
         block_table: table.to_vec(),
         needs_logits: true,
         sampling: greedy(),
+        prompt_logprobs: None,
         num_generated: 0,
     }
 }
@@ -501,6 +502,7 @@ fn sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
         .enumerate()
         .map(|(i, p)| ScheduledSeq {
             sampling: *p,
+            prompt_logprobs: None,
             ..seq(i as RequestId, vec![0], 0, &[0])
         })
         .collect();
@@ -550,6 +552,7 @@ fn sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
         seqs: (0..draws)
             .map(|i| ScheduledSeq {
                 sampling: p,
+                prompt_logprobs: None,
                 num_generated: i,
                 ..seq(i as RequestId, vec![0], 0, &[0])
             })
@@ -665,6 +668,7 @@ fn adjusted_sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
             .enumerate()
             .map(|(i, (p, _))| ScheduledSeq {
                 sampling: *p,
+                prompt_logprobs: None,
                 ..seq(i as RequestId, vec![0], 0, &[0])
             })
             .collect(),
@@ -725,6 +729,7 @@ fn adjusted_sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
             );
             ScheduledSeq {
                 sampling: drawn,
+                prompt_logprobs: None,
                 num_generated: i,
                 ..seq(i as RequestId, vec![0], 0, &[0])
             }

@@ -11,8 +11,8 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvDtype};
 use crate::llama::{Llama, Logits, Scratch, SeqInput};
 use crate::logits_processing::{LogitsAdjustment, PendingAdjustments, StepAdjustments};
-use crate::runner::{ModelRunner, SampledOutput};
-use crate::sampling::Sampler;
+use crate::runner::{ModelRunner, PromptTokenLogprobs, SampledOutput};
+use crate::sampling::{token_logprobs, Sampler};
 
 pub struct CpuRunner {
     model: Llama,
@@ -21,6 +21,8 @@ pub struct CpuRunner {
     /// One per group of rows sampled in parallel (at most one per thread), each keeping
     /// its buffers from step to step.
     samplers: Vec<Sampler>,
+    /// The prompt log-probabilities of the last step, until the engine takes them.
+    prompt_logprobs: Vec<PromptTokenLogprobs>,
     gguf: Option<gguf_file::Content>,
 }
 
@@ -41,6 +43,7 @@ impl CpuRunner {
             cache,
             scratch: Scratch::default(),
             samplers: Vec::new(),
+            prompt_logprobs: Vec::new(),
             gguf: None,
         })
     }
@@ -77,12 +80,21 @@ impl ModelRunner for CpuRunner {
         true
     }
 
+    fn computes_prompt_logprobs(&self) -> bool {
+        true
+    }
+
+    fn take_prompt_logprobs(&mut self) -> Vec<PromptTokenLogprobs> {
+        std::mem::take(&mut self.prompt_logprobs)
+    }
+
     fn step_adjusted(
         &mut self,
         batch: &ScheduledBatch,
         history: &dyn SequenceTokens,
         adjustments: PendingAdjustments<'_>,
     ) -> Result<Vec<SampledOutput>, ModelError> {
+        self.prompt_logprobs.clear();
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -93,16 +105,22 @@ impl ModelRunner for CpuRunner {
                 tokens: &s.tokens,
                 start_position: s.start_position,
                 block_table: &s.block_table,
-                logits: if s.needs_logits {
+                logits: if s.prompt_logprobs.is_some() {
+                    Logits::All
+                } else if s.needs_logits {
                     Logits::Last
                 } else {
                     Logits::None
                 },
             })
             .collect();
-        let logits = self
+        let vocab = self.model.config().vocab_size;
+        let mut logits = self
             .model
             .forward(&inputs, &mut self.cache, &mut self.scratch)?;
+        if batch.seqs.iter().any(|s| s.prompt_logprobs.is_some()) {
+            logits = score_prompts(batch, history, logits, vocab, &mut self.prompt_logprobs);
+        }
         let adjustments = adjustments().map_err(ModelError::LogitsProcessing)?;
         let sampled: Vec<_> = batch
             .seqs
@@ -118,7 +136,6 @@ impl ModelRunner for CpuRunner {
         if sampled.is_empty() {
             return Ok(Vec::new());
         }
-        let vocab = self.model.config().vocab_size;
         // Rows are split into one contiguous group per thread, each group sampled with
         // its own sampler. Each row is sampled on its own, so the grouping changes nothing.
         let groups = sampled.len().min(rayon::current_num_threads());
@@ -137,6 +154,65 @@ impl ModelRunner for CpuRunner {
             sample_rows(&mut self.samplers[0], logits, &sampled, vocab).collect()
         })
     }
+}
+
+/// Scores the prompt tokens predicted by the rows of the sequences with `prompt_logprobs`
+/// (every row of theirs but one at the prompt's last position, which predicts the first
+/// generated token) into `scored`, then moves the rows to sample to the front, in batch
+/// order: the returned rows are those a forward pass without scoring would have given.
+fn score_prompts<'a>(
+    batch: &ScheduledBatch,
+    history: &dyn SequenceTokens,
+    logits: &'a mut [f32],
+    vocab: usize,
+    scored: &mut Vec<PromptTokenLogprobs>,
+) -> &'a mut [f32] {
+    // (row, sequence, position of the predicted token, that token, top-N)
+    let mut to_score = Vec::new();
+    let mut sampled_rows = Vec::new();
+    let mut row = 0;
+    for s in &batch.seqs {
+        let rows = match s.prompt_logprobs {
+            Some(top) => {
+                let tokens = history.sequence_tokens(s.id);
+                let prompt_len = history.prompt_len(s.id).min(tokens.len());
+                for (offset, position) in (s.start_position..s.end_position()).enumerate() {
+                    let next = position + 1;
+                    if next < prompt_len {
+                        to_score.push((row + offset, s.id, next, tokens[next], top as usize));
+                    }
+                }
+                s.tokens.len()
+            }
+            None => usize::from(s.needs_logits),
+        };
+        if s.needs_logits {
+            sampled_rows.push(row + rows - 1);
+        }
+        row += rows;
+    }
+    let rows: &[f32] = logits;
+    to_score
+        .par_iter()
+        .map_init(Vec::new, |ids, &(row, id, position, token, top)| {
+            let (logprob, top_logprobs) =
+                token_logprobs(&rows[row * vocab..][..vocab], token, top, ids);
+            PromptTokenLogprobs {
+                id,
+                position,
+                logprob,
+                top_logprobs,
+            }
+        })
+        .collect_into_vec(scored);
+    // Each sampled row moves to an index no later than its own: moving them in order
+    // never overwrites one still to move.
+    for (to, &from) in sampled_rows.iter().enumerate() {
+        if from != to {
+            logits.copy_within(from * vocab..(from + 1) * vocab, to * vocab);
+        }
+    }
+    &mut logits[..sampled_rows.len() * vocab]
 }
 
 /// A row to sample: its sequence, the sequence's tokens so far, its prompt length and

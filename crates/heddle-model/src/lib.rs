@@ -24,4 +24,4 @@ pub use cpu_runner::CpuRunner;
 pub use embedded::embedded_model_path;
 pub use error::ModelError;
 pub use loaded::{load_cpu, KvSize, LoadedModel};
-pub use runner::{ModelRunner, SampledOutput};
+pub use runner::{ModelRunner, PromptTokenLogprobs, SampledOutput};

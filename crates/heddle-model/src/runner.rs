@@ -42,6 +42,33 @@ pub trait ModelRunner: Send {
             "this runner cannot apply logit biases or grammar masks".into(),
         ))
     }
+
+    /// Whether the runner scores prompts: for each scheduled sequence with
+    /// `prompt_logprobs`, the log-probability of every prompt token its chunk predicts,
+    /// handed over by [`Self::take_prompt_logprobs`]. A runner that cannot must never be
+    /// given such a sequence: the engine refuses those requests.
+    fn computes_prompt_logprobs(&self) -> bool {
+        false
+    }
+
+    /// The prompt log-probabilities computed by the last step, in batch order and
+    /// position order within a sequence; empty for a runner that computes none.
+    fn take_prompt_logprobs(&mut self) -> Vec<PromptTokenLogprobs> {
+        Vec::new()
+    }
+}
+
+/// The log-probability of one prompt token given the tokens before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptTokenLogprobs {
+    pub id: RequestId,
+    /// The token's position in the prompt (>= 1: the first token has no predecessor).
+    pub position: usize,
+    /// log p(token) under the model's raw distribution, as [`SampledOutput::logprob`].
+    pub logprob: f32,
+    /// The sequence's `prompt_logprobs` most likely tokens at this position, most likely
+    /// first.
+    pub top_logprobs: Vec<(TokenId, f32)>,
 }
 
 /// The token sampled for one sequence, with the log-probabilities it asked for.

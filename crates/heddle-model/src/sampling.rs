@@ -78,9 +78,7 @@ impl Sampler {
         } else {
             0.0
         };
-        let top = top_indices(logits, params.top_logprobs as usize, &mut self.ids);
-        let mut top_logprobs = Vec::with_capacity(top.len());
-        top_logprobs.extend(top.iter().map(|&i| (i, logits[i as usize] - lse)));
+        let top_logprobs = top_logprobs(logits, lse, params.top_logprobs as usize, &mut self.ids);
         self.raw.clear();
         if let Some(adjustment) = adjustment {
             if params.logprobs {
@@ -256,6 +254,32 @@ pub fn sample(
     Sampler::default().sample(logits, params, history, prompt_len, num_generated)
 }
 
+/// The log-probability of `token` and of the `top` most likely tokens (most likely first,
+/// lowest id on ties) under a raw logits row: exactly what [`Sampler::sample`] reports
+/// when it samples `token` from that row, so a text scored token by token gets the
+/// log-probabilities its generation would have had. `ids` is working space.
+pub fn token_logprobs(
+    logits: &[f32],
+    token: TokenId,
+    top: usize,
+    ids: &mut Vec<TokenId>,
+) -> (f32, Vec<(TokenId, f32)>) {
+    let lse = log_sum_exp(logits);
+    (
+        logits[token as usize] - lse,
+        top_logprobs(logits, lse, top, ids),
+    )
+}
+
+/// The `n` most likely tokens of a row whose log-sum-exp is `lse`, with their
+/// log-probabilities.
+fn top_logprobs(logits: &[f32], lse: f32, n: usize, ids: &mut Vec<TokenId>) -> Vec<(TokenId, f32)> {
+    let top = top_indices(logits, n, ids);
+    let mut top_logprobs = Vec::with_capacity(top.len());
+    top_logprobs.extend(top.iter().map(|&i| (i, logits[i as usize] - lse)));
+    top_logprobs
+}
+
 /// log Σ exp(l), accumulated in f64 so that log-probabilities over a large vocabulary
 /// are normalised to f32 precision.
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
@@ -343,6 +367,27 @@ mod tests {
         // Successive draws of one request differ (they use different streams).
         let tokens = draws(&p);
         assert!(tokens.iter().any(|&t| t != tokens[0]));
+    }
+
+    #[test]
+    fn a_scored_token_has_the_log_probabilities_its_sampling_reports() {
+        let p = SamplingParams {
+            logprobs: true,
+            top_logprobs: 5,
+            repetition_penalty: 1.3,
+            seed: Some(7),
+            ..params(0.8)
+        };
+        let history = [3, 17, 17, 250];
+        for n in 0..20 {
+            let sampled = sample(&mut logits(), &p, &history, 2, n);
+            let (logprob, top) = token_logprobs(&logits(), sampled.token, 5, &mut Vec::new());
+            assert_eq!(Some(logprob), sampled.logprob);
+            assert_eq!(top, sampled.top_logprobs);
+        }
+        let (logprob, top) = token_logprobs(&[0.0, 0.0], 1, 2, &mut Vec::new());
+        assert!((logprob - 0.5f32.ln()).abs() < 1e-6);
+        assert_eq!(top.iter().map(|&(id, _)| id).collect::<Vec<_>>(), [0, 1]);
     }
 
     #[test]

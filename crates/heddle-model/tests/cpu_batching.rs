@@ -207,6 +207,7 @@ fn malformed_batches_are_refused() {
         block_table: vec![0],
         needs_logits: true,
         sampling: SamplingParams::greedy(),
+        prompt_logprobs: None,
         num_generated: 0,
     };
     let step = |runner: &mut heddle_model::CpuRunner, seq: ScheduledSeq| {

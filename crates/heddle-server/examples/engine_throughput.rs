@@ -111,9 +111,10 @@ fn main() -> anyhow::Result<()> {
     let mut single = None;
     if with_schema {
         println!(
-            "| concurrency | free tok/s | schema tok/s | ratio | mask ms/step | wait ms/step |"
+            "| concurrency | free tok/s | schema tok/s | ratio | mask ms/step | wait ms/step \
+             | free steps: n, model + engine ms | schema steps: n, model + engine ms |"
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|");
     } else {
         println!("| concurrency | output tok/s | seconds | speedup over 1 |");
         println!("|---|---|---|---|");
@@ -135,15 +136,19 @@ fn main() -> anyhow::Result<()> {
                 run(&engine, &prompts, Some(constraint))?;
             }
         }
+        let step_times = StepTimes::start(&metrics);
         let (free, seconds) = run(&engine, &prompts, None)?;
+        let free_steps = step_times.finish(&metrics);
         if let Some(constraint) = &constraint {
             let before = metrics.grammar_mask.count_and_sum();
             let waited_before = metrics.grammar_mask_wait.count_and_sum();
+            let step_times = StepTimes::start(&metrics);
             let (constrained, _) = run(&engine, &prompts, Some(constraint))?;
+            let schema_steps = step_times.finish(&metrics);
             let (steps, mask) = delta(metrics.grammar_mask.count_and_sum(), before);
             let (_, wait) = delta(metrics.grammar_mask_wait.count_and_sum(), waited_before);
             println!(
-                "| {n} | {free:.1} | {constrained:.1} | {:.3} | {:.3} | {:.3} |",
+                "| {n} | {free:.1} | {constrained:.1} | {:.3} | {:.3} | {:.3} | {free_steps} | {schema_steps} |",
                 constrained / free,
                 mask * 1e3 / steps,
                 wait * 1e3 / steps
@@ -271,6 +276,7 @@ fn check_outputs_valid(
         while let Some(event) = s.events.blocking_recv() {
             match event {
                 EngineEvent::Token { token, .. } => tokens.push(token),
+                EngineEvent::PromptLogprobs(_) => {}
                 EngineEvent::Finished { reason: r, .. } => {
                     reason = Some(r);
                     break;
@@ -346,6 +352,32 @@ fn cuda_runner(
     anyhow::bail!("--cuda-shape needs a build with `--features cuda`")
 }
 
+/// The engine's steps over a run: how many, and the mean time in the model runner and
+/// in the engine's own work around it.
+struct StepTimes {
+    model: (u64, f64),
+    whole: (u64, f64),
+}
+
+impl StepTimes {
+    fn start(metrics: &ModelMetrics) -> StepTimes {
+        StepTimes {
+            model: metrics.model_step.count_and_sum(),
+            whole: metrics.engine_step.count_and_sum(),
+        }
+    }
+
+    fn finish(&self, metrics: &ModelMetrics) -> String {
+        let (steps, model) = delta(metrics.model_step.count_and_sum(), self.model);
+        let (_, whole) = delta(metrics.engine_step.count_and_sum(), self.whole);
+        format!(
+            "{steps}, {:.3} + {:.3}",
+            model * 1e3 / steps,
+            (whole - model) * 1e3 / steps
+        )
+    }
+}
+
 fn delta(after: (u64, f64), before: (u64, f64)) -> (f64, f64) {
     ((after.0 - before.0).max(1) as f64, after.1 - before.1)
 }
@@ -383,6 +415,7 @@ fn run(
         while let Some(event) = s.events.blocking_recv() {
             match event {
                 EngineEvent::Token { .. } => generated += 1,
+                EngineEvent::PromptLogprobs(_) => {}
                 EngineEvent::Finished { .. } => break,
             }
         }

@@ -81,6 +81,10 @@ pub enum EngineEvent {
         text: String,
         logprobs: Option<TokenLogprobs>,
     },
+    /// The log-probabilities of the prompt's tokens, for a request with
+    /// `prompt_logprobs`: one entry per prompt token, the first `None` (nothing predicts
+    /// it). Sent once, before anything else.
+    PromptLogprobs(Vec<Option<TokenLogprobs>>),
     /// The request ended; nothing follows. `text` is output held back until now.
     Finished {
         reason: FinishReason,
@@ -94,6 +98,12 @@ pub enum EngineEvent {
 pub enum SubmitError {
     #[error("{0}")]
     Invalid(String),
+    /// The request asks, through `param`, for what this engine's runner cannot do.
+    #[error("{message}")]
+    Unsupported {
+        param: &'static str,
+        message: &'static str,
+    },
     #[error("the waiting queue is full; retry later")]
     QueueFull,
     #[error("the engine has stopped")]
@@ -296,6 +306,13 @@ struct Live {
     stopped: bool,
     logits: SequenceLogits,
     wants_logprobs: bool,
+    /// The prompt's log-probabilities by position, filled as its chunks are computed
+    /// (a recompute after preemption overwrites), until they are sent with the first
+    /// token; None when not asked for or already sent.
+    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    /// `max_tokens: 0` (to score the prompt): nothing is generated. The scheduler runs it
+    /// for one token, which is dropped.
+    generates_nothing: bool,
     usage: Usage,
     arrived: Instant,
     last_token: Option<Instant>,
@@ -566,6 +583,17 @@ impl Engine {
             arrived,
             logits,
         } = request;
+        if sampling.prompt_logprobs.is_some() && !self.runner.computes_prompt_logprobs() {
+            return Err(SubmitError::Unsupported {
+                param: "echo",
+                message: "This model's runner cannot compute prompt log-probabilities: `echo` \
+                          with `logprobs` is refused on it.",
+            });
+        }
+        let generates_nothing = stop.max_tokens == 0;
+        if generates_nothing {
+            stop.max_tokens = 1;
+        }
         if !logits.is_unchanged() && !self.runner.applies_logits_adjustments() {
             return Err(SubmitError::Invalid(
                 "This model's runner cannot apply grammar masks or logit biases: \
@@ -579,6 +607,7 @@ impl Engine {
         let stops = StopStringMatcher::new(&stop.stop_strings);
         let prompt_tokens = prompt.len();
         let wants_logprobs = sampling.logprobs || sampling.top_logprobs > 0;
+        let prompt_logprobs = sampling.prompt_logprobs.map(|_| vec![None; prompt_tokens]);
         let core_request = Request {
             id,
             prompt,
@@ -602,6 +631,8 @@ impl Engine {
                         logits,
                         stops,
                         wants_logprobs,
+                        prompt_logprobs,
+                        generates_nothing,
                         usage: Usage {
                             prompt_tokens,
                             ..Usage::default()
@@ -646,6 +677,7 @@ impl Engine {
     }
 
     fn compute_step(&mut self) {
+        let started = Instant::now();
         self.scheduler.schedule_into(&mut self.batch);
         let batch = &self.batch;
         if batch.is_empty() {
@@ -661,11 +693,15 @@ impl Engine {
             }
         }
         let mut failed_grammars = Vec::new();
+        let model_started = Instant::now();
         let result = match self.faults.take() {
             None => self.run_model(&mut failed_grammars),
             Some(StepFault::Fail) => Err("an injected step failure".to_string()),
             Some(StepFault::Panic) => panic!("an injected engine panic"),
         };
+        self.metrics
+            .model_step
+            .observe(model_started.elapsed().as_secs_f64());
         let outputs = match result {
             Ok(outputs) => outputs,
             Err(error) => {
@@ -676,6 +712,19 @@ impl Engine {
                 return;
             }
         };
+        for scored in self.runner.take_prompt_logprobs() {
+            let slot = self
+                .live
+                .get_mut(&scored.id)
+                .and_then(|live| live.prompt_logprobs.as_mut())
+                .and_then(|prompt| prompt.get_mut(scored.position));
+            if let Some(slot) = slot {
+                *slot = Some(TokenLogprobs {
+                    logprob: scored.logprob,
+                    top: scored.top_logprobs,
+                });
+            }
+        }
         self.sampled.clear();
         self.sampled.extend(outputs.iter().map(SampledToken::from));
         let events = self.scheduler.update(&self.sampled);
@@ -695,6 +744,9 @@ impl Engine {
             self.deliver(event.id, event.token, event.finish, output, grammar);
         }
         self.publish_stats();
+        self.metrics
+            .engine_step
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Advances the grammars of the sequences that accepted a token this step, all at
@@ -756,12 +808,17 @@ impl Engine {
                 .map_err(|e| e.to_string());
         }
         let (runner, scheduler, metrics) = (&mut self.runner, &self.scheduler, &self.metrics);
-        std::thread::scope(|scope| {
-            let worker = scope.spawn(|| sequence_logits::compute(adjusted));
+        // The masks are computed on the mask threads (no thread is started per step) while
+        // this thread runs the step; the runner waits for them only before sampling.
+        sequence_logits::mask_pool().in_place_scope(|scope| {
+            let (sender, receiver) = mpsc::sync_channel(1);
+            scope.spawn(move |_| {
+                let _ = sender.send(sequence_logits::compute(adjusted));
+            });
             let pending = Box::new(|| {
                 let waiting = Instant::now();
-                let computed = worker
-                    .join()
+                let computed = receiver
+                    .recv()
                     .map_err(|_| "the grammar mask worker panicked".to_string())?;
                 metrics.record_grammar_masks(
                     computed.masked,
@@ -790,6 +847,17 @@ impl Engine {
         let Some(live) = self.live.get_mut(&id) else {
             return;
         };
+        // The whole prompt was computed before this first token was sampled.
+        if let Some(prompt) = live.prompt_logprobs.take() {
+            debug_assert!(prompt.iter().skip(1).all(Option::is_some));
+            let _ = live.events.send(EngineEvent::PromptLogprobs(prompt));
+        }
+        if live.generates_nothing {
+            // Its only token, sampled because a step that ends a prompt samples one: the
+            // scheduler has already ended it (its max_tokens was 1).
+            self.end(id, FinishReason::Length);
+            return;
+        }
         live.usage.completion_tokens += 1;
         let now = Instant::now();
         match live.last_token.replace(now) {

@@ -100,6 +100,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 out.write_all(text.as_bytes())?;
                 out.flush()?;
             }
+            // Never asked for here.
+            EngineEvent::PromptLogprobs(_) => {}
             EngineEvent::Finished {
                 reason,
                 text,

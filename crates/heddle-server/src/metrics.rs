@@ -25,6 +25,9 @@ const INTER_TOKEN_BUCKETS: &[f64] = &[
 const GRAMMAR_MASK_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 ];
+const STEP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 const END_TO_END_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
@@ -87,6 +90,12 @@ pub struct ModelMetrics {
     pub grammar_mask: Histogram,
     /// ... and how long sampling then still waited for them (what the masks cost the step).
     pub grammar_mask_wait: Histogram,
+    /// Per engine step: the model runner's share (forward pass, sampling, the wait for
+    /// the device) ...
+    pub model_step: Histogram,
+    /// ... and the whole step, scheduling and delivering the tokens included; the
+    /// difference is the engine's own time, when a GPU has nothing to do.
+    pub engine_step: Histogram,
     prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
     /// Finished sequences by reason: stop, length, cancelled, error.
@@ -114,6 +123,8 @@ impl Default for ModelMetrics {
             end_to_end_latency: Histogram::new(END_TO_END_BUCKETS),
             grammar_mask: Histogram::new(GRAMMAR_MASK_BUCKETS),
             grammar_mask_wait: Histogram::new(GRAMMAR_MASK_BUCKETS),
+            model_step: Histogram::new(STEP_BUCKETS),
+            engine_step: Histogram::new(STEP_BUCKETS),
             prompt_tokens: AtomicU64::default(),
             generation_tokens: AtomicU64::default(),
             finished: Default::default(),
@@ -336,7 +347,7 @@ impl Metrics {
                 m.rejected_queue_full.load(Ordering::Relaxed) as f64,
             );
         }
-        let histograms: [(&str, &str, HistogramOf); 5] = [
+        let histograms: [(&str, &str, HistogramOf); 7] = [
             (
                 "heddle_time_to_first_token_seconds",
                 "Time from request arrival to the first generated token.",
@@ -363,6 +374,17 @@ impl Metrics {
                 "Per step with grammar-constrained sequences: time sampling waited for the \
                  masks after the forward pass.",
                 |m| &m.grammar_mask_wait,
+            ),
+            (
+                "heddle_model_step_seconds",
+                "Per engine step: time in the model runner (forward pass, sampling, the wait \
+                 for the device).",
+                |m| &m.model_step,
+            ),
+            (
+                "heddle_engine_step_seconds",
+                "Per engine step: the whole step, scheduling and delivering tokens included.",
+                |m| &m.engine_step,
             ),
         ];
         for (name, help, pick) in histograms {

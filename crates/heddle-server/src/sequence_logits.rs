@@ -50,6 +50,7 @@ pub struct ComputedAdjustments {
 }
 
 /// Computes the adjustments of `seqs` (each sequence sampled this step that has any).
+/// Runs on a mask thread (see [`mask_pool`]).
 pub fn compute(seqs: Vec<(RequestId, &mut SequenceLogits)>) -> ComputedAdjustments {
     let started = Instant::now();
     let masked = seqs.iter().filter(|(_, s)| s.constraint.is_some()).count();
@@ -95,23 +96,26 @@ pub fn compute(seqs: Vec<(RequestId, &mut SequenceLogits)>) -> ComputedAdjustmen
 pub fn accept_tokens(
     accepted: Vec<(RequestId, &mut TokenConstraint, TokenId)>,
 ) -> Vec<(RequestId, Result<bool, String>)> {
-    mask_pool().install(|| {
-        accepted
-            .into_par_iter()
-            .map(|(id, constraint, token)| {
-                let result = constraint
-                    .accept(token)
-                    .map(|()| constraint.is_complete())
-                    .map_err(|e| e.0);
-                (id, result)
-            })
-            .collect()
-    })
+    let accept = |(id, constraint, token): (RequestId, &mut TokenConstraint, TokenId)| {
+        let result = constraint
+            .accept(token)
+            .map(|()| constraint.is_complete())
+            .map_err(|e| e.0);
+        (id, result)
+    };
+    // Waking the mask threads costs about as much as a few dozen tokens.
+    if accepted.len() < PARALLEL_ACCEPT_MIN {
+        return accepted.into_iter().map(accept).collect();
+    }
+    mask_pool().install(|| accepted.into_par_iter().map(accept).collect())
 }
+
+/// Fewer tokens than this are accepted on the engine thread.
+const PARALLEL_ACCEPT_MIN: usize = 64;
 
 /// Threads that compute masks, apart from the forward pass's: half the cores, at least
 /// one. Shared by every engine of the process.
-fn mask_pool() -> &'static rayon::ThreadPool {
+pub fn mask_pool() -> &'static rayon::ThreadPool {
     static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
     POOL.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use api_support::{assert_error, model, model_path, post_json, start, test_config};
+use api_support::{assert_error, model, model_path, post_json, start, test_config, ADMIN_KEY};
+use heddle_server::api::auth::{ApiKey, KeyTier};
 use serde_json::{json, Value};
 
 const MODEL: &str = "smollm2";
@@ -529,6 +530,91 @@ async fn files_and_batches_list_page_and_refuse_what_they_do_not_take() {
     )
     .await;
     assert_error(status, &body, 409, "invalid_request_error");
+    server.server.shutdown().await.unwrap();
+}
+
+/// A client that sends `key` with every request.
+fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = format!("Bearer {key}").parse().expect("a header value");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("a client")
+}
+
+#[tokio::test]
+async fn each_api_key_sees_only_its_own_files_and_batches() {
+    let mut config = test_config(vec![model(MODEL)]);
+    config.api_keys = ["sk-alice", "sk-bob"]
+        .map(|key| ApiKey {
+            key: key.into(),
+            tier: KeyTier::any(),
+        })
+        .to_vec();
+    let server = start(config).await;
+    let base = server.base.as_str();
+    let (alice, bob, admin) = (
+        client_with_key("sk-alice"),
+        client_with_key("sk-bob"),
+        client_with_key(ADMIN_KEY),
+    );
+    let content = jsonl(&[chat_line("a", greedy_chat("Hi.", 2))]);
+    let (status, file) = upload(&alice, base, "batch", &content).await;
+    assert_eq!(status, 200, "{file}");
+    let file_id = file["id"].as_str().unwrap();
+    let batch = create_batch(&alice, base, file_id, "/v1/chat/completions").await;
+    let batch_id = batch["id"].as_str().unwrap();
+
+    // To another key, alice's file and batch do not exist.
+    for path in [
+        format!("/v1/files/{file_id}"),
+        format!("/v1/files/{file_id}/content"),
+        format!("/v1/batches/{batch_id}"),
+    ] {
+        let response = bob.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+    }
+    let response = bob
+        .delete(format!("{base}/v1/files/{file_id}"))
+        .send()
+        .await;
+    assert_eq!(response.unwrap().status(), 404);
+    let cancel = format!("{base}/v1/batches/{batch_id}/cancel");
+    let (status, body) = post_json(&bob, &cancel, &json!({})).await;
+    assert_error(status, &body, 404, "invalid_request_error");
+    let (status, body) = post_json(
+        &bob,
+        &format!("{base}/v1/batches"),
+        &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                "completion_window": "24h"}),
+    )
+    .await;
+    assert_error(status, &body, 404, "invalid_request_error");
+    for list in ["/v1/files", "/v1/batches"] {
+        let (_, page) = get_json(&bob, &format!("{base}{list}")).await;
+        assert_eq!(page["data"], json!([]), "{list}");
+        let (_, page) = get_json(&admin, &format!("{base}{list}")).await;
+        assert_eq!(page["data"].as_array().unwrap().len(), 1, "{list}");
+    }
+
+    // Alice's results are hers too.
+    let done = wait_for(&alice, base, batch_id, &["completed"]).await;
+    let output = done["output_file_id"].as_str().unwrap();
+    assert_eq!(
+        file_lines(&alice, base, &done["output_file_id"])
+            .await
+            .len(),
+        1
+    );
+    let response = bob
+        .get(format!("{base}/v1/files/{output}/content"))
+        .send()
+        .await;
+    assert_eq!(response.unwrap().status(), 404);
+    let (status, _) = get_json(&admin, &format!("{base}/v1/files/{output}")).await;
+    assert_eq!(status, 200);
     server.server.shutdown().await.unwrap();
 }
 

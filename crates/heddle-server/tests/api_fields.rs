@@ -217,6 +217,12 @@ fn shared_cases(text: fn(&Value) -> String) -> Vec<Case> {
             json!({"stream": true, "stream_options": {"frobnicate": true}}),
             Refused,
         ),
+        // Options for a stream nobody asked for, as OpenAI answers them.
+        case_with(
+            "stream_options",
+            json!({"stream_options": {"include_usage": true}}),
+            Refused,
+        ),
         // heddle's extensions.
         case("priority", json!("low"), honoured_quietly()),
         case(
@@ -442,7 +448,15 @@ fn completion_cases() -> Vec<Case> {
         ),
         case("best_of", json!(3), Refused),
         case("best_of", json!(1), Accepted),
-        case("echo", json!(true), Refused),
+        case(
+            "echo",
+            json!(true),
+            honoured(|b| {
+                b["choices"][0]["text"]
+                    .as_str()
+                    .is_some_and(|text| text.starts_with("The three primary colours are"))
+            }),
+        ),
         case("echo", json!(false), Accepted),
         case("suffix", json!(" and that was all."), Refused),
         case("suffix", json!(""), Accepted),

@@ -141,5 +141,15 @@ async fn every_ending_is_counted_once_whoever_ended_it() {
         3.0
     );
     assert_eq!(metrics.model_value("heddle_kv_blocks_used", MODEL), 0.0);
+    // Every step that ran the model is timed, in the runner and as a whole (the engine
+    // may be between the two at the moment of reading).
+    let steps = metrics.model_value("heddle_engine_step_seconds_count", MODEL);
+    let model_steps = metrics.model_value("heddle_model_step_seconds_count", MODEL);
+    assert!(steps >= 1.0, "{}", metrics.0);
+    assert!(
+        (0.0..=1.0).contains(&(model_steps - steps)),
+        "{}",
+        metrics.0
+    );
     server.server.shutdown().await.unwrap();
 }

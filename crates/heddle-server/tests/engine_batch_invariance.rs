@@ -62,6 +62,7 @@ fn collect(mut submitted: Submitted) -> Vec<TokenId> {
     while let Some(event) = submitted.events.blocking_recv() {
         match event {
             EngineEvent::Token { token, .. } => tokens.push(token),
+            EngineEvent::PromptLogprobs(_) => panic!("prompt log-probabilities not asked for"),
             EngineEvent::Finished { reason, usage, .. } => {
                 assert_eq!(reason, FinishReason::Length);
                 assert_eq!(usage.completion_tokens, OUTPUT_TOKENS);

@@ -1,6 +1,7 @@
 //! Grammar constraints through the engine, with the real scheduler and CPU runner: a
 //! completed grammar ends the output even when end-of-sequence is ignored, and a runner
-//! that cannot apply masks refuses constrained requests instead of ignoring them.
+//! that cannot apply masks refuses constrained requests instead of ignoring them (and one
+//! that cannot score prompts refuses requests for prompt log-probabilities).
 
 use std::sync::Arc;
 
@@ -80,6 +81,7 @@ fn a_completed_grammar_ends_the_output_even_past_ignored_eos() {
         let finish = loop {
             match submitted.events.blocking_recv().expect("an event") {
                 EngineEvent::Token { text: piece, .. } => text.push_str(&piece),
+                EngineEvent::PromptLogprobs(_) => panic!("prompt log-probabilities not asked for"),
                 EngineEvent::Finished {
                     reason,
                     text: rest,
@@ -119,4 +121,132 @@ fn a_runner_without_masks_refuses_constrained_requests() {
         handle.submit_blocking(biased),
         Err(SubmitError::Invalid(_))
     ));
+}
+
+#[test]
+fn a_runner_that_cannot_score_prompts_refuses_prompt_logprobs() {
+    let handle = engine(|runner| Box::new(WithoutAdjustments(runner)));
+    let request = GenerationRequest {
+        prompt: handle.tokenizer().encode_prompt("Score me").unwrap(),
+        priority: Priority::Normal,
+        sampling: SamplingParams {
+            prompt_logprobs: Some(1),
+            ..SamplingParams::greedy()
+        },
+        stop: StopCriteria::new(0),
+        arrived: std::time::Instant::now(),
+        logits: SequenceLogits::default(),
+    };
+    match handle.submit_blocking(request.clone()) {
+        Err(SubmitError::Unsupported { param, message }) => {
+            assert_eq!(param, "echo");
+            assert!(message.contains("echo"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The CPU runner scores it: the prompt's log-probabilities, then the end, no token.
+    let handle = engine(|runner| Box::new(runner));
+    let prompt_len = request.prompt.len();
+    let mut submitted = handle.submit_blocking(request).unwrap();
+    match submitted.events.blocking_recv() {
+        Some(EngineEvent::PromptLogprobs(scored)) => {
+            assert_eq!(scored.len(), prompt_len);
+            assert!(scored[0].is_none());
+            assert!(scored[1..]
+                .iter()
+                .all(|s| s.as_ref().is_some_and(|s| s.top.len() == 1)));
+        }
+        other => panic!("expected the prompt's log-probabilities, got {other:?}"),
+    }
+    match submitted.events.blocking_recv() {
+        Some(EngineEvent::Finished { reason, usage, .. }) => {
+            assert_eq!(reason, FinishReason::Length);
+            assert_eq!(usage.completion_tokens, 0);
+        }
+        other => panic!("expected the end, got {other:?}"),
+    }
+}
+
+/// The prompt log-probabilities of `prompt`, with `busy` requests running alongside.
+fn score_among(handle: &EngineHandle, prompt: &[u32], busy: usize) -> Vec<Option<f32>> {
+    let others: Vec<_> = (0..busy)
+        .map(|i| {
+            let filler = format!("Request {i} tells a long story about ships. ").repeat(8);
+            let request = GenerationRequest {
+                prompt: handle.tokenizer().encode_prompt(&filler).unwrap(),
+                priority: Priority::Normal,
+                sampling: SamplingParams::greedy(),
+                stop: StopCriteria {
+                    ignore_eos: true,
+                    ..StopCriteria::new(120)
+                },
+                arrived: std::time::Instant::now(),
+                logits: SequenceLogits::default(),
+            };
+            handle.submit_blocking(request).unwrap()
+        })
+        .collect();
+    let request = GenerationRequest {
+        prompt: prompt.to_vec(),
+        priority: Priority::Low,
+        sampling: SamplingParams {
+            prompt_logprobs: Some(0),
+            ..SamplingParams::greedy()
+        },
+        stop: StopCriteria {
+            ignore_eos: true,
+            ..StopCriteria::new(40)
+        },
+        arrived: std::time::Instant::now(),
+        logits: SequenceLogits::default(),
+    };
+    let mut submitted = handle.submit_blocking(request).unwrap();
+    let mut scored = None;
+    while let Some(event) = submitted.events.blocking_recv() {
+        match event {
+            EngineEvent::PromptLogprobs(logprobs) => {
+                assert!(scored.is_none(), "sent once");
+                scored = Some(logprobs);
+            }
+            EngineEvent::Token { .. } => assert!(scored.is_some(), "sent before the first token"),
+            EngineEvent::Finished { reason, .. } => {
+                assert_eq!(reason, FinishReason::Length);
+                break;
+            }
+        }
+    }
+    for mut other in others {
+        while other.events.blocking_recv().is_some() {}
+    }
+    scored
+        .expect("the prompt's log-probabilities")
+        .into_iter()
+        .map(|s| s.map(|s| s.logprob))
+        .collect()
+}
+
+#[test]
+fn preemption_neither_loses_nor_repeats_prompt_logprobs() {
+    let handle = engine(|runner| Box::new(runner));
+    let prompt = handle
+        .tokenizer()
+        .encode_prompt(&"The quick brown fox jumps over the lazy dog. ".repeat(12))
+        .unwrap();
+    let alone = score_among(&handle, &prompt, 0);
+    let before = handle.stats().preemptions;
+    // Five sequences of ~200 tokens each do not fit 32 blocks of 16: the least urgent,
+    // the scored one, is preempted and recomputed.
+    let crowded = score_among(&handle, &prompt, 4);
+    assert!(
+        handle.stats().preemptions > before,
+        "the test needs a preemption"
+    );
+    assert_eq!(alone.len(), prompt.len());
+    for (i, (a, b)) in alone.iter().zip(&crowded).enumerate() {
+        match (a, b) {
+            (Some(a), Some(b)) => assert!((a - b).abs() < 1e-4, "position {i}: {a} vs {b}"),
+            (None, None) => assert_eq!(i, 0),
+            _ => panic!("position {i}: {a:?} vs {b:?}"),
+        }
+    }
 }

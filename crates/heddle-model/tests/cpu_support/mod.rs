@@ -116,6 +116,7 @@ impl Driver {
                 block_table: s.blocks.clone(),
                 needs_logits: end == s.tokens.len(),
                 sampling: s.params,
+                prompt_logprobs: None,
                 num_generated: s.tokens.len() - s.prompt_len,
             });
         }

@@ -180,6 +180,24 @@ impl AccessControl {
         found
     }
 
+    /// Whose files and batches a caller of an API route sees: everyone's when the API
+    /// needs no key or the key is an admin key, else the key's own.
+    pub fn scope(&self, group: RouteGroup, authorization: Option<&str>) -> Scope {
+        if group != RouteGroup::Api || self.api_open {
+            return Scope::All;
+        }
+        let Some(presented) = authorization.and_then(bearer_token) else {
+            return Scope::All;
+        };
+        match self.role_of(presented) {
+            Some(Role::Api(_)) => {
+                let digest = Sha256::digest(presented.as_bytes());
+                Scope::Key(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+            }
+            _ => Scope::All,
+        }
+    }
+
     /// Who is calling a route of `group`, given the request's `Authorization` header.
     pub fn authorize(
         &self,
@@ -246,6 +264,32 @@ fn admin_disabled() -> ApiError {
     error
 }
 
+/// The namespace of a caller's files and batches (see [`AccessControl::scope`]). A
+/// key's namespace is named by a prefix of its SHA-256 digest, never by the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Key(String),
+}
+
+impl Scope {
+    /// The owner recorded on what this caller creates: None when it is everyone's.
+    pub fn owner(&self) -> Option<String> {
+        match self {
+            Scope::All => None,
+            Scope::Key(owner) => Some(owner.clone()),
+        }
+    }
+
+    /// Whether this caller sees an object of `owner`.
+    pub fn sees(&self, owner: Option<&str>) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Key(mine) => owner == Some(mine.as_str()),
+        }
+    }
+}
+
 /// The caller of a request, as the access layer found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
@@ -284,7 +328,9 @@ pub async fn check_access(
         .and_then(|value| value.to_str().ok());
     match state.access.authorize(group, authorization) {
         Ok(caller) => {
+            let scope = state.access.scope(group, authorization);
             request.extensions_mut().insert(caller);
+            request.extensions_mut().insert(scope);
             next.run(request).await
         }
         Err(error) => error.into_response(),
@@ -298,6 +344,18 @@ impl FromRequestParts<AppState> for Caller {
         parts
             .extensions
             .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("The request skipped the access check."))
+    }
+}
+
+impl FromRequestParts<AppState> for Scope {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Scope>()
             .cloned()
             .ok_or_else(|| ApiError::internal("The request skipped the access check."))
     }
@@ -394,6 +452,24 @@ mod tests {
             }
         }
         assert_eq!(status(&access, "/health", None), StatusCode::OK);
+    }
+
+    #[test]
+    fn each_api_key_has_its_own_scope_and_admin_keys_see_all() {
+        let access = with_keys(false);
+        let scope = |key: &str| access.scope(RouteGroup::Api, Some(&format!("Bearer {key}")));
+        let (batch, app) = (scope("sk-batch"), scope("sk-app"));
+        assert!(matches!(&batch, Scope::Key(id) if id.len() == 16 && !id.contains("sk-")));
+        assert_ne!(batch, app);
+        assert_eq!(batch, scope("sk-batch"));
+        assert_eq!(scope("sk-owner"), Scope::All);
+        assert!(batch.sees(batch.owner().as_deref()) && !batch.sees(app.owner().as_deref()));
+        assert!(!batch.sees(None) && Scope::All.sees(batch.owner().as_deref()));
+        let open = AccessControl::default();
+        assert_eq!(
+            open.scope(RouteGroup::Api, Some("Bearer sk-batch")),
+            Scope::All
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use heddle_core::{FinishReason, TokenId};
+use heddle_model::detokenizer::IncrementalDetokenizer;
 use heddle_model::tokenizer::Tokenizer;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -61,6 +62,11 @@ pub async fn submit(
                 return Err(ApiError::queue_full(&model.id, 1));
             }
             Err(SubmitError::Invalid(message)) => return Err(ApiError::bad_request(message)),
+            Err(SubmitError::Unsupported { param, message }) => {
+                let mut error = ApiError::invalid_param(param, message);
+                error.code = Some("unsupported_parameter");
+                return Err(error);
+            }
             Err(SubmitError::Stopped) => return Err(unloaded(&model.id)),
         };
         sequences.push(Some(Sequence {
@@ -201,12 +207,55 @@ impl TokenRecord {
     }
 }
 
+/// A prompt returned before its completion (`echo`): its tokens, its text (the tokens
+/// decoded as generated text is) and where each token's text starts in it, in characters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EchoedPrompt {
+    pub tokens: Vec<TokenId>,
+    pub text: String,
+    pub text_offsets: Vec<usize>,
+}
+
+impl EchoedPrompt {
+    /// Decodes `tokens` one by one, as the engine decodes generated tokens, so that a
+    /// token's offset is where the text it completes starts.
+    pub fn new(tokenizer: &Arc<Tokenizer>, tokens: &[TokenId]) -> Result<Self, ApiError> {
+        let mut detokenizer = IncrementalDetokenizer::new(tokenizer.clone(), true);
+        let decode_error = |error: heddle_model::tokenizer::TokenizerError| {
+            ApiError::internal(format!("the prompt could not be decoded: {error}"))
+        };
+        let mut text = String::new();
+        let mut chars = 0;
+        let mut text_offsets = Vec::with_capacity(tokens.len());
+        for &token in tokens {
+            text_offsets.push(chars);
+            let piece = detokenizer.push(token).map_err(decode_error)?;
+            chars += piece.chars().count();
+            text.push_str(&piece);
+        }
+        text.push_str(&detokenizer.finish().map_err(decode_error)?);
+        Ok(EchoedPrompt {
+            tokens: tokens.to_vec(),
+            text,
+            text_offsets,
+        })
+    }
+
+    /// Characters of the echoed text: where the completion's text starts.
+    pub fn char_count(&self) -> usize {
+        self.text.chars().count()
+    }
+}
+
 /// A finished choice of a non-streaming request.
 #[derive(Debug)]
 pub struct FinishedChoice {
     pub index: usize,
+    pub prompt_index: usize,
     pub text: String,
     pub tokens: Vec<TokenRecord>,
+    /// The prompt's log-probabilities, when asked for (see [`EngineEvent::PromptLogprobs`]).
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     pub reason: FinishReason,
 }
 
@@ -227,8 +276,10 @@ pub async fn collect(
     let mut choices: Vec<FinishedChoice> = (0..count)
         .map(|index| FinishedChoice {
             index,
+            prompt_index: 0,
             text: String::new(),
             tokens: Vec::new(),
+            prompt_logprobs: None,
             reason: FinishReason::Stop,
         })
         .collect();
@@ -242,7 +293,9 @@ pub async fn collect(
     }) = mux.next().await
     {
         let choice = &mut choices[index];
+        choice.prompt_index = prompt_index;
         match event {
+            EngineEvent::PromptLogprobs(logprobs) => choice.prompt_logprobs = Some(logprobs),
             EngineEvent::Token {
                 token,
                 text,
@@ -349,19 +402,36 @@ pub fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[TokenRecord]) -> ChatLogpr
     }
 }
 
-/// Completions' parallel lists.
-pub fn completion_logprobs(tokenizer: &Tokenizer, tokens: &[TokenRecord]) -> CompletionLogprobs {
+/// Completions' parallel lists: the echoed prompt's tokens first, when given with their
+/// log-probabilities (the first token's are null), then the generated `tokens`.
+pub fn completion_logprobs(
+    tokenizer: &Tokenizer,
+    prompt: Option<(&EchoedPrompt, &[Option<TokenLogprobs>])>,
+    tokens: &[TokenRecord],
+) -> CompletionLogprobs {
     let mut logprobs = CompletionLogprobs::default();
-    for record in tokens {
-        logprobs.tokens.push(token_piece(tokenizer, record.token).0);
-        logprobs.token_logprobs.push(record.logprob);
-        logprobs.top_logprobs.push(TokenLogprobMap(
-            record
-                .top
-                .iter()
+    let alternatives = |top: &[(TokenId, f32)]| {
+        TokenLogprobMap(
+            top.iter()
                 .map(|&(id, logprob)| (token_piece(tokenizer, id).0, logprob))
                 .collect(),
-        ));
+        )
+    };
+    if let Some((echoed, prompt_logprobs)) = prompt {
+        for (position, &token) in echoed.tokens.iter().enumerate() {
+            let scored = prompt_logprobs.get(position).and_then(Option::as_ref);
+            logprobs.tokens.push(token_piece(tokenizer, token).0);
+            logprobs.token_logprobs.push(scored.map(|s| s.logprob));
+            logprobs
+                .top_logprobs
+                .push(scored.map(|s| alternatives(&s.top)));
+            logprobs.text_offset.push(echoed.text_offsets[position]);
+        }
+    }
+    for record in tokens {
+        logprobs.tokens.push(token_piece(tokenizer, record.token).0);
+        logprobs.token_logprobs.push(Some(record.logprob));
+        logprobs.top_logprobs.push(Some(alternatives(&record.top)));
         logprobs.text_offset.push(record.text_offset);
     }
     logprobs

@@ -58,6 +58,16 @@ pub fn logit_bias(
         biases.push((token, bias as f32));
     }
     biases.sort_unstable_by_key(|&(token, _)| token);
+    // "5" and "05" are one token: refused rather than added twice.
+    if let Some(pair) = biases.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(ApiError::invalid_param(
+            "logit_bias",
+            format!(
+                "Token {} appears twice in `logit_bias` (keys that name the same id).",
+                pair[0].0
+            ),
+        ));
+    }
     Ok(biases.into())
 }
 
@@ -78,6 +88,7 @@ mod tests {
             json!({"x": 1}),
             json!({"1": 100.5}),
             json!({"1": "5"}),
+            json!({"5": 1, "05": 2}),
             json!([1]),
         ] {
             let error = logit_bias(Some(&bad), 10).unwrap_err();

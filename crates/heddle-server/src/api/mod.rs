@@ -20,7 +20,7 @@
 //!   an engine failure is 500. In a stream, whose status is already sent, the error
 //!   arrives as `data: {"error": ...}` followed by `data: [DONE]`.
 //! - With `n` > 1 and a `seed`, choice i uses seed + i so that the choices differ.
-//! - A request field heddle does not implement (`echo`, `suffix`, ...)
+//! - A request field heddle does not implement (`suffix`, `best_of`, ...)
 //!   or does not know is refused with a 400 naming it, never ignored; informational ones
 //!   (`user`, `metadata`, ...) are accepted (docs/API.md lists every field).
 //! - `logprobs` token texts of partial UTF-8 characters show U+FFFD.

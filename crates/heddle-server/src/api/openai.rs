@@ -93,6 +93,9 @@ pub struct CompletionRequest {
     pub prompt: Option<Value>,
     /// How many alternatives per token to return (0 returns only the chosen token's).
     pub logprobs: Option<i64>,
+    /// Return the prompt before the completion, with its tokens' log-probabilities when
+    /// `logprobs` is set.
+    pub echo: Option<bool>,
     /// Declared after `common`, whose fields serde takes first: only the rest lands here.
     #[serde(flatten)]
     pub unread: Map<String, Value>,
@@ -244,8 +247,10 @@ pub struct CompletionChoice {
 #[derive(Debug, Default, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<TokenLogprobMap>,
+    /// null for an echoed prompt's first token, which nothing predicts.
+    pub token_logprobs: Vec<Option<f32>>,
+    /// null where `token_logprobs` is.
+    pub top_logprobs: Vec<Option<TokenLogprobMap>>,
     /// Character offset of each token in the choice's text.
     pub text_offset: Vec<usize>,
 }
@@ -305,12 +310,12 @@ mod tests {
             ["frobnicate", "user"]
         );
         let request: CompletionRequest = serde_json::from_str(
-            r#"{"prompt": "x", "seed": 1, "echo": false,
+            r#"{"prompt": "x", "seed": 1, "suffix": "",
                 "stream_options": {"include_usage": true, "include_obfuscation": false}}"#,
         )
         .unwrap();
         assert_eq!(request.common.seed, Some(1));
-        assert_eq!(request.unread.keys().collect::<Vec<_>>(), ["echo"]);
+        assert_eq!(request.unread.keys().collect::<Vec<_>>(), ["suffix"]);
         let options = request.common.stream_options.unwrap();
         assert_eq!(options.include_usage, Some(true));
         assert_eq!(

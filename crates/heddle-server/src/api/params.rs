@@ -74,7 +74,6 @@ const COMPLETION_REQUEST: UnreadFields = UnreadFields {
     informational: INFORMATIONAL,
     unsupported: &[
         ("best_of", "best-of sampling"),
-        ("echo", "echoing the prompt"),
         ("suffix", "insertion before a suffix"),
         SGLANG_SKIP_SPECIAL_TOKENS,
         SGLANG_NO_STOP_TRIM,
@@ -106,7 +105,6 @@ const STREAM_OPTIONS: UnreadFields = UnreadFields {
 fn asks_for_nothing_new(field: &str, value: &Value) -> bool {
     match field {
         "best_of" => value.as_i64() == Some(1),
-        "echo" => value == false,
         "suffix" => value == "",
         "functions" => value.as_array().is_some_and(Vec::is_empty),
         "modalities" => *value == json!(["text"]),
@@ -165,6 +163,11 @@ pub fn check_completion_fields(request: &CompletionRequest) -> Result<(), ApiErr
 
 fn check_stream_options(common: &CommonFields) -> Result<(), ApiError> {
     match &common.stream_options {
+        // As OpenAI: options for a stream that is not asked for are a mistake.
+        Some(_) if common.stream != Some(true) => Err(ApiError::invalid_param(
+            "stream_options",
+            "`stream_options` is only allowed when `stream` is true.",
+        )),
         Some(options) => STREAM_OPTIONS.check("stream_options.", &options.unread),
         None => Ok(()),
     }
@@ -297,6 +300,8 @@ pub fn sampling(
         seed: common.seed.map(|s| s as u64),
         logprobs: logprobs.is_some(),
         top_logprobs: logprobs.unwrap_or(0),
+        // Set by the completions endpoint for `echo`.
+        prompt_logprobs: None,
     };
     params.validate()?;
     Ok(params)
@@ -326,11 +331,17 @@ pub fn stop_criteria(common: &CommonFields) -> Result<StopCriteria, ApiError> {
     Ok(stop)
 }
 
-/// `max_tokens` (or `max_completion_tokens`) as asked, before the prompt is known: >= 1.
-pub fn requested_max_tokens(requested: Option<i64>) -> Result<Option<usize>, ApiError> {
+/// `max_tokens` (or `max_completion_tokens`) as asked, before the prompt is known: >= 1,
+/// or 0 with `echo` (to score the prompt and generate nothing).
+pub fn requested_max_tokens(requested: Option<i64>, echo: bool) -> Result<Option<usize>, ApiError> {
     match requested {
         None => Ok(None),
-        Some(n) if n >= 1 => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+        Some(n) if n >= 1 || (n == 0 && echo) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
+        Some(0) => Err(ApiError::invalid_param(
+            "max_tokens",
+            "`max_tokens` must be at least 1, got 0 (0 is allowed only with `echo`, to \
+             score the prompt).",
+        )),
         Some(n) => Err(ApiError::invalid_param(
             "max_tokens",
             format!("`max_tokens` must be at least 1, got {n}."),
@@ -637,8 +648,11 @@ mod tests {
             "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b", "name": "bob"}]
         }));
         assert_eq!(refused_param(message), "messages[1].name");
-        let options = chat_fields(json!({"stream_options": {"include_usage": true, "x": 1}}));
+        let options =
+            chat_fields(json!({"stream": true, "stream_options": {"include_usage": true, "x": 1}}));
         assert_eq!(refused_param(options), "stream_options.x");
+        let without_stream = chat_fields(json!({"stream_options": {"include_usage": true}}));
+        assert_eq!(refused_param(without_stream), "stream_options");
         // A completions-only field is unknown to chat, and the other way round.
         assert_eq!(refused_param(chat_fields(json!({"echo": true}))), "echo");
         let completion: CompletionRequest =
@@ -655,20 +669,16 @@ mod tests {
             "prompt_cache_key": "k", "safety_identifier": "s",
             "web_search_options": null, "frobnicate": null, "tool_choice": "none", "tools": [],
             "logit_bias": {}, "response_format": {"type": "text"}, "modalities": ["text"],
-            "stream_options": {"include_obfuscation": false},
+            "stream": true, "stream_options": {"include_obfuscation": false},
             "messages": [{"role": "assistant", "content": "a", "refusal": null, "tool_calls": []}]
         }))
         .unwrap();
         let completion: CompletionRequest = serde_json::from_value(json!({
-            "prompt": "x", "echo": false, "best_of": 1, "suffix": "", "user": "u"
+            "prompt": "x", "echo": true, "best_of": 1, "suffix": "", "user": "u"
         }))
         .unwrap();
         check_completion_fields(&completion).unwrap();
-        for (field, value) in [
-            ("echo", json!(true)),
-            ("best_of", json!(2)),
-            ("suffix", json!("end")),
-        ] {
+        for (field, value) in [("best_of", json!(2)), ("suffix", json!("end"))] {
             let completion: CompletionRequest =
                 serde_json::from_value(json!({"prompt": "x", field: value})).unwrap();
             let error = check_completion_fields(&completion).unwrap_err();
@@ -706,10 +716,12 @@ mod tests {
 
     #[test]
     fn max_tokens_respects_the_context() {
-        assert_eq!(requested_max_tokens(Some(5)).unwrap(), Some(5));
-        assert_eq!(requested_max_tokens(None).unwrap(), None);
+        assert_eq!(requested_max_tokens(Some(5), false).unwrap(), Some(5));
+        assert_eq!(requested_max_tokens(None, false).unwrap(), None);
+        assert_eq!(requested_max_tokens(Some(0), true).unwrap(), Some(0));
+        assert!(requested_max_tokens(Some(-1), true).is_err());
         for bad in [0, -3] {
-            let error = requested_max_tokens(Some(bad)).unwrap_err();
+            let error = requested_max_tokens(Some(bad), false).unwrap_err();
             assert_eq!(error.param.as_deref(), Some("max_tokens"));
         }
         assert_eq!(max_tokens(Some(5), None, 10, 100).unwrap(), 5);

@@ -18,7 +18,9 @@ use heddle_model::tokenizer::Tokenizer;
 
 use super::auth::Caller;
 use super::errors::ApiError;
-use super::generation::{self, chat_logprobs, completion_logprobs, finish_reason_name};
+use super::generation::{
+    self, chat_logprobs, completion_logprobs, finish_reason_name, EchoedPrompt,
+};
 use super::logit_bias::logit_bias;
 use super::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, CommonFields, Completion,
@@ -177,13 +179,14 @@ fn check_common(
     common: &CommonFields,
     max_tokens: Option<i64>,
     logprobs: params::LogprobRequest,
+    echo: bool,
 ) -> Result<Checked, ApiError> {
     Ok(Checked {
         model: params::model_name(common)?.to_string(),
         priority: caller.priority(params::priority(common.priority.as_ref())?)?,
         sampling: params::sampling(common, logprobs)?,
         stop: params::stop_criteria(common)?,
-        max_tokens: params::requested_max_tokens(max_tokens)?,
+        max_tokens: params::requested_max_tokens(max_tokens, echo)?,
         n: params::choices(common)?,
         stream: common.stream.unwrap_or(false),
         include_usage: common
@@ -317,7 +320,7 @@ pub async fn chat(
     params::check_chat_fields(&request)?;
     let logprobs = params::chat_logprobs(request.logprobs, request.top_logprobs)?;
     let requested_max = request.max_completion_tokens.or(request.common.max_tokens);
-    let checked = check_common(caller, &request.common, requested_max, logprobs)?;
+    let checked = check_common(caller, &request.common, requested_max, logprobs, false)?;
     let messages = params::chat_messages(request.messages.as_deref())?;
     let tools = tools::tool_request(
         request.tools.as_ref(),
@@ -376,6 +379,7 @@ pub async fn chat(
             prompt_count: 1,
             include_usage: checked.include_usage,
             tools,
+            echoes: None,
         };
         return Ok(Reply::Stream(sse::response(
             header, mux, tokenizer, failure,
@@ -512,7 +516,18 @@ pub async fn completion(
 ) -> Result<Reply<Completion>, ApiError> {
     params::check_completion_fields(&request)?;
     let logprobs = params::completion_logprobs(request.logprobs)?;
-    let checked = check_common(caller, &request.common, request.common.max_tokens, logprobs)?;
+    let echo = request.echo.unwrap_or(false);
+    let mut checked = check_common(
+        caller,
+        &request.common,
+        request.common.max_tokens,
+        logprobs,
+        echo,
+    )?;
+    if echo {
+        // The echoed prompt's tokens get as many alternatives as the generated ones.
+        checked.sampling.prompt_logprobs = logprobs;
+    }
     let model = state.model(&checked.model).await?;
     let prompts = params::prompts(request.prompt.as_ref(), model.vocab_size)?;
     if prompts.len() * checked.n > params::MAX_N {
@@ -526,6 +541,16 @@ pub async fn completion(
     }
     let logits = sequence_logits(&model, &request.common, checked.grammar.clone()).await?;
     let prompts = tokenize_prompts(&model, prompts).await?;
+    let echoes = if echo {
+        let tokenizer = model.engine.tokenizer();
+        let echoes = prompts
+            .iter()
+            .map(|prompt| EchoedPrompt::new(tokenizer, prompt))
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(Arc::new(echoes))
+    } else {
+        None
+    };
 
     let mut requests = Vec::with_capacity(prompts.len() * checked.n);
     for (prompt_index, prompt) in prompts.iter().enumerate() {
@@ -562,6 +587,7 @@ pub async fn completion(
             prompt_count: prompts.len(),
             include_usage: checked.include_usage,
             tools: None,
+            echoes,
         };
         return Ok(Reply::Stream(sse::response(
             header, mux, tokenizer, failure,
@@ -571,11 +597,23 @@ pub async fn completion(
     let choices = collected
         .choices
         .into_iter()
-        .map(|choice| CompletionChoice {
-            index: choice.index,
-            logprobs: logprobs.map(|_| completion_logprobs(&tokenizer, &choice.tokens)),
-            text: choice.text,
-            finish_reason: Some(finish_reason_name(choice.reason)),
+        .map(|mut choice| {
+            let echoed = echoes.as_ref().map(|e| &e[choice.prompt_index]);
+            let mut text = choice.text;
+            if let Some(echoed) = echoed {
+                let shift = echoed.char_count();
+                for record in &mut choice.tokens {
+                    record.text_offset += shift;
+                }
+                text.insert_str(0, &echoed.text);
+            }
+            let prompt = echoed.zip(choice.prompt_logprobs.as_deref());
+            CompletionChoice {
+                index: choice.index,
+                logprobs: logprobs.map(|_| completion_logprobs(&tokenizer, prompt, &choice.tokens)),
+                text,
+                finish_reason: Some(finish_reason_name(choice.reason)),
+            }
         })
         .collect();
     Ok(Reply::Whole(Completion {

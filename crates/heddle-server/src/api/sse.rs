@@ -8,6 +8,9 @@
 //! A sequence that ends abnormally (see `generation::finish_error`) ends the stream with
 //! `data: {"error": {...}}` and `data: [DONE]`; the other choices are cancelled.
 //!
+//! Completions with `echo`: each choice's first chunk is its prompt (with the prompt's
+//! log-probabilities when asked for), sent when the choice's first event arrives.
+//!
 //! Log-probabilities ride on the chunk that carries their token's text; tokens whose text
 //! is still held back (a partial character, a possible stop string) wait for it.
 //!
@@ -28,8 +31,8 @@ use heddle_model::tokenizer::Tokenizer;
 
 use super::errors::ApiError;
 use super::generation::{
-    chat_logprobs, completion_logprobs, finish_reason_name, EventMux, SequenceEvent, TokenRecord,
-    UsageTally,
+    chat_logprobs, completion_logprobs, finish_reason_name, EchoedPrompt, EventMux, SequenceEvent,
+    TokenRecord, UsageTally,
 };
 use super::openai::{
     ChatChunkChoice, ChatCompletionChunk, Completion, CompletionChoice, Delta, Usage,
@@ -59,6 +62,8 @@ pub struct StreamHeader {
     /// A chat request's tools: each choice's text is held back until it ends, then sent
     /// as one content delta, or as `tool_calls` deltas when it made calls.
     pub tools: Option<Arc<ToolRequest>>,
+    /// A completions request's prompts, by prompt index, when it asked for `echo`.
+    pub echoes: Option<Arc<Vec<EchoedPrompt>>>,
 }
 
 /// The SSE response for a request's sequences. `failure` maps abnormal finishes to the
@@ -92,6 +97,8 @@ struct ChunkStream<F> {
     sent_chars: Vec<usize>,
     /// Per choice: text held back while tool calls may be in it.
     held: Vec<String>,
+    /// Per choice: whether its echoed prompt was sent.
+    echoed: Vec<bool>,
     usage: UsageTally,
     out: VecDeque<Event>,
     started: bool,
@@ -111,6 +118,7 @@ where
         pending: vec![Vec::new(); header.choice_count],
         sent_chars: vec![0; header.choice_count],
         held: vec![String::new(); header.choice_count],
+        echoed: vec![false; header.choice_count],
         usage: UsageTally::new(header.prompt_count),
         header,
         mux,
@@ -167,7 +175,19 @@ where
             self.done = true;
             return;
         };
+        if let Some(echoes) = self.header.echoes.clone() {
+            if !self.echoed[index] {
+                self.echoed[index] = true;
+                let prompt_logprobs = match &event {
+                    EngineEvent::PromptLogprobs(logprobs) => Some(logprobs.as_slice()),
+                    _ => None,
+                };
+                self.push_echo(index, &echoes[prompt_index], prompt_logprobs);
+            }
+        }
         match event {
+            // Sent with the echoed prompt, the only place they are asked for.
+            EngineEvent::PromptLogprobs(_) => {}
             EngineEvent::Token {
                 token,
                 text,
@@ -251,6 +271,32 @@ where
         );
     }
 
+    /// A choice's echoed prompt, with its log-probabilities when the request has them.
+    fn push_echo(
+        &mut self,
+        index: usize,
+        echoed: &EchoedPrompt,
+        prompt_logprobs: Option<&[Option<crate::engine::TokenLogprobs>]>,
+    ) {
+        self.sent_chars[index] += echoed.char_count();
+        let logprobs = prompt_logprobs
+            .map(|scored| completion_logprobs(&self.tokenizer, Some((echoed, scored)), &[]));
+        let chunk = Completion {
+            id: self.header.id.clone(),
+            object: "text_completion",
+            created: self.header.created,
+            model: self.header.model.clone(),
+            choices: vec![CompletionChoice {
+                index,
+                text: echoed.text.clone(),
+                logprobs,
+                finish_reason: None,
+            }],
+            usage: None,
+        };
+        self.push_json(&chunk);
+    }
+
     fn push_text(&mut self, index: usize, text: String) {
         if self.header.tools.is_some() {
             // Sent when the choice ends (see `finish_with_tools`); logprobs wait with it.
@@ -303,7 +349,8 @@ where
         tokens: Vec<TokenRecord>,
         finish_reason: Option<&'static str>,
     ) {
-        let logprobs = (!tokens.is_empty()).then(|| completion_logprobs(&self.tokenizer, &tokens));
+        let logprobs =
+            (!tokens.is_empty()).then(|| completion_logprobs(&self.tokenizer, None, &tokens));
         let chunk = Completion {
             id: self.header.id.clone(),
             object: "text_completion",

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use super::objects::{BatchEndpoint, BatchObject, BatchStatus, ListPage, RequestCounts};
 use super::store::BatchRecord;
 use super::{list_query, no_such, unknown_cursor, unrecognized};
-use crate::api::auth::Caller;
+use crate::api::auth::{Caller, Scope};
 use crate::api::errors::ApiError;
 use crate::api::routes::new_id;
 use crate::api::{unix_now, AppState, JsonBody};
@@ -41,6 +41,7 @@ pub struct CreateBatch {
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
+    scope: Scope,
     JsonBody(request): JsonBody<CreateBatch>,
 ) -> Result<Json<BatchObject>, ApiError> {
     if let Some((name, _)) = request.unread.iter().find(|(_, value)| !value.is_null()) {
@@ -67,7 +68,9 @@ pub async fn create(
         ));
     }
     let metadata = check_metadata(request.metadata)?;
-    let file = state.batches.store.file(input_file_id.clone()).await?;
+    let file = (state.batches.store)
+        .file(input_file_id.clone(), scope.owner())
+        .await?;
     match file {
         None => return Err(no_such("File", &input_file_id)),
         Some(file) if file.purpose != "batch" => {
@@ -85,6 +88,7 @@ pub async fn create(
     let batch = BatchRecord {
         status: BatchStatus::Validating,
         caller,
+        owner: scope.owner(),
         object: BatchObject {
             id: new_id("batch_"),
             object: "batch",
@@ -148,19 +152,26 @@ fn check_metadata(metadata: Option<Value>) -> Result<Option<Value>, ApiError> {
 
 pub async fn retrieve(
     State(state): State<AppState>,
-    _caller: Caller,
+    scope: Scope,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<BatchObject>, ApiError> {
     let Path(id) = id.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
-    let batch = state.batches.store.batch(id.clone()).await?;
-    batch
+    visible_batch(&state, &scope, &id)
+        .await
         .map(|batch| Json(batch.object))
-        .ok_or_else(|| no_such("Batch", &id))
+}
+
+/// The batch `id` if `scope` sees it; another key's batch is as unknown as a missing one.
+async fn visible_batch(state: &AppState, scope: &Scope, id: &str) -> Result<BatchRecord, ApiError> {
+    let batch = state.batches.store.batch(id.to_string()).await?;
+    batch
+        .filter(|batch| scope.sees(batch.owner.as_deref()))
+        .ok_or_else(|| no_such("Batch", id))
 }
 
 pub async fn list(
     State(state): State<AppState>,
-    _caller: Caller,
+    scope: Scope,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<ListPage<BatchObject>>, ApiError> {
     let Query(params) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
@@ -169,7 +180,7 @@ pub async fn list(
     let (batches, has_more) = state
         .batches
         .store
-        .list_batches(query)
+        .list_batches(query, scope.owner())
         .await?
         .ok_or_else(|| unknown_cursor(after.as_deref()))?;
     let objects = batches.into_iter().map(|batch| batch.object).collect();
@@ -181,10 +192,11 @@ pub async fn list(
 /// it as it is; one that already ended otherwise is a 409.
 pub async fn cancel(
     State(state): State<AppState>,
-    _caller: Caller,
+    scope: Scope,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<BatchObject>, ApiError> {
     let Path(id) = id.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    visible_batch(&state, &scope, &id).await?;
     let store = &state.batches.store;
     let moved = store
         .move_status(

@@ -13,7 +13,7 @@ use axum::Json;
 
 use super::objects::{DeletedFile, FileObject, ListPage};
 use super::{list_query, no_such, unknown_cursor, unrecognized};
-use crate::api::auth::Caller;
+use crate::api::auth::Scope;
 use crate::api::errors::ApiError;
 use crate::api::{unix_now, AppState};
 
@@ -23,7 +23,7 @@ const DEFAULT_LIST_LIMIT: usize = 10_000;
 
 pub async fn upload(
     State(state): State<AppState>,
-    _caller: Caller,
+    scope: Scope,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<FileObject>, ApiError> {
     let multipart = multipart.map_err(|rejection| {
@@ -53,7 +53,13 @@ pub async fn upload(
     let file = state
         .batches
         .store
-        .insert_file(filename, purpose, content.to_vec(), unix_now())
+        .insert_file(
+            filename,
+            purpose,
+            content.to_vec(),
+            unix_now(),
+            scope.owner(),
+        )
         .await?;
     tracing::info!(file = %file.id, bytes = file.bytes, "file uploaded");
     Ok(Json(file))
@@ -93,7 +99,7 @@ async fn read_form(mut multipart: Multipart, state: &AppState) -> Result<UploadF
 
 pub async fn list(
     State(state): State<AppState>,
-    _caller: Caller,
+    scope: Scope,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<ListPage<FileObject>>, ApiError> {
     let Query(params) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
@@ -107,7 +113,7 @@ pub async fn list(
     let (files, has_more) = state
         .batches
         .store
-        .list_files(filters.remove("purpose"), query)
+        .list_files(filters.remove("purpose"), query, scope.owner())
         .await?
         .ok_or_else(|| unknown_cursor(after.as_deref()))?;
     Ok(Json(ListPage::new(files, has_more, |file| &file.id)))
@@ -115,21 +121,23 @@ pub async fn list(
 
 pub async fn retrieve(
     State(state): State<AppState>,
-    _caller: Caller,
+    scope: Scope,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<FileObject>, ApiError> {
     let Path(id) = id.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
-    let file = state.batches.store.file(id.clone()).await?;
+    let file = state.batches.store.file(id.clone(), scope.owner()).await?;
     file.map(Json).ok_or_else(|| no_such("File", &id))
 }
 
 pub async fn content(
     State(state): State<AppState>,
-    _caller: Caller,
+    scope: Scope,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(id) = id.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
-    let content = state.batches.store.file_content(id.clone()).await?;
+    let content = (state.batches.store)
+        .file_content(id.clone(), scope.owner())
+        .await?;
     let content = content.ok_or_else(|| no_such("File", &id))?;
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
@@ -140,11 +148,16 @@ pub async fn content(
 
 pub async fn delete(
     State(state): State<AppState>,
-    _caller: Caller,
+    scope: Scope,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<DeletedFile>, ApiError> {
     let Path(id) = id.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
-    if !state.batches.store.delete_file(id.clone()).await? {
+    if !state
+        .batches
+        .store
+        .delete_file(id.clone(), scope.owner())
+        .await?
+    {
         return Err(no_such("File", &id));
     }
     tracing::info!(file = %id, "file deleted");

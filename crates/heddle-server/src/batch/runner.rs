@@ -262,7 +262,7 @@ async fn validate(store: &Store, batch: &BatchRecord) -> StoreResult<()> {
         return store.fail_batch(id, vec![problem], now).await;
     };
     let Some(content) = store
-        .file_content(batch.object.input_file_id.clone())
+        .file_content(batch.object.input_file_id.clone(), batch.owner.clone())
         .await?
     else {
         let problem = BatchLineError {

@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS files (
     filename TEXT NOT NULL,
     bytes INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
-    content BLOB NOT NULL
+    content BLOB NOT NULL,
+    -- The API key namespace it belongs to (api::auth::Scope); NULL: everyone's.
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -63,7 +65,8 @@ CREATE TABLE IF NOT EXISTS batches (
     cancelled_at INTEGER,
     total INTEGER NOT NULL DEFAULT 0,
     completed INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0
+    failed INTEGER NOT NULL DEFAULT 0,
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS batch_lines (
     batch_id TEXT NOT NULL,
@@ -98,6 +101,8 @@ pub struct BatchRecord {
     pub object: BatchObject,
     pub status: BatchStatus,
     pub caller: Caller,
+    /// The API key namespace it belongs to (see api::auth::Scope); None: everyone's.
+    pub owner: Option<String>,
 }
 
 /// A line still without a result.
@@ -160,6 +165,7 @@ impl Store {
         connection
             .execute_batch(SCHEMA)
             .context("creating the batch tables")?;
+        add_owner_columns(&connection).context("adding the owner columns")?;
         Ok(Store {
             connection: Arc::new(Mutex::new(connection)),
         })
@@ -180,22 +186,26 @@ impl Store {
         .map_err(StoreError::from)
     }
 
+    /// Stores a file of `owner` (None: everyone's).
     pub async fn insert_file(
         &self,
         filename: String,
         purpose: String,
         content: Vec<u8>,
         now: u64,
+        owner: Option<String>,
     ) -> StoreResult<FileObject> {
-        self.call(move |c| insert_file(c, &filename, &purpose, &content, now))
+        self.call(move |c| insert_file(c, &filename, &purpose, &content, now, owner.as_deref()))
             .await
     }
 
-    pub async fn file(&self, id: String) -> StoreResult<Option<FileObject>> {
+    /// A file `scope` sees (an owner, or None for every file).
+    pub async fn file(&self, id: String, scope: Option<String>) -> StoreResult<Option<FileObject>> {
         self.call(move |c| {
             c.query_row(
-                "SELECT id, purpose, filename, bytes, created_at FROM files WHERE id = ?1",
-                [&id],
+                "SELECT id, purpose, filename, bytes, created_at FROM files
+                 WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+                params![id, scope],
                 file_from_row,
             )
             .optional()
@@ -203,11 +213,17 @@ impl Store {
         .await
     }
 
-    pub async fn file_content(&self, id: String) -> StoreResult<Option<Vec<u8>>> {
+    pub async fn file_content(
+        &self,
+        id: String,
+        scope: Option<String>,
+    ) -> StoreResult<Option<Vec<u8>>> {
         self.call(move |c| {
-            c.query_row("SELECT content FROM files WHERE id = ?1", [&id], |row| {
-                row.get(0)
-            })
+            c.query_row(
+                "SELECT content FROM files WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+                params![id, scope],
+                |row| row.get(0),
+            )
             .optional()
         })
         .await
@@ -218,6 +234,7 @@ impl Store {
         &self,
         purpose: Option<String>,
         query: ListQuery,
+        scope: Option<String>,
     ) -> StoreResult<Option<(Vec<FileObject>, bool)>> {
         self.call(move |c| {
             let Some(after) = cursor(c, "files", query.after.as_deref())? else {
@@ -227,11 +244,12 @@ impl Store {
             let mut statement = c.prepare(&format!(
                 "SELECT id, purpose, filename, bytes, created_at FROM files
                  WHERE (?1 IS NULL OR purpose = ?1) AND (?2 IS NULL OR seq {compare} ?2)
+                   AND (?4 IS NULL OR owner = ?4)
                  ORDER BY seq {order} LIMIT ?3"
             ))?;
             let rows = statement
                 .query_map(
-                    params![purpose, after, query.limit as i64 + 1],
+                    params![purpose, after, query.limit as i64 + 1, scope],
                     file_from_row,
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -241,9 +259,15 @@ impl Store {
     }
 
     /// Deletes a file; false if there was none.
-    pub async fn delete_file(&self, id: String) -> StoreResult<bool> {
-        self.call(move |c| Ok(c.execute("DELETE FROM files WHERE id = ?1", [&id])? == 1))
-            .await
+    pub async fn delete_file(&self, id: String, scope: Option<String>) -> StoreResult<bool> {
+        self.call(move |c| {
+            let deleted = c.execute(
+                "DELETE FROM files WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+                params![id, scope],
+            )?;
+            Ok(deleted == 1)
+        })
+        .await
     }
 
     /// Stores a new batch, `validating`.
@@ -252,8 +276,8 @@ impl Store {
             let object = &batch.object;
             c.execute(
                 "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status,
-                    caller, metadata, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    caller, metadata, created_at, expires_at, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     object.id,
                     object.endpoint,
@@ -264,6 +288,7 @@ impl Store {
                     object.metadata.as_ref().map(Value::to_string),
                     object.created_at,
                     object.expires_at,
+                    batch.owner,
                 ],
             )?;
             Ok(())
@@ -279,6 +304,7 @@ impl Store {
     pub async fn list_batches(
         &self,
         query: ListQuery,
+        scope: Option<String>,
     ) -> StoreResult<Option<(Vec<BatchRecord>, bool)>> {
         self.call(move |c| {
             let Some(after) = cursor(c, "batches", query.after.as_deref())? else {
@@ -287,10 +313,14 @@ impl Store {
             let (compare, order) = direction(query.ascending);
             let mut statement = c.prepare(&format!(
                 "SELECT {BATCH_COLUMNS} FROM batches WHERE (?1 IS NULL OR seq {compare} ?1)
+                   AND (?3 IS NULL OR owner = ?3)
                  ORDER BY seq {order} LIMIT ?2"
             ))?;
             let rows = statement
-                .query_map(params![after, query.limit as i64 + 1], batch_from_row)?
+                .query_map(
+                    params![after, query.limit as i64 + 1, scope],
+                    batch_from_row,
+                )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(Some(page(rows, query.limit)))
         })
@@ -479,7 +509,19 @@ impl Store {
                     continue;
                 }
                 let filename = format!("{id}_{suffix}.jsonl");
-                let file = insert_file(&transaction, &filename, "batch_output", &content, now)?;
+                let owner: Option<String> = transaction.query_row(
+                    "SELECT owner FROM batches WHERE id = ?1",
+                    [&id],
+                    |row| row.get(0),
+                )?;
+                let file = insert_file(
+                    &transaction,
+                    &filename,
+                    "batch_output",
+                    &content,
+                    now,
+                    owner.as_deref(),
+                )?;
                 transaction.execute(
                     &format!("UPDATE batches SET {purpose_column} = ?2 WHERE id = ?1"),
                     params![id, file.id],
@@ -544,6 +586,7 @@ fn insert_file(
     purpose: &str,
     content: &[u8],
     now: u64,
+    owner: Option<&str>,
 ) -> rusqlite::Result<FileObject> {
     let file = FileObject {
         id: new_id("file-"),
@@ -557,18 +600,35 @@ fn insert_file(
         status_details: None,
     };
     c.execute(
-        "INSERT INTO files (id, purpose, filename, bytes, created_at, content)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO files (id, purpose, filename, bytes, created_at, content, owner)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
             file.id,
             file.purpose,
             file.filename,
             file.bytes,
             file.created_at,
-            content
+            content,
+            owner
         ],
     )?;
     Ok(file)
+}
+
+/// Data dirs made before files and batches had owners get the column (NULL: everyone's).
+fn add_owner_columns(c: &Connection) -> rusqlite::Result<()> {
+    for table in ["files", "batches"] {
+        let has_owner = c
+            .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .iter()
+            .any(|name| name == "owner");
+        if !has_owner {
+            c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN owner TEXT"))?;
+        }
+    }
+    Ok(())
 }
 
 fn move_status(
@@ -642,7 +702,7 @@ fn file_from_row(row: &Row<'_>) -> rusqlite::Result<FileObject> {
 const BATCH_COLUMNS: &str = "id, endpoint, input_file_id, completion_window, status, caller,
     metadata, errors, output_file_id, error_file_id, created_at, in_progress_at, expires_at,
     finalizing_at, completed_at, failed_at, expired_at, cancelling_at, cancelled_at, total,
-    completed, failed";
+    completed, failed, owner";
 
 fn batch(c: &Connection, id: &str) -> rusqlite::Result<Option<BatchRecord>> {
     c.query_row(
@@ -707,6 +767,7 @@ fn batch_from_row(row: &Row<'_>) -> rusqlite::Result<BatchRecord> {
         object,
         status,
         caller,
+        owner: row.get(22)?,
     })
 }
 
@@ -750,6 +811,7 @@ mod tests {
         BatchRecord {
             status: BatchStatus::Validating,
             caller: Caller::Key(KeyTier::at(Priority::Normal)),
+            owner: Some("k1".into()),
             object: BatchObject {
                 id: id.into(),
                 object: "batch",
@@ -861,13 +923,13 @@ mod tests {
             }
         );
         let output = store
-            .file_content(batch.object.output_file_id.unwrap())
+            .file_content(batch.object.output_file_id.unwrap(), Some("k1".into()))
             .await
             .unwrap()
             .unwrap();
         assert_eq!(output, b"{\"ok\":0}\n");
         let errors = store
-            .file_content(batch.object.error_file_id.unwrap())
+            .file_content(batch.object.error_file_id.unwrap(), Some("k1".into()))
             .await
             .unwrap()
             .unwrap();
@@ -892,17 +954,49 @@ mod tests {
         let mut ids = Vec::new();
         for i in 0..5 {
             let file = store
-                .insert_file(format!("f{i}"), "batch".into(), vec![b'x'; i], i as u64)
+                .insert_file(
+                    format!("f{i}"),
+                    "batch".into(),
+                    vec![b'x'; i],
+                    i as u64,
+                    None,
+                )
                 .await
                 .unwrap();
             ids.push(file.id);
         }
+        // A key's files are its own; everyone's files are not its.
+        let mine = store
+            .insert_file("k".into(), "batch".into(), vec![b'y'], 9, Some("k1".into()))
+            .await
+            .unwrap();
+        let everything = ListQuery {
+            after: None,
+            limit: 100,
+            ascending: true,
+        };
+        let (page, _) = (store.list_files(None, everything.clone(), Some("k1".into())))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(page.iter().map(|f| &f.id).collect::<Vec<_>>(), [&mine.id]);
+        assert!(store
+            .file(ids[0].clone(), Some("k1".into()))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(store.file(mine.id.clone(), None).await.unwrap().is_some());
+        assert!(!store
+            .delete_file(mine.id.clone(), Some("k2".into()))
+            .await
+            .unwrap());
+        assert!(store.delete_file(mine.id, Some("k1".into())).await.unwrap());
         let first = ListQuery {
             after: None,
             limit: 2,
             ascending: false,
         };
-        let (page, more) = store.list_files(None, first).await.unwrap().unwrap();
+        let (page, more) = store.list_files(None, first, None).await.unwrap().unwrap();
         assert_eq!(
             page.iter().map(|f| &f.id).collect::<Vec<_>>(),
             [&ids[4], &ids[3]]
@@ -913,7 +1007,7 @@ mod tests {
             limit: 5,
             ascending: false,
         };
-        let (page, more) = store.list_files(None, next).await.unwrap().unwrap();
+        let (page, more) = store.list_files(None, next, None).await.unwrap().unwrap();
         assert_eq!(page.len(), 3);
         assert!(!more);
         let unknown = ListQuery {
@@ -921,20 +1015,53 @@ mod tests {
             limit: 5,
             ascending: true,
         };
-        assert!(store.list_files(None, unknown).await.unwrap().is_none());
+        assert!(store
+            .list_files(None, unknown, None)
+            .await
+            .unwrap()
+            .is_none());
         let outputs = ListQuery {
             after: None,
             limit: 5,
             ascending: true,
         };
         let (page, _) = store
-            .list_files(Some("batch_output".into()), outputs)
+            .list_files(Some("batch_output".into()), outputs, None)
             .await
             .unwrap()
             .unwrap();
         assert!(page.is_empty());
-        assert!(store.delete_file(ids[0].clone()).await.unwrap());
-        assert!(!store.delete_file(ids[0].clone()).await.unwrap());
+        assert!(store.delete_file(ids[0].clone(), None).await.unwrap());
+        assert!(!store.delete_file(ids[0].clone(), None).await.unwrap());
+    }
+
+    #[test]
+    fn a_data_dir_from_before_owners_gets_the_columns() {
+        let dir = std::env::temp_dir().join(format!("heddle-store-owner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old_schema = SCHEMA
+            .replace(",\n    -- The API key namespace it belongs to (api::auth::Scope); NULL: everyone's.\n    owner TEXT", "")
+            .replace(",\n    owner TEXT", "");
+        assert!(!old_schema.contains("owner"), "{old_schema}");
+        Connection::open(dir.join(DATABASE_FILE))
+            .unwrap()
+            .execute_batch(&old_schema)
+            .unwrap();
+        drop(Store::open(Some(&dir)).unwrap());
+        let connection = Connection::open(dir.join(DATABASE_FILE)).unwrap();
+        for table in ["files", "batches"] {
+            let columns: i64 = connection
+                .query_row(
+                    &format!(
+                        "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'owner'"
+                    ),
+                    [],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            assert_eq!(columns, 1, "{table}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

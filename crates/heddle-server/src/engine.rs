@@ -431,7 +431,7 @@ impl Engine {
     }
 
     /// An engine with no request yet. With a KV event sink, its fresh scheduler records
-    /// the prefix cache's changes, starting with "all cleared".
+    /// the prefix cache's changes, and "all cleared" is published at once.
     #[allow(clippy::too_many_arguments)]
     fn new(
         mut scheduler: Scheduler,
@@ -443,8 +443,11 @@ impl Engine {
         started: Instant,
         kv_events: Option<KvEventSink>,
     ) -> Self {
-        if kv_events.is_some() {
+        if let Some(sink) = &kv_events {
             scheduler.enable_kv_events();
+            // "All cleared" goes out now, not with the first step: subscribers forget an
+            // engine that restarted even before it gets a request.
+            sink.publish(scheduler.drain_kv_events());
         }
         Engine {
             scheduler,

@@ -10,13 +10,13 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use api_support::{eventually, model, post_json, start, test_config, SseReader, ADMIN_KEY};
 use heddle_core::kv::block_hash;
 use heddle_server::kv_events::KvEventsConfig;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
 #[tokio::test]
 async fn server_info_and_models_name_the_served_model_and_its_aliases() {
@@ -152,7 +152,7 @@ fn router_python() -> PathBuf {
 /// The Python subscriber, its events arriving as JSON values on a channel.
 struct Subscriber {
     child: Child,
-    events: mpsc::Receiver<Value>,
+    events: mpsc::UnboundedReceiver<Value>,
 }
 
 impl Subscriber {
@@ -166,7 +166,7 @@ impl Subscriber {
             .spawn()
             .expect("python runs");
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        let (sender, events) = mpsc::channel();
+        let (sender, events) = mpsc::unbounded_channel();
         std::thread::spawn(move || {
             for line in stdout.lines().map_while(Result::ok) {
                 let event = if line == "subscribed" {
@@ -183,11 +183,16 @@ impl Subscriber {
     }
 
     /// Events until one satisfies `wanted` (returned last), or None after `patience`.
-    fn until(&self, patience: Duration, wanted: impl Fn(&Value) -> bool) -> Option<Vec<Value>> {
+    /// Awaits them: the server's publisher runs on the test's runtime.
+    async fn until(
+        &mut self,
+        patience: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Option<Vec<Value>> {
         let deadline = Instant::now() + patience;
         let mut seen = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            let Ok(event) = self.events.recv_timeout(left) else {
+            let Ok(Some(event)) = tokio::time::timeout(left, self.events.recv()).await else {
                 return None;
             };
             let done = wanted(&event);
@@ -271,11 +276,12 @@ async fn kv_events_reach_a_subscriber(endpoint: &str, mode: &str, subscriber_end
         topic: "heddle".into(),
     });
     let server = start(config).await;
-    let subscriber =
+    let mut subscriber =
         bound_first.unwrap_or_else(|| Subscriber::start(mode, subscriber_endpoint, "heddle"));
     let patience = Duration::from_secs(30);
     assert!(subscriber
         .until(patience, |e| e["type"] == "subscribed")
+        .await
         .is_some());
 
     let complete = |n: u32| {
@@ -293,9 +299,11 @@ async fn kv_events_reach_a_subscriber(endpoint: &str, mode: &str, subscriber_end
         assert!(sent < 20, "no BlockStored event arrived");
         complete(sent).await;
         let first_two = prompt(sent)[..32].to_vec();
-        let events = subscriber.until(Duration::from_secs(1), |e| {
-            e["type"] == "BlockStored" && e["token_ids"] == json!(first_two)
-        });
+        let events = subscriber
+            .until(Duration::from_secs(1), |e| {
+                e["type"] == "BlockStored" && e["token_ids"] == json!(first_two)
+            })
+            .await;
         sent += 1;
         if let Some(events) = events {
             break events.last().unwrap().clone();
@@ -319,6 +327,7 @@ async fn kv_events_reach_a_subscriber(endpoint: &str, mode: &str, subscriber_end
     }
     let events = subscriber
         .until(patience, |e| e["type"] == "BlockRemoved")
+        .await
         .expect("evictions reported");
     let removed = events.last().unwrap();
     assert!(
@@ -330,6 +339,28 @@ async fn kv_events_reach_a_subscriber(endpoint: &str, mode: &str, subscriber_end
         .map(|e| e["seq"].as_u64().unwrap())
         .collect();
     assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "{seqs:?}");
+
+    // An engine that panics restarts with an empty cache, and goes on publishing.
+    server.server.pool().faults().panic_next_step();
+    let body = json!({"model": "m", "prompt": prompt(100), "max_tokens": 1});
+    let _failed_in_the_panic = post_json(&server.http, &server.url("/v1/completions"), &body).await;
+    assert!(
+        subscriber
+            .until(patience, |e| e["type"] == "AllBlocksCleared")
+            .await
+            .is_some(),
+        "no AllBlocksCleared after the restart"
+    );
+    complete(101).await;
+    let after_restart = full_block_hashes(&prompt(101)[..32]);
+    assert!(
+        subscriber
+            .until(patience, |e| e["type"] == "BlockStored"
+                && hashes(e) == after_restart)
+            .await
+            .is_some(),
+        "no BlockStored after the restart"
+    );
 
     // Unloading the model empties its cache.
     let unloaded = server
@@ -343,6 +374,7 @@ async fn kv_events_reach_a_subscriber(endpoint: &str, mode: &str, subscriber_end
     assert!(
         subscriber
             .until(patience, |e| e["type"] == "AllBlocksCleared")
+            .await
             .is_some(),
         "no AllBlocksCleared after the unload"
     );

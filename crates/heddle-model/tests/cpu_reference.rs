@@ -1,14 +1,23 @@
 //! The CPU runner against llama.cpp on the embedded model (SmolLM2-135M-Instruct Q4_1),
 //! using the reference outputs in tests/data/llamacpp_reference.json (made by
 //! scripts/reference/make_reference.py).
+//!
+//! The same checks run on the embedded model requantized by llama.cpp to Q4_K_M, Q5_K_M,
+//! Q6_K and Q4_0 (scripts/make-test-models.sh; references in
+//! tests/data/llamacpp_reference_<TYPE>.json). Those files are not in CI, so their tests
+//! are ignored by default: `cargo test -p heddle-model --release --test cpu_reference --
+//! --ignored`.
 
 mod cpu_support;
+
+use std::path::{Path, PathBuf};
 
 use cpu_support::{embedded_runner, Driver, Seq, BLOCK_SIZE};
 use heddle_core::{SamplingParams, TokenId};
 use heddle_model::kv_cache::KvDtype;
 use heddle_model::llama::Llama;
 use heddle_model::sampling::{argmax, log_softmax};
+use heddle_model::weights::WeightFormat;
 use heddle_model::{embedded_model_path, CpuRunner};
 use serde::Deserialize;
 
@@ -41,11 +50,14 @@ struct Position {
 }
 
 fn reference() -> Reference {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/llamacpp_reference.json"
-    );
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    reference_named("llamacpp_reference.json")
+}
+
+fn reference_named(file: &str) -> Reference {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 
@@ -69,18 +81,17 @@ fn reference() -> Reference {
 /// the mean difference is 2.45 nats and the maximum 19.
 #[test]
 fn teacher_forced_logprobs_match_llama_cpp() {
+    check_teacher_forced(embedded_runner(1).model(), &reference());
+}
+
+fn check_teacher_forced(model: &Llama, reference: &Reference) {
     const MAX_DIFF: f32 = 2.5;
     const MEAN_DIFF: f64 = 0.15;
-    let reference = reference();
-    let runner = embedded_runner(1);
     let (mut sum, mut count, mut worst) = (0f64, 0usize, (0f32, String::new()));
     let (mut same_top, mut positions) = (0usize, 0usize);
     for case in &reference.cases {
         let tokens = [case.prompt_ids.as_slice(), &case.greedy_ids].concat();
-        let rows = runner
-            .model()
-            .forward_all_logits(&tokens, KvDtype::F16)
-            .unwrap();
+        let rows = model.forward_all_logits(&tokens, KvDtype::F16).unwrap();
         assert_eq!(rows.len(), case.positions.len(), "{}", case.name);
         let mut case_max = 0f32;
         for (i, (row, pos)) in rows.iter().zip(&case.positions).enumerate() {
@@ -134,9 +145,12 @@ fn teacher_forced_logprobs_match_llama_cpp() {
 /// must have rated heddle's token within 0.5 nats of its own.
 #[test]
 fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
+    check_greedy_near_ties(embedded_runner(256), &reference());
+}
+
+fn check_greedy_near_ties(runner: CpuRunner, reference: &Reference) {
     const NEAR_TIE: f32 = 0.5;
-    let reference = reference();
-    let mut driver = Driver::new(embedded_runner(256));
+    let mut driver = Driver::new(runner);
     let mut seqs: Vec<Seq> = reference
         .cases
         .iter()
@@ -197,11 +211,13 @@ fn exact_model() -> Llama {
 /// bounds (see the RoPE example above: 2.45 nats on average).
 #[test]
 fn the_f32_forward_pass_matches_float64() {
+    check_f32_against_float64(&exact_model(), &reference());
+}
+
+fn check_f32_against_float64(model: &Llama, reference: &Reference) {
     // Measured: mean 4.6e-6, max 4.3e-5 over 11,450 log-probabilities.
     const MAX_DIFF: f32 = 5e-4;
     const MEAN_DIFF: f64 = 5e-5;
-    let reference = reference();
-    let model = exact_model();
     let (mut sum, mut count, mut worst) = (0f64, 0usize, 0f32);
     for case in &reference.cases {
         let tokens = [case.prompt_ids.as_slice(), &case.f64.greedy_ids].concat();
@@ -230,9 +246,12 @@ fn the_f32_forward_pass_matches_float64() {
 /// llama.cpp) only by the 8-bit and f16 roundings described above.
 #[test]
 fn f32_greedy_generation_equals_float64() {
-    let reference = reference();
+    check_f32_greedy_equals_float64(exact_model(), &reference());
+}
+
+fn check_f32_greedy_equals_float64(model: Llama, reference: &Reference) {
     let blocks = 256;
-    let runner = CpuRunner::new(exact_model(), blocks, BLOCK_SIZE, KvDtype::F32).unwrap();
+    let runner = CpuRunner::new(model, blocks, BLOCK_SIZE, KvDtype::F32).unwrap();
     let mut driver = Driver::new(runner);
     let mut seqs: Vec<Seq> = reference
         .cases
@@ -245,3 +264,83 @@ fn f32_greedy_generation_equals_float64() {
         assert_eq!(seq.generated(), case.f64.greedy_ids, "{}", case.name);
     }
 }
+
+/// `SmolLM2-135M-Instruct.<TYPE>.gguf` as scripts/make-test-models.sh writes it, beside
+/// the embedded model.
+fn requantized_model_path(quant: &str) -> PathBuf {
+    let embedded = embedded_model_path().unwrap_or_else(|e| panic!("{e}"));
+    let path = embedded
+        .parent()
+        .unwrap()
+        .join("test")
+        .join(format!("SmolLM2-135M-Instruct.{quant}.gguf"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/make-test-models.sh",
+        path.display()
+    );
+    path
+}
+
+/// The four checks above, and that every matrix loads in a native kernel format, on the
+/// embedded model requantized by llama.cpp to `$quant`, against llama.cpp's and the
+/// float64 pass's outputs on that file. The bounds are the embedded model's: the files
+/// hold the same model, rounded once more.
+macro_rules! requantized_model_checks {
+    ($module:ident, $quant:literal) => {
+        mod $module {
+            use super::*;
+
+            const QUANT: &str = $quant;
+
+            fn reference() -> Reference {
+                reference_named(&format!("llamacpp_reference_{QUANT}.json"))
+            }
+
+            fn model() -> Llama {
+                Llama::load(&requantized_model_path(QUANT)).unwrap().0
+            }
+
+            #[test]
+            #[ignore = "needs scripts/make-test-models.sh"]
+            fn every_matrix_loads_without_the_f32_fallback() {
+                let formats = model().matrix_formats();
+                assert!(
+                    !formats.contains(&WeightFormat::F32),
+                    "{QUANT}: {formats:?}"
+                );
+            }
+
+            #[test]
+            #[ignore = "needs scripts/make-test-models.sh"]
+            fn teacher_forced_logprobs_match_llama_cpp() {
+                check_teacher_forced(&model(), &reference());
+            }
+
+            #[test]
+            #[ignore = "needs scripts/make-test-models.sh"]
+            fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
+                let path = requantized_model_path(QUANT);
+                let runner = CpuRunner::load(&path, 256, BLOCK_SIZE).unwrap();
+                check_greedy_near_ties(runner, &reference());
+            }
+
+            #[test]
+            #[ignore = "needs scripts/make-test-models.sh"]
+            fn the_f32_forward_pass_matches_float64() {
+                check_f32_against_float64(&model().with_f32_weights(), &reference());
+            }
+
+            #[test]
+            #[ignore = "needs scripts/make-test-models.sh"]
+            fn f32_greedy_generation_equals_float64() {
+                check_f32_greedy_equals_float64(model().with_f32_weights(), &reference());
+            }
+        }
+    };
+}
+
+requantized_model_checks!(q4_k_m, "Q4_K_M");
+requantized_model_checks!(q5_k_m, "Q5_K_M");
+requantized_model_checks!(q6_k, "Q6_K");
+requantized_model_checks!(q4_0, "Q4_0");

@@ -31,6 +31,7 @@ pub(super) struct Bytes {
     pub qs: [i8; 32],
 }
 
+#[cfg(test)]
 impl Nibbles {
     /// Weight `e` (0..32) in f32, as ggml dequantizes it.
     pub fn value(&self, e: usize) -> f32 {
@@ -43,6 +44,7 @@ impl Nibbles {
     }
 }
 
+#[cfg(test)]
 impl Bytes {
     /// Weight `e` (0..32) in f32, as ggml dequantizes it.
     pub fn value(&self, e: usize) -> f32 {

@@ -118,6 +118,19 @@ enum Storage {
     F32(Vec<f32>),
 }
 
+/// The form a weight matrix is multiplied in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WeightFormat {
+    /// 4-bit values, a scale and a minimum per 32 (from Q4_0, Q4_1, Q4_K).
+    Nibbles,
+    /// 8-bit values, a scale per 16 and a minimum per 32 (from Q5_0, Q5_1, Q5_K, Q6_K).
+    Q8Halves,
+    /// ggml Q8_0.
+    Q8_0,
+    /// f32: unquantized files, and quantizations without a native kernel (dequantized).
+    F32,
+}
+
 /// A weight matrix used as `y = x · Wᵀ` (one output per row of W).
 #[derive(Debug)]
 pub struct Linear {
@@ -293,6 +306,16 @@ impl Linear {
     /// Inputs (columns of W).
     pub fn in_features(&self) -> usize {
         self.k
+    }
+
+    /// The form its products run in.
+    pub fn format(&self) -> WeightFormat {
+        match self.storage {
+            Storage::Q4_1 { .. } | Storage::Q4_1x16 { .. } => WeightFormat::Nibbles,
+            Storage::Q8Halves { .. } | Storage::Q8Halvesx16 { .. } => WeightFormat::Q8Halves,
+            Storage::Q8_0 { .. } | Storage::Q8_0x16 { .. } => WeightFormat::Q8_0,
+            Storage::F32(_) => WeightFormat::F32,
+        }
     }
 
     /// Whether this matrix multiplies quantized activations.

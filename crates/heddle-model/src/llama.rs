@@ -660,6 +660,7 @@ impl Llama {
             q8_halves = count(WeightFormat::Q8Halves),
             q8_0 = count(WeightFormat::Q8_0),
             f32 = count(WeightFormat::F32),
+            megabytes = model.weight_bytes() / 1_000_000,
             "weight matrices by kernel format"
         );
         Ok(model)
@@ -675,6 +676,12 @@ impl Llama {
                     .iter()
                     .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]),
             )
+    }
+
+    /// Bytes of memory the weight matrices take in their kernel formats: what a decode
+    /// step streams (the embeddings only where they are also the output head).
+    pub fn weight_bytes(&self) -> usize {
+        self.matrices().map(Linear::bytes).sum()
     }
 
     /// The format each weight matrix multiplies in, in [`Llama::matrices`] order: a file

@@ -56,10 +56,12 @@ fn perf_model_path() -> PathBuf {
 fn step_times() {
     let path = perf_model_path();
     let (model, _) = Llama::load(&path).unwrap();
+    let weight_bytes = model.weight_bytes() as f64;
     eprintln!(
-        "{} on {} threads",
+        "{} on {} threads: {:.0} MB of weights in heddle's formats",
         path.display(),
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        weight_bytes / 1e6
     );
     let mut driver = Driver::new(CpuRunner::new(model, 512, BLOCK_SIZE, KvDtype::F16).unwrap());
     // Warm up: page in the weights, size the buffers.
@@ -101,6 +103,11 @@ fn step_times() {
         file_bytes / 1e6,
         file_bytes / bandwidth * 1e3,
         one / (file_bytes / bandwidth)
+    );
+    eprintln!(
+        "reading heddle's {:.0} MB of weights once takes {:.2} ms",
+        weight_bytes / 1e6,
+        weight_bytes / bandwidth * 1e3
     );
 }
 

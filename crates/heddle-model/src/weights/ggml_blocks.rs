@@ -114,19 +114,40 @@ fn k_scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The scales of block `b` of a Q4_K row, unmultiplied: the super-block's f16 scale and
+/// minimum scale, and the block's 6-bit factors of each (w = d·sc·q − dmin·mn).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct KScales {
+    pub d: f32,
+    pub dmin: f32,
+    pub sc: u8,
+    pub mn: u8,
+}
+
+pub(super) fn q4_k_scales(row: &[u8], b: usize) -> KScales {
+    let sb = &row[(b / 8) * 144..][..144];
+    let (sc, mn) = k_scale_min(b % 8, &sb[4..16]);
+    KScales {
+        d: half(sb, 0),
+        dmin: half(sb, 2),
+        sc,
+        mn,
+    }
+}
+
 /// Q4_K: super-blocks of 256 (144 bytes: f16 d, f16 dmin, 12 bytes of packed 6-bit
 /// scales and minimums, 128 bytes of nibbles); block j's weights are
 /// d·sc_j·q − dmin·m_j. Blocks 2i and 2i + 1 share 32 bytes: low nibbles, then high.
-fn q4_k(row: &[u8], b: usize) -> Nibbles {
+pub(super) fn q4_k(row: &[u8], b: usize) -> Nibbles {
     let sb = &row[(b / 8) * 144..][..144];
     let j = b % 8;
-    let (sc, mn) = k_scale_min(j, &sb[4..16]);
+    let scales = q4_k_scales(row, b);
     let shift = 4 * (j % 2);
     let src = &sb[16 + 32 * (j / 2)..][..32];
     let q = |e: usize| (src[e] >> shift) & 0x0F;
     Nibbles {
-        d: half(sb, 0) * sc as f32,
-        m: -(half(sb, 2) * mn as f32),
+        d: scales.d * scales.sc as f32,
+        m: -(scales.dmin * scales.mn as f32),
         qs: std::array::from_fn(|i| q(i) | (q(i + 16) << 4)),
     }
 }

@@ -107,6 +107,13 @@ enum Storage {
         d: Vec<f32>,
         m: Vec<f32>,
     },
+    /// Q4_K for the VNNI kernel: Q4_1x16's nibbles, each block's 6-bit scale and minimum
+    /// factors, each super-block's scales (see [`q4_k`]).
+    Q4Kx16 {
+        qs: Vec<u8>,
+        factors: Vec<u8>,
+        scales: Vec<f32>,
+    },
     /// [`Storage::Q8Halves`] for the VNNI kernel, in groups of 16 rows of W (see
     /// [`q8_halves`]).
     Q8Halvesx16 {
@@ -145,6 +152,18 @@ fn q4_1_nibble(qs: &[u8], e: usize) -> u8 {
         qs[e] & 0x0F
     } else {
         qs[e - 16] >> 4
+    }
+}
+
+/// Stores a ggml Q4_1 block's 16 bytes of nibbles as lane `l` of block `gb` of the
+/// Q4_1x16 layout (see [`vnni`]).
+fn put_q4_1x16_nibbles(qs: &mut [u8], gb: usize, l: usize, src: &[u8; 16]) {
+    for j in 0..4 {
+        for t in 0..4 {
+            let lo = q4_1_nibble(src, 4 * j + t);
+            let hi = q4_1_nibble(src, 16 + 4 * j + t);
+            qs[gb * 256 + j * 64 + 4 * l + t] = lo | hi << 4;
+        }
     }
 }
 
@@ -187,6 +206,9 @@ impl Linear {
         let row_bytes = k / dtype.block_size() * dtype.type_size();
         let storage = match (dtype, decoder) {
             (GgmlDType::Q8_0, _) if k % QK == 0 => Self::q8_0_storage(n, k, &t.data()?, family),
+            (GgmlDType::Q4K, Some(_)) if family == Family::Vnni => {
+                q4_k::vnni_storage(n, k, &t.data()?, row_bytes)
+            }
             (_, Some(Decoder::Nibbles(decode))) => {
                 let bytes = t.data()?;
                 let block = |c: usize, b: usize| decode(&bytes[c * row_bytes..][..row_bytes], b);
@@ -236,13 +258,7 @@ impl Linear {
                     let gb = g * nb + b;
                     d[gb * LANES + l] = src.d;
                     m[gb * LANES + l] = src.m;
-                    for j in 0..4 {
-                        for t in 0..4 {
-                            let lo = q4_1_nibble(&src.qs, 4 * j + t);
-                            let hi = q4_1_nibble(&src.qs, 16 + 4 * j + t);
-                            qs[gb * 256 + j * 64 + 4 * l + t] = lo | hi << 4;
-                        }
-                    }
+                    put_q4_1x16_nibbles(&mut qs, gb, l, &src.qs);
                 }
             }
             return Storage::Q4_1x16 { qs, d, m };
@@ -311,10 +327,33 @@ impl Linear {
     /// The form its products run in.
     pub fn format(&self) -> WeightFormat {
         match self.storage {
-            Storage::Q4_1 { .. } | Storage::Q4_1x16 { .. } => WeightFormat::Nibbles,
+            Storage::Q4_1 { .. } | Storage::Q4_1x16 { .. } | Storage::Q4Kx16 { .. } => {
+                WeightFormat::Nibbles
+            }
             Storage::Q8Halves { .. } | Storage::Q8Halvesx16 { .. } => WeightFormat::Q8Halves,
             Storage::Q8_0 { .. } | Storage::Q8_0x16 { .. } => WeightFormat::Q8_0,
             Storage::F32(_) => WeightFormat::F32,
+        }
+    }
+
+    /// Bytes of memory its weights take, scales included: what a product streams.
+    pub fn bytes(&self) -> usize {
+        fn size<T>(v: &[T]) -> usize {
+            std::mem::size_of_val(v)
+        }
+        match &self.storage {
+            Storage::Q4_1 { qs, d, m }
+            | Storage::Q4_1x16 { qs, d, m }
+            | Storage::Q8Halvesx16 { qs, d, m } => size(qs) + size(d) + size(m),
+            Storage::Q8Halves { qs, d, m } => size(qs) + size(d) + size(m),
+            Storage::Q8_0 { qs, d } => size(qs) + size(d),
+            Storage::Q4Kx16 {
+                qs,
+                factors,
+                scales,
+            } => size(qs) + size(factors) + size(scales),
+            Storage::Q8_0x16 { qs, d } => size(qs) + size(d),
+            Storage::F32(w) => size(w),
         }
     }
 
@@ -382,6 +421,7 @@ impl Linear {
                 Storage::Q8Halves { .. } | Storage::Q8Halvesx16 { .. } => {
                     q8_halves::block_values(&self.storage, nb, r, b, o)
                 }
+                Storage::Q4Kx16 { .. } => q4_k::block_values(&self.storage, nb, r, b, o),
             }
         }
         if let Storage::F32(w) = &self.storage {
@@ -423,6 +463,7 @@ impl Linear {
             Storage::Q8Halves { qs, d, m } => {
                 assert!(qs.len() == n * k && d.len() == n * nb * 2 && m.len() == n * nbp)
             }
+            Storage::Q4Kx16 { .. } => assert!(q4_k::check_sizes(&self.storage, n, nb)),
             Storage::Q8Halvesx16 { qs, d, m } => assert!(
                 qs.len() == groups * nb * 512
                     && d.len() == groups * nb * 2 * LANES
@@ -488,6 +529,15 @@ impl Linear {
                         _ => q8_halves::portable::run(&w, q.unwrap(), cols, n, out),
                     }
                 }
+                #[cfg(target_arch = "x86_64")]
+                (
+                    Storage::Q4Kx16 {
+                        qs,
+                        factors,
+                        scales,
+                    },
+                    _,
+                ) => q4_k::vnni::run(qs, factors, scales, nb, q.unwrap(), cols, n, out),
                 #[cfg(target_arch = "x86_64")]
                 (Storage::Q8Halvesx16 { qs, d, m: mins }, _) => {
                     q8_halves::vnni::run(qs, d, mins, nb, q.unwrap(), cols, n, out)
@@ -1132,7 +1182,7 @@ mod vnni {
     /// Σ over 8 units of dpbusd(units[i], four bytes of x), in two chains for
     /// instruction-level parallelism, starting from `init` (exact in integers).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn block_dot(units: &[__m512i; 8], x: *const i32, init: __m512i) -> __m512i {
+    pub(super) unsafe fn block_dot(units: &[__m512i; 8], x: *const i32, init: __m512i) -> __m512i {
         // SAFETY: the caller's contract.
         let (a, b) = unsafe { half_dots(units, x, init, _mm512_setzero_si512()) };
         _mm512_add_epi32(a, b)
@@ -1324,6 +1374,7 @@ mod vnni {
     }
 }
 
+mod q4_k;
 mod q8_halves;
 
 #[cfg(test)]

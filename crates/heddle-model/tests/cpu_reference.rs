@@ -20,10 +20,27 @@ use heddle_model::sampling::{argmax, log_softmax};
 use heddle_model::weights::WeightFormat;
 use heddle_model::{embedded_model_path, CpuRunner};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 #[derive(Deserialize)]
 struct Reference {
+    /// sha256 of the GGUF file the outputs were made from.
+    model_sha256: String,
     cases: Vec<Case>,
+}
+
+impl Reference {
+    /// How far llama.cpp's log-probabilities sit from the exact float64 ones on this
+    /// file: the mean over cases of the mean |Δ| over each prompt's top 10. This is the
+    /// size of the 8-bit rounding noise of the file's weight types in llama.cpp.
+    fn llama_cpp_rounding(&self) -> f64 {
+        let sum: f64 = self
+            .cases
+            .iter()
+            .map(|c| c.f64.llamacpp_prompt_top10_abs_logprob_diff.mean)
+            .sum();
+        sum / self.cases.len() as f64
+    }
 }
 
 #[derive(Deserialize)]
@@ -41,6 +58,12 @@ struct Case {
 struct Exact {
     greedy_ids: Vec<TokenId>,
     positions: Vec<Position>,
+    llamacpp_prompt_top10_abs_logprob_diff: Stats,
+}
+
+#[derive(Deserialize)]
+struct Stats {
+    mean: f64,
 }
 
 #[derive(Deserialize)]
@@ -79,6 +102,12 @@ fn reference_named(file: &str) -> Reference {
 /// about 2 on the worst of ~12,000 log-probabilities: the bounds are a mean of 0.15 and a
 /// maximum of 2.5. A real bug does not hide under them: with RoPE rotating the wrong pairs
 /// the mean difference is 2.45 nats and the maximum 19.
+///
+/// The requantized files round more than the embedded Q4_1 one (and llama.cpp multiplies
+/// their K-quant matrices by activations rounded per 256 values with an f32 scale, heddle
+/// per 32 with an f16 one), so their mean bound grows with llama.cpp's own distance from
+/// float64 on the file, relative to the embedded model's (0.119 nats): Q4_K_M's is 0.164,
+/// a bound of 0.207.
 #[test]
 fn teacher_forced_logprobs_match_llama_cpp() {
     check_teacher_forced(embedded_runner(1).model(), &reference());
@@ -86,7 +115,8 @@ fn teacher_forced_logprobs_match_llama_cpp() {
 
 fn check_teacher_forced(model: &Llama, reference: &Reference) {
     const MAX_DIFF: f32 = 2.5;
-    const MEAN_DIFF: f64 = 0.15;
+    let noise = reference.llama_cpp_rounding() / self::reference().llama_cpp_rounding();
+    let mean_bound = 0.15 * noise.max(1.0);
     let (mut sum, mut count, mut worst) = (0f64, 0usize, (0f32, String::new()));
     let (mut same_top, mut positions) = (0usize, 0usize);
     for case in &reference.cases {
@@ -119,7 +149,7 @@ fn check_teacher_forced(model: &Llama, reference: &Reference) {
         "mean |Δ logprob| {mean:.4}, max {:.3} at {}; same arg-max at {same_top}/{positions} positions",
         worst.0, worst.1
     );
-    assert!(mean <= MEAN_DIFF, "mean |Δ logprob| {mean} > {MEAN_DIFF}");
+    assert!(mean <= mean_bound, "mean |Δ logprob| {mean} > {mean_bound}");
     assert!(
         worst.0 <= MAX_DIFF,
         "|Δ logprob| {} at {} > {MAX_DIFF}",
@@ -299,6 +329,16 @@ macro_rules! requantized_model_checks {
 
             fn model() -> Llama {
                 Llama::load(&requantized_model_path(QUANT)).unwrap().0
+            }
+
+            /// The references hold for these bytes only: a quantizer built otherwise may
+            /// round differently.
+            #[test]
+            #[ignore = "needs scripts/make-test-models.sh"]
+            fn the_file_is_the_one_the_references_were_made_from() {
+                let bytes = std::fs::read(requantized_model_path(QUANT)).unwrap();
+                let digest = format!("{:x}", Sha256::digest(&bytes));
+                assert_eq!(digest, reference().model_sha256, "{QUANT}");
             }
 
             #[test]

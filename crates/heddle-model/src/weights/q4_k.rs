@@ -59,7 +59,7 @@ pub(super) fn check_sizes(storage: &Storage, n: usize, nb: usize) -> bool {
         return false;
     };
     let groups = n.div_ceil(LANES);
-    nb % SUPER == 0
+    nb.is_multiple_of(SUPER)
         && qs.len() == groups * nb * 256
         && factors.len() == groups * nb * 2 * LANES
         && scales.len() == groups * (nb / SUPER) * 2 * LANES

@@ -76,6 +76,13 @@ fn reference() -> Reference {
     reference_named("llamacpp_reference.json")
 }
 
+/// llama.cpp's rounding noise on the file of `reference` over that on the embedded model
+/// ([`Reference::llama_cpp_rounding`]): the tolerances against llama.cpp, set on the
+/// embedded model, scale by it on the requantized files.
+fn rounding_relative_to_embedded(reference: &Reference) -> f64 {
+    reference.llama_cpp_rounding() / self::reference().llama_cpp_rounding()
+}
+
 fn reference_named(file: &str) -> Reference {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
@@ -115,8 +122,7 @@ fn teacher_forced_logprobs_match_llama_cpp() {
 
 fn check_teacher_forced(model: &Llama, reference: &Reference) {
     const MAX_DIFF: f32 = 2.5;
-    let noise = reference.llama_cpp_rounding() / self::reference().llama_cpp_rounding();
-    let mean_bound = 0.15 * noise.max(1.0);
+    let mean_bound = 0.15 * rounding_relative_to_embedded(reference).max(1.0);
     let (mut sum, mut count, mut worst) = (0f64, 0usize, (0f32, String::new()));
     let (mut same_top, mut positions) = (0usize, 0usize);
     for case in &reference.cases {
@@ -172,14 +178,16 @@ fn check_teacher_forced(model: &Llama, reference: &Reference) {
 /// batched pass picks another arg-max somewhere along its own one-token-at-a-time greedy
 /// text (`teacher_forced_argmax_matches_greedy`). So the test requires that heddle agree
 /// up to the first near-tie: wherever heddle's choice differs from llama.cpp's, llama.cpp
-/// must have rated heddle's token within 0.5 nats of its own.
+/// must have rated heddle's token within 0.5 nats of its own (on a requantized file, 0.5
+/// times the file's rounding noise relative to the embedded model's, as for the mean
+/// above: 0.85 nats on Q5_K_M, whose `code` case parts at a gap of 0.60).
 #[test]
 fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
     check_greedy_near_ties(embedded_runner(256), &reference());
 }
 
 fn check_greedy_near_ties(runner: CpuRunner, reference: &Reference) {
-    const NEAR_TIE: f32 = 0.5;
+    let near_tie = 0.5 * rounding_relative_to_embedded(reference).max(1.0) as f32;
     let mut driver = Driver::new(runner);
     let mut seqs: Vec<Seq> = reference
         .cases
@@ -215,7 +223,7 @@ fn check_greedy_near_ties(runner: CpuRunner, reference: &Reference) {
             lp(ours),
         );
         assert!(
-            gap <= NEAR_TIE,
+            gap <= near_tie,
             "{}: heddle chose {ours} at generated token {at} where llama.cpp preferred \
              {theirs} by {gap} nats",
             case.name

@@ -112,17 +112,19 @@ fn reference_named(file: &str) -> Reference {
 ///
 /// The requantized files round more than the embedded Q4_1 one (and llama.cpp multiplies
 /// their K-quant matrices by activations rounded per 256 values with an f32 scale, heddle
-/// per 32 with an f16 one), so their mean bound grows with llama.cpp's own distance from
-/// float64 on the file, relative to the embedded model's (0.119 nats): Q4_K_M's is 0.164,
-/// a bound of 0.207.
+/// per 32 with an f16 one), so both bounds grow with llama.cpp's own distance from
+/// float64 on the file, relative to the embedded model's (0.119 nats): 0.164 on Q4_K_M,
+/// 0.196 on Q5_K_M, 0.170 on Q6_K, 0.122 on Q4_0 (the largest factor, Q5_K_M's 1.65,
+/// gives bounds of 0.25 and 4.1 nats). llama.cpp's own worst distance from float64 grows
+/// alike, from 1.24 nats on the embedded file to 1.6–1.75 on these.
 #[test]
 fn teacher_forced_logprobs_match_llama_cpp() {
     check_teacher_forced(embedded_runner(1).model(), &reference());
 }
 
 fn check_teacher_forced(model: &Llama, reference: &Reference) {
-    const MAX_DIFF: f32 = 2.5;
-    let mean_bound = 0.15 * rounding_relative_to_embedded(reference).max(1.0);
+    let scale = rounding_relative_to_embedded(reference).max(1.0);
+    let (mean_bound, max_bound) = (0.15 * scale, 2.5 * scale as f32);
     let (mut sum, mut count, mut worst) = (0f64, 0usize, (0f32, String::new()));
     let (mut same_top, mut positions) = (0usize, 0usize);
     for case in &reference.cases {
@@ -157,8 +159,8 @@ fn check_teacher_forced(model: &Llama, reference: &Reference) {
     );
     assert!(mean <= mean_bound, "mean |Δ logprob| {mean} > {mean_bound}");
     assert!(
-        worst.0 <= MAX_DIFF,
-        "|Δ logprob| {} at {} > {MAX_DIFF}",
+        worst.0 <= max_bound,
+        "|Δ logprob| {} at {} > {max_bound}",
         worst.0,
         worst.1
     );

@@ -18,6 +18,13 @@
 #   scripts/bench-cpu-vs-llamacpp.sh
 #   LEVELS="1 4 16" THREADS=2 REPEATS=2 OUT_DIR=target/bench-results/mine scripts/bench-cpu-vs-llamacpp.sh
 #   MODEL=/path/to/SmolLM2-135M-Instruct.Q8_0.gguf scripts/bench-cpu-vs-llamacpp.sh
+#   MODELS="embedded random-1b" scripts/bench-cpu-vs-llamacpp.sh
+#
+# MODELS runs the whole benchmark once per model, each in OUT_DIR/<name>: `embedded` (the
+# embedded Q4_1 file), `random-1b` (the random Llama-3.2-1B-shape Q4_K_M of
+# scripts/make-test-models.sh, made if missing), or a GGUF path. Every run first measures
+# the machine's streaming-read bandwidth with THREADS threads and the decode floor of the
+# model (its file read once per step), in meta.txt and under the summary.
 #
 # JSON reports land in OUT_DIR (default target/bench-results/cpu-vs-llamacpp-<time>),
 # named SERVER-WORKLOAD-cN-rREPEAT.json; the summary table is printed and written to
@@ -46,13 +53,42 @@ LLAMA_URL="http://127.0.0.1:$LLAMA_PORT"
 
 log() { echo "[bench-cpu] $*" >&2; }
 load_average() { cut -d' ' -f1-3 /proc/loadavg; }
+# The kernel family heddle picks at run time (crates/heddle-model/src/weights).
+kernel_family() {
+    local flags
+    flags="$(grep -m1 '^flags' /proc/cpuinfo)"
+    if [[ " $flags " == *" avx512_vnni "* && " $flags " == *" avx512bw "* ]]; then
+        echo "AVX-512 VNNI"
+    elif [[ " $flags " == *" avx2 "* && " $flags " == *" fma "* ]]; then
+        echo "AVX2"
+    else
+        echo "portable"
+    fi
+}
 mkdir -p "$OUT_DIR"
+
+if [[ -n "${MODELS:-}" ]]; then
+    for name in $MODELS; do
+        case "$name" in
+        embedded) model="$(bash scripts/fetch-model.sh | tail -n 1)" ;;
+        random-1b)
+            bash scripts/make-test-models.sh >&2
+            model="${HEDDLE_MODEL_DIR:-$HOME/.cache/heddle/models}/test/random-llama-3.2-1b-shape.Q4_K_M.gguf"
+            ;;
+        *) model="$name" ;;
+        esac
+        log "model $name: $model"
+        MODELS="" MODEL="$model" OUT_DIR="$OUT_DIR/$(basename "$name" .gguf)" "$0"
+    done
+    exit 0
+fi
 
 log "building heddle (release)"
 cargo build --release -p heddle-server >&2
 # A private copy: another build in the same tree may replace target/release/heddle while
 # the benchmark runs.
-cp "$REPO_ROOT/target/release/heddle" "$OUT_DIR/heddle"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
+cp "$TARGET_DIR/release/heddle" "$OUT_DIR/heddle"
 HEDDLE="$OUT_DIR/heddle"
 # MODEL: another GGUF of the same model to serve (default: the embedded Q4_1 file).
 MODEL="${MODEL:-$(bash scripts/fetch-model.sh | tail -n 1)}"
@@ -67,8 +103,14 @@ LLAMA_SERVER="$(bash scripts/peers/build-llama-server.sh | tail -n 1)"
     echo "model: $MODEL"
     echo "llama-server: $("$LLAMA_SERVER" --version 2>&1 | head -n 1)"
     echo "levels: $LEVELS; input $INPUT_LEN, output $OUTPUT_LEN, prefix $PREFIX_LEN; repeats $REPEATS"
+    echo "heddle kernels: $(kernel_family)"
 } >"$OUT_DIR/meta.txt"
 cat "$OUT_DIR/meta.txt" >&2
+
+log "streaming-read bandwidth with $THREADS threads"
+cargo build --release -p heddle-model --example stream_read >&2
+RAYON_NUM_THREADS="$THREADS" "$TARGET_DIR/release/examples/stream_read" "$MODEL" |
+    tee "$OUT_DIR/bandwidth.txt" >&2
 
 # bench NAME URL N SEED [extra flags...]: one `heddle bench` run, its JSON in
 # OUT_DIR/NAME.json, the load average before and after in OUT_DIR/load.txt.
@@ -177,4 +219,6 @@ for n in levels:
     h, l = best[f"random-c{n}"]
     print(f"| c={n} | {h / base[0]:.2f}x | {l / base[1]:.2f}x |")
 PY
+echo | tee -a "$OUT_DIR/summary.md"
+sed 's/^/    /' "$OUT_DIR/bandwidth.txt" | tee -a "$OUT_DIR/summary.md"
 log "results in $OUT_DIR"

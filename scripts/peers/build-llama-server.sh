@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Build llama.cpp's `llama-server`, heddle's CPU peer, from the llama.cpp sources vendored
-# in the PyPI source distribution of llama-cpp-python (pinned below), and cache it:
+# Build llama.cpp's `llama-server`, heddle's CPU peer, and its quantizer `llama-quantize`
+# (scripts/make-test-models.sh) from the llama.cpp sources vendored in the PyPI source
+# distribution of llama-cpp-python (pinned below), and cache both beside each other:
 #
 #   ${PEER_DIR:-<repo>/target/peers}/llama-server-<version>-native-noamx/llama-server
+#   ${PEER_DIR:-<repo>/target/peers}/llama-server-<version>-native-noamx/llama-quantize
 #
 # A cached binary that runs is reused, so a rerun is instant; the cold build takes about
 # 10-15 minutes on 2 cores. Set JOBS to change the build parallelism (default: nproc).
@@ -20,13 +22,14 @@ JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
 
 DEST_DIR="$PEER_DIR/llama-server-$LLAMA_CPP_PYTHON_VERSION-native-noamx"
 DEST="$DEST_DIR/llama-server"
+QUANTIZE="$DEST_DIR/llama-quantize"
 WORK="$PEER_DIR/work-llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"
 TOOLS_VENV="$PEER_DIR/build-tools-venv"
 
 log() { echo "[build-llama-server] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-if [[ -x "$DEST" ]] && "$DEST" --version >/dev/null 2>&1; then
+if [[ -x "$DEST" && -x "$QUANTIZE" ]] && "$DEST" --version >/dev/null 2>&1; then
     log "cached: $DEST"
     echo "$DEST"
     exit 0
@@ -85,13 +88,15 @@ cmake -S "$SRC_DIR/vendor/llama.cpp" -B "$BUILD_DIR" -G Ninja \
     -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF >&2
 
-log "building llama-server with $JOBS jobs"
+log "building llama-server and llama-quantize with $JOBS jobs"
 start=$(date +%s)
-cmake --build "$BUILD_DIR" --target llama-server -j "$JOBS" >&2
+cmake --build "$BUILD_DIR" --target llama-server llama-quantize -j "$JOBS" >&2
 log "built in $(($(date +%s) - start)) s"
 
 mkdir -p "$DEST_DIR"
-cp "$BUILD_DIR/bin/llama-server" "$DEST.part"
-mv -f "$DEST.part" "$DEST"
+for tool in llama-quantize llama-server; do
+    cp "$BUILD_DIR/bin/$tool" "$DEST_DIR/$tool.part"
+    mv -f "$DEST_DIR/$tool.part" "$DEST_DIR/$tool"
+done
 "$DEST" --version >&2 || die "$DEST does not run"
 echo "$DEST"

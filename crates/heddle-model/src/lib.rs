@@ -13,6 +13,7 @@ pub mod llama;
 pub mod loaded;
 pub mod loader;
 pub mod logits_processing;
+pub mod membw;
 pub mod runner;
 pub mod sampling;
 pub mod stop_strings;

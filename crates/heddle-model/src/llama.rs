@@ -22,7 +22,7 @@ use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvDtype};
 use crate::loader::{self, OpenedModel, RopeLayout, TensorSource};
-use crate::weights::{forward_all, Input, Linear, QuantizedRows, QK};
+use crate::weights::{forward_all, Input, Linear, QuantizedRows, WeightFormat, QK};
 
 /// Below this many query·key products per layer, attention stays on the calling thread.
 const PAR_MIN_ATTENTION: usize = 1 << 14;
@@ -641,15 +641,7 @@ impl Llama {
             None
         };
         let inv_freq = rope_frequencies(c, freq_factors.as_deref());
-        let quantized = std::iter::once(&embed)
-            .chain(head.as_ref())
-            .chain(
-                layers
-                    .iter()
-                    .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]),
-            )
-            .any(Linear::wants_quantized_input);
-        Ok(Llama {
+        let mut model = Llama {
             config,
             rope_layout,
             inv_freq,
@@ -657,8 +649,45 @@ impl Llama {
             head,
             final_norm,
             layers,
-            quantized,
-        })
+            quantized: false,
+        };
+        let quantized = model.matrices().any(Linear::wants_quantized_input);
+        model.quantized = quantized;
+        let formats = model.matrix_formats();
+        let count = |f: WeightFormat| formats.iter().filter(|&&g| g == f).count();
+        tracing::info!(
+            nibbles = count(WeightFormat::Nibbles),
+            q8_halves = count(WeightFormat::Q8Halves),
+            q8_0 = count(WeightFormat::Q8_0),
+            f32 = count(WeightFormat::F32),
+            megabytes = model.weight_bytes() / 1_000_000,
+            "weight matrices by kernel format"
+        );
+        Ok(model)
+    }
+
+    /// Every weight matrix: the embeddings, the output head if it has its own, then each
+    /// layer's.
+    fn matrices(&self) -> impl Iterator<Item = &Linear> {
+        std::iter::once(&self.embed)
+            .chain(self.head.as_ref())
+            .chain(
+                self.layers
+                    .iter()
+                    .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]),
+            )
+    }
+
+    /// Bytes of memory the weight matrices take in their kernel formats: what a decode
+    /// step streams (the embeddings only where they are also the output head).
+    pub fn weight_bytes(&self) -> usize {
+        self.matrices().map(Linear::bytes).sum()
+    }
+
+    /// The format each weight matrix multiplies in, in [`Llama::matrices`] order: a file
+    /// whose quantizations all have native kernels shows no [`WeightFormat::F32`].
+    pub fn matrix_formats(&self) -> Vec<WeightFormat> {
+        self.matrices().map(Linear::format).collect()
     }
 
     /// The model with every weight dequantized to f32, so activations are never rounded

@@ -2,12 +2,18 @@
 //! 128-token prefill. A measurement, not a check (timings depend on the machine and its
 //! load), so it is ignored by default:
 //! `cargo test --release -p heddle-model --test cpu_perf -- --ignored --nocapture`
+//!
+//! `HEDDLE_PERF_MODEL=path/to/file.gguf` times another GGUF instead (for instance the
+//! random Llama-3.2-1B-shape Q4_K_M of scripts/make-test-models.sh), and `step_times`
+//! then also prints the machine's streaming-read bandwidth and the decode floor it
+//! implies: one decode step must read every weight once.
 
 mod cpu_support;
 
+use std::path::PathBuf;
 use std::time::Instant;
 
-use cpu_support::{embedded_runner, Driver, Seq, BLOCK_SIZE};
+use cpu_support::{Driver, Seq, BLOCK_SIZE};
 use heddle_core::{SamplingParams, TokenId};
 use heddle_model::kv_cache::KvDtype;
 use heddle_model::llama::Llama;
@@ -37,10 +43,27 @@ fn runner(kv: KvDtype) -> CpuRunner {
     CpuRunner::new(model, 4096, BLOCK_SIZE, kv).unwrap()
 }
 
+/// The model timed: `HEDDLE_PERF_MODEL`, else the embedded one.
+fn perf_model_path() -> PathBuf {
+    match std::env::var_os("HEDDLE_PERF_MODEL") {
+        Some(path) => PathBuf::from(path),
+        None => embedded_model_path().unwrap_or_else(|e| panic!("{e}")),
+    }
+}
+
 #[test]
 #[ignore = "a measurement; run with --ignored --nocapture"]
 fn step_times() {
-    let mut driver = Driver::new(embedded_runner(512));
+    let path = perf_model_path();
+    let (model, _) = Llama::load(&path).unwrap();
+    let weight_bytes = model.weight_bytes() as f64;
+    eprintln!(
+        "{} on {} threads: {:.0} MB of weights in heddle's formats",
+        path.display(),
+        rayon::current_num_threads(),
+        weight_bytes / 1e6
+    );
+    let mut driver = Driver::new(CpuRunner::new(model, 512, BLOCK_SIZE, KvDtype::F16).unwrap());
     // Warm up: page in the weights, size the buffers.
     decode_step(&mut driver, 1, 32, 4);
 
@@ -70,6 +93,21 @@ fn step_times() {
         sixteen * 1e3,
         16.0 / sixteen,
         16.0 * one / sixteen
+    );
+    let bandwidth = heddle_model::membw::stream_read_bandwidth(1 << 30, 5);
+    let file_bytes = std::fs::metadata(&path).unwrap().len() as f64;
+    eprintln!(
+        "streaming read: {:.1} GB/s; reading the file's {:.0} MB once takes {:.2} ms, \
+         decode batch 1 is {:.2}x that floor",
+        bandwidth / 1e9,
+        file_bytes / 1e6,
+        file_bytes / bandwidth * 1e3,
+        one / (file_bytes / bandwidth)
+    );
+    eprintln!(
+        "reading heddle's {:.0} MB of weights once takes {:.2} ms",
+        weight_bytes / 1e6,
+        weight_bytes / bandwidth * 1e3
     );
 }
 

@@ -12,10 +12,13 @@ pub const BLOCK_SIZE: usize = 16;
 
 /// The embedded model with a cache of `num_blocks` blocks of [`BLOCK_SIZE`]; a missing
 /// model file fails with the message that says how to fetch it.
+// Each test binary compiles this module; cpu_perf loads its model itself.
+#[allow(dead_code)]
 pub fn embedded_runner(num_blocks: usize) -> CpuRunner {
     embedded_runner_with(num_blocks, BLOCK_SIZE)
 }
 
+#[allow(dead_code)]
 pub fn embedded_runner_with(num_blocks: usize, block_size: usize) -> CpuRunner {
     let path = embedded_model_path().unwrap_or_else(|e| panic!("{e}"));
     CpuRunner::load(&path, num_blocks, block_size).unwrap()

@@ -6,6 +6,11 @@
 //! quantized to ggml's Q8_0/Q8_1 form (32 values, one scale) and dotted in integers against
 //! the weight blocks.
 //!
+//! Three weight forms cover the GGUF types people download, each loaded without changing a
+//! weight ([`ggml_blocks`] decodes them): 4-bit blocks with a scale and a minimum (Q4_1,
+//! Q4_0, Q4_K), 8-bit blocks with a scale per half and a minimum (Q5_0, Q5_1, Q5_K, Q6_K;
+//! see [`q8_halves`]) and Q8_0. Other quantizations are dequantized to f32.
+//!
 //! Three kernel families, one chosen per process ([`Family`]): AVX-512 VNNI on weights
 //! repacked 16 output columns at a time, AVX2 on ggml's row-major blocks, and portable
 //! Rust. Batch invariance is built into all three: every output element is computed by the
@@ -21,6 +26,10 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
+
+mod ggml_blocks;
+
+use ggml_blocks::{Decoder, Nibbles};
 
 /// Elements per quantization block (ggml's QK4_1 = QK8_0 = QK8_1 = 32).
 pub const QK: usize = 32;
@@ -91,8 +100,42 @@ enum Storage {
     },
     /// Q8_0 for the VNNI kernel, values offset by 128 (see [`vnni`]).
     Q8_0x16 { qs: Vec<u8>, d: Vec<f32> },
+    /// 8-bit values with a scale per half-block of 16 and a minimum per block:
+    /// w = d[half]·q + m. Row-major; two scales per block, minimums padded per row.
+    Q8Halves {
+        qs: Vec<i8>,
+        d: Vec<f32>,
+        m: Vec<f32>,
+    },
+    /// Q4_K for the VNNI kernel: Q4_1x16's nibbles, each block's 6-bit scale and minimum
+    /// factors, each super-block's scales (see [`q4_k`]).
+    Q4Kx16 {
+        qs: Vec<u8>,
+        factors: Vec<u8>,
+        scales: Vec<f32>,
+    },
+    /// [`Storage::Q8Halves`] for the VNNI kernel, in groups of 16 rows of W (see
+    /// [`q8_halves`]).
+    Q8Halvesx16 {
+        qs: Vec<u8>,
+        d: Vec<f32>,
+        m: Vec<f32>,
+    },
     /// Plain f32, row-major.
     F32(Vec<f32>),
+}
+
+/// The form a weight matrix is multiplied in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WeightFormat {
+    /// 4-bit values, a scale and a minimum per 32 (from Q4_0, Q4_1, Q4_K).
+    Nibbles,
+    /// 8-bit values, a scale per 16 and a minimum per 32 (from Q5_0, Q5_1, Q5_K, Q6_K).
+    Q8Halves,
+    /// ggml Q8_0.
+    Q8_0,
+    /// f32: unquantized files, and quantizations without a native kernel (dequantized).
+    F32,
 }
 
 /// A weight matrix used as `y = x · Wᵀ` (one output per row of W).
@@ -109,6 +152,18 @@ fn q4_1_nibble(qs: &[u8], e: usize) -> u8 {
         qs[e] & 0x0F
     } else {
         qs[e - 16] >> 4
+    }
+}
+
+/// Stores a ggml Q4_1 block's 16 bytes of nibbles as lane `l` of block `gb` of the
+/// Q4_1x16 layout (see [`vnni`]).
+fn put_q4_1x16_nibbles(qs: &mut [u8], gb: usize, l: usize, src: &[u8; 16]) {
+    for j in 0..4 {
+        for t in 0..4 {
+            let lo = q4_1_nibble(src, 4 * j + t);
+            let hi = q4_1_nibble(src, 16 + 4 * j + t);
+            qs[gb * 256 + j * 64 + 4 * l + t] = lo | hi << 4;
+        }
     }
 }
 
@@ -129,9 +184,10 @@ impl Linear {
         })
     }
 
-    /// Takes a GGUF tensor of shape [n, k]. Q4_1 and Q8_0 stay quantized; other types are
-    /// dequantized to f32 (F32/F16/BF16 losslessly; other quantizations cost 4× memory and
-    /// their own rounding, which we accept over refusing the file).
+    /// Takes a GGUF tensor of shape [n, k]. Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K and
+    /// Q8_0 stay quantized (repacked for the kernels, every weight unchanged); other types
+    /// are dequantized to f32 (F32/F16/BF16 losslessly; other quantizations cost 4× memory
+    /// and their own rounding, which we accept over refusing the file).
     pub fn from_qtensor(name: &str, t: &QTensor) -> Result<Self> {
         Self::from_qtensor_for(name, t, family())
     }
@@ -145,10 +201,25 @@ impl Linear {
                 actual: dims.to_vec(),
             });
         };
-        let storage = match t.dtype() {
-            GgmlDType::Q4_1 if k % QK == 0 => Self::q4_1_storage(n, k, &t.data()?, family),
-            GgmlDType::Q8_0 if k % QK == 0 => Self::q8_0_storage(n, k, &t.data()?, family),
-            dtype => {
+        let dtype = t.dtype();
+        let decoder = ggml_blocks::decoder(dtype).filter(|_| k % dtype.block_size() == 0);
+        let row_bytes = k / dtype.block_size() * dtype.type_size();
+        let storage = match (dtype, decoder) {
+            (GgmlDType::Q8_0, _) if k % QK == 0 => Self::q8_0_storage(n, k, &t.data()?, family),
+            (GgmlDType::Q4K, Some(_)) if family == Family::Vnni => {
+                q4_k::vnni_storage(n, k, &t.data()?, row_bytes)
+            }
+            (_, Some(Decoder::Nibbles(decode))) => {
+                let bytes = t.data()?;
+                let block = |c: usize, b: usize| decode(&bytes[c * row_bytes..][..row_bytes], b);
+                Self::nibble_storage(n, k, block, family)
+            }
+            (_, Some(Decoder::Bytes(decode))) => {
+                let bytes = t.data()?;
+                let block = |c: usize, b: usize| decode(&bytes[c * row_bytes..][..row_bytes], b);
+                q8_halves::storage(n, k, block, family)
+            }
+            _ => {
                 if !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     tracing::warn!(
                         tensor = name,
@@ -167,12 +238,14 @@ impl Linear {
         Ok(Linear { n, k, storage })
     }
 
-    /// Q4_1 from ggml's 20-byte blocks (f16 d, f16 m, 16 bytes of nibbles).
-    fn q4_1_storage(n: usize, k: usize, bytes: &[u8], family: Family) -> Storage {
-        const BLOCK_BYTES: usize = 20;
+    /// Q4_1's storage from block `b` of row `c` of any 4-bit format, for `family`.
+    fn nibble_storage(
+        n: usize,
+        k: usize,
+        block: impl Fn(usize, usize) -> Nibbles,
+        family: Family,
+    ) -> Storage {
         let nb = k / QK;
-        let block = |c: usize, b: usize| &bytes[(c * nb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
-        let half = |bytes: &[u8]| f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
         if family == Family::Vnni {
             let groups = n.div_ceil(LANES);
             let mut qs = vec![0u8; groups * nb * 256];
@@ -183,15 +256,9 @@ impl Linear {
                 for b in 0..nb {
                     let src = block(c, b);
                     let gb = g * nb + b;
-                    d[gb * LANES + l] = half(&src[0..2]);
-                    m[gb * LANES + l] = half(&src[2..4]);
-                    for j in 0..4 {
-                        for t in 0..4 {
-                            let lo = q4_1_nibble(&src[4..], 4 * j + t);
-                            let hi = q4_1_nibble(&src[4..], 16 + 4 * j + t);
-                            qs[gb * 256 + j * 64 + 4 * l + t] = lo | hi << 4;
-                        }
-                    }
+                    d[gb * LANES + l] = src.d;
+                    m[gb * LANES + l] = src.m;
+                    put_q4_1x16_nibbles(&mut qs, gb, l, &src.qs);
                 }
             }
             return Storage::Q4_1x16 { qs, d, m };
@@ -203,9 +270,9 @@ impl Linear {
         for c in 0..n {
             for b in 0..nb {
                 let src = block(c, b);
-                d[c * nbp + b] = half(&src[0..2]);
-                m[c * nbp + b] = half(&src[2..4]);
-                qs.extend_from_slice(&src[4..]);
+                d[c * nbp + b] = src.d;
+                m[c * nbp + b] = src.m;
+                qs.extend_from_slice(&src.qs);
             }
         }
         Storage::Q4_1 { qs, d, m }
@@ -255,6 +322,39 @@ impl Linear {
     /// Inputs (columns of W).
     pub fn in_features(&self) -> usize {
         self.k
+    }
+
+    /// The form its products run in.
+    pub fn format(&self) -> WeightFormat {
+        match self.storage {
+            Storage::Q4_1 { .. } | Storage::Q4_1x16 { .. } | Storage::Q4Kx16 { .. } => {
+                WeightFormat::Nibbles
+            }
+            Storage::Q8Halves { .. } | Storage::Q8Halvesx16 { .. } => WeightFormat::Q8Halves,
+            Storage::Q8_0 { .. } | Storage::Q8_0x16 { .. } => WeightFormat::Q8_0,
+            Storage::F32(_) => WeightFormat::F32,
+        }
+    }
+
+    /// Bytes of memory its weights take, scales included: what a product streams.
+    pub fn bytes(&self) -> usize {
+        fn size<T>(v: &[T]) -> usize {
+            std::mem::size_of_val(v)
+        }
+        match &self.storage {
+            Storage::Q4_1 { qs, d, m }
+            | Storage::Q4_1x16 { qs, d, m }
+            | Storage::Q8Halvesx16 { qs, d, m } => size(qs) + size(d) + size(m),
+            Storage::Q8Halves { qs, d, m } => size(qs) + size(d) + size(m),
+            Storage::Q8_0 { qs, d } => size(qs) + size(d),
+            Storage::Q4Kx16 {
+                qs,
+                factors,
+                scales,
+            } => size(qs) + size(factors) + size(scales),
+            Storage::Q8_0x16 { qs, d } => size(qs) + size(d),
+            Storage::F32(w) => size(w),
+        }
     }
 
     /// Whether this matrix multiplies quantized activations.
@@ -318,6 +418,10 @@ impl Linear {
                         *o = d[gb * LANES + l] * v as f32 + m[gb * LANES + l];
                     }
                 }
+                Storage::Q8Halves { .. } | Storage::Q8Halvesx16 { .. } => {
+                    q8_halves::block_values(&self.storage, nb, r, b, o)
+                }
+                Storage::Q4Kx16 { .. } => q4_k::block_values(&self.storage, nb, r, b, o),
             }
         }
         if let Storage::F32(w) = &self.storage {
@@ -356,6 +460,15 @@ impl Linear {
             Storage::Q8_0x16 { qs, d } => {
                 assert!(qs.len() == groups * nb * 512 && d.len() == groups * nb * LANES)
             }
+            Storage::Q8Halves { qs, d, m } => {
+                assert!(qs.len() == n * k && d.len() == n * nb * 2 && m.len() == n * nbp)
+            }
+            Storage::Q4Kx16 { .. } => assert!(q4_k::check_sizes(&self.storage, n, nb)),
+            Storage::Q8Halvesx16 { qs, d, m } => assert!(
+                qs.len() == groups * nb * 512
+                    && d.len() == groups * nb * 2 * LANES
+                    && m.len() == groups * nb * LANES
+            ),
             Storage::F32(w) => {
                 assert_eq!(w.len(), n * k);
                 return None;
@@ -364,6 +477,7 @@ impl Linear {
         let q = x.q.expect("quantized weights need quantized activations");
         assert!(q.rows == m && q.nb == nb && q.qs.len() >= m * k);
         assert!(q.d.len() >= m * nbp && q.s.len() >= m * nbp && q.sums.len() >= m * nbp);
+        assert!(q.lo_sums.len() >= m * nbp);
         Some(q)
     }
 
@@ -407,6 +521,27 @@ impl Linear {
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Storage::Q8_0x16 { qs, d }, _) => vnni::q8_0(qs, d, nb, q.unwrap(), cols, n, out),
+                (Storage::Q8Halves { qs, d, m: mins }, f) => {
+                    let w = q8_halves::RowMajor { nb, qs, d, m: mins };
+                    match f {
+                        #[cfg(target_arch = "x86_64")]
+                        Family::Avx2 => q8_halves::avx2::run(&w, q.unwrap(), cols, n, out),
+                        _ => q8_halves::portable::run(&w, q.unwrap(), cols, n, out),
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                (
+                    Storage::Q4Kx16 {
+                        qs,
+                        factors,
+                        scales,
+                    },
+                    _,
+                ) => q4_k::vnni::run(qs, factors, scales, nb, q.unwrap(), cols, n, out),
+                #[cfg(target_arch = "x86_64")]
+                (Storage::Q8Halvesx16 { qs, d, m: mins }, _) => {
+                    q8_halves::vnni::run(qs, d, mins, nb, q.unwrap(), cols, n, out)
+                }
                 #[cfg(target_arch = "x86_64")]
                 (Storage::F32(w), Family::Avx2 | Family::Vnni) => {
                     avx2::f32(w, k, x.x, m, cols, n, out)
@@ -477,10 +612,11 @@ pub struct QuantizedRows {
     /// Values, row-major, blocks in order.
     qs: Vec<i8>,
     /// Per block (rows padded to a multiple of 16 blocks): scale, scale × sum (f16-rounded),
-    /// and the exact integer sum of the values.
+    /// the exact integer sum of the values, and that of its first 16.
     d: Vec<f32>,
     s: Vec<f32>,
     sums: Vec<i32>,
+    lo_sums: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -504,13 +640,15 @@ impl QuantizedRows {
             v.clear();
             v.resize(rows * nbp, 0.0);
         }
-        self.sums.clear();
-        self.sums.resize(rows * nbp, 0);
+        for v in [&mut self.sums, &mut self.lo_sums] {
+            v.clear();
+            v.resize(rows * nbp, 0);
+        }
         let simd = family() != Family::Portable;
         let blocks = x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK));
         for (i, (src, dst)) in blocks.enumerate() {
             let at = (i / nb) * nbp + i % nb;
-            let (d, sum) = match simd {
+            let (d, sum, lo_sum) = match simd {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX2 was detected.
                 true => unsafe { quantize_block_avx2(src, dst) },
@@ -519,29 +657,29 @@ impl QuantizedRows {
             self.d[at] = f16::from_f32(d).to_f32();
             self.s[at] = f16::from_f32(d * sum as f32).to_f32();
             self.sums[at] = sum;
+            self.lo_sums[at] = lo_sum;
         }
     }
 }
 
-/// Quantizes one block of 32: returns its scale (before f16 rounding) and the sum of its
-/// values.
-fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+/// Quantizes one block of 32: returns its scale (before f16 rounding), the sum of its
+/// values and the sum of its first 16.
+fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32, i32) {
     let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
     for (q, &v) in dst.iter_mut().zip(src) {
         *q = round_ties_even(v * id) as i8;
-        sum += *q as i32;
     }
-    (d, sum)
+    let sum_of = |q: &[i8]| q.iter().map(|&v| v as i32).sum::<i32>();
+    (d, sum_of(dst), sum_of(&dst[..16]))
 }
 
 /// [`quantize_block`] in AVX2 (the same numbers: max of |x|, round half to even), after
 /// ggml's `quantize_row_q8_0`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_block_avx2(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+unsafe fn quantize_block_avx2(src: &[f32], dst: &mut [i8]) -> (f32, i32, i32) {
     use std::arch::x86_64::*;
     assert!(src.len() == QK && dst.len() == QK);
     // SAFETY: 32 floats in, 32 bytes out.
@@ -562,13 +700,17 @@ unsafe fn quantize_block_avx2(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     let q: [__m256i; 4] = std::array::from_fn(|i| {
         _mm256_cvtps_epi32(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(v[i], id)))
     });
-    let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-    let sum = _mm_add_epi32(
-        _mm256_castsi256_si128(sum),
-        _mm256_extracti128_si256(sum, 1),
+    let hsum = |v: __m256i| {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    };
+    let lo = _mm256_add_epi32(q[0], q[1]);
+    let (lo_sum, sum) = (
+        hsum(lo),
+        hsum(_mm256_add_epi32(lo, _mm256_add_epi32(q[2], q[3]))),
     );
-    let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b01_00_11_10>(sum));
-    let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b10_11_00_01>(sum));
     // Pack to bytes; the 128-bit-lane interleaving of the packs is undone by a permute.
     let packed = _mm256_packs_epi16(
         _mm256_packs_epi32(q[0], q[1]),
@@ -577,7 +719,7 @@ unsafe fn quantize_block_avx2(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     // SAFETY: `dst` holds 32 bytes.
     unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, ordered) };
-    (d, _mm_cvtsi128_si32(sum))
+    (d, sum, lo_sum)
 }
 
 /// Rounds to the nearest integer, ties to even, for |v| < 2^22: adding 1.5·2^23 leaves no
@@ -732,11 +874,12 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 // The tiles index several arrays (accumulators, rows, columns) by the same r and c.
 #[allow(clippy::needless_range_loop)]
+#[macro_use]
 mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    const PANEL: usize = 64;
+    pub(super) const PANEL: usize = 64;
 
     /// Walks a column range in panels, and each panel in tiles: 4 rows at a time then
     /// the remaining 1–3, 2 columns at a time then a last odd one.
@@ -773,7 +916,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
+    pub(super) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -782,7 +925,7 @@ mod avx2 {
 
     /// Σ a[i]·b[i] over `len` floats (a multiple of 8).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn scale_dot(a: *const f32, b: *const f32, len: usize) -> f32 {
+    pub(super) unsafe fn scale_dot(a: *const f32, b: *const f32, len: usize) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for i in (0..len).step_by(8) {
             // SAFETY: the caller's arrays hold `len` floats.
@@ -997,27 +1140,29 @@ mod avx2 {
 /// Each output's arithmetic is the same for any number of rows, so batch invariance holds.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
+#[macro_use]
 mod vnni {
     use super::*;
     use std::arch::x86_64::*;
 
     /// Rows per tile: each row's accumulators stay in registers beside the group's 8
     /// vectors of weights.
-    const ROWS: usize = 8;
+    pub(super) const ROWS: usize = 8;
 
     /// Activation pointers of a tile of rows: values (as 4-byte units), scales, scaled
     /// sums and exact sums.
-    struct RowPtrs<const R: usize> {
-        qs: [*const i32; R],
-        d: [*const f32; R],
-        s: [*const f32; R],
-        sums: [*const i32; R],
+    pub(super) struct RowPtrs<const R: usize> {
+        pub qs: [*const i32; R],
+        pub d: [*const f32; R],
+        pub s: [*const f32; R],
+        pub sums: [*const i32; R],
+        pub lo_sums: [*const i32; R],
     }
 
     impl<const R: usize> RowPtrs<R> {
         /// # Safety
         /// Rows r0..r0 + R exist in `x`.
-        unsafe fn new(x: &QuantizedRows, r0: usize) -> Self {
+        pub(super) unsafe fn new(x: &QuantizedRows, r0: usize) -> Self {
             let (nb, nbp) = (x.nb, padded_blocks(x.nb));
             // SAFETY: row starts inside the buffers.
             unsafe {
@@ -1028,6 +1173,7 @@ mod vnni {
                     d: std::array::from_fn(|r| x.d.as_ptr().add((r0 + r) * nbp)),
                     s: std::array::from_fn(|r| x.s.as_ptr().add((r0 + r) * nbp)),
                     sums: std::array::from_fn(|r| x.sums.as_ptr().add((r0 + r) * nbp)),
+                    lo_sums: std::array::from_fn(|r| x.lo_sums.as_ptr().add((r0 + r) * nbp)),
                 }
             }
         }
@@ -1036,21 +1182,34 @@ mod vnni {
     /// Σ over 8 units of dpbusd(units[i], four bytes of x), in two chains for
     /// instruction-level parallelism, starting from `init` (exact in integers).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn block_dot(units: &[__m512i; 8], x: *const i32, init: __m512i) -> __m512i {
-        let mut a = init;
-        let mut b = _mm512_setzero_si512();
+    pub(super) unsafe fn block_dot(units: &[__m512i; 8], x: *const i32, init: __m512i) -> __m512i {
+        // SAFETY: the caller's contract.
+        let (a, b) = unsafe { half_dots(units, x, init, _mm512_setzero_si512()) };
+        _mm512_add_epi32(a, b)
+    }
+
+    /// The two halves of [`block_dot`]: units 0..4 (elements 0..16) from `init_lo`,
+    /// units 4..8 (elements 16..32) from `init_hi`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn half_dots(
+        units: &[__m512i; 8],
+        x: *const i32,
+        init_lo: __m512i,
+        init_hi: __m512i,
+    ) -> (__m512i, __m512i) {
+        let (mut a, mut b) = (init_lo, init_hi);
         for i in 0..4 {
             // SAFETY: the block's 32 bytes are eight 4-byte units at `x`.
             let (xa, xb) = unsafe { (x.add(i).read_unaligned(), x.add(i + 4).read_unaligned()) };
             a = _mm512_dpbusd_epi32(a, units[i], _mm512_set1_epi32(xa));
             b = _mm512_dpbusd_epi32(b, units[i + 4], _mm512_set1_epi32(xb));
         }
-        _mm512_add_epi32(a, b)
+        (a, b)
     }
 
     /// Stores a tile row's 16 outputs (fewer in a partial last group).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn store(out: OutPtr, at: usize, lanes: usize, v: __m512) {
+    pub(super) unsafe fn store(out: OutPtr, at: usize, lanes: usize, v: __m512) {
         // SAFETY: the caller owns these `lanes` columns of the row.
         unsafe {
             if lanes == LANES {
@@ -1215,6 +1374,9 @@ mod vnni {
     }
 }
 
+mod q4_k;
+mod q8_halves;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1270,7 +1432,50 @@ mod tests {
         out
     }
 
-    const DTYPES: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32];
+    /// Every type with a native kernel, and f32.
+    const DTYPES: [GgmlDType; 9] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::Q8_0,
+        GgmlDType::F32,
+    ];
+
+    /// `k` rounded up to whole blocks of `dtype` (the K-quants' super-blocks hold 256).
+    fn fit(dtype: GgmlDType, k: usize) -> usize {
+        k.next_multiple_of(dtype.block_size())
+    }
+
+    #[test]
+    fn native_types_load_without_dequantizing() {
+        for dtype in DTYPES {
+            let t = qtensor(dtype, 20, 256, 1);
+            let lin = Linear::from_qtensor("w", &t).unwrap();
+            assert_eq!(
+                lin.wants_quantized_input(),
+                dtype != GgmlDType::F32,
+                "{dtype:?}"
+            );
+            // The repacked weights are ggml's, value for value.
+            let ggml: Vec<f32> = t
+                .dequantize(&candle_core::Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(dequantized(&lin), ggml, "{dtype:?}");
+        }
+        let other = Linear::from_qtensor("w", &qtensor(GgmlDType::Q3K, 20, 256, 1)).unwrap();
+        assert!(
+            !other.wants_quantized_input(),
+            "Q3_K keeps the f32 fallback"
+        );
+    }
 
     #[test]
     fn quantized_matmuls_match_the_dequantized_product() {
@@ -1322,7 +1527,7 @@ mod tests {
     #[test]
     fn every_row_is_independent_of_the_others() {
         for dtype in DTYPES {
-            let (n, k) = (1000, 576);
+            let (n, k) = (1000, fit(dtype, 576));
             let lin = Linear::from_qtensor("w", &qtensor(dtype, n, k, 3)).unwrap();
             let x = noise(11 * k, 4);
             let all = run(&lin, &x, 11);
@@ -1348,8 +1553,9 @@ mod tests {
         };
         let mats: Vec<Linear> = [
             (400, GgmlDType::Q4_1),
-            (48, GgmlDType::Q4_1),
+            (48, GgmlDType::Q4_0),
             (300, GgmlDType::Q8_0),
+            (100, GgmlDType::Q5_1),
         ]
         .iter()
         .zip(10..)
@@ -1383,6 +1589,8 @@ mod tests {
         // Odd shapes: a partial last group of 16 columns, an odd number of blocks.
         for (n, k, rows) in [(34, 192, 5), (67, 160, 9)] {
             for dtype in DTYPES {
+                // K-quants: 3 super-blocks, 24 blocks.
+                let k = if dtype.block_size() > QK { 768 } else { k };
                 let t = qtensor(dtype, n, k, 5);
                 let x = noise(rows * k, 6);
                 let mut q = QuantizedRows::default();

@@ -1,0 +1,300 @@
+//! Kernels for 8-bit weights with a scale per half-block of 16 and a minimum per block of
+//! 32, w = d[half]·q + m: the exact form of Q5_0, Q5_1, Q5_K and Q6_K
+//! ([`super::ggml_blocks::Bytes`]).
+//!
+//! Those formats store 5 or 6 bits a weight, split between a nibble array and a high-bit
+//! array; heddle spends a whole byte on each weight instead (plus 12 bytes of scales per
+//! 32), so that the inner loop is Q8_0's: one integer dot product per half-block, then a
+//! fused multiply-add by the half's scale times the activation block's. The minimum
+//! multiplies the activations' scaled block sum, as Q4_1's does. The cost is memory: 11
+//! bits a weight against the file's 5.5–6.6, which only matters where a decode step is
+//! bound by reading the weights.
+//!
+//! Values are at most 32 in magnitude (Q6_K's q − 32), so AVX2's `maddubs` pairs
+//! (|w|·|x| ≤ 32·127, twice) never saturate.
+
+use std::ops::Range;
+
+use super::ggml_blocks::Bytes;
+use super::{padded_blocks, Family, OutPtr, QuantizedRows, Storage, LANES, QK};
+
+/// The storage of an n × k matrix whose block `b` of row `c` is `block(c, b)`, laid out
+/// for `family`: row-major, or for VNNI in groups of 16 rows like Q8_0x16 (values + 128
+/// in 64-byte units, then per block 16 scales of the first halves, 16 of the second
+/// halves, and 16 minimums).
+pub(super) fn storage(
+    n: usize,
+    k: usize,
+    block: impl Fn(usize, usize) -> Bytes,
+    family: Family,
+) -> Storage {
+    let nb = k / QK;
+    if family == Family::Vnni {
+        let groups = n.div_ceil(LANES);
+        let mut qs = vec![128u8; groups * nb * 512];
+        let mut d = vec![0f32; groups * nb * 2 * LANES];
+        let mut m = vec![0f32; groups * nb * LANES];
+        for c in 0..n {
+            let (g, l) = (c / LANES, c % LANES);
+            for b in 0..nb {
+                let src = block(c, b);
+                let gb = g * nb + b;
+                d[gb * 2 * LANES + l] = src.d[0];
+                d[gb * 2 * LANES + LANES + l] = src.d[1];
+                m[gb * LANES + l] = src.m;
+                for (e, &v) in src.qs.iter().enumerate() {
+                    qs[gb * 512 + (e / 4) * 64 + 4 * l + e % 4] = (v as i16 + 128) as u8;
+                }
+            }
+        }
+        return Storage::Q8Halvesx16 { qs, d, m };
+    }
+    let nbp = padded_blocks(nb);
+    let mut qs = Vec::with_capacity(n * k);
+    let mut d = Vec::with_capacity(n * nb * 2);
+    let mut m = vec![0f32; n * nbp];
+    for c in 0..n {
+        for b in 0..nb {
+            let src = block(c, b);
+            qs.extend_from_slice(&src.qs);
+            d.extend_from_slice(&src.d);
+            m[c * nbp + b] = src.m;
+        }
+    }
+    Storage::Q8Halves { qs, d, m }
+}
+
+/// Block `b` of row `r` in f32, computed as ggml dequantizes it.
+pub(super) fn block_values(storage: &Storage, nb: usize, r: usize, b: usize, out: &mut [f32]) {
+    match storage {
+        Storage::Q8Halves { qs, d, m } => {
+            let at = r * nb + b;
+            let min = m[r * padded_blocks(nb) + b];
+            for (e, (o, &q)) in out.iter_mut().zip(&qs[at * QK..][..QK]).enumerate() {
+                *o = d[at * 2 + e / 16] * q as f32 + min;
+            }
+        }
+        Storage::Q8Halvesx16 { qs, d, m } => {
+            let (gb, l) = ((r / LANES) * nb + b, r % LANES);
+            for (e, o) in out.iter_mut().enumerate() {
+                let q = qs[gb * 512 + (e / 4) * 64 + 4 * l + e % 4] as i32 - 128;
+                *o = d[gb * 2 * LANES + (e / 16) * LANES + l] * q as f32 + m[gb * LANES + l];
+            }
+        }
+        _ => unreachable!("not a Q8Halves storage"),
+    }
+}
+
+/// Row-major weights: values, two scales per block, minimums padded per row.
+pub(super) struct RowMajor<'a> {
+    pub nb: usize,
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub m: &'a [f32],
+}
+
+/// Plain Rust: one output at a time, blocks in order.
+pub(super) mod portable {
+    use super::*;
+
+    fn dot(w: &RowMajor, c: usize, x: &QuantizedRows, r: usize) -> f32 {
+        let (nb, nbp) = (w.nb, padded_blocks(w.nb));
+        let mut acc = 0f32;
+        let mut mins = 0f32;
+        for b in 0..nb {
+            let wq = &w.qs[(c * nb + b) * QK..][..QK];
+            let xq = &x.qs[(r * nb + b) * QK..][..QK];
+            let half = |h: usize| -> i32 {
+                let span = h * 16..h * 16 + 16;
+                wq[span.clone()]
+                    .iter()
+                    .zip(&xq[span])
+                    .map(|(&a, &b)| a as i32 * b as i32)
+                    .sum()
+            };
+            let dx = x.d[r * nbp + b];
+            let ds = &w.d[(c * nb + b) * 2..][..2];
+            acc += half(0) as f32 * (ds[0] * dx) + half(1) as f32 * (ds[1] * dx);
+            mins += w.m[c * nbp + b] * x.s[r * nbp + b];
+        }
+        acc + mins
+    }
+
+    /// # Safety
+    /// No other thread writes columns `cols` of `out`, which holds `x.rows × n` floats.
+    pub(in crate::weights) unsafe fn run(
+        w: &RowMajor,
+        x: &QuantizedRows,
+        cols: Range<usize>,
+        n: usize,
+        out: OutPtr,
+    ) {
+        for r in 0..x.rows {
+            for c in cols.clone() {
+                unsafe { out.write(r * n + c, dot(w, c, x, r)) }
+            }
+        }
+    }
+}
+
+/// AVX2 + FMA, tiled like Q8_0's kernel (up to 4 rows × 2 columns per tile). After
+/// `maddubs` and `madd`, i32 lanes 0..4 hold the first half's products and lanes 4..8
+/// the second's, so one vector of the two scales applies both.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+pub(super) mod avx2 {
+    use super::*;
+    use crate::weights::avx2::{hsum, scale_dot, PANEL};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize, const C: usize>(
+        w: &RowMajor,
+        x: &QuantizedRows,
+        r0: usize,
+        c0: usize,
+        n: usize,
+        out: OutPtr,
+    ) {
+        let nb = w.nb;
+        let nbp = padded_blocks(nb);
+        let ones = _mm256_set1_epi16(1);
+        // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
+        // exist, and b < nb stays inside each row's blocks.
+        let xq: [*const i8; R] =
+            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) });
+        let xd: [*const f32; R] =
+            std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
+        let wq: [*const i8; C] =
+            std::array::from_fn(|c| unsafe { w.qs.as_ptr().add((c0 + c) * nb * QK) });
+        let wd: [*const f32; C] =
+            std::array::from_fn(|c| unsafe { w.d.as_ptr().add((c0 + c) * nb * 2) });
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for b in 0..nb {
+            let mut xv = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                xv[r] = unsafe { _mm256_loadu_si256(xq[r].add(b * QK) as *const __m256i) };
+            }
+            for c in 0..C {
+                let wv = unsafe { _mm256_loadu_si256(wq[c].add(b * QK) as *const __m256i) };
+                // maddubs multiplies unsigned by signed: move w's sign onto x.
+                let wabs = _mm256_sign_epi8(wv, wv);
+                let dw = unsafe {
+                    _mm256_set_m128(
+                        _mm_set1_ps(*wd[c].add(2 * b + 1)),
+                        _mm_set1_ps(*wd[c].add(2 * b)),
+                    )
+                };
+                for r in 0..R {
+                    let xs = _mm256_sign_epi8(xv[r], wv);
+                    let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
+                    acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
+                }
+            }
+        }
+        for r in 0..R {
+            let row = r0 + r;
+            for c in 0..C {
+                let col = c0 + c;
+                let mins = unsafe {
+                    scale_dot(
+                        w.m.as_ptr().add(col * nbp),
+                        x.s.as_ptr().add(row * nbp),
+                        nbp,
+                    )
+                };
+                // SAFETY: the caller owns columns c0..c0 + C of these rows.
+                unsafe { out.write(row * n + col, hsum(acc[r][c]) + mins) }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA, and no other thread writes columns `cols` of `out`.
+    pub(in crate::weights) unsafe fn run(
+        w: &RowMajor,
+        x: &QuantizedRows,
+        cols: Range<usize>,
+        n: usize,
+        out: OutPtr,
+    ) {
+        unsafe { tiled!(tile, x.rows, cols, |r, c| w, x, r, c, n, out) }
+    }
+}
+
+/// AVX-512 VNNI on the grouped layout, as Q8_0x16's kernel: each lane is an output
+/// column, `vpdpbusd` on four broadcast activation bytes. The values carry +128, so each
+/// half's integer sum starts from −128 times the sum of its 16 activations.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+pub(super) mod vnni {
+    use super::*;
+    use crate::weights::vnni::{half_dots, store, RowPtrs, ROWS};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize>(
+        qs: &[u8],
+        d: &[f32],
+        m: &[f32],
+        nb: usize,
+        x: &QuantizedRows,
+        r0: usize,
+        g: usize,
+        n: usize,
+        out: OutPtr,
+    ) {
+        // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist;
+        // b < nb.
+        let rows = unsafe { RowPtrs::<R>::new(x, r0) };
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let gb = g * nb + b;
+            let units: [__m512i; 8] = std::array::from_fn(|i| unsafe {
+                _mm512_loadu_si512(qs.as_ptr().add(gb * 512 + i * 64) as *const __m512i)
+            });
+            let d_lo = unsafe { _mm512_loadu_ps(d.as_ptr().add(gb * 2 * LANES)) };
+            let d_hi = unsafe { _mm512_loadu_ps(d.as_ptr().add(gb * 2 * LANES + LANES)) };
+            let mw = unsafe { _mm512_loadu_ps(m.as_ptr().add(gb * LANES)) };
+            for r in 0..R {
+                let (sum, lo) = unsafe { (*rows.sums[r].add(b), *rows.lo_sums[r].add(b)) };
+                let (a, h) = unsafe {
+                    half_dots(
+                        &units,
+                        rows.qs[r].add(b * 8),
+                        _mm512_set1_epi32(-128 * lo),
+                        _mm512_set1_epi32(-128 * (sum - lo)),
+                    )
+                };
+                let dx = _mm512_set1_ps(unsafe { *rows.d[r].add(b) });
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(d_lo, dx), acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_mul_ps(d_hi, dx), acc[r]);
+                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(unsafe { *rows.s[r].add(b) }), acc[r]);
+            }
+        }
+        let lanes = LANES.min(n - g * LANES);
+        for r in 0..R {
+            unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and VNNI; the buffers hold the Q8Halvesx16 layout of
+    /// an n × nb·32 matrix; `cols` starts on a group; no other thread writes those
+    /// columns.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::weights) unsafe fn run(
+        qs: &[u8],
+        d: &[f32],
+        m: &[f32],
+        nb: usize,
+        x: &QuantizedRows,
+        cols: Range<usize>,
+        n: usize,
+        out: OutPtr,
+    ) {
+        unsafe { groups_and_rows!(tile, x.rows, cols, |r, g| qs, d, m, nb, x, r, g, n, out) }
+    }
+}

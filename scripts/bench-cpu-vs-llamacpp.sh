@@ -73,7 +73,8 @@ if [[ -n "${MODELS:-}" ]]; then
         embedded) model="$(bash scripts/fetch-model.sh | tail -n 1)" ;;
         random-1b)
             bash scripts/make-test-models.sh >&2
-            model="${HEDDLE_MODEL_DIR:-$HOME/.cache/heddle/models}/test/random-llama-3.2-1b-shape.Q4_K_M.gguf"
+            model="${TEST_MODELS_DIR:-${HEDDLE_MODEL_DIR:-$HOME/.cache/heddle/models}/test}"
+            model="$model/random-llama-3.2-1b-shape.Q4_K_M.gguf"
             ;;
         *) model="$name" ;;
         esac

@@ -3,7 +3,7 @@
 # llama.cpp's own quantizer (`llama-quantize`, built from the same llama-cpp-python sdist
 # as the peer server by scripts/peers/build-llama-server.sh):
 #
-#   $OUT_DIR (default ~/.cache/heddle/models/test)/
+#   $TEST_MODELS_DIR (default ~/.cache/heddle/models/test)/
 #     SmolLM2-135M-Instruct.{Q4_K_M,Q5_K_M,Q6_K,Q4_0}.gguf   the embedded model requantized
 #                                                           (real weights, --allow-requantize)
 #     random-llama-3.2-1b-shape.Q4_K_M.gguf                 random weights at the 1B shape,
@@ -22,7 +22,7 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
-OUT_DIR="${OUT_DIR:-${HEDDLE_MODEL_DIR:-$HOME/.cache/heddle/models}/test}"
+TEST_MODELS_DIR="${TEST_MODELS_DIR:-${HEDDLE_MODEL_DIR:-$HOME/.cache/heddle/models}/test}"
 PYTHON="${PYTHON:-python3}"
 VENV="${TEST_MODELS_VENV:-$REPO_ROOT/target/test-models-venv}"
 GGUF_VERSION=0.19.0 # gguf-py as vendored in llama-cpp-python 0.3.36
@@ -34,7 +34,7 @@ SOURCE="$(bash scripts/fetch-model.sh | tail -n 1)"
 SERVER="$(bash scripts/peers/build-llama-server.sh | tail -n 1)"
 QUANTIZE="$(dirname "$SERVER")/llama-quantize"
 [[ -x "$QUANTIZE" ]] || { log "no $QUANTIZE after the peer build"; exit 1; }
-mkdir -p "$OUT_DIR"
+mkdir -p "$TEST_MODELS_DIR"
 
 THREADS="$(nproc 2>/dev/null || echo 2)"
 requantize() { # <input> <output> <type>
@@ -50,16 +50,16 @@ requantize() { # <input> <output> <type>
 }
 
 for type in Q4_K_M Q5_K_M Q6_K Q4_0; do
-    requantize "$SOURCE" "$OUT_DIR/SmolLM2-135M-Instruct.$type.gguf" "$type"
+    requantize "$SOURCE" "$TEST_MODELS_DIR/SmolLM2-135M-Instruct.$type.gguf" "$type"
 done
 
-RANDOM_1B="$OUT_DIR/random-llama-3.2-1b-shape.Q4_K_M.gguf"
+RANDOM_1B="$TEST_MODELS_DIR/random-llama-3.2-1b-shape.Q4_K_M.gguf"
 if [[ ! -s "$RANDOM_1B" ]]; then
     if [[ ! -x "$VENV/bin/python" ]]; then
         "$PYTHON" -m venv "$VENV" >&2
     fi
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check numpy "gguf==$GGUF_VERSION" >&2
-    F16="$OUT_DIR/random-llama-3.2-1b-shape.f16.gguf"
+    F16="$TEST_MODELS_DIR/random-llama-3.2-1b-shape.f16.gguf"
     log "random weights at the Llama-3.2-1B shape: $F16 (2.2 GB, removed afterwards)"
     "$VENV/bin/python" scripts/test-models/random_llama_gguf.py --tokenizer-from "$SOURCE" --out "$F16"
     # Not a requantization: the f16 weights are the source.
@@ -70,4 +70,4 @@ if [[ ! -s "$RANDOM_1B" ]]; then
     rm -f "$F16"
 fi
 
-ls -l "$OUT_DIR"/*.gguf >&2
+ls -l "$TEST_MODELS_DIR"/*.gguf >&2

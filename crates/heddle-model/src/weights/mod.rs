@@ -60,23 +60,44 @@ enum Family {
     Vnni,
 }
 
+/// The kernel family of this process: the best the CPU supports, or a lesser one named by
+/// `HEDDLE_CPU_KERNELS` (`avx2`, `portable`), to measure another family on the same
+/// machine. Logged once.
 fn family() -> Family {
     static FAMILY: OnceLock<Family> = OnceLock::new();
     *FAMILY.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
-                let vnni = has!("avx512f") && has!("avx512bw") && has!("avx512vl");
-                return if vnni && has!("avx512vnni") {
-                    Family::Vnni
-                } else {
-                    Family::Avx2
-                };
+        let best = best_family();
+        let chosen = match std::env::var("HEDDLE_CPU_KERNELS").as_deref() {
+            Ok("portable") => Family::Portable,
+            Ok("avx2") if best != Family::Portable => Family::Avx2,
+            Ok("vnni") | Err(_) => best,
+            Ok(other) => {
+                tracing::warn!(
+                    requested = other,
+                    "HEDDLE_CPU_KERNELS is avx2, portable or vnni (if supported); using the best"
+                );
+                best
             }
-        }
-        Family::Portable
+        };
+        tracing::info!(family = ?chosen, best = ?best, "CPU matmul kernels");
+        chosen
     })
+}
+
+fn best_family() -> Family {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") {
+            let vnni = has!("avx512f") && has!("avx512bw") && has!("avx512vl");
+            return if vnni && has!("avx512vnni") {
+                Family::Vnni
+            } else {
+                Family::Avx2
+            };
+        }
+    }
+    Family::Portable
 }
 
 /// How a weight matrix of `n` rows (outputs) by `k` columns (inputs) is stored.
@@ -1579,10 +1600,10 @@ mod tests {
         let mut families = vec![Family::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if family() != Family::Portable {
+            if best_family() != Family::Portable {
                 families.push(Family::Avx2);
             }
-            if family() == Family::Vnni {
+            if best_family() == Family::Vnni {
                 families.push(Family::Vnni);
             }
         }

@@ -199,7 +199,7 @@ pub(super) mod vnni {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::weights::{family, forward_all_with, Family, Input, Linear, QuantizedRows};
+    use crate::weights::{best_family, forward_all_with, Family, Input, Linear, QuantizedRows};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
@@ -207,7 +207,7 @@ mod tests {
     /// same decoded blocks, in 4.75 bits a weight instead of 6.
     #[test]
     fn compact_q4_k_equals_q4_1x16_bit_for_bit() {
-        if family() != Family::Vnni {
+        if best_family() != Family::Vnni {
             return;
         }
         let (n, k, rows) = (37, 768, 5);

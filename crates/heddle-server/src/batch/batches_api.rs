@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::objects::{BatchEndpoint, BatchObject, BatchStatus, ListPage, RequestCounts};
+use super::objects::{BatchEndpoint, BatchObject, BatchStatus, ListPage};
 use super::store::BatchRecord;
 use super::{list_query, no_such, unknown_cursor, unrecognized};
 use crate::api::auth::{Caller, Scope};
@@ -89,32 +89,15 @@ pub async fn create(
         status: BatchStatus::Validating,
         caller,
         owner: scope.owner(),
-        object: BatchObject {
-            id: new_id("batch_"),
-            object: "batch",
+        object: BatchObject::validating(
+            new_id("batch_"),
             endpoint,
-            errors: None,
             input_file_id,
-            completion_window: window,
-            status: BatchStatus::Validating.as_str(),
-            output_file_id: None,
-            error_file_id: None,
-            created_at: now,
-            in_progress_at: None,
-            expires_at: now + COMPLETION_WINDOW_SECONDS,
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            request_counts: RequestCounts {
-                total: 0,
-                completed: 0,
-                failed: 0,
-            },
+            window,
             metadata,
-        },
+            now,
+            now + COMPLETION_WINDOW_SECONDS,
+        ),
     };
     state.batches.store.insert_batch(batch.clone()).await?;
     tracing::info!(batch = %batch.object.id, input = %batch.object.input_file_id, "batch created");

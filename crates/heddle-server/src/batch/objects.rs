@@ -174,6 +174,46 @@ pub struct BatchObject {
     pub metadata: Option<Value>,
 }
 
+impl BatchObject {
+    /// A batch just created: `validating`, nothing run, no files yet.
+    pub fn validating(
+        id: String,
+        endpoint: String,
+        input_file_id: String,
+        completion_window: String,
+        metadata: Option<Value>,
+        created_at: u64,
+        expires_at: u64,
+    ) -> Self {
+        BatchObject {
+            id,
+            object: "batch",
+            endpoint,
+            errors: None,
+            input_file_id,
+            completion_window,
+            status: BatchStatus::Validating.as_str(),
+            output_file_id: None,
+            error_file_id: None,
+            created_at,
+            in_progress_at: None,
+            expires_at,
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: RequestCounts {
+                total: 0,
+                completed: 0,
+                failed: 0,
+            },
+            metadata,
+        }
+    }
+}
+
 /// A page of a list: `first_id`/`last_id` and `has_more` let a client ask for the next
 /// page with `after=last_id`.
 #[derive(Debug, Serialize)]

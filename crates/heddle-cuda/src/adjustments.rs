@@ -11,6 +11,7 @@
 //! `[mask words, bias count, mask…, (token, bias bits, 0)…]`; the sampler overwrites each
 //! bias's last word with the raw logit, so that log-probabilities stay the model's.
 
+use heddle_core::TokenId;
 use heddle_model::logits_processing::StepAdjustments;
 
 use crate::plan::SampledRow;
@@ -20,30 +21,62 @@ const RECORD_HEADER: usize = 2;
 /// Words per logit bias.
 const BIAS_WORDS: usize = 3;
 
-/// Packs the adjustments of `rows` (a step's sampled rows, in order) into `words`.
-/// Returns whether any row has one.
-pub fn pack(rows: &[SampledRow], adjustments: &StepAdjustments, words: &mut Vec<i32>) -> bool {
-    words.clear();
-    words.resize(rows.len(), -1);
-    let mut any = false;
-    for (i, row) in rows.iter().enumerate() {
-        let Some(adjustment) = adjustments.get(&row.id) else {
+/// A row's mask words and biases.
+struct Record<'a> {
+    mask: &'a [u32],
+    bias: &'a [(TokenId, f32)],
+}
+
+impl<'a> Record<'a> {
+    /// The record of `row`, when it has a mask or biases.
+    fn of(adjustments: &'a StepAdjustments, row: &SampledRow) -> Option<Self> {
+        let adjustment = adjustments.get(&row.id)?;
+        let mask = adjustment.mask.as_ref().map_or(&[][..], |m| m.words());
+        let bias = &adjustment.bias[..];
+        (!mask.is_empty() || !bias.is_empty()).then_some(Record { mask, bias })
+    }
+
+    fn len(&self) -> usize {
+        RECORD_HEADER + self.mask.len() + BIAS_WORDS * self.bias.len()
+    }
+}
+
+/// How many words [`pack`] writes for `rows`.
+pub fn packed_len(rows: &[SampledRow], adjustments: &StepAdjustments) -> usize {
+    rows.len()
+        + rows
+            .iter()
+            .filter_map(|row| Record::of(adjustments, row))
+            .map(|record| record.len())
+            .sum::<usize>()
+}
+
+/// Packs the adjustments of `rows` (a step's sampled rows, in order) into `words`, which
+/// is [`packed_len`] long: written in place, so that the runner packs straight into the
+/// page-locked memory the copy starts from.
+pub fn pack(rows: &[SampledRow], adjustments: &StepAdjustments, words: &mut [i32]) {
+    let (offsets, mut records) = words.split_at_mut(rows.len());
+    let mut next = rows.len();
+    for (offset, row) in offsets.iter_mut().zip(rows) {
+        let Some(Record { mask, bias }) = Record::of(adjustments, row) else {
+            *offset = -1;
             continue;
         };
-        let mask = adjustment.mask.as_ref().map_or(&[][..], |m| m.words());
-        if mask.is_empty() && adjustment.bias.is_empty() {
-            continue;
+        *offset = next as i32;
+        let len = RECORD_HEADER + mask.len() + BIAS_WORDS * bias.len();
+        let (record, rest) = std::mem::take(&mut records).split_at_mut(len);
+        records = rest;
+        next += len;
+        record[0] = mask.len() as i32;
+        record[1] = bias.len() as i32;
+        let (mask_words, bias_words) = record[RECORD_HEADER..].split_at_mut(mask.len());
+        for (word, &bits) in mask_words.iter_mut().zip(mask) {
+            *word = bits as i32;
         }
-        any = true;
-        words[i] = words.len() as i32;
-        words.reserve(RECORD_HEADER + mask.len() + BIAS_WORDS * adjustment.bias.len());
-        words.extend([mask.len() as i32, adjustment.bias.len() as i32]);
-        words.extend(mask.iter().map(|&w| w as i32));
-        for &(token, bias) in adjustment.bias.iter() {
-            words.extend([token as i32, bias.to_bits() as i32, 0]);
+        for (entry, &(token, value)) in bias_words.chunks_exact_mut(BIAS_WORDS).zip(bias) {
+            entry.copy_from_slice(&[token as i32, value.to_bits() as i32, 0]);
         }
     }
-    any
 }
 
 #[cfg(test)]
@@ -70,8 +103,9 @@ mod tests {
             },
         );
         adjustments.insert(3, LogitsAdjustment::default());
-        let mut words = Vec::new();
-        assert!(pack(&[row(1), row(2), row(3)], &adjustments, &mut words));
+        let rows = [row(1), row(2), row(3)];
+        let mut words = vec![7; packed_len(&rows, &adjustments)];
+        pack(&rows, &adjustments, &mut words);
         assert_eq!(&words[..3], &[-1, 3, -1]);
         let record = &words[3..];
         assert_eq!(record[..RECORD_HEADER], [0, 2]);
@@ -90,13 +124,44 @@ mod tests {
     }
 
     #[test]
+    fn masks_are_packed_word_for_word_and_records_follow_each_other() {
+        use heddle_model::grammar::TokenMask;
+        let mask = TokenMask::allowing(70, &[0, 33, 69]);
+        let mut adjustments = StepAdjustments::new();
+        adjustments.insert(
+            1,
+            LogitsAdjustment {
+                bias: Vec::new().into(),
+                mask: Some(mask.clone()),
+            },
+        );
+        adjustments.insert(
+            2,
+            LogitsAdjustment {
+                bias: vec![(4, 1.5)].into(),
+                mask: Some(mask.clone()),
+            },
+        );
+        let rows = [row(1), row(2)];
+        let mut words = vec![7; packed_len(&rows, &adjustments)];
+        pack(&rows, &adjustments, &mut words);
+        let mask_words: Vec<i32> = mask.words().iter().map(|&w| w as i32).collect();
+        assert_eq!(mask_words.len(), 3);
+        let first = 2;
+        let second = first + RECORD_HEADER + mask_words.len();
+        assert_eq!(&words[..2], &[first as i32, second as i32]);
+        assert_eq!(&words[first..first + 2], &[3, 0]);
+        assert_eq!(&words[first + 2..second], &mask_words[..]);
+        assert_eq!(&words[second..second + 2], &[3, 1]);
+        assert_eq!(&words[second + 2..second + 5], &mask_words[..]);
+        assert_eq!(&words[second + 5..], &[4, 1.5f32.to_bits() as i32, 0]);
+    }
+
+    #[test]
     fn a_step_with_nothing_to_change_packs_only_the_header() {
-        let mut words = vec![7; 10];
-        assert!(!pack(
-            &[row(1), row(2)],
-            &StepAdjustments::new(),
-            &mut words
-        ));
+        let rows = [row(1), row(2)];
+        let mut words = vec![7; packed_len(&rows, &StepAdjustments::new())];
+        pack(&rows, &StepAdjustments::new(), &mut words);
         assert_eq!(words, [-1, -1]);
     }
 }

@@ -33,6 +33,12 @@ impl StagingBuffer {
     pub fn is_empty(&self) -> bool {
         self.words.is_empty()
     }
+
+    /// The first `len` words, to fill before [`Gpu::write_staged`].
+    pub fn words(&mut self, len: usize) -> anyhow::Result<&mut [i32]> {
+        let words = self.words.as_mut_slice().context("page-locked memory")?;
+        words.get_mut(..len).context("staging buffer too small")
+    }
 }
 
 /// The compiled kernels, by name.
@@ -179,30 +185,22 @@ impl Gpu {
         Ok(StagingBuffer { words })
     }
 
-    /// Queues a copy of `data` to the start of `buffer` through `staging` and returns at
-    /// once: a copy from page-locked memory needs no wait, where one from ordinary memory
-    /// first waits for the stream's queued work. `staging` must not be written again
-    /// before the stream has passed this copy (a runner's steps end with a synchronising
-    /// read, so the next step may).
+    /// Queues a copy of the first `len` words of `staging` to the start of `buffer` and
+    /// returns at once: a copy from page-locked memory needs no wait, where one from
+    /// ordinary memory first waits for the stream's queued work. `staging` must not be
+    /// written again before the stream has passed this copy (a runner's steps end with a
+    /// synchronising read, so the next step may).
     pub fn write_staged(
         &self,
         staging: &mut StagingBuffer,
+        len: usize,
         buffer: &DeviceBuffer,
-        data: &[i32],
     ) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            std::mem::size_of_val(data) <= buffer.bytes && data.len() <= staging.words.len(),
-            "buffer too small"
-        );
-        let words = staging.words.as_mut_slice().context("page-locked memory")?;
-        words[..data.len()].copy_from_slice(data);
+        anyhow::ensure!(len * 4 <= buffer.bytes, "buffer too small");
+        let words = staging.words(len)?;
         // SAFETY: checked above; the staging words stay untouched until the copy is done.
         unsafe {
-            cudarc::driver::result::memcpy_htod_async(
-                buffer.ptr,
-                &words[..data.len()],
-                self.stream.cu_stream(),
-            )
+            cudarc::driver::result::memcpy_htod_async(buffer.ptr, &*words, self.stream.cu_stream())
         }
         .context("copying to the GPU")
     }

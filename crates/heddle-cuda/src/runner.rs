@@ -128,9 +128,8 @@ pub struct CudaRunner {
     /// needed. Only steps with adjustments read it, and their sampler runs outside any
     /// graph, so growing it never invalidates one.
     adjustments: DeviceBuffer,
-    host_adjustments: Vec<i32>,
-    /// Where the adjustments are copied from: page-locked, so that the copy is queued
-    /// behind the forward pass instead of waiting for it.
+    /// Where the adjustments are packed and copied from: page-locked, so that the copy
+    /// is queued behind the forward pass instead of waiting for it.
     adjustments_staging: StagingBuffer,
     host_sampled: Vec<i32>,
     times: StepTimes,
@@ -233,7 +232,6 @@ impl CudaRunner {
             metadata,
             originals,
             adjustments,
-            host_adjustments: Vec::new(),
             adjustments_staging,
             host_sampled: Vec::new(),
             times: StepTimes::default(),
@@ -636,19 +634,17 @@ impl CudaRunner {
 
     /// Packs the step's adjustments and copies them behind the queued forward pass.
     fn upload_adjustments(&mut self, adjustments: &StepAdjustments) -> anyhow::Result<()> {
-        crate::adjustments::pack(&self.plan.rows, adjustments, &mut self.host_adjustments);
-        let words = self.host_adjustments.len();
+        let words = crate::adjustments::packed_len(&self.plan.rows, adjustments);
         if words * 4 > self.adjustments.bytes {
             self.adjustments = self.gpu.alloc((words * 4).next_power_of_two())?;
         }
         if words > self.adjustments_staging.len() {
             self.adjustments_staging = self.gpu.alloc_staging(words.next_power_of_two())?;
         }
-        self.gpu.write_staged(
-            &mut self.adjustments_staging,
-            &self.adjustments,
-            &self.host_adjustments,
-        )
+        let staged = self.adjustments_staging.words(words)?;
+        crate::adjustments::pack(&self.plan.rows, adjustments, staged);
+        self.gpu
+            .write_staged(&mut self.adjustments_staging, words, &self.adjustments)
     }
 
     /// Copies the sampled ids (and log-probabilities if asked for) back: the step's wait.

@@ -772,12 +772,12 @@ fn run_adjusted_sampler(
 ) -> anyhow::Result<SamplerOutput> {
     let mut plan = StepPlan::default();
     plan.build(&batch, history, 16, 1, false, vocab, None);
-    let mut adjustment_words = Vec::new();
+    let mut adjustment_words = vec![0];
     if let Some(adjustments) = adjustments {
         plan.mark_adjusted();
+        adjustment_words = vec![0; crate::adjustments::packed_len(&plan.rows, adjustments)];
         crate::adjustments::pack(&plan.rows, adjustments, &mut adjustment_words);
     }
-    adjustment_words.push(0);
     let adjustment_buf = gpu.upload(&adjustment_words)?;
     let rows = plan.rows.len();
     let meta = gpu.upload(&plan.words)?;

@@ -6,7 +6,7 @@
 #   scripts/gpu/check-and-bench.sh [quick]
 #
 # 1. self-test: every kernel against CPU references, the runner against heddle's CPU
-#    runner, CUDA graph replay;
+#    runner, CUDA graph replay, prompt log-probabilities;
 # 2. reference: heddle's CUDA runner against HF transformers on checkpoints transformers
 #    makes (scripts/gpu/reference/check_reference.py);
 # 3. batch invariance at the Llama-3.1-8B shape, default and batch-invariant modes;
@@ -120,6 +120,25 @@ for shape in llama-3.2-1b llama-3.1-8b; do
     curl -sf localhost:18080/ready >/dev/null 2>&1 && break
     sleep 0.5
   done
+  if [ "$shape" = llama-3.2-1b ]; then
+    # Prompt log-probabilities over HTTP: `echo` with `logprobs` and `max_tokens: 0` on 300
+    # token ids (one prefill chunk, scored in two pieces of 256 rows).
+    python3 - "$shape" <<'PY' | tee -a "$LOGS/results.txt"
+import json, math, sys, urllib.request
+prompt = [(i * 7919) % 128000 + 100 for i in range(300)]
+body = {"model": sys.argv[1], "prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 0}
+req = urllib.request.Request("http://127.0.0.1:18080/v1/completions", json.dumps(body).encode(),
+                             {"content-type": "application/json"})
+r = json.load(urllib.request.urlopen(req))
+lp = r["choices"][0]["logprobs"]
+values = lp["token_logprobs"]
+ok = (len(values) == len(prompt) == r["usage"]["prompt_tokens"] and values[0] is None
+      and all(v is not None and math.isfinite(v) and v <= 0 for v in values[1:])
+      and all(t is None or len(t) == 2 for t in lp["top_logprobs"]))
+print(f"RESULT echo_http ok={int(ok)} scored={len(values) - 1} "
+      f"mean_logprob={sum(values[1:]) / (len(values) - 1):.3f}")
+PY
+  fi
   "$BIN/heddle" bench --url http://127.0.0.1:18080 --model "$shape" \
     --tokenizer /tmp/heddle-dummy-tokenizer/tokenizer.json --num-prompts 256 \
     --input-len 512 --output-len 128 --ignore-eos --no-progress --warmup-requests 4 \
@@ -159,6 +178,8 @@ for l in lines:
         print("embedded GGUF on the GPU vs float64 greedy: " + l[len("RESULT gguf "):])
     if l.startswith("RESULT structured"):
         print("structured output, 1B shape, random weights, in process: " + l[len("RESULT "):])
+    if l.startswith("RESULT echo_http"):
+        print("heddle serve --device cuda, 1B shape, random weights, echo + prompt logprobs over HTTP: " + l[len("RESULT echo_http "):])
     if l.startswith("RESULT chat"):
         print("heddle serve --device cuda, embedded model, chat reply: " + l.split("reply=", 1)[1])
 heddle, peer, http, single = {}, {}, {}, {}

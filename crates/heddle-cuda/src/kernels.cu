@@ -14,6 +14,7 @@
 #define ROWS_PER_WARP (QROWS / ATTN_WARPS)
 #define SAMPLE_THREADS 1024
 #define MAX_TOP_LOGPROBS 20
+#define SCORE_WORDS (1 + 2 * MAX_TOP_LOGPROBS)
 #define NEG_INF (__int_as_float(0xff800000))
 
 
@@ -573,6 +574,46 @@ __device__ float threshold_for(const float* row, int vocab, float max, float inv
     return __uint_as_float(lo);
 }
 
+// The log-sum-exp of a row (its maximum plus the log of the f64 sum of exp(l - max), as the
+// CPU's log_sum_exp), and its n_top most likely tokens (ties: lowest id first) written by
+// thread 0 to top as (id, f32 bits of log p) pairs.
+__device__ float row_lse_and_top(const float* row, int vocab, int n_top, int* top,
+                                 ArgBest* best_scratch, double* sum_scratch) {
+    float mx = row_argmax(row, vocab, best_scratch).v;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) s += exp((double)(row[i] - mx));
+    float lse = mx + (float)log(block_sum_f64(s, sum_scratch));
+    ArgBest prev = {__int_as_float(0x7f800000), -1};
+    for (int k = 0; k < n_top; k++) {
+        ArgBest b = {NEG_INF, -1};
+        for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+            float v = row[i];
+            bool after = v < prev.v || (v == prev.v && i > prev.i);
+            if (after && better(v, i, b.v, b.i)) b = ArgBest{v, i};
+        }
+        b = block_best(b, best_scratch);
+        if (threadIdx.x == 0) {
+            top[2 * k] = b.i;
+            top[2 * k + 1] = __float_as_int(b.v - lse);
+        }
+        prev = b;
+    }
+    return lse;
+}
+
+// Scores given tokens, one row (block) each: out[row] = [f32 bits of log p(targets[row]),
+// then tops[row] (id, f32 bits of log p) pairs of the most likely tokens], SCORE_WORDS words
+// a row. The prompt log-probabilities of requests that ask for them.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+score_tokens(const float* logits, int vocab, const int* targets, const int* tops, int* out) {
+    __shared__ ArgBest best_scratch[32];
+    __shared__ double sum_scratch[32];
+    const float* row = logits + (long long)blockIdx.x * vocab;
+    int* o = out + blockIdx.x * SCORE_WORDS;
+    float lse = row_lse_and_top(row, vocab, tops[blockIdx.x], o + 1, best_scratch, sum_scratch);
+    if (threadIdx.x == 0) o[0] = __float_as_int(row[targets[blockIdx.x]] - lse);
+}
+
 // Samples one token per row of logits (rows: [n][vocab], f32). Order as the CPU sampler:
 // log-probabilities of the raw logits, then the row's logit biases and grammar mask (rows
 // with SP_ADJUSTED), then penalties (in place), then greedy arg-max or
@@ -595,27 +636,8 @@ sample(float* logits, int vocab, const int* params, const int* penalties, float*
 
     int want_logprob = p[SP_LOGPROB], n_top = p[SP_TOP_LOGPROBS];
     float lse = 0.0f;
-    if (want_logprob || n_top > 0) {
-        float mx = row_argmax(row, vocab, best_scratch).v;
-        double s = 0.0;
-        for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) s += exp((double)(row[i] - mx));
-        lse = mx + (float)log(block_sum_f64(s, sum_scratch));
-        ArgBest prev = {__int_as_float(0x7f800000), -1};
-        for (int k = 0; k < n_top; k++) {
-            ArgBest b = {NEG_INF, -1};
-            for (int i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
-                float v = row[i];
-                bool after = v < prev.v || (v == prev.v && i > prev.i);
-                if (after && better(v, i, b.v, b.i)) b = ArgBest{v, i};
-            }
-            b = block_best(b, best_scratch);
-            if (threadIdx.x == 0) {
-                top[2 * k] = b.i;
-                top[2 * k + 1] = __float_as_int(b.v - lse);
-            }
-            prev = b;
-        }
-    }
+    if (want_logprob || n_top > 0)
+        lse = row_lse_and_top(row, vocab, n_top, top, best_scratch, sum_scratch);
 
     int* bias = nullptr;
     int bias_count = 0;

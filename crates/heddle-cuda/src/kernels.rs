@@ -11,7 +11,7 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the runner launches, by its `extern "C"` name (the decode ones only where
 /// [`KernelShape::has_decode_kernel`]).
-pub const KERNEL_NAMES: [&str; 9] = [
+pub const KERNEL_NAMES: [&str; 10] = [
     "init_random",
     "embed_gather",
     "add_rmsnorm",
@@ -21,6 +21,7 @@ pub const KERNEL_NAMES: [&str; 9] = [
     "attention_merge",
     "silu_mul",
     "sample",
+    "score_tokens",
 ];
 
 /// Kernels that exist only where [`KernelShape::has_decode_kernel`].
@@ -44,6 +45,9 @@ pub const SAMPLE_THREADS: u32 = 1024;
 pub const ATTENTION_THREADS: u32 = 128;
 /// The most `top_logprobs` the sampler returns per row (`MAX_TOP_LOGPROBS`).
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Words `score_tokens` writes per scored token: its log-probability, then
+/// `MAX_TOP_LOGPROBS` (id, log-probability) pairs (`SCORE_WORDS`).
+pub const SCORE_WORDS: usize = 1 + 2 * MAX_TOP_LOGPROBS;
 
 /// Element type of weights, activations and the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +220,7 @@ mod tests {
         assert!(src.contains(&format!("#define SAMPLE_THREADS {SAMPLE_THREADS}")));
         assert!(src.contains(&format!("#define ATTN_THREADS {ATTENTION_THREADS}")));
         assert!(src.contains(&format!("#define MAX_TOP_LOGPROBS {MAX_TOP_LOGPROBS}")));
+        assert!(src.contains("#define SCORE_WORDS (1 + 2 * MAX_TOP_LOGPROBS)"));
     }
 
     #[test]

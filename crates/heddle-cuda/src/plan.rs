@@ -1,8 +1,11 @@
 //! One step's metadata, packed on the host into a single buffer of i32 words so that it
 //! reaches the GPU in one copy: token ids, positions, cache slots, attention tiles, block
-//! tables, the rows that get logits, each sampled row's parameters and its penalty list.
+//! tables, the rows that get logits, each sampled row's parameters and its penalty list,
+//! and the prompt tokens scored for requests that ask for prompt log-probabilities.
 
-use heddle_core::{RequestId, SamplingParams, ScheduledBatch, SequenceTokens, TokenId};
+use heddle_core::{
+    RequestId, SamplingParams, ScheduledBatch, ScheduledSeq, SequenceTokens, TokenId,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -23,6 +26,11 @@ pub struct Offsets {
     pub logit_rows: usize,
     pub sample_params: usize,
     pub penalties: usize,
+    /// Per scored prompt token: the row (token index) whose logits predict it, the token,
+    /// and how many top alternatives it asked for; three arrays of `scored.len()` words.
+    pub score_rows: usize,
+    pub score_targets: usize,
+    pub score_tops: usize,
 }
 
 /// A sampled row: whose it is and what it asked for back.
@@ -30,6 +38,15 @@ pub struct Offsets {
 pub struct SampledRow {
     pub id: RequestId,
     pub logprob: bool,
+    pub top_logprobs: usize,
+}
+
+/// A prompt token whose log-probability the step computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoredToken {
+    pub id: RequestId,
+    /// Its position in the prompt (the row before it predicts it).
+    pub position: usize,
     pub top_logprobs: usize,
 }
 
@@ -59,6 +76,8 @@ pub struct StepPlan {
     pub sampled_rows: usize,
     /// Penalty entries (token, count) over all rows.
     pub num_penalties: usize,
+    /// The prompt tokens scored, in batch order.
+    pub scored: Vec<ScoredToken>,
     tokens: Vec<i32>,
     positions: Vec<i32>,
     slots: Vec<i32>,
@@ -69,6 +88,9 @@ pub struct StepPlan {
     logit_rows: Vec<i32>,
     sample_params: Vec<i32>,
     penalties: Vec<i32>,
+    score_rows: Vec<i32>,
+    score_targets: Vec<i32>,
+    score_tops: Vec<i32>,
 }
 
 /// The uniform number in [0, 1) a sampled row draws with, from the same generator as the
@@ -138,10 +160,14 @@ impl StepPlan {
             &mut self.logit_rows,
             &mut self.sample_params,
             &mut self.penalties,
+            &mut self.score_rows,
+            &mut self.score_targets,
+            &mut self.score_tops,
         ] {
             v.clear();
         }
         self.rows.clear();
+        self.scored.clear();
         for (si, seq) in batch.seqs.iter().enumerate() {
             let first = self.tokens.len();
             self.table_offsets.push(self.block_tables.len() as i32);
@@ -168,6 +194,9 @@ impl StepPlan {
                     si as i32,
                     (seq.start_position + start) as i32,
                 ]);
+            }
+            if let Some(top) = seq.prompt_logprobs {
+                self.score_prompt(seq, first, top as usize, history);
             }
             if seq.needs_logits {
                 self.logit_rows.push((self.tokens.len() - 1) as i32);
@@ -270,6 +299,9 @@ impl StepPlan {
             (&self.logit_rows, &mut offsets.logit_rows),
             (&self.sample_params, &mut offsets.sample_params),
             (&self.penalties, &mut offsets.penalties),
+            (&self.score_rows, &mut offsets.score_rows),
+            (&self.score_targets, &mut offsets.score_targets),
+            (&self.score_tops, &mut offsets.score_tops),
         ] {
             // Parts start on 4-word boundaries so every device pointer is 16-byte aligned.
             while !self.words.len().is_multiple_of(4) {
@@ -279,6 +311,33 @@ impl StepPlan {
             self.words.extend_from_slice(part);
         }
         self.offsets = offsets;
+    }
+
+    /// Adds the prompt tokens that `seq`'s chunk (its first token at index `first`)
+    /// predicts: each row but one at the prompt's last position, whose prediction is the
+    /// first generated token.
+    fn score_prompt(
+        &mut self,
+        seq: &ScheduledSeq,
+        first: usize,
+        top_logprobs: usize,
+        history: &dyn SequenceTokens,
+    ) {
+        let tokens = history.sequence_tokens(seq.id);
+        let prompt_len = history.prompt_len(seq.id).min(tokens.len());
+        for i in 0..seq.tokens.len() {
+            let position = seq.start_position + i + 1;
+            if position < prompt_len {
+                self.score_rows.push((first + i) as i32);
+                self.score_targets.push(tokens[position] as i32);
+                self.score_tops.push(top_logprobs as i32);
+                self.scored.push(ScoredToken {
+                    id: seq.id,
+                    position,
+                    top_logprobs,
+                });
+            }
+        }
     }
 
     /// Marks every sampled row as having its logits adjusted: the sampler then reads the
@@ -299,7 +358,6 @@ impl StepPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use heddle_core::ScheduledSeq;
     use std::collections::HashMap;
 
     struct History(HashMap<RequestId, (Vec<TokenId>, usize)>);
@@ -373,6 +431,51 @@ mod tests {
         let o = plan.offsets;
         assert_eq!(&plan.words[o.tiles + 12..o.tiles + 16], &[20, 1, 1, 17]);
         for off in [o.positions, o.slots, o.tiles, o.sample_params, o.penalties] {
+            assert_eq!(off % 4, 0);
+        }
+    }
+
+    #[test]
+    fn scored_chunks_list_the_prompt_tokens_their_rows_predict() {
+        // A 6-token prompt scored in two chunks (4 then 2 tokens), beside a decode token.
+        let prompt: Vec<TokenId> = vec![40, 41, 42, 43, 44, 45];
+        let mut history = History(HashMap::new());
+        history.0.insert(1, (prompt.clone(), 6));
+        let decode = seq(2, vec![5], 17, vec![0, 9]);
+        let mut first = seq(1, prompt[..4].to_vec(), 0, vec![3]);
+        first.needs_logits = false;
+        first.prompt_logprobs = Some(2);
+        let batch = ScheduledBatch {
+            seqs: vec![decode.clone(), first],
+            preempted: vec![],
+        };
+        let mut plan = StepPlan::default();
+        plan.build(&batch, &history, 16, 8, true, 100, None);
+        let (w, o) = (&plan.words, plan.offsets);
+        // Rows 1..=4 (after the decode token) predict prompt positions 1..=4.
+        assert_eq!(&w[o.score_rows..o.score_rows + 4], &[1, 2, 3, 4]);
+        assert_eq!(&w[o.score_targets..o.score_targets + 4], &[41, 42, 43, 44]);
+        assert_eq!(&w[o.score_tops..o.score_tops + 4], &[2, 2, 2, 2]);
+        let positions: Vec<usize> = plan.scored.iter().map(|t| t.position).collect();
+        assert_eq!(positions, [1, 2, 3, 4]);
+        assert!(plan.scored.iter().all(|t| t.id == 1 && t.top_logprobs == 2));
+        // The last chunk: its last row predicts the first generated token, not a prompt one.
+        let mut last = seq(1, prompt[4..].to_vec(), 4, vec![3]);
+        last.prompt_logprobs = Some(0);
+        let batch = ScheduledBatch {
+            seqs: vec![last, decode],
+            preempted: vec![],
+        };
+        plan.build(&batch, &history, 16, 8, true, 100, None);
+        let (w, o) = (&plan.words, plan.offsets);
+        assert_eq!(plan.scored.len(), 1);
+        assert_eq!(plan.scored[0].position, 5);
+        assert_eq!(
+            (w[o.score_rows], w[o.score_targets], w[o.score_tops]),
+            (0, 45, 0)
+        );
+        assert_eq!(plan.rows.len(), 2, "both sequences are still sampled");
+        for off in [o.score_rows, o.score_targets, o.score_tops] {
             assert_eq!(off % 4, 0);
         }
     }

@@ -6,7 +6,9 @@
 //! sampled ids (and log-probabilities when asked for), which is the step's only wait.
 //! A step whose logits are adjusted (logit biases, grammar masks) queues the forward
 //! pass, waits on the host for the masks while the GPU runs it, then copies them and
-//! queues the sampler: still one wait.
+//! queues the sampler: still one wait. Prompt tokens scored for requests that ask for
+//! prompt log-probabilities are scored after the sampler, a piece of rows at a time
+//! through the logits buffer, and copied back after the sampled ids.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,12 +16,13 @@ use std::path::PathBuf;
 use anyhow::Context;
 use heddle_core::{ScheduledBatch, SequenceTokens};
 use heddle_model::logits_processing::{PendingAdjustments, StepAdjustments};
-use heddle_model::runner::{ModelRunner, SampledOutput};
+use heddle_model::runner::{ModelRunner, PromptTokenLogprobs, SampledOutput};
 use heddle_model::{ModelConfig, ModelError};
 
 use crate::gpu::{grid, DeviceBuffer, Gpu, StagingBuffer};
 use crate::kernels::{
     decode_splits, DType, KernelShape, ATTENTION_THREADS, MAX_TOP_LOGPROBS, SAMPLE_THREADS,
+    SCORE_WORDS,
 };
 use crate::memory::{blocks_for_fraction, kv_bytes_per_block};
 use crate::plan::{Padding, StepPlan};
@@ -132,6 +135,11 @@ pub struct CudaRunner {
     /// is queued behind the forward pass instead of waiting for it.
     adjustments_staging: StagingBuffer,
     host_sampled: Vec<i32>,
+    /// The scored prompt tokens' log-probabilities (see `score_tokens`); grows as needed.
+    scores: DeviceBuffer,
+    host_scores: Vec<i32>,
+    /// The prompt log-probabilities of the last step, until the engine takes them.
+    prompt_logprobs: Vec<PromptTokenLogprobs>,
     times: StepTimes,
     /// Captured decode steps by layout; they bake in the buffers' addresses, so they are
     /// dropped whenever a buffer is reallocated.
@@ -198,6 +206,7 @@ impl CudaRunner {
         let metadata = gpu.alloc(INITIAL_METADATA_WORDS * 4)?;
         let originals = gpu.alloc(INITIAL_PENALTIES * 4)?;
         let adjustments = gpu.alloc(4096)?;
+        let scores = gpu.alloc(4096)?;
         let adjustments_staging = gpu.alloc_staging(1024)?;
         let blas_workspace = gpu.alloc(BLAS_WORKSPACE_BYTES)?;
         gpu.set_blas_workspace(&blas_workspace)?;
@@ -234,6 +243,9 @@ impl CudaRunner {
             adjustments,
             adjustments_staging,
             host_sampled: Vec::new(),
+            scores,
+            host_scores: Vec::new(),
+            prompt_logprobs: Vec::new(),
             times: StepTimes::default(),
             graphs: HashMap::new(),
             _blas_workspace: blas_workspace,
@@ -394,6 +406,11 @@ impl CudaRunner {
         if words.len() * 4 > self.metadata.bytes {
             self.graphs.clear();
             self.metadata = self.gpu.alloc((words.len() * 4).next_power_of_two())?;
+        }
+        let score_bytes = self.plan.scored.len() * SCORE_WORDS * 4;
+        if score_bytes > self.scores.bytes {
+            // Scoring runs outside graphs: no graph holds this buffer's address.
+            self.scores = self.gpu.alloc(score_bytes.next_power_of_two())?;
         }
         if self.plan.num_penalties * 4 > self.originals.bytes {
             self.graphs.clear();
@@ -614,6 +631,97 @@ impl CudaRunner {
         )
     }
 
+    /// Queues the scoring of the step's scored prompt tokens, behind the sampler (it reuses
+    /// the logits buffer): per piece of rows, the final norm of the rows that predict the
+    /// tokens, the LM head, and `score_tokens`.
+    fn enqueue_scoring(&self) -> anyhow::Result<()> {
+        let (gpu, b, w, c) = (&self.gpu, &self.buffers, &self.weights, &self.config);
+        let o = self.plan.offsets;
+        let meta = |offset: usize| self.metadata.ptr + 4 * offset as u64;
+        let hidden = c.hidden_size as i32;
+        let norm_threads = 1024.min(c.hidden_size.next_power_of_two()).max(32) as u32;
+        let piece = self
+            .options
+            .max_running
+            .min(self.options.max_batched_tokens);
+        let scored = self.plan.scored.len();
+        for start in (0..scored).step_by(piece) {
+            let rows = piece.min(scored - start);
+            gpu.launch(
+                "add_rmsnorm",
+                grid(rows, norm_threads),
+                &[
+                    &b.residual.ptr,
+                    &b.projected.ptr,
+                    &w.final_norm.ptr,
+                    &b.normed.ptr,
+                    &meta(o.score_rows + start),
+                    &hidden,
+                    &c.rms_norm_eps,
+                    &0i32,
+                ],
+            )?;
+            gpu.gemm(
+                b.logits.ptr,
+                true,
+                b.normed.ptr,
+                w.head(),
+                rows,
+                c.vocab_size,
+                c.hidden_size,
+            )?;
+            gpu.launch(
+                "score_tokens",
+                grid(rows, SAMPLE_THREADS),
+                &[
+                    &b.logits.ptr,
+                    &(c.vocab_size as i32),
+                    &meta(o.score_targets + start),
+                    &meta(o.score_tops + start),
+                    &(self.scores.ptr + (4 * start * SCORE_WORDS) as u64),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Copies the scored prompt tokens' log-probabilities back (after the step's wait).
+    fn read_scores(&mut self) -> anyhow::Result<()> {
+        let words = self.plan.scored.len() * SCORE_WORDS;
+        self.host_scores.resize(words, 0);
+        self.gpu.read(&self.scores, &mut self.host_scores)?;
+        let out = &self.host_scores;
+        self.prompt_logprobs = self
+            .plan
+            .scored
+            .iter()
+            .zip(out.chunks_exact(SCORE_WORDS))
+            .map(|(t, words)| PromptTokenLogprobs {
+                id: t.id,
+                position: t.position,
+                logprob: f32::from_bits(words[0] as u32),
+                top_logprobs: words[1..]
+                    .chunks_exact(2)
+                    .take(t.top_logprobs.min(MAX_TOP_LOGPROBS))
+                    .map(|p| (p[0] as u32, f32::from_bits(p[1] as u32)))
+                    .collect(),
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Queues the step's prompt scoring, waits for the sampled tokens and reads both back.
+    fn finish_step(&mut self, started: std::time::Instant) -> anyhow::Result<Vec<SampledOutput>> {
+        if !self.plan.scored.is_empty() {
+            self.enqueue_scoring()?;
+        }
+        let sampled = self.read_sampled(started)?;
+        if !self.plan.scored.is_empty() {
+            self.read_scores()?;
+        }
+        Ok(sampled)
+    }
+
     /// Runs one step and returns the f32 logits of its sampled rows, [rows × vocab],
     /// without sampling (for checking against the CPU runner).
     pub fn step_logits(
@@ -709,6 +817,7 @@ impl ModelRunner for CudaRunner {
         batch: &ScheduledBatch,
         history: &dyn SequenceTokens,
     ) -> Result<Vec<SampledOutput>, ModelError> {
+        self.prompt_logprobs.clear();
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -722,11 +831,19 @@ impl ModelRunner for CudaRunner {
             None => self.enqueue(true),
         }
         .map_err(device_error)?;
-        self.read_sampled(started).map_err(device_error)
+        self.finish_step(started).map_err(device_error)
     }
 
     fn applies_logits_adjustments(&self) -> bool {
         true
+    }
+
+    fn computes_prompt_logprobs(&self) -> bool {
+        true
+    }
+
+    fn take_prompt_logprobs(&mut self) -> Vec<PromptTokenLogprobs> {
+        std::mem::take(&mut self.prompt_logprobs)
     }
 
     /// The forward pass is queued first; the host then waits for the masks while the GPU
@@ -737,6 +854,7 @@ impl ModelRunner for CudaRunner {
         history: &dyn SequenceTokens,
         adjustments: PendingAdjustments<'_>,
     ) -> Result<Vec<SampledOutput>, ModelError> {
+        self.prompt_logprobs.clear();
         if batch.is_empty() {
             adjustments().map_err(ModelError::LogitsProcessing)?;
             return Ok(Vec::new());
@@ -755,7 +873,7 @@ impl ModelRunner for CudaRunner {
         self.upload_adjustments(&adjustments)
             .map_err(device_error)?;
         self.enqueue_sampler().map_err(device_error)?;
-        self.read_sampled(started).map_err(device_error)
+        self.finish_step(started).map_err(device_error)
     }
 }
 

@@ -2,7 +2,9 @@
 //! (a) every kernel, by relative error ‖out − ref‖ / ‖ref‖ (NaN counts as infinite);
 //! (b) the whole runner against heddle's CPU runner on a small random-weight safetensors
 //!     model, in f32 (greedy tokens must be identical) and bf16;
-//! (c) CUDA graph replay against direct launches.
+//! (c) CUDA graph replay against direct launches;
+//! (d) prompt log-probabilities: the scoring kernel against the CPU's, and a scored
+//!     prompt against the log-probabilities its own generation reported.
 //!
 //! Batch invariance at a real shape is `heddle-cuda invariance` (src/invariance.rs); the
 //! comparison with an independent implementation is scripts/gpu/reference/.
@@ -24,7 +26,7 @@ use heddle_model::runner::ModelRunner;
 use heddle_model::ModelConfig;
 
 use crate::gpu::{grid, DeviceBuffer, Gpu};
-use crate::kernels::{DType, KernelShape, MAX_TOP_LOGPROBS, SAMPLE_THREADS};
+use crate::kernels::{DType, KernelShape, MAX_TOP_LOGPROBS, SAMPLE_THREADS, SCORE_WORDS};
 use crate::plan::StepPlan;
 use crate::runner::{
     launch_attention, AttentionArgs, CudaOptions, CudaRunner, KvBudget, WeightSource,
@@ -82,6 +84,9 @@ pub fn run_all() -> anyhow::Result<Vec<Check>> {
         }
     }
     checks.extend(graph_replay(&dir)?);
+    for dtype in [DType::F32, DType::Bf16] {
+        checks.extend(prompt_scoring(&dir, dtype)?);
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(checks)
 }
@@ -542,6 +547,7 @@ fn sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
     });
 
     checks.extend(adjusted_sampler_checks(gpu, tag)?);
+    checks.extend(score_kernel_checks(gpu, tag)?);
 
     // Probabilities 0.1 .. 0.4 over four tokens; 4000 seeded draws, then again.
     let vocab = 4usize;
@@ -747,6 +753,63 @@ fn adjusted_sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
         limit: Some(0.0),
     });
     Ok(checks)
+}
+
+/// `score_tokens` against the CPU's `token_logprobs` on random rows: the target's
+/// log-probability and the top alternatives (none, a few, the most).
+fn score_kernel_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
+    let vocab = 1000usize;
+    let tops = [0i32, 3, MAX_TOP_LOGPROBS as i32, 1];
+    let targets = [7i32, 999, 0, 512];
+    let mut logits = random_values(tops.len() * vocab, 23, 6.0);
+    // A tie among the leaders: the lower id comes first, as on the CPU.
+    logits[vocab + 10] = 8.0;
+    logits[vocab + 20] = 8.0;
+    let rows = tops.len();
+    let logits_buf = gpu.upload(&logits)?;
+    let (targets_buf, tops_buf) = (gpu.upload(&targets)?, gpu.upload(&tops)?);
+    let out = gpu.alloc(rows * SCORE_WORDS * 4)?;
+    gpu.launch(
+        "score_tokens",
+        grid(rows, SAMPLE_THREADS),
+        &[
+            &logits_buf.ptr,
+            &(vocab as i32),
+            &targets_buf.ptr,
+            &tops_buf.ptr,
+            &out.ptr,
+        ],
+    )?;
+    let mut words = vec![0i32; rows * SCORE_WORDS];
+    gpu.read(&out, &mut words)?;
+    let (mut mismatch, mut lp_err) = (0usize, 0f64);
+    let mut ids = Vec::new();
+    for (i, row_words) in words.chunks_exact(SCORE_WORDS).enumerate() {
+        let row = &logits[i * vocab..][..vocab];
+        let (logprob, top) = heddle_model::sampling::token_logprobs(
+            row,
+            targets[i] as TokenId,
+            tops[i] as usize,
+            &mut ids,
+        );
+        lp_err = lp_err.max((logprob - f32::from_bits(row_words[0] as u32)).abs() as f64);
+        for (k, &(id, lp)) in top.iter().enumerate() {
+            mismatch += (row_words[1 + 2 * k] as TokenId != id) as usize;
+            lp_err = lp_err.max((lp - f32::from_bits(row_words[2 + 2 * k] as u32)).abs() as f64);
+        }
+    }
+    Ok(vec![
+        Check {
+            name: format!("kernel score_tokens top ids vs CPU, mismatches ({tag})"),
+            error: mismatch as f64,
+            limit: Some(0.0),
+        },
+        Check {
+            name: format!("kernel score_tokens log-probabilities, abs error ({tag})"),
+            error: lp_err,
+            limit: Some(1e-4),
+        },
+    ])
 }
 
 type SamplerOutput = (Vec<TokenId>, Vec<f32>, Vec<Vec<(TokenId, f32)>>);
@@ -1055,6 +1118,195 @@ fn graph_replay(dir: &Path) -> anyhow::Result<Vec<Check>> {
         error: differing as f64,
         limit: Some(0.0),
     }])
+}
+
+/// Prompt log-probabilities on the small random checkpoint in `dir`: a prompt generates 8
+/// tokens greedily with their log-probabilities; then the prompt plus those tokens is
+/// scored as a prompt, alone in one chunk, in chunks of 8 tokens, and beside 6 decoding
+/// sequences. Scoring must reproduce the generation's log-probabilities (the same model,
+/// through prefill instead of decode attention) and its top alternatives, and must not
+/// depend on the chunking or the company.
+fn prompt_scoring(dir: &Path, dtype: DType) -> anyhow::Result<Vec<Check>> {
+    let tag = match dtype {
+        DType::F32 => "f32",
+        DType::Bf16 => "bf16",
+    };
+    let config = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    let options = CudaOptions {
+        dtype,
+        max_batched_tokens: 256,
+        max_running: 16,
+        kv: KvBudget::Blocks(256),
+        ..CudaOptions::default()
+    };
+    let mut runner = CudaRunner::new(
+        config,
+        &WeightSource::Checkpoint(dir.to_path_buf()),
+        options,
+    )?;
+    let prompt: Vec<TokenId> = (0..37).map(|i| (i * 53 % TINY_VOCAB) as TokenId).collect();
+    let top = 3usize;
+    let generated = drive(&mut runner, &prompt, 8, None, 0, 256)?.generated;
+    let mut scored_prompt = prompt.clone();
+    scored_prompt.extend(generated.iter().map(|g| g.token));
+    let alone = drive(&mut runner, &scored_prompt, 0, Some(top as u32), 0, 256)?.scored;
+    let chunked = drive(&mut runner, &scored_prompt, 0, Some(top as u32), 0, 8)?.scored;
+    let busy = drive(&mut runner, &scored_prompt, 0, Some(top as u32), 6, 256)?.scored;
+
+    let positions: Vec<usize> = alone.iter().map(|s| s.position).collect();
+    ensure!(
+        positions == (1..scored_prompt.len()).collect::<Vec<_>>(),
+        "{tag}: scored positions {positions:?}"
+    );
+    // Position p of the scored prompt holds the generated token p - prompt.len().
+    let (mut lp_err, mut top_mismatch) = (0f64, 0usize);
+    for (g, s) in generated.iter().zip(&alone[prompt.len() - 1..]) {
+        lp_err = lp_err.max((g.logprob.unwrap_or(f32::NAN) - s.logprob).abs() as f64);
+        top_mismatch += g
+            .top_logprobs
+            .iter()
+            .zip(&s.top_logprobs)
+            .filter(|(a, b)| a.0 != b.0)
+            .count();
+        top_mismatch += (s.top_logprobs.len() != top) as usize;
+    }
+    let differs = |other: &[heddle_model::runner::PromptTokenLogprobs]| {
+        alone
+            .iter()
+            .zip(other)
+            .map(|(a, b)| (a.logprob - b.logprob).abs() as f64)
+            .fold(
+                if alone.len() == other.len() {
+                    0.0
+                } else {
+                    f64::INFINITY
+                },
+                f64::max,
+            )
+    };
+    let (generation_limit, top_limit, invariance_limit) = match dtype {
+        DType::F32 => (Some(1e-4), Some(0.0), Some(1e-5)),
+        // bf16 activations round differently through prefill and decode attention, and
+        // the chunking changes the tiling: reported, judged in f32.
+        DType::Bf16 => (None, None, None),
+    };
+    Ok(vec![
+        Check {
+            name: format!(
+                "prompt scoring vs the generation's own log-probabilities, abs error ({tag})"
+            ),
+            error: lp_err,
+            limit: generation_limit,
+        },
+        Check {
+            name: format!("prompt scoring top-{top} ids vs the generation's, mismatches ({tag})"),
+            error: top_mismatch as f64,
+            limit: top_limit,
+        },
+        Check {
+            name: format!("prompt scoring in chunks of 8 vs one chunk, abs error ({tag})"),
+            error: differs(&chunked),
+            limit: invariance_limit,
+        },
+        Check {
+            name: format!("prompt scoring beside 6 decoding sequences vs alone, abs error ({tag})"),
+            error: differs(&busy),
+            limit: invariance_limit,
+        },
+    ])
+}
+
+/// What [`drive`] collected for its request.
+struct Driven {
+    generated: Vec<heddle_model::runner::SampledOutput>,
+    scored: Vec<heddle_model::runner::PromptTokenLogprobs>,
+}
+
+/// Runs `prompt` through the scheduler and `runner` (at most `chunk` tokens a step), greedy
+/// with log-probabilities and 3 top alternatives, for `max_tokens` (0: score only, with
+/// `prompt_logprobs`), after `company` other greedy requests have started decoding; the
+/// company is cancelled once the request ends.
+fn drive(
+    runner: &mut CudaRunner,
+    prompt: &[TokenId],
+    max_tokens: usize,
+    prompt_logprobs: Option<u32>,
+    company: usize,
+    chunk: usize,
+) -> anyhow::Result<Driven> {
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        max_running: 16,
+        max_batched_tokens: chunk,
+        num_blocks: runner.num_blocks(),
+        block_size: runner.options().block_size,
+        enable_prefix_cache: false,
+        ..SchedulerConfig::default()
+    })?;
+    let add = |scheduler: &mut Scheduler, request: heddle_core::Request| {
+        scheduler.add(request).map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    for i in 0..company {
+        let others: Vec<TokenId> = (0..5 + i).map(|t| (t * 11 + i) as TokenId).collect();
+        let mut request = heddle_core::Request::new(i as RequestId + 1, others, 1000, 0.0);
+        request.sampling = greedy();
+        request.stop.ignore_eos = true;
+        add(&mut scheduler, request)?;
+    }
+    // The company's prompts are computed before the request arrives: it then decodes.
+    let warm_up_steps = if company > 0 { 2 } else { 0 };
+    for _ in 0..warm_up_steps {
+        let batch = scheduler.schedule();
+        let sampled = runner.step(&batch, &scheduler)?;
+        let tokens: Vec<_> = sampled
+            .iter()
+            .map(heddle_core::SampledToken::from)
+            .collect();
+        scheduler.update(&tokens);
+    }
+    let id: RequestId = 0;
+    // Scoring alone is a request for one token whose output is ignored, as the engine
+    // does for `max_tokens: 0`.
+    let mut request = heddle_core::Request::new(id, prompt.to_vec(), max_tokens.max(1), 1.0);
+    request.sampling = SamplingParams {
+        logprobs: true,
+        top_logprobs: 3,
+        prompt_logprobs,
+        ..greedy()
+    };
+    request.stop.ignore_eos = true;
+    add(&mut scheduler, request)?;
+    let mut driven = Driven {
+        generated: Vec::new(),
+        scored: Vec::new(),
+    };
+    for _ in 0..1000 {
+        let batch = scheduler.schedule();
+        let sampled = runner.step(&batch, &scheduler)?;
+        driven.scored.extend(
+            runner
+                .take_prompt_logprobs()
+                .into_iter()
+                .filter(|s| s.id == id),
+        );
+        driven
+            .generated
+            .extend(sampled.iter().filter(|s| s.id == id).cloned());
+        let tokens: Vec<_> = sampled
+            .iter()
+            .map(heddle_core::SampledToken::from)
+            .collect();
+        if scheduler
+            .update(&tokens)
+            .iter()
+            .any(|e| e.id == id && e.finish.is_some())
+        {
+            for i in 0..company {
+                scheduler.cancel(i as RequestId + 1);
+            }
+            return Ok(driven);
+        }
+    }
+    anyhow::bail!("the request did not finish in 1000 steps")
 }
 
 /// Greedy generation of `max_tokens` per prompt through the scheduler (16 sequences and

@@ -69,10 +69,23 @@ pub struct Gpu {
     pub multiprocessors: usize,
 }
 
-/// Opens GPU 0. Fails with a message that says what is missing when there is no driver,
-/// no NVRTC or cuBLAS library, or no device (cudarc loads the libraries at run time, and
-/// would panic on first use of a missing one, so they are looked for first).
-pub fn open_device() -> anyhow::Result<Arc<CudaContext>> {
+/// Opens GPU `ordinal`. Fails with a message that says what is missing when there is no
+/// driver, no NVRTC or cuBLAS library, or no such device (cudarc loads the libraries at run
+/// time, and would panic on first use of a missing one, so they are looked for first).
+pub fn open_device(ordinal: usize) -> anyhow::Result<Arc<CudaContext>> {
+    check_libraries()?;
+    CudaContext::new(ordinal).map_err(|e| anyhow::anyhow!("no usable CUDA device {ordinal}: {e}"))
+}
+
+/// How many CUDA devices this process sees (after CUDA_VISIBLE_DEVICES).
+pub fn device_count() -> anyhow::Result<usize> {
+    check_libraries()?;
+    let count = CudaContext::device_count()
+        .map_err(|e| anyhow::anyhow!("counting the CUDA devices: {e}"))?;
+    Ok(count.max(0) as usize)
+}
+
+fn check_libraries() -> anyhow::Result<()> {
     // SAFETY: these only try to open the shared libraries.
     let (driver, nvrtc, cublas) = unsafe {
         (
@@ -94,13 +107,18 @@ pub fn open_device() -> anyhow::Result<Arc<CudaContext>> {
         "cuBLAS (libcublas.so) could not be loaded: put the CUDA toolkit's lib64 on \
          LD_LIBRARY_PATH"
     );
-    CudaContext::new(0).map_err(|e| anyhow::anyhow!("no usable CUDA device: {e}"))
+    Ok(())
 }
 
 impl Gpu {
-    /// Opens the device, compiles the kernels for `shape` with NVRTC and starts cuBLAS.
+    /// Opens GPU 0, compiles the kernels for `shape` with NVRTC and starts cuBLAS.
     pub fn new(shape: &KernelShape) -> anyhow::Result<Self> {
-        let ctx = open_device()?;
+        Self::on_device(0, shape)
+    }
+
+    /// Opens GPU `ordinal`, compiles the kernels for `shape` with NVRTC and starts cuBLAS.
+    pub fn on_device(ordinal: usize, shape: &KernelShape) -> anyhow::Result<Self> {
+        let ctx = open_device(ordinal)?;
         // One stream: ordering is the stream's, so cudarc need not record events per buffer.
         // SAFETY: no buffer is used on another stream.
         unsafe { ctx.disable_event_tracking() };
@@ -131,6 +149,7 @@ impl Gpu {
             .context("finding the CUDA kernels")?;
         tracing::info!(
             device = %name,
+            ordinal,
             compute_capability = format!("{major}.{minor}"),
             ms = started.elapsed().as_millis() as u64,
             "CUDA kernels compiled"
@@ -198,6 +217,7 @@ impl Gpu {
     ) -> anyhow::Result<()> {
         anyhow::ensure!(len * 4 <= buffer.bytes, "buffer too small");
         let words = staging.words(len)?;
+        self.bind()?;
         // SAFETY: checked above; the staging words stay untouched until the copy is done.
         unsafe {
             cudarc::driver::result::memcpy_htod_async(buffer.ptr, &*words, self.stream.cu_stream())
@@ -215,6 +235,7 @@ impl Gpu {
             std::mem::size_of_val(data) <= buffer.bytes,
             "buffer too small"
         );
+        self.bind()?;
         // SAFETY: checked above; the host data is staged before the call returns.
         unsafe {
             cudarc::driver::result::memcpy_htod_async(buffer.ptr, data, self.stream.cu_stream())
@@ -233,6 +254,7 @@ impl Gpu {
             std::mem::size_of_val(out) <= buffer.bytes,
             "buffer too small"
         );
+        self.bind()?;
         // SAFETY: checked above; the stream is synchronised before `out` is read.
         unsafe {
             cudarc::driver::result::memcpy_dtoh_async(out, buffer.ptr, self.stream.cu_stream())
@@ -276,6 +298,8 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
+        // cuBLAS handles belong to the device that was current when they were made.
+        self.bind()?;
         if let Some(pinned) = &self.pinned {
             return pinned.gemm(self.stream.cu_stream(), y, f32_out, x, w, rows, n, k);
         }
@@ -349,6 +373,68 @@ impl Gpu {
             "setting cuBLAS's workspace: {status:?}"
         );
         Ok(())
+    }
+
+    /// Makes this GPU's context the calling thread's current one: the raw copies and the
+    /// cuBLAS calls act on the current context, and a runner with several GPUs switches
+    /// between them (cudarc's own launches and allocations bind by themselves).
+    pub fn bind(&self) -> anyhow::Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .context("making the GPU's context current")
+    }
+
+    /// Queues a copy of `bytes` bytes from `src` to `dst`, both on this GPU.
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> anyhow::Result<()> {
+        self.bind()?;
+        // SAFETY: the caller passes addresses of live buffers of at least `bytes` bytes;
+        // the copy is ordered on the stream.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
+        }
+        .context("copying on the GPU")
+    }
+
+    /// Queues a copy of a `rows` × `row_bytes` block from `src` (rows `src_pitch` bytes
+    /// apart) to `dst` (rows `dst_pitch` bytes apart), both on this GPU: one rank's
+    /// columns of a matrix into the whole matrix.
+    pub fn copy_block(
+        &self,
+        dst: u64,
+        dst_pitch: usize,
+        src: u64,
+        src_pitch: usize,
+        row_bytes: usize,
+        rows: usize,
+    ) -> anyhow::Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        use cudarc::driver::sys;
+        self.bind()?;
+        let copy = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: src,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: src_pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: dst,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: dst_pitch,
+            WidthInBytes: row_bytes,
+            Height: rows,
+        };
+        // SAFETY: the caller passes addresses of live device buffers that hold the blocks;
+        // the descriptor lives through the call, and the copy is ordered on the stream.
+        unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()) }
+            .result()
+            .context("copying a block on the GPU")
     }
 
     /// (free, total) device memory in bytes.

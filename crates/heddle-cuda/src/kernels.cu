@@ -18,18 +18,23 @@
 #define NEG_INF (__int_as_float(0xff800000))
 
 
+__device__ __forceinline__ float bf16_bits_to_f32(unsigned short x) {
+    return __uint_as_float(((unsigned)x) << 16);
+}
+// Round to nearest even; NaN stays NaN.
+__device__ __forceinline__ unsigned short f32_to_bf16_bits(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
 #ifdef HEDDLE_BF16
 typedef unsigned short elem_t;
 // Key rows padded so that lanes reading one key each hit distinct banks (odd word stride).
 #define KEY_PAD 2
-__device__ __forceinline__ float to_f(elem_t x) { return __uint_as_float(((unsigned)x) << 16); }
-// Round to nearest even; NaN stays NaN.
-__device__ __forceinline__ elem_t from_f(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (elem_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (elem_t)(u >> 16);
-}
+__device__ __forceinline__ float to_f(elem_t x) { return bf16_bits_to_f32(x); }
+__device__ __forceinline__ elem_t from_f(float f) { return f32_to_bf16_bits(f); }
 #else
 typedef float elem_t;
 #define KEY_PAD 1
@@ -59,27 +64,53 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
     return z ^ (z >> 31);
 }
 
-// out[i] = center + scale * (a + b - 1) for a, b uniform in [0, 1): a triangular
-// ("normal-ish") distribution on (-scale, scale) of standard deviation scale / sqrt(6).
-extern "C" __global__ void init_random(elem_t* out, unsigned long long n,
+// A window of a random tensor: out[i] is element offset + (i / cols) * full_cols + i % cols
+// of the full tensor (a run of whole rows when cols == full_cols, a block of columns
+// otherwise), so that a rank's slice of a tensor holds the same values as the same part
+// of the whole. Element j of the full tensor is center + scale * (a + b - 1) for a, b
+// uniform in [0, 1) drawn from (seed, j): a triangular ("normal-ish") distribution on
+// (-scale, scale) of standard deviation scale / sqrt(6).
+extern "C" __global__ void init_random(elem_t* out, unsigned long long n, unsigned long long cols,
+                                       unsigned long long full_cols, unsigned long long offset,
                                        unsigned long long seed, float center, float scale) {
     unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += stride) {
-        unsigned long long h = mix64(seed ^ mix64(i));
+        unsigned long long j = offset + (i / cols) * full_cols + i % cols;
+        unsigned long long h = mix64(seed ^ mix64(j));
         float a = (float)(h >> 40) * (1.0f / 16777216.0f);
         float b = (float)(h & 0xffffffull) * (1.0f / 16777216.0f);
         out[i] = from_f(center + scale * (a + b - 1.0f));
     }
 }
 
-// residual[t] = table[tokens[t]] (one block per token).
+// residual[t] = table[tokens[t] - first_token] (one block per token) for the tokens of the
+// table's rows [first_token, first_token + rows); zeros for the others, which another
+// rank's slice of the vocabulary embeds (the ranks' rows are then summed).
 extern "C" __global__ void embed_gather(const int* tokens, const elem_t* table, float* residual,
-                                        int hidden) {
+                                        int hidden, int first_token, int rows) {
     int t = blockIdx.x;
-    const elem_t* row = table + (long long)tokens[t] * hidden;
+    int row = tokens[t] - first_token;
+    bool mine = row >= 0 && row < rows;
+    const elem_t* values = table + (long long)(mine ? row : 0) * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        residual[(long long)t * hidden + i] = to_f(row[i]);
+        residual[(long long)t * hidden + i] = mine ? to_f(values[i]) : 0.0f;
+}
+
+// acc[i] += x[i] over n elements, as f32 or as bf16 bits (rounded to nearest even) whatever
+// the build's element type: the sum of the ranks' partial results when every rank runs on
+// one stream (the tensor-parallel test mode; NCCL sums them otherwise).
+extern "C" __global__ void add_into_f32(float* acc, const float* x, long long n) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        acc[i] += x[i];
+}
+
+extern "C" __global__ void add_into_bf16(unsigned short* acc, const unsigned short* x,
+                                         long long n) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        acc[i] = f32_to_bf16_bits(bf16_bits_to_f32(acc[i]) + bf16_bits_to_f32(x[i]));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

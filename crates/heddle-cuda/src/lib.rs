@@ -1,31 +1,36 @@
 //! heddle-cuda: the GPU model runner. Llama-family models (Llama, Qwen2) in bf16 on an
 //! NVIDIA GPU, behind [`heddle_model::ModelRunner`].
 //!
-//! The CUDA driver, NVRTC and cuBLAS are loaded at run time (cudarc's dynamic loading), so
-//! this crate builds anywhere without a CUDA toolkit; the kernels (kernels.cu) are compiled
-//! by NVRTC for the GPU at hand when a runner starts. See docs/CUDA.md.
+//! The CUDA driver, NVRTC, cuBLAS and (for tensor parallelism over several GPUs) NCCL are
+//! loaded at run time (cudarc's dynamic loading), so this crate builds anywhere without a
+//! CUDA toolkit; the kernels (kernels.cu) are compiled by NVRTC for the GPU at hand when a
+//! runner starts. See docs/CUDA.md.
 
 pub mod adjustments;
 pub mod bench;
+pub mod collective;
 pub mod dummy;
 pub mod gguf_reference;
 pub mod gpu;
 pub mod invariance;
 pub mod kernels;
 pub mod memory;
+pub mod parallel_checks;
 pub mod pinned_gemm;
 pub mod plan;
 pub mod reference;
 pub mod runner;
 pub mod selftest;
+pub mod tensor_parallel;
 pub mod weights;
 pub mod xorshift;
 
 pub use kernels::DType;
 pub use runner::{CudaOptions, CudaRunner, KvBudget, WeightSource};
+pub use tensor_parallel::{RankPlacement, TensorParallel};
 
 /// Whether a CUDA device can be opened here, or why not.
 pub fn probe_device() -> anyhow::Result<String> {
-    let ctx = gpu::open_device()?;
+    let ctx = gpu::open_device(0)?;
     Ok(ctx.name()?)
 }

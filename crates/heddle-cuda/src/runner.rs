@@ -9,6 +9,13 @@
 //! queues the sampler: still one wait. Prompt tokens scored for requests that ask for
 //! prompt log-probabilities are scored after the sampler, a piece of rows at a time
 //! through the logits buffer, and copied back after the sampled ids.
+//!
+//! Under tensor parallelism (tensor_parallel.rs) the model is split over ranks, each with
+//! its slice of the weights and of the KV cache (its KV heads), and each step runs on every
+//! rank: the host queues the part of the step up to the next collective on each rank in
+//! turn, then the collective (collective.rs), and so on through the layers. The logits are
+//! gathered on rank 0, which samples, scores and copies the results back; the scheduler
+//! and the step's metadata are the same for every rank.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +26,7 @@ use heddle_model::logits_processing::{PendingAdjustments, StepAdjustments};
 use heddle_model::runner::{ModelRunner, PromptTokenLogprobs, SampledOutput};
 use heddle_model::{ModelConfig, ModelError};
 
+use crate::collective::{Collective, Part};
 use crate::gpu::{grid, DeviceBuffer, Gpu, StagingBuffer};
 use crate::kernels::{
     decode_splits, DType, KernelShape, ATTENTION_THREADS, MAX_TOP_LOGPROBS, SAMPLE_THREADS,
@@ -26,6 +34,7 @@ use crate::kernels::{
 };
 use crate::memory::{blocks_for_fraction, kv_bytes_per_block};
 use crate::plan::{Padding, StepPlan};
+use crate::tensor_parallel::{Partition, RankPlacement, TensorParallel};
 use crate::weights::{Dims, Weights};
 
 /// Where the weights come from.
@@ -66,6 +75,8 @@ pub struct CudaOptions {
     /// decode kernel, so no batch-dependent split of contexts). Costs speed; see
     /// docs/CUDA.md.
     pub batch_invariant: bool,
+    /// How many ranks the model is split over, and where they run (one rank by default).
+    pub tensor_parallel: TensorParallel,
 }
 
 impl Default for CudaOptions {
@@ -78,6 +89,7 @@ impl Default for CudaOptions {
             kv: KvBudget::MemoryFraction(0.9),
             cuda_graphs: true,
             batch_invariant: false,
+            tensor_parallel: TensorParallel::default(),
         }
     }
 }
@@ -91,7 +103,7 @@ pub struct StepTimes {
     pub wait_seconds: f64,
 }
 
-/// Activations of one step, sized for the largest step.
+/// One rank's activations of a step, sized for the largest step.
 struct Buffers {
     /// The residual stream in f32: [tokens, hidden].
     residual: DeviceBuffer,
@@ -103,28 +115,52 @@ struct Buffers {
     projected: DeviceBuffer,
     gate_up: DeviceBuffer,
     activated: DeviceBuffer,
-    /// f32 logits of the sampled rows: [rows, vocab].
-    logits: DeviceBuffer,
-    /// Sampler output: ids, log-probabilities, top log-probabilities.
-    sampled: DeviceBuffer,
     inv_freq: DeviceBuffer,
     /// Decode attention's per-range results when contexts are split.
     partials: DeviceBuffer,
+    /// With several ranks, the f32 logits of the rank's vocabulary slice, [rows, vocab /
+    /// ranks], before they are gathered; one rank writes the runner's logits directly.
+    vocab_logits: Option<DeviceBuffer>,
 }
 
-pub struct CudaRunner {
-    gpu: Gpu,
-    config: ModelConfig,
-    shape: KernelShape,
-    options: CudaOptions,
+/// One rank: its slice of the model, its activations and its slice of the KV cache (its
+/// KV heads of every block).
+struct Rank {
+    /// Its GPU, in `CudaRunner::gpus`.
+    device: usize,
+    /// The first token id of its vocabulary slice.
+    first_token: usize,
     weights: Weights,
     buffers: Buffers,
     k_cache: DeviceBuffer,
     v_cache: DeviceBuffer,
+}
+
+pub struct CudaRunner {
+    /// Captured decode steps by layout, one graph per GPU; they bake in the buffers'
+    /// addresses, so they are dropped whenever a buffer is reallocated.
+    /// The sampler is in a graph unless the step's logits are adjusted first.
+    graphs: HashMap<(Padding, bool), Vec<DecodeGraph>>,
+    collective: Collective,
+    /// The GPUs the ranks run on, rank 0's first: it samples and holds the step's results.
+    gpus: Vec<Gpu>,
+    ranks: Vec<Rank>,
+    /// The whole model.
+    config: ModelConfig,
+    /// The part of it each rank holds (the whole model with one rank).
+    shard: ModelConfig,
+    /// The shard's kernel shape.
+    shape: KernelShape,
+    options: CudaOptions,
     num_blocks: usize,
     plan: StepPlan,
-    /// The step's packed metadata; grows as needed.
-    metadata: DeviceBuffer,
+    /// The step's packed metadata, one copy per GPU; grows as needed.
+    metadata: Vec<DeviceBuffer>,
+    /// The rest is on rank 0's GPU. The f32 logits of the sampled (or scored) rows,
+    /// [rows, vocab].
+    logits: DeviceBuffer,
+    /// Sampler output: ids, log-probabilities, top log-probabilities.
+    sampled: DeviceBuffer,
     /// The penalised tokens' original logits; grows as needed.
     originals: DeviceBuffer,
     /// The step's logit biases and grammar masks (see crate::adjustments); grows as
@@ -141,12 +177,9 @@ pub struct CudaRunner {
     /// The prompt log-probabilities of the last step, until the engine takes them.
     prompt_logprobs: Vec<PromptTokenLogprobs>,
     times: StepTimes,
-    /// Captured decode steps by layout; they bake in the buffers' addresses, so they are
-    /// dropped whenever a buffer is reallocated.
-    /// The sampler is in a graph unless the step's logits are adjusted first.
-    graphs: HashMap<(Padding, bool), DecodeGraph>,
-    /// cuBLAS's workspace, set explicitly so that GEMMs can be captured in graphs.
-    _blas_workspace: DeviceBuffer,
+    /// cuBLAS's workspaces (one per GPU), set explicitly so that GEMMs can be captured in
+    /// graphs.
+    _blas_workspaces: Vec<DeviceBuffer>,
 }
 
 /// A captured decode step.
@@ -165,80 +198,158 @@ const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 const SAMPLED_WORDS_PER_ROW: usize = 2 + 2 * MAX_TOP_LOGPROBS;
 
 impl CudaRunner {
-    /// Opens the GPU, compiles the kernels, loads or makes the weights, and sizes the KV
-    /// cache.
+    /// Opens the GPUs, compiles the kernels, loads or makes the weights (each rank's
+    /// slice), and sizes the KV cache. Refuses a tensor-parallel size the model's shape or
+    /// the machine's GPUs do not allow.
     pub fn new(
         config: ModelConfig,
         source: &WeightSource,
         options: CudaOptions,
     ) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
-        let shape = KernelShape::new(&config, options.block_size, options.dtype)?;
-        let mut gpu = Gpu::new(&shape)?;
+        let parallel = options.tensor_parallel;
+        let partition = Partition::new(&config, parallel.size)?;
+        let shard = partition.shard_config(&config);
+        let shape = KernelShape::new(&shard, options.block_size, options.dtype)?;
+        let rank_ordinals = parallel.devices(crate::gpu::device_count()?)?;
+        // One `Gpu` per device, in order of first use: rank 0's is first.
+        let mut ordinals: Vec<usize> = Vec::new();
+        for &ordinal in &rank_ordinals {
+            if !ordinals.contains(&ordinal) {
+                ordinals.push(ordinal);
+            }
+        }
+        let mut gpus = ordinals
+            .iter()
+            .map(|&ordinal| Gpu::on_device(ordinal, &shape))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let rank_devices: Vec<usize> = rank_ordinals
+            .iter()
+            .map(|o| ordinals.iter().position(|p| p == o).unwrap_or(0))
+            .collect();
+        let rank_gpus: Vec<&Gpu> = rank_devices.iter().map(|&g| &gpus[g]).collect();
         let weights = match source {
-            WeightSource::Checkpoint(dir) => Weights::load(&gpu, &config, dir)?,
+            WeightSource::Checkpoint(dir) => Weights::load(&rank_gpus, &config, &partition, dir)?,
             WeightSource::Gguf(path) => {
                 let content = heddle_model::loader::read_gguf(path)?;
-                Weights::load_gguf(&gpu, &config, path, &content)?
+                Weights::load_gguf(&rank_gpus, &config, &partition, path, &content)?
             }
-            WeightSource::Dummy { seed } => Weights::dummy(&gpu, &config, *seed)?,
+            WeightSource::Dummy { seed } => rank_gpus
+                .iter()
+                .enumerate()
+                .map(|(rank, gpu)| Weights::dummy(gpu, &config, &partition, rank, *seed))
+                .collect::<anyhow::Result<Vec<_>>>()?,
         };
-        let buffers = Self::buffers_for(&gpu, &shape, &config, &options, &weights)?;
-        let per_block = kv_bytes_per_block(&config, options.block_size, options.dtype);
-        let (free, total) = gpu.memory()?;
-        let num_blocks = match options.kv {
-            KvBudget::Blocks(n) => n,
-            KvBudget::MemoryFraction(f) => blocks_for_fraction(free, total, f, per_block),
+        let weights_bytes: usize = weights.iter().map(Weights::size_in_bytes).sum();
+        let ranks_buffers = rank_gpus
+            .iter()
+            .zip(&weights)
+            .map(|(gpu, w)| Self::buffers_for(gpu, &shape, &shard, &options, w, parallel.size))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let first = &gpus[0];
+        let rows = options.max_running.min(options.max_batched_tokens);
+        let logits = first.alloc(rows * config.vocab_size * 4)?;
+        let sampled = first.alloc(rows * SAMPLED_WORDS_PER_ROW * 4)?;
+        let metadata = gpus
+            .iter()
+            .map(|gpu| gpu.alloc(INITIAL_METADATA_WORDS * 4))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let originals = first.alloc(INITIAL_PENALTIES * 4)?;
+        let adjustments = first.alloc(4096)?;
+        let scores = first.alloc(4096)?;
+        let adjustments_staging = first.alloc_staging(1024)?;
+        let mut blas_workspaces = Vec::with_capacity(gpus.len());
+        for gpu in &mut gpus {
+            let workspace = gpu.alloc(BLAS_WORKSPACE_BYTES)?;
+            gpu.set_blas_workspace(&workspace)?;
+            if options.batch_invariant {
+                gpu.pin_gemm_algorithms(options.max_batched_tokens, &workspace)?;
+            }
+            blas_workspaces.push(workspace);
+        }
+        let collective = match (parallel.size, parallel.placement) {
+            (1, _) => Collective::Single,
+            (_, RankPlacement::AllOnFirstGpu) => Collective::SameStream,
+            (ranks, RankPlacement::OneGpuEach) => {
+                // Rank 0 receives the other ranks' logits slices before placing them.
+                let gather_bytes = (ranks - 1) * rows * shard.vocab_size * 4;
+                Collective::nccl(&gpus.iter().collect::<Vec<_>>(), gather_bytes)?
+            }
         };
+        // The KV cache: the same number of blocks on every rank, as many as the GPU with
+        // the least room holds (all ranks' slices, where they share a GPU).
+        let per_block = kv_bytes_per_block(&shard, options.block_size, options.dtype);
+        let mut tightest = None;
+        for (g, gpu) in gpus.iter().enumerate() {
+            let ranks_here = rank_devices.iter().filter(|&&d| d == g).count();
+            let (free, total) = gpu.memory()?;
+            let blocks = match options.kv {
+                KvBudget::Blocks(n) => n,
+                KvBudget::MemoryFraction(f) => {
+                    blocks_for_fraction(free, total, f, per_block * ranks_here)
+                }
+            };
+            if tightest.is_none_or(|(fewest, _, _, _)| blocks < fewest) {
+                tightest = Some((blocks, free, total, gpu.ctx.ordinal()));
+            }
+        }
+        let (num_blocks, free, total, ordinal) = tightest.context("no GPU")?;
         anyhow::ensure!(
             num_blocks > 0,
-            "no GPU memory left for the KV cache ({} MiB free of {} MiB after {} MiB of \
-             weights); raise --gpu-memory-fraction or lower --max-batched-tokens",
+            "no GPU memory left for the KV cache ({} MiB free of {} MiB on GPU {ordinal} after \
+             {} MiB of weights); raise --gpu-memory-fraction or lower --max-batched-tokens",
             free >> 20,
             total >> 20,
-            weights.size_in_bytes() >> 20
+            weights_bytes >> 20
         );
         // One block more than the scheduler gets: the scratch block that the stand-in
         // sequences of padded decode steps write to.
         let half_cache = (num_blocks + 1) * per_block / 2;
-        let k_cache = gpu.alloc(half_cache).context("allocating the KV cache")?;
-        let v_cache = gpu.alloc(half_cache).context("allocating the KV cache")?;
-        let metadata = gpu.alloc(INITIAL_METADATA_WORDS * 4)?;
-        let originals = gpu.alloc(INITIAL_PENALTIES * 4)?;
-        let adjustments = gpu.alloc(4096)?;
-        let scores = gpu.alloc(4096)?;
-        let adjustments_staging = gpu.alloc_staging(1024)?;
-        let blas_workspace = gpu.alloc(BLAS_WORKSPACE_BYTES)?;
-        gpu.set_blas_workspace(&blas_workspace)?;
-        if options.batch_invariant {
-            gpu.pin_gemm_algorithms(options.max_batched_tokens, &blas_workspace)?;
+        let mut ranks = Vec::with_capacity(parallel.size);
+        let placed = weights.into_iter().zip(ranks_buffers).zip(&rank_devices);
+        for (index, ((weights, buffers), &device)) in placed.enumerate() {
+            let gpu = &gpus[device];
+            ranks.push(Rank {
+                device,
+                first_token: partition.vocab_rows(index).start,
+                weights,
+                buffers,
+                k_cache: gpu.alloc(half_cache).context("allocating the KV cache")?,
+                v_cache: gpu.alloc(half_cache).context("allocating the KV cache")?,
+            });
         }
-        gpu.stream.synchronize().context("preparing the GPU")?;
+        for gpu in &gpus {
+            gpu.stream.synchronize().context("preparing the GPU")?;
+        }
         tracing::info!(
-            device = %gpu.name,
+            device = %gpus[0].name,
             dtype = ?options.dtype,
             seconds = started.elapsed().as_secs_f64(),
-            weights_mib = weights.size_in_bytes() >> 20,
+            weights_mib = weights_bytes >> 20,
             kv_blocks = num_blocks,
             block_size = options.block_size,
-            kv_cache_mib = (2 * half_cache) >> 20,
+            kv_cache_mib = (2 * half_cache * parallel.size) >> 20,
             kv_tokens = num_blocks * options.block_size,
             gpu_total_mib = total >> 20,
             batch_invariant = options.batch_invariant,
+            tensor_parallel = parallel.size,
+            ?rank_ordinals,
             "CUDA runner ready"
         );
         Ok(CudaRunner {
-            gpu,
+            graphs: HashMap::new(),
+            collective,
+            gpus,
+            ranks,
             config,
+            shard,
             shape,
             options,
-            weights,
-            buffers,
-            k_cache,
-            v_cache,
             num_blocks,
             plan: StepPlan::default(),
             metadata,
+            logits,
+            sampled,
             originals,
             adjustments,
             adjustments_staging,
@@ -247,26 +358,27 @@ impl CudaRunner {
             host_scores: Vec::new(),
             prompt_logprobs: Vec::new(),
             times: StepTimes::default(),
-            graphs: HashMap::new(),
-            _blas_workspace: blas_workspace,
+            _blas_workspaces: blas_workspaces,
         })
     }
 
+    /// One rank's activation buffers, for a rank holding `shard` (of `ranks`).
     fn buffers_for(
         gpu: &Gpu,
         shape: &KernelShape,
-        config: &ModelConfig,
+        shard: &ModelConfig,
         options: &CudaOptions,
         weights: &Weights,
+        ranks: usize,
     ) -> anyhow::Result<Buffers> {
         // Contexts are split only while blocks < 2 per multiprocessor, so blocks × splits
         // stays under 4 per multiprocessor.
         let partial_words = shape.decode_partial_words(4 * gpu.multiprocessors, 1);
-        let d = Dims::of(config);
+        let d = Dims::of(shard);
         let (t, e) = (options.max_batched_tokens, options.dtype.size_in_bytes());
         let rows = options.max_running.min(t);
         let inv_freq =
-            heddle_model::llama::rope_frequencies(config, weights.rope_freq_factors.as_deref());
+            heddle_model::llama::rope_frequencies(shard, weights.rope_freq_factors.as_deref());
         Ok(Buffers {
             residual: gpu.alloc(t * d.hidden * 4)?,
             normed: gpu.alloc(t * d.hidden * e)?,
@@ -275,10 +387,13 @@ impl CudaRunner {
             projected: gpu.alloc(t * d.hidden * e)?,
             gate_up: gpu.alloc(t * 2 * d.ffn * e)?,
             activated: gpu.alloc(t * d.ffn * e)?,
-            logits: gpu.alloc(rows * config.vocab_size * 4)?,
-            sampled: gpu.alloc(rows * SAMPLED_WORDS_PER_ROW * 4)?,
             inv_freq: gpu.upload(&inv_freq)?,
             partials: gpu.alloc(partial_words * 4)?,
+            vocab_logits: if ranks > 1 {
+                Some(gpu.alloc(rows * shard.vocab_size * 4)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -291,8 +406,14 @@ impl CudaRunner {
         &self.options
     }
 
+    /// Rank 0's GPU.
     pub fn device_name(&self) -> &str {
-        &self.gpu.name
+        &self.gpus[0].name
+    }
+
+    /// How many decode layouts have been captured as CUDA graphs (and are kept).
+    pub fn captured_graphs(&self) -> usize {
+        self.graphs.len()
     }
 
     /// The step times summed since the last call.
@@ -403,206 +524,112 @@ impl CudaRunner {
             self.plan.mark_adjusted();
         }
         let words = &self.plan.words;
-        if words.len() * 4 > self.metadata.bytes {
+        if words.len() * 4 > self.metadata[0].bytes {
             self.graphs.clear();
-            self.metadata = self.gpu.alloc((words.len() * 4).next_power_of_two())?;
+            let bytes = (words.len() * 4).next_power_of_two();
+            self.metadata = self
+                .gpus
+                .iter()
+                .map(|gpu| gpu.alloc(bytes))
+                .collect::<anyhow::Result<_>>()?;
         }
+        let first = &self.gpus[0];
         let score_bytes = self.plan.scored.len() * SCORE_WORDS * 4;
         if score_bytes > self.scores.bytes {
             // Scoring runs outside graphs: no graph holds this buffer's address.
-            self.scores = self.gpu.alloc(score_bytes.next_power_of_two())?;
+            self.scores = first.alloc(score_bytes.next_power_of_two())?;
         }
         if self.plan.num_penalties * 4 > self.originals.bytes {
             self.graphs.clear();
-            self.originals = self
-                .gpu
-                .alloc((self.plan.num_penalties * 4).next_power_of_two())?;
+            self.originals = first.alloc((self.plan.num_penalties * 4).next_power_of_two())?;
         }
-        self.gpu.write(&self.metadata, words)
+        for (gpu, metadata) in self.gpus.iter().zip(&self.metadata) {
+            gpu.write(metadata, words)?;
+        }
+        Ok(())
     }
 
-    /// Runs a padded decode step from its graph (with the sampler when `sample`),
-    /// capturing the graph on first use.
+    /// Runs a padded decode step from its graphs (with the sampler when `sample`),
+    /// capturing them on first use.
     fn replay(&mut self, padding: Padding, sample: bool) -> anyhow::Result<()> {
         let key = (padding, sample);
         if !self.graphs.contains_key(&key) {
-            let stream = self.gpu.stream.clone();
-            stream
-                .begin_capture(
-                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-                )
-                .context("starting a CUDA graph capture")?;
-            let queued = self.enqueue(sample);
-            let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
-            queued?;
-            let graph = graph
-                .context("capturing a decode step")?
-                .context("the decode step's capture is empty")?;
+            let graphs = self.capture(sample)?;
             tracing::debug!(
                 rows = padding.rows,
                 blocks = padding.block_capacity,
                 sample,
                 "captured a decode step"
             );
-            self.graphs.insert(key, DecodeGraph(graph));
+            self.graphs.insert(key, graphs);
         }
-        self.graphs[&key]
-            .0
-            .launch()
-            .context("launching a decode step's graph")
+        for graph in &self.graphs[&key] {
+            graph
+                .0
+                .launch()
+                .context("launching a decode step's graph")?;
+        }
+        Ok(())
+    }
+
+    /// Captures the step as queued by [`Self::enqueue`]: one graph per GPU, each GPU's
+    /// stream captured at once (with NCCL, a collective's calls for every rank are queued
+    /// together, so every stream must be capturing).
+    fn capture(&self, sample: bool) -> anyhow::Result<Vec<DecodeGraph>> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let mut capturing = 0;
+        let mut queued = Ok(());
+        for gpu in &self.gpus {
+            let begun = gpu
+                .stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+            if let Err(e) = begun {
+                queued = Err(anyhow::Error::new(e).context("starting a CUDA graph capture"));
+                break;
+            }
+            capturing += 1;
+        }
+        if queued.is_ok() {
+            queued = self.enqueue(sample);
+        }
+        // Every capture begun is ended, whatever happened, so that no stream stays captured.
+        let graphs: Vec<_> = self.gpus[..capturing]
+            .iter()
+            .map(|gpu| gpu.stream.end_capture(CUgraphInstantiate_flags(0)))
+            .collect();
+        queued?;
+        graphs
+            .into_iter()
+            .map(|graph| {
+                let graph = graph
+                    .context("capturing a decode step")?
+                    .context("the decode step's capture is empty")?;
+                Ok(DecodeGraph(graph))
+            })
+            .collect()
     }
 
     /// Queues the forward pass up to the logits of the sampled rows, and the sampler when
-    /// `sample`.
+    /// `sample`: each rank's part up to the next collective in turn, then the collective.
     fn enqueue(&self, sample: bool) -> anyhow::Result<()> {
-        let (gpu, b, w, c) = (&self.gpu, &self.buffers, &self.weights, &self.config);
-        let d = Dims::of(c);
-        let o = self.plan.offsets;
-        let meta = |offset: usize| self.metadata.ptr + 4 * offset as u64;
-        let t = self.plan.num_tokens;
-        let rows = self.plan.sampled_rows;
-        let (hidden, eps) = (d.hidden as i32, c.rms_norm_eps);
-        let norm_threads = 1024.min(d.hidden.next_power_of_two()).max(32) as u32;
-        let layer_cache = self.k_cache.bytes / c.num_layers;
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let null = 0u64;
-
-        gpu.launch(
-            "embed_gather",
-            grid(t, 256),
-            &[&meta(o.tokens), &w.embed.ptr, &b.residual.ptr, &hidden],
-        )?;
-        for (l, layer) in w.layers.iter().enumerate() {
-            let delta = if l == 0 { null } else { b.projected.ptr };
-            gpu.launch(
-                "add_rmsnorm",
-                grid(t, norm_threads),
-                &[
-                    &b.residual.ptr,
-                    &delta,
-                    &layer.attn_norm.ptr,
-                    &b.normed.ptr,
-                    &null,
-                    &hidden,
-                    &eps,
-                    &1i32,
-                ],
-            )?;
-            gpu.gemm(
-                b.qkv.ptr,
-                false,
-                b.normed.ptr,
-                layer.qkv.ptr,
-                t,
-                d.qkv,
-                d.hidden,
-            )?;
-            let k_cache = self.k_cache.ptr + (l * layer_cache) as u64;
-            let v_cache = self.v_cache.ptr + (l * layer_cache) as u64;
-            let bias = layer.qkv_bias.as_ref().map_or(null, |b| b.ptr);
-            gpu.launch(
-                "rope_kv_write",
-                grid(t, 128),
-                &[
-                    &b.qkv.ptr,
-                    &bias,
-                    &b.inv_freq.ptr,
-                    &meta(o.positions),
-                    &meta(o.slots),
-                    &k_cache,
-                    &v_cache,
-                ],
-            )?;
-            launch_attention(
-                gpu,
-                &self.shape,
-                &AttentionArgs {
-                    qkv: b.qkv.ptr,
-                    k_cache,
-                    v_cache,
-                    out: b.attention.ptr,
-                    tiles: meta(o.tiles),
-                    num_tiles: self.plan.num_tiles,
-                    num_decode_tiles: self.plan.num_decode_tiles,
-                    block_tables: meta(o.block_tables),
-                    table_offsets: meta(o.table_offsets),
-                    scale,
-                    partials: b.partials.ptr,
-                    splits: None,
-                },
-            )?;
-            gpu.gemm(
-                b.projected.ptr,
-                false,
-                b.attention.ptr,
-                layer.o.ptr,
-                t,
-                d.hidden,
-                d.q,
-            )?;
-            gpu.launch(
-                "add_rmsnorm",
-                grid(t, norm_threads),
-                &[
-                    &b.residual.ptr,
-                    &b.projected.ptr,
-                    &layer.ffn_norm.ptr,
-                    &b.normed.ptr,
-                    &null,
-                    &hidden,
-                    &eps,
-                    &1i32,
-                ],
-            )?;
-            gpu.gemm(
-                b.gate_up.ptr,
-                false,
-                b.normed.ptr,
-                layer.gate_up.ptr,
-                t,
-                2 * d.ffn,
-                d.hidden,
-            )?;
-            let n = (t * d.ffn) as i64;
-            gpu.launch(
-                "silu_mul",
-                grid((n as usize).div_ceil(256).min(65_536), 256),
-                &[&b.gate_up.ptr, &b.activated.ptr, &(d.ffn as i32), &n],
-            )?;
-            gpu.gemm(
-                b.projected.ptr,
-                false,
-                b.activated.ptr,
-                layer.down.ptr,
-                t,
-                d.hidden,
-                d.ffn,
-            )?;
+        let tokens = self.plan.num_tokens * self.config.hidden_size;
+        for rank in &self.ranks {
+            self.enqueue_embedding(rank)?;
         }
+        self.all_reduce(|b| b.residual.ptr, tokens, DType::F32)?;
+        for l in 0..self.config.num_layers {
+            for rank in &self.ranks {
+                self.enqueue_attention(rank, l)?;
+            }
+            self.all_reduce(|b| b.projected.ptr, tokens, self.options.dtype)?;
+            for rank in &self.ranks {
+                self.enqueue_mlp(rank, l)?;
+            }
+            self.all_reduce(|b| b.projected.ptr, tokens, self.options.dtype)?;
+        }
+        let rows = self.plan.sampled_rows;
         if rows > 0 {
-            gpu.launch(
-                "add_rmsnorm",
-                grid(rows, norm_threads),
-                &[
-                    &b.residual.ptr,
-                    &b.projected.ptr,
-                    &w.final_norm.ptr,
-                    &b.normed.ptr,
-                    &meta(o.logit_rows),
-                    &hidden,
-                    &eps,
-                    &0i32,
-                ],
-            )?;
-            gpu.gemm(
-                b.logits.ptr,
-                true,
-                b.normed.ptr,
-                w.head(),
-                rows,
-                c.vocab_size,
-                d.hidden,
-            )?;
+            self.enqueue_logits(self.plan.offsets.logit_rows, rows)?;
             if sample {
                 self.enqueue_sampler()?;
             }
@@ -610,36 +637,250 @@ impl CudaRunner {
         Ok(())
     }
 
+    /// The address of `offset` words into the step's metadata on `rank`'s GPU.
+    fn metadata_at(&self, rank: &Rank, offset: usize) -> u64 {
+        self.metadata[rank.device].ptr + 4 * offset as u64
+    }
+
+    /// Sums a buffer of every rank's over the ranks (nothing with one rank).
+    fn all_reduce(
+        &self,
+        buffer: fn(&Buffers) -> u64,
+        count: usize,
+        dtype: DType,
+    ) -> anyhow::Result<()> {
+        let parts: Vec<Part> = self
+            .ranks
+            .iter()
+            .map(|rank| Part {
+                gpu: &self.gpus[rank.device],
+                ptr: buffer(&rank.buffers),
+            })
+            .collect();
+        self.collective.all_reduce_sum(&parts, count, dtype)
+    }
+
+    /// The embeddings of the step's tokens in the rank's vocabulary slice (zeros for the
+    /// others) into its residual stream.
+    fn enqueue_embedding(&self, rank: &Rank) -> anyhow::Result<()> {
+        self.gpus[rank.device].launch(
+            "embed_gather",
+            grid(self.plan.num_tokens, 256),
+            &[
+                &self.metadata_at(rank, self.plan.offsets.tokens),
+                &rank.weights.embed.ptr,
+                &rank.buffers.residual.ptr,
+                &(self.config.hidden_size as i32),
+                &(rank.first_token as i32),
+                &(self.shard.vocab_size as i32),
+            ],
+        )
+    }
+
+    /// Threads of an RMSNorm block over the hidden size.
+    fn norm_threads(&self) -> u32 {
+        1024.min(self.config.hidden_size.next_power_of_two())
+            .max(32) as u32
+    }
+
+    /// Layer `l`'s attention block on one rank, up to its (partial) output projection in
+    /// `projected`: residual add and norm, its heads' Q·K·V, RoPE and the cache write of
+    /// its KV heads, attention.
+    fn enqueue_attention(&self, rank: &Rank, l: usize) -> anyhow::Result<()> {
+        let (gpu, b, layer) = (
+            &self.gpus[rank.device],
+            &rank.buffers,
+            &rank.weights.layers[l],
+        );
+        let d = Dims::of(&self.shard);
+        let o = self.plan.offsets;
+        let t = self.plan.num_tokens;
+        let null = 0u64;
+        let delta = if l == 0 { null } else { b.projected.ptr };
+        gpu.launch(
+            "add_rmsnorm",
+            grid(t, self.norm_threads()),
+            &[
+                &b.residual.ptr,
+                &delta,
+                &layer.attn_norm.ptr,
+                &b.normed.ptr,
+                &null,
+                &(d.hidden as i32),
+                &self.config.rms_norm_eps,
+                &1i32,
+            ],
+        )?;
+        gpu.gemm(
+            b.qkv.ptr,
+            false,
+            b.normed.ptr,
+            layer.qkv.ptr,
+            t,
+            d.qkv,
+            d.hidden,
+        )?;
+        let layer_cache = rank.k_cache.bytes / self.config.num_layers;
+        let k_cache = rank.k_cache.ptr + (l * layer_cache) as u64;
+        let v_cache = rank.v_cache.ptr + (l * layer_cache) as u64;
+        let bias = layer.qkv_bias.as_ref().map_or(null, |b| b.ptr);
+        gpu.launch(
+            "rope_kv_write",
+            grid(t, 128),
+            &[
+                &b.qkv.ptr,
+                &bias,
+                &b.inv_freq.ptr,
+                &self.metadata_at(rank, o.positions),
+                &self.metadata_at(rank, o.slots),
+                &k_cache,
+                &v_cache,
+            ],
+        )?;
+        launch_attention(
+            gpu,
+            &self.shape,
+            &AttentionArgs {
+                qkv: b.qkv.ptr,
+                k_cache,
+                v_cache,
+                out: b.attention.ptr,
+                tiles: self.metadata_at(rank, o.tiles),
+                num_tiles: self.plan.num_tiles,
+                num_decode_tiles: self.plan.num_decode_tiles,
+                block_tables: self.metadata_at(rank, o.block_tables),
+                table_offsets: self.metadata_at(rank, o.table_offsets),
+                scale: 1.0 / (self.config.head_dim as f32).sqrt(),
+                partials: b.partials.ptr,
+                splits: None,
+            },
+        )?;
+        gpu.gemm(
+            b.projected.ptr,
+            false,
+            b.attention.ptr,
+            layer.o.ptr,
+            t,
+            d.hidden,
+            d.q,
+        )
+    }
+
+    /// Layer `l`'s MLP on one rank, up to its (partial) down projection in `projected`:
+    /// residual add and norm, its slice of gate·up, SiLU.
+    fn enqueue_mlp(&self, rank: &Rank, l: usize) -> anyhow::Result<()> {
+        let (gpu, b, layer) = (
+            &self.gpus[rank.device],
+            &rank.buffers,
+            &rank.weights.layers[l],
+        );
+        let d = Dims::of(&self.shard);
+        let t = self.plan.num_tokens;
+        gpu.launch(
+            "add_rmsnorm",
+            grid(t, self.norm_threads()),
+            &[
+                &b.residual.ptr,
+                &b.projected.ptr,
+                &layer.ffn_norm.ptr,
+                &b.normed.ptr,
+                &0u64,
+                &(d.hidden as i32),
+                &self.config.rms_norm_eps,
+                &1i32,
+            ],
+        )?;
+        gpu.gemm(
+            b.gate_up.ptr,
+            false,
+            b.normed.ptr,
+            layer.gate_up.ptr,
+            t,
+            2 * d.ffn,
+            d.hidden,
+        )?;
+        let n = (t * d.ffn) as i64;
+        gpu.launch(
+            "silu_mul",
+            grid((n as usize).div_ceil(256).min(65_536), 256),
+            &[&b.gate_up.ptr, &b.activated.ptr, &(d.ffn as i32), &n],
+        )?;
+        gpu.gemm(
+            b.projected.ptr,
+            false,
+            b.activated.ptr,
+            layer.down.ptr,
+            t,
+            d.hidden,
+            d.ffn,
+        )
+    }
+
+    /// The f32 logits of `rows` rows, listed at metadata word `row_list`, into the
+    /// runner's logits buffer: each rank's final norm of the rows and its slice of the LM
+    /// head, then the slices gathered on rank 0.
+    fn enqueue_logits(&self, row_list: usize, rows: usize) -> anyhow::Result<()> {
+        let hidden = self.config.hidden_size;
+        let mut parts = Vec::with_capacity(self.ranks.len());
+        for rank in &self.ranks {
+            let (gpu, b, w) = (&self.gpus[rank.device], &rank.buffers, &rank.weights);
+            gpu.launch(
+                "add_rmsnorm",
+                grid(rows, self.norm_threads()),
+                &[
+                    &b.residual.ptr,
+                    &b.projected.ptr,
+                    &w.final_norm.ptr,
+                    &b.normed.ptr,
+                    &self.metadata_at(rank, row_list),
+                    &(hidden as i32),
+                    &self.config.rms_norm_eps,
+                    &0i32,
+                ],
+            )?;
+            let out = b.vocab_logits.as_ref().map_or(self.logits.ptr, |l| l.ptr);
+            gpu.gemm(
+                out,
+                true,
+                b.normed.ptr,
+                w.head(),
+                rows,
+                self.shard.vocab_size,
+                hidden,
+            )?;
+            parts.push(Part { gpu, ptr: out });
+        }
+        self.collective
+            .gather_columns(&parts, self.logits.ptr, rows, self.shard.vocab_size)
+    }
+
     /// Queues the sampler over the step's logits rows.
     fn enqueue_sampler(&self) -> anyhow::Result<()> {
         let o = self.plan.offsets;
-        let meta = |offset: usize| self.metadata.ptr + 4 * offset as u64;
+        let rank = &self.ranks[0];
         let rows = self.plan.sampled_rows;
-        self.gpu.launch(
+        self.gpus[0].launch(
             "sample",
             grid(rows, SAMPLE_THREADS),
             &[
-                &self.buffers.logits.ptr,
+                &self.logits.ptr,
                 &(self.config.vocab_size as i32),
-                &meta(o.sample_params),
-                &meta(o.penalties),
+                &self.metadata_at(rank, o.sample_params),
+                &self.metadata_at(rank, o.penalties),
                 &self.originals.ptr,
                 &self.adjustments.ptr,
-                &self.buffers.sampled.ptr,
+                &self.sampled.ptr,
                 &(rows as i32),
             ],
         )
     }
 
     /// Queues the scoring of the step's scored prompt tokens, behind the sampler (it reuses
-    /// the logits buffer): per piece of rows, the final norm of the rows that predict the
-    /// tokens, the LM head, and `score_tokens`.
+    /// the logits buffer): per piece of rows, the logits of the rows that predict the
+    /// tokens, and `score_tokens`.
     fn enqueue_scoring(&self) -> anyhow::Result<()> {
-        let (gpu, b, w, c) = (&self.gpu, &self.buffers, &self.weights, &self.config);
         let o = self.plan.offsets;
-        let meta = |offset: usize| self.metadata.ptr + 4 * offset as u64;
-        let hidden = c.hidden_size as i32;
-        let norm_threads = 1024.min(c.hidden_size.next_power_of_two()).max(32) as u32;
+        let rank = &self.ranks[0];
         let piece = self
             .options
             .max_running
@@ -647,37 +888,15 @@ impl CudaRunner {
         let scored = self.plan.scored.len();
         for start in (0..scored).step_by(piece) {
             let rows = piece.min(scored - start);
-            gpu.launch(
-                "add_rmsnorm",
-                grid(rows, norm_threads),
-                &[
-                    &b.residual.ptr,
-                    &b.projected.ptr,
-                    &w.final_norm.ptr,
-                    &b.normed.ptr,
-                    &meta(o.score_rows + start),
-                    &hidden,
-                    &c.rms_norm_eps,
-                    &0i32,
-                ],
-            )?;
-            gpu.gemm(
-                b.logits.ptr,
-                true,
-                b.normed.ptr,
-                w.head(),
-                rows,
-                c.vocab_size,
-                c.hidden_size,
-            )?;
-            gpu.launch(
+            self.enqueue_logits(o.score_rows + start, rows)?;
+            self.gpus[0].launch(
                 "score_tokens",
                 grid(rows, SAMPLE_THREADS),
                 &[
-                    &b.logits.ptr,
-                    &(c.vocab_size as i32),
-                    &meta(o.score_targets + start),
-                    &meta(o.score_tops + start),
+                    &self.logits.ptr,
+                    &(self.config.vocab_size as i32),
+                    &self.metadata_at(rank, o.score_targets + start),
+                    &self.metadata_at(rank, o.score_tops + start),
                     &(self.scores.ptr + (4 * start * SCORE_WORDS) as u64),
                 ],
             )?;
@@ -689,7 +908,7 @@ impl CudaRunner {
     fn read_scores(&mut self) -> anyhow::Result<()> {
         let words = self.plan.scored.len() * SCORE_WORDS;
         self.host_scores.resize(words, 0);
-        self.gpu.read(&self.scores, &mut self.host_scores)?;
+        self.gpus[0].read(&self.scores, &mut self.host_scores)?;
         let out = &self.host_scores;
         self.prompt_logprobs = self
             .plan
@@ -719,7 +938,19 @@ impl CudaRunner {
         if !self.plan.scored.is_empty() {
             self.read_scores()?;
         }
+        self.wait_for_other_gpus()?;
         Ok(sampled)
+    }
+
+    /// Waits for the GPUs besides rank 0's, so that their errors surface in the step. Rank
+    /// 0's results follow every rank's work of the step (the logits gather), so by now
+    /// they are done or nearly.
+    fn wait_for_other_gpus(&self) -> anyhow::Result<()> {
+        for gpu in &self.gpus[1..] {
+            gpu.bind()?;
+            gpu.stream.synchronize().context("waiting for the GPU")?;
+        }
+        Ok(())
     }
 
     /// Runs one step and returns the f32 logits of its sampled rows, [rows × vocab],
@@ -734,25 +965,26 @@ impl CudaRunner {
             .map_err(device_error)?;
         self.enqueue(false).map_err(device_error)?;
         let mut logits = vec![0f32; self.plan.rows.len() * self.config.vocab_size];
-        self.gpu
-            .read(&self.buffers.logits, &mut logits)
+        self.gpus[0]
+            .read(&self.logits, &mut logits)
             .map_err(device_error)?;
+        self.wait_for_other_gpus().map_err(device_error)?;
         Ok(logits)
     }
 
     /// Packs the step's adjustments and copies them behind the queued forward pass.
     fn upload_adjustments(&mut self, adjustments: &StepAdjustments) -> anyhow::Result<()> {
         let words = crate::adjustments::packed_len(&self.plan.rows, adjustments);
+        let first = &self.gpus[0];
         if words * 4 > self.adjustments.bytes {
-            self.adjustments = self.gpu.alloc((words * 4).next_power_of_two())?;
+            self.adjustments = first.alloc((words * 4).next_power_of_two())?;
         }
         if words > self.adjustments_staging.len() {
-            self.adjustments_staging = self.gpu.alloc_staging(words.next_power_of_two())?;
+            self.adjustments_staging = first.alloc_staging(words.next_power_of_two())?;
         }
         let staged = self.adjustments_staging.words(words)?;
         crate::adjustments::pack(&self.plan.rows, adjustments, staged);
-        self.gpu
-            .write_staged(&mut self.adjustments_staging, words, &self.adjustments)
+        first.write_staged(&mut self.adjustments_staging, words, &self.adjustments)
     }
 
     /// Copies the sampled ids (and log-probabilities if asked for) back: the step's wait.
@@ -760,13 +992,13 @@ impl CudaRunner {
         let rows = self.plan.sampled_rows;
         if rows == 0 {
             // Nothing to copy back; wait so that the step's errors surface in it.
-            self.gpu
+            self.gpus[0].bind()?;
+            self.gpus[0]
                 .stream
                 .synchronize()
                 .context("waiting for the GPU")?;
             return Ok(Vec::new());
         }
-        let b = &self.buffers;
         let words = if self.plan.wants_logprobs() {
             rows * SAMPLED_WORDS_PER_ROW
         } else {
@@ -774,7 +1006,7 @@ impl CudaRunner {
         };
         self.host_sampled.resize(words, 0);
         let queued = std::time::Instant::now();
-        self.gpu.read(&b.sampled, &mut self.host_sampled)?;
+        self.gpus[0].read(&self.sampled, &mut self.host_sampled)?;
         self.times.steps += 1;
         self.times.host_seconds += (queued - started).as_secs_f64();
         self.times.wait_seconds += queued.elapsed().as_secs_f64();

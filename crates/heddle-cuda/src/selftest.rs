@@ -4,7 +4,9 @@
 //!     model, in f32 (greedy tokens must be identical) and bf16;
 //! (c) CUDA graph replay against direct launches;
 //! (d) prompt log-probabilities: the scoring kernel against the CPU's, and a scored
-//!     prompt against the log-probabilities its own generation reported.
+//!     prompt against the log-probabilities its own generation reported;
+//! (e) tensor parallelism: the runner split over two ranks on this one GPU against one
+//!     rank (src/parallel_checks.rs).
 //!
 //! Batch invariance at a real shape is `heddle-cuda invariance` (src/invariance.rs); the
 //! comparison with an independent implementation is scripts/gpu/reference/.
@@ -86,6 +88,10 @@ pub fn run_all() -> anyhow::Result<Vec<Check>> {
     checks.extend(graph_replay(&dir)?);
     for dtype in [DType::F32, DType::Bf16] {
         checks.extend(prompt_scoring(&dir, dtype)?);
+    }
+    for qwen2 in [false, true] {
+        write_tiny_model(&dir, qwen2)?;
+        checks.extend(crate::parallel_checks::same_gpu_ranks(&dir, qwen2)?);
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(checks)
@@ -404,7 +410,16 @@ fn kernel_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
     gpu.launch(
         "init_random",
         grid(1024, 256),
-        &[&buf.ptr, &(n as u64), &42u64, &0f32, &0.049f32],
+        &[
+            &buf.ptr,
+            &(n as u64),
+            &(n as u64),
+            &(n as u64),
+            &0u64,
+            &42u64,
+            &0f32,
+            &0.049f32,
+        ],
     )?;
     let values = k.read(&buf, n)?;
     let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
@@ -1217,16 +1232,16 @@ fn prompt_scoring(dir: &Path, dtype: DType) -> anyhow::Result<Vec<Check>> {
 }
 
 /// What [`drive`] collected for its request.
-struct Driven {
-    generated: Vec<heddle_model::runner::SampledOutput>,
-    scored: Vec<heddle_model::runner::PromptTokenLogprobs>,
+pub(crate) struct Driven {
+    pub(crate) generated: Vec<heddle_model::runner::SampledOutput>,
+    pub(crate) scored: Vec<heddle_model::runner::PromptTokenLogprobs>,
 }
 
 /// Runs `prompt` through the scheduler and `runner` (at most `chunk` tokens a step), greedy
 /// with log-probabilities and 3 top alternatives, for `max_tokens` (0: score only, with
 /// `prompt_logprobs`), after `company` other greedy requests have started decoding; the
 /// company is cancelled once the request ends.
-fn drive(
+pub(crate) fn drive(
     runner: &mut CudaRunner,
     prompt: &[TokenId],
     max_tokens: usize,

@@ -14,6 +14,7 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::gpu::{grid, DeviceBuffer, Gpu};
 use crate::kernels::DType;
+use crate::tensor_parallel::{matrix_columns, matrix_rows, Partition};
 
 pub struct LayerWeights {
     pub attn_norm: DeviceBuffer,
@@ -66,46 +67,50 @@ impl Weights {
 
     /// Random weights at the model's shape, generated on the GPU (no host transfer):
     /// matrices with standard deviation about 0.02 (as initialisers use), norm weights
-    /// near 1, so activations stay finite through any depth.
-    pub fn dummy(gpu: &Gpu, config: &ModelConfig, seed: u64) -> anyhow::Result<Self> {
+    /// near 1, so activations stay finite through any depth. Rank `rank` of `partition`
+    /// gets its slice of the same tensors (each element is a function of the seed and its
+    /// place in the whole tensor), so any number of ranks holds the same model.
+    pub fn dummy(
+        gpu: &Gpu,
+        config: &ModelConfig,
+        partition: &Partition,
+        rank: usize,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
         let mut next_seed = seed;
-        let mut tensor = |len: usize, center: f32, scale: f32| -> anyhow::Result<DeviceBuffer> {
+        // Each whole tensor takes the next seed, whatever part of it this rank holds.
+        let mut tensor = |windows: &[Window], center: f32, scale: f32| {
             next_seed = next_seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let buffer = gpu.alloc(len * gpu.dtype.size_in_bytes())?;
-            let blocks = len.div_ceil(256).clamp(1, 65_536);
-            gpu.launch(
-                "init_random",
-                grid(blocks, 256),
-                &[&buffer.ptr, &(len as u64), &next_seed, &center, &scale],
-            )?;
-            Ok(buffer)
+            random_tensor(gpu, windows, next_seed, center, scale)
         };
         // init_random's triangular values on (-s, s) have standard deviation s/√6.
         let (w, norm, bias) = (0.049, 0.05, 0.01);
-        let d = Dims::of(config);
+        let h = config.hidden_size;
+        let slices = RankSlices::of(config, partition, rank);
+        let whole = |len: usize| [Window::rows(len, 0..1)];
         let mut layers = Vec::with_capacity(config.num_layers);
         for _ in 0..config.num_layers {
             layers.push(LayerWeights {
-                attn_norm: tensor(d.hidden, 1.0, norm)?,
-                qkv: tensor(d.qkv * d.hidden, 0.0, w)?,
+                attn_norm: tensor(&whole(h), 1.0, norm)?,
+                qkv: tensor(&slices.qkv, 0.0, w)?,
                 qkv_bias: if config.attention_bias {
-                    Some(tensor(d.qkv, 0.0, bias)?)
+                    Some(tensor(&slices.qkv_bias, 0.0, bias)?)
                 } else {
                     None
                 },
-                o: tensor(d.hidden * d.q, 0.0, w)?,
-                ffn_norm: tensor(d.hidden, 1.0, norm)?,
-                gate_up: tensor(2 * d.ffn * d.hidden, 0.0, w)?,
-                down: tensor(d.hidden * d.ffn, 0.0, w)?,
+                o: tensor(&slices.o, 0.0, w)?,
+                ffn_norm: tensor(&whole(h), 1.0, norm)?,
+                gate_up: tensor(&slices.gate_up, 0.0, w)?,
+                down: tensor(&slices.down, 0.0, w)?,
             });
         }
         let weights = Weights {
-            embed: tensor(config.vocab_size * d.hidden, 0.0, w)?,
-            final_norm: tensor(d.hidden, 1.0, norm)?,
+            embed: tensor(&slices.vocab, 0.0, w)?,
+            final_norm: tensor(&whole(h), 1.0, norm)?,
             lm_head: if config.tie_word_embeddings {
                 None
             } else {
-                Some(tensor(config.vocab_size * d.hidden, 0.0, w)?)
+                Some(tensor(&slices.vocab, 0.0, w)?)
             },
             layers,
             rope_freq_factors: None,
@@ -116,8 +121,14 @@ impl Weights {
         Ok(weights)
     }
 
-    /// Reads an HF checkpoint directory's safetensors, converting to the runner's dtype.
-    pub fn load(gpu: &Gpu, config: &ModelConfig, dir: &Path) -> anyhow::Result<Self> {
+    /// Reads an HF checkpoint directory's safetensors, converting to the runner's dtype;
+    /// one `Weights` per rank of `partition`, each on its GPU (`gpus[rank]`).
+    pub fn load(
+        gpus: &[&Gpu],
+        config: &ModelConfig,
+        partition: &Partition,
+        dir: &Path,
+    ) -> anyhow::Result<Vec<Self>> {
         let files = heddle_model::loader::weight_files(dir)?;
         let maps = files
             .iter()
@@ -142,7 +153,7 @@ impl Weights {
                 by_name.insert(name.to_string(), i);
             }
         }
-        let dtype = gpu.dtype;
+        let dtype = gpus[0].dtype;
         let mut source = |gguf_name: &str, shape: &[usize]| -> anyhow::Result<Option<Vec<u8>>> {
             let name = heddle_model::loader::hf_name(gguf_name);
             let Some(&file) = by_name.get(&name) else {
@@ -157,24 +168,26 @@ impl Weights {
             }
             convert(&name, view.dtype(), view.data(), dtype).map(Some)
         };
-        Self::assemble(gpu, config, &mut source, &dir.display().to_string())
+        let origin = dir.display().to_string();
+        Self::assemble(gpus, config, partition, &mut source, &origin)
     }
 
     /// Reads a GGUF file: every tensor dequantized to f32 on the host, then converted to
     /// the runner's dtype. GGUF Llama files store Q and K with the rows of each head
     /// permuted for RoPE on adjacent pairs; they are put back in the HF order that the
-    /// kernels rotate (pairs i, i + head_dim/2).
+    /// kernels rotate (pairs i, i + head_dim/2). One `Weights` per rank, as [`Self::load`].
     pub fn load_gguf(
-        gpu: &Gpu,
+        gpus: &[&Gpu],
         config: &ModelConfig,
+        partition: &Partition,
         path: &Path,
         content: &heddle_model::loader::GgufContent,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<Vec<Self>> {
         use heddle_model::loader::{gguf_rope_layout, open_tensors, RopeLayout, TensorSource};
         let mut tensors = open_tensors(path, content)?;
         let unpermute = gguf_rope_layout(config.architecture) == RopeLayout::Interleaved;
         let (hd, heads, kv_heads) = (config.head_dim, config.num_heads, config.num_kv_heads);
-        let dtype = gpu.dtype;
+        let dtype = gpus[0].dtype;
         let mut source = |name: &str, shape: &[usize]| -> anyhow::Result<Option<Vec<u8>>> {
             if !tensors.contains(name) {
                 return Ok(None);
@@ -197,25 +210,32 @@ impl Weights {
             }
             Ok(Some(to_dtype_bytes(values.into_iter(), dtype)))
         };
-        let mut weights = Self::assemble(gpu, config, &mut source, &path.display().to_string())?;
+        let origin = path.display().to_string();
+        let mut weights = Self::assemble(gpus, config, partition, &mut source, &origin)?;
         if tensors.contains("rope_freqs.weight") {
-            weights.rope_freq_factors = Some(tensors.read_f32("rope_freqs.weight")?.1);
+            let factors = tensors.read_f32("rope_freqs.weight")?.1;
+            for rank in &mut weights {
+                rank.rope_freq_factors = Some(factors.clone());
+            }
         }
         Ok(weights)
     }
 
     /// Uploads a model's tensors, each asked of `source` by its GGUF name with the shape
-    /// it must have (None when the source lacks it).
+    /// it must have (None when the source lacks it), each rank's slice to its GPU.
     fn assemble(
-        gpu: &Gpu,
+        gpus: &[&Gpu],
         config: &ModelConfig,
+        partition: &Partition,
         source: &mut TensorReader<'_>,
         origin: &str,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<Vec<Self>> {
         let d = Dims::of(config);
         let (h, vocab) = (d.hidden, config.vocab_size);
+        let e = gpus[0].dtype.size_in_bytes();
+        let row = h * e;
         let lm_head = match source("output.weight", &[vocab, h])? {
-            Some(head) => Some(gpu.upload(&head)?),
+            Some(head) => Some(head),
             None if config.tie_word_embeddings => None,
             None => bail!("tensor \"output.weight\" (lm_head) is missing from {origin}"),
         };
@@ -223,42 +243,195 @@ impl Weights {
             source(name, shape)?
                 .with_context(|| format!("tensor {name:?} is missing from {origin}"))
         };
-        let mut layers = Vec::with_capacity(config.num_layers);
+        let mut layers: Vec<Vec<LayerWeights>> = gpus
+            .iter()
+            .map(|_| Vec::with_capacity(config.num_layers))
+            .collect();
         for l in 0..config.num_layers {
             let p = |s: &str| format!("blk.{l}.{s}");
-            let mut qkv = read(&p("attn_q.weight"), &[d.q, h])?;
-            qkv.extend(read(&p("attn_k.weight"), &[d.kv, h])?);
-            qkv.extend(read(&p("attn_v.weight"), &[d.kv, h])?);
+            let q = read(&p("attn_q.weight"), &[d.q, h])?;
+            let k = read(&p("attn_k.weight"), &[d.kv, h])?;
+            let v = read(&p("attn_v.weight"), &[d.kv, h])?;
             let qkv_bias = if config.attention_bias {
-                let mut b = read(&p("attn_q.bias"), &[d.q])?;
-                b.extend(read(&p("attn_k.bias"), &[d.kv])?);
-                b.extend(read(&p("attn_v.bias"), &[d.kv])?);
-                Some(gpu.upload(&b)?)
+                Some([
+                    read(&p("attn_q.bias"), &[d.q])?,
+                    read(&p("attn_k.bias"), &[d.kv])?,
+                    read(&p("attn_v.bias"), &[d.kv])?,
+                ])
             } else {
                 None
             };
-            let mut gate_up = read(&p("ffn_gate.weight"), &[d.ffn, h])?;
-            gate_up.extend(read(&p("ffn_up.weight"), &[d.ffn, h])?);
-            layers.push(LayerWeights {
-                attn_norm: gpu.upload(&read(&p("attn_norm.weight"), &[h])?)?,
-                qkv: gpu.upload(&qkv)?,
-                qkv_bias,
-                o: gpu.upload(&read(&p("attn_output.weight"), &[h, d.q])?)?,
-                ffn_norm: gpu.upload(&read(&p("ffn_norm.weight"), &[h])?)?,
-                gate_up: gpu.upload(&gate_up)?,
-                down: gpu.upload(&read(&p("ffn_down.weight"), &[h, d.ffn])?)?,
-            });
+            let gate = read(&p("ffn_gate.weight"), &[d.ffn, h])?;
+            let up = read(&p("ffn_up.weight"), &[d.ffn, h])?;
+            let attn_norm = read(&p("attn_norm.weight"), &[h])?;
+            let o = read(&p("attn_output.weight"), &[h, d.q])?;
+            let ffn_norm = read(&p("ffn_norm.weight"), &[h])?;
+            let down = read(&p("ffn_down.weight"), &[h, d.ffn])?;
+            for (rank, gpu) in gpus.iter().enumerate() {
+                let (q_rows, kv_rows) = (partition.query_rows(rank), partition.kv_rows(rank));
+                let ffn_rows = partition.ffn_rows(rank);
+                // Q, K and V rows of this rank's heads, stacked; likewise gate and up rows.
+                let stacked = |parts: [(&[u8], usize, &std::ops::Range<usize>); 3]| {
+                    parts
+                        .iter()
+                        .flat_map(|(m, row_bytes, rows)| {
+                            matrix_rows(m, *row_bytes, (*rows).clone()).iter().copied()
+                        })
+                        .collect::<Vec<u8>>()
+                };
+                let qkv = stacked([(&q, row, &q_rows), (&k, row, &kv_rows), (&v, row, &kv_rows)]);
+                let bias = qkv_bias
+                    .as_ref()
+                    .map(|[qb, kb, vb]| {
+                        gpu.upload(&stacked([
+                            (qb, e, &q_rows),
+                            (kb, e, &kv_rows),
+                            (vb, e, &kv_rows),
+                        ]))
+                    })
+                    .transpose()?;
+                let mut gate_up = matrix_rows(&gate, row, ffn_rows.clone()).to_vec();
+                gate_up.extend_from_slice(matrix_rows(&up, row, ffn_rows.clone()));
+                layers[rank].push(LayerWeights {
+                    attn_norm: gpu.upload(&attn_norm)?,
+                    qkv: gpu.upload(&qkv)?,
+                    qkv_bias: bias,
+                    o: gpu.upload(&matrix_columns(&o, d.q, e, q_rows))?,
+                    ffn_norm: gpu.upload(&ffn_norm)?,
+                    gate_up: gpu.upload(&gate_up)?,
+                    down: gpu.upload(&matrix_columns(&down, d.ffn, e, ffn_rows))?,
+                });
+            }
         }
-        let weights = Weights {
-            embed: gpu.upload(&read("token_embd.weight", &[vocab, h])?)?,
-            final_norm: gpu.upload(&read("output_norm.weight", &[h])?)?,
-            lm_head,
-            layers,
-            rope_freq_factors: None,
-        };
-        gpu.stream.synchronize().context("uploading weights")?;
+        let embed = read("token_embd.weight", &[vocab, h])?;
+        let final_norm = read("output_norm.weight", &[h])?;
+        let mut weights = Vec::with_capacity(gpus.len());
+        for ((rank, gpu), layers) in gpus.iter().enumerate().zip(layers) {
+            let vocab_rows = partition.vocab_rows(rank);
+            weights.push(Weights {
+                embed: gpu.upload(matrix_rows(&embed, row, vocab_rows.clone()))?,
+                final_norm: gpu.upload(&final_norm)?,
+                lm_head: lm_head
+                    .as_ref()
+                    .map(|head| gpu.upload(matrix_rows(head, row, vocab_rows.clone())))
+                    .transpose()?,
+                layers,
+                rope_freq_factors: None,
+            });
+            gpu.stream.synchronize().context("uploading weights")?;
+        }
         Ok(weights)
     }
+}
+
+/// The parts of the model's whole tensors one rank holds, as windows (see
+/// tensor_parallel.rs): its Q, K and V rows of the fused Q·K·V matrix and of its bias (a
+/// matrix one element wide), its columns of the output projection, its gate and up rows,
+/// its columns of the down projection, and its rows of the embedding table and LM head.
+struct RankSlices {
+    qkv: [Window; 3],
+    qkv_bias: [Window; 3],
+    o: [Window; 1],
+    gate_up: [Window; 2],
+    down: [Window; 1],
+    vocab: [Window; 1],
+}
+
+impl RankSlices {
+    fn of(config: &ModelConfig, partition: &Partition, rank: usize) -> Self {
+        let d = Dims::of(config);
+        let h = d.hidden;
+        let (q, kv, ffn) = (
+            partition.query_rows(rank),
+            partition.kv_rows(rank),
+            partition.ffn_rows(rank),
+        );
+        let shifted = |rows: &std::ops::Range<usize>, by: usize| rows.start + by..rows.end + by;
+        let qkv_rows = |width: usize| {
+            [
+                Window::rows(width, q.clone()),
+                Window::rows(width, shifted(&kv, d.q)),
+                Window::rows(width, shifted(&kv, d.q + d.kv)),
+            ]
+        };
+        RankSlices {
+            qkv: qkv_rows(h),
+            qkv_bias: qkv_rows(1),
+            o: [Window::columns(h, d.q, q.clone())],
+            gate_up: [
+                Window::rows(h, ffn.clone()),
+                Window::rows(h, shifted(&ffn, d.ffn)),
+            ],
+            down: [Window::columns(h, d.ffn, ffn.clone())],
+            vocab: [Window::rows(h, partition.vocab_rows(rank))],
+        }
+    }
+}
+
+/// A window of a whole tensor seen as a matrix with `full_columns` columns: `rows` ×
+/// `columns` elements from row `first_row`, column `first_column` (see `init_random`).
+#[derive(Debug, Clone)]
+struct Window {
+    len: usize,
+    columns: usize,
+    full_columns: usize,
+    offset: usize,
+}
+
+impl Window {
+    /// Whole rows `rows` of a matrix `width` elements wide.
+    fn rows(width: usize, rows: std::ops::Range<usize>) -> Self {
+        Window {
+            len: rows.len() * width,
+            columns: width,
+            full_columns: width,
+            offset: rows.start * width,
+        }
+    }
+
+    /// Columns `columns` of every one of `rows` rows of a matrix `width` elements wide.
+    fn columns(rows: usize, width: usize, columns: std::ops::Range<usize>) -> Self {
+        Window {
+            len: rows * columns.len(),
+            columns: columns.len(),
+            full_columns: width,
+            offset: columns.start,
+        }
+    }
+}
+
+/// A device tensor holding `windows` of one random tensor (drawn from `seed`), one after
+/// the other.
+fn random_tensor(
+    gpu: &Gpu,
+    windows: &[Window],
+    seed: u64,
+    center: f32,
+    scale: f32,
+) -> anyhow::Result<DeviceBuffer> {
+    let e = gpu.dtype.size_in_bytes();
+    let len: usize = windows.iter().map(|w| w.len).sum();
+    let buffer = gpu.alloc(len * e)?;
+    let mut at = buffer.ptr;
+    for w in windows {
+        let blocks = w.len.div_ceil(256).clamp(1, 65_536);
+        gpu.launch(
+            "init_random",
+            grid(blocks, 256),
+            &[
+                &at,
+                &(w.len as u64),
+                &(w.columns as u64),
+                &(w.full_columns as u64),
+                &(w.offset as u64),
+                &seed,
+                &center,
+                &scale,
+            ],
+        )?;
+        at += (w.len * e) as u64;
+    }
+    Ok(buffer)
 }
 
 /// Rows of a Q or K projection (or bias) of `heads` heads, from GGUF Llama's order (row
@@ -342,6 +515,64 @@ fn to_dtype_bytes(values: impl Iterator<Item = f32>, to: DType) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The places in the whole tensor of a rank's elements, in the order it stores them
+    /// (what `init_random` computes for each element).
+    fn places(windows: &[Window]) -> Vec<usize> {
+        windows
+            .iter()
+            .flat_map(|w| {
+                (0..w.len).map(|i| w.offset + (i / w.columns) * w.full_columns + i % w.columns)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn random_slices_cut_the_same_tensors_for_any_number_of_ranks() {
+        let config = ModelConfig::from_hf_json(
+            r#"{"model_type": "llama", "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 2, "vocab_size": 10}"#,
+        )
+        .unwrap();
+        let d = Dims::of(&config);
+        let one = RankSlices::of(&config, &Partition::new(&config, 1).unwrap(), 0);
+        // One rank holds every tensor whole, in order: what the model had before sharding.
+        for (windows, len) in [
+            (&one.qkv[..], d.qkv * d.hidden),
+            (&one.qkv_bias[..], d.qkv),
+            (&one.o[..], d.hidden * d.q),
+            (&one.gate_up[..], 2 * d.ffn * d.hidden),
+            (&one.down[..], d.hidden * d.ffn),
+            (&one.vocab[..], 10 * d.hidden),
+        ] {
+            assert_eq!(places(windows), (0..len).collect::<Vec<_>>());
+        }
+        let two = Partition::new(&config, 2).unwrap();
+        let [r0, r1] = [0, 1].map(|r| RankSlices::of(&config, &two, r));
+        // Rank 1's Q rows are heads 2 and 3 (rows 4..8 of 8 wide), its K rows head 1 of K.
+        assert_eq!(places(&r1.qkv[..1])[0], 4 * 8);
+        assert_eq!(places(&r1.qkv[1..2])[0], (8 + 2) * 8);
+        // Rank 1's columns of the output projection: 4..8 of each of the 8 rows.
+        assert_eq!(&places(&r1.o)[..5], &[4, 5, 6, 7, 12]);
+        // Together the two ranks hold every element of every tensor exactly once.
+        let tensors = |s: &RankSlices| {
+            [
+                s.qkv.to_vec(),
+                s.qkv_bias.to_vec(),
+                s.o.to_vec(),
+                s.gate_up.to_vec(),
+                s.down.to_vec(),
+                s.vocab.to_vec(),
+            ]
+        };
+        for ((whole, a), b) in tensors(&one).iter().zip(tensors(&r0)).zip(tensors(&r1)) {
+            let mut both = places(&a);
+            both.extend(places(&b));
+            both.sort_unstable();
+            assert_eq!(both, places(whole));
+        }
+    }
 
     #[test]
     fn gguf_rope_rows_go_back_to_the_hf_order() {

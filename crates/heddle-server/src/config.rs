@@ -188,6 +188,12 @@ pub struct ServeArgs {
     /// runner always is.
     #[arg(long, env = "HEDDLE_BATCH_INVARIANT")]
     pub batch_invariant: bool,
+    /// On cuda: split each model over this many GPUs of this machine (tensor parallelism
+    /// through NCCL; the GPUs are the first N that CUDA_VISIBLE_DEVICES leaves visible)
+    /// [default: 1]. The model's attention heads, KV heads, intermediate size and
+    /// vocabulary must divide by it; see docs/DEPLOY.md.
+    #[arg(long, env = "HEDDLE_TENSOR_PARALLEL_SIZE")]
+    pub tensor_parallel_size: Option<usize>,
     /// Serve random weights of the shape in --model-config, made on the GPU (benchmarks).
     /// Prompts should be token ids; see docs/CUDA.md.
     #[arg(long, env = "HEDDLE_DUMMY_WEIGHTS", requires = "model_config")]
@@ -535,10 +541,17 @@ impl ServerConfig {
 
 fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
     let fraction = args.gpu_memory_fraction.unwrap_or(0.9);
+    let tensor_parallel_size = args.tensor_parallel_size.unwrap_or(1);
+    if tensor_parallel_size == 0 {
+        bail!("--tensor-parallel-size must be at least 1");
+    }
     match args.device.unwrap_or(DeviceKind::Cpu) {
         DeviceKind::Cpu => {
             if args.dummy_weights {
                 bail!("--dummy-weights needs --device cuda");
+            }
+            if tensor_parallel_size > 1 {
+                bail!("--tensor-parallel-size needs --device cuda");
             }
             Ok(Device::Cpu)
         }
@@ -552,9 +565,13 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
                 bail!("--gpu-memory-fraction must be in (0, 1], got {fraction}");
             }
             // Without a GPU, real weights are served on the CPU, with the CPU's batch
-            // sizes (random weights exist only on the GPU).
+            // sizes (random weights exist only on the GPU); a model asked to be split over
+            // several GPUs is not quietly served on none.
             if !args.dummy_weights {
                 if let Err(why) = crate::pool::cuda_device() {
+                    if tensor_parallel_size > 1 {
+                        bail!("--tensor-parallel-size {tensor_parallel_size}: {why:#}");
+                    }
                     tracing::warn!(
                         "--device cuda: {why:#}; serving on the CPU, with the CPU's defaults"
                     );
@@ -565,6 +582,7 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
                 gpu_memory_fraction: fraction,
                 dummy_weights: args.dummy_weights,
                 batch_invariant: args.batch_invariant,
+                tensor_parallel_size,
             })
         }
     }
@@ -1158,6 +1176,19 @@ mod tests {
         };
         let err = ServerConfig::resolve(&on_cpu).unwrap_err();
         assert!(err.to_string().contains("--device cuda"), "{err}");
+        let split_on_cpu = ServeArgs {
+            device: Some(DeviceKind::Cpu),
+            tensor_parallel_size: Some(2),
+            ..ServeArgs::default()
+        };
+        let err = ServerConfig::resolve(&split_on_cpu).unwrap_err();
+        assert!(err.to_string().contains("needs --device cuda"), "{err}");
+        let no_ranks = ServeArgs {
+            tensor_parallel_size: Some(0),
+            ..dummy.clone()
+        };
+        let err = ServerConfig::resolve(&no_ranks).unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
         if cfg!(feature = "cuda") {
             let config = ServerConfig::resolve(&dummy).unwrap();
             assert_eq!(
@@ -1165,9 +1196,21 @@ mod tests {
                 Device::Cuda {
                     gpu_memory_fraction: 0.9,
                     dummy_weights: true,
-                    batch_invariant: false
+                    batch_invariant: false,
+                    tensor_parallel_size: 1,
                 }
             );
+            let split = ServeArgs {
+                tensor_parallel_size: Some(2),
+                ..dummy.clone()
+            };
+            assert!(matches!(
+                ServerConfig::resolve(&split).unwrap().device,
+                Device::Cuda {
+                    tensor_parallel_size: 2,
+                    ..
+                }
+            ));
             // The model is the config file, named after it; GPU batch sizes by default.
             assert_eq!(config.models.len(), 1);
             assert_eq!(config.models[0].id, "llama-tiny");
@@ -1202,6 +1245,16 @@ mod tests {
         };
         let config = ServerConfig::resolve(&args).unwrap();
         assert_eq!(config.device, Device::Cpu);
+        // Asked for several GPUs, it refuses instead.
+        let split = ServeArgs {
+            tensor_parallel_size: Some(2),
+            ..args.clone()
+        };
+        let err = ServerConfig::resolve(&split).unwrap_err();
+        assert!(
+            err.to_string().contains("--tensor-parallel-size 2"),
+            "{err}"
+        );
         let cpu = ServerConfig::with_models(Vec::new()).scheduler;
         assert_eq!(
             (

@@ -54,6 +54,8 @@ pub enum Device {
         dummy_weights: bool,
         /// Each request's output independent of its batch (docs/CUDA.md).
         batch_invariant: bool,
+        /// GPUs each model is split over (tensor parallelism, docs/DEPLOY.md).
+        tensor_parallel_size: usize,
     },
 }
 
@@ -592,6 +594,7 @@ fn load_runner(spec: &ModelSpec, base: &SchedulerConfig, device: Device) -> anyh
         gpu_memory_fraction,
         dummy_weights,
         batch_invariant,
+        tensor_parallel_size,
     } = device
     {
         match cuda::load(
@@ -600,9 +603,10 @@ fn load_runner(spec: &ModelSpec, base: &SchedulerConfig, device: Device) -> anyh
             gpu_memory_fraction,
             dummy_weights,
             batch_invariant,
+            tensor_parallel_size,
         ) {
             Ok(runner) => return Ok(runner),
-            Err(cuda::LoadError::NoDevice(why)) if !dummy_weights => {
+            Err(cuda::LoadError::NoDevice(why)) if !dummy_weights && tensor_parallel_size == 1 => {
                 tracing::warn!(model = %spec.id, "{why:#}; running on the CPU instead");
             }
             Err(cuda::LoadError::NoDevice(error) | cuda::LoadError::Failed(error)) => {
@@ -690,9 +694,10 @@ mod cuda {
         gpu_memory_fraction: f64,
         dummy_weights: bool,
         batch_invariant: bool,
+        tensor_parallel_size: usize,
     ) -> Result<Runner, LoadError> {
         use anyhow::Context;
-        use heddle_cuda::{dummy, CudaOptions, CudaRunner, KvBudget, WeightSource};
+        use heddle_cuda::{dummy, CudaOptions, CudaRunner, KvBudget, TensorParallel, WeightSource};
         use heddle_model::tokenizer::TokenizerBundle;
         use heddle_model::ModelConfig;
 
@@ -726,6 +731,7 @@ mod cuda {
                     max_running: base.max_running,
                     kv: KvBudget::MemoryFraction(gpu_memory_fraction),
                     batch_invariant,
+                    tensor_parallel: TensorParallel::across_gpus(tensor_parallel_size),
                     ..CudaOptions::default()
                 },
             )?;

@@ -8,8 +8,8 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use heddle_cuda::bench::{self, Load};
 use heddle_cuda::{
-    dummy, gguf_reference, invariance, reference, selftest, CudaOptions, CudaRunner, DType,
-    KvBudget, WeightSource,
+    dummy, gguf_reference, invariance, parallel_checks, reference, selftest, CudaOptions,
+    CudaRunner, DType, KvBudget, RankPlacement, TensorParallel, WeightSource,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -62,6 +62,26 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Tensor parallelism at a real shape on random weights: the model split over `--size`
+    /// ranks against one rank (f32: greedy tokens identical; bf16: logits errors), and
+    /// CUDA graph replay against direct launches at that size.
+    TensorParallel {
+        /// An HF config.json-format file giving the model's shape.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        size: usize,
+        #[command(flatten)]
+        placement: PlacementArg,
+    },
+    /// NCCL on its own: all-reduces (f32, bf16, direct and from CUDA graphs) and the logits
+    /// gather over `--ranks` communicators, checked exactly.
+    Nccl {
+        #[arg(long, default_value_t = 1)]
+        ranks: usize,
+        #[command(flatten)]
+        placement: PlacementArg,
+    },
     /// Throughput on random weights: N requests at once, greedy, ignore_eos.
     Bench(BenchArgs),
     /// Writes the stand-in tokenizer.json that `heddle serve --dummy-weights` uses, so a
@@ -73,6 +93,24 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct PlacementArg {
+    /// Test mode: every rank on the first GPU, summed by a kernel instead of NCCL. It checks
+    /// the sharding with one GPU; it is slower than one rank, not a way to serve.
+    #[arg(long)]
+    ranks_on_first_gpu: bool,
+}
+
+impl PlacementArg {
+    fn placement(&self) -> RankPlacement {
+        if self.ranks_on_first_gpu {
+            RankPlacement::AllOnFirstGpu
+        } else {
+            RankPlacement::OneGpuEach
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -101,6 +139,11 @@ struct BenchArgs {
     /// The batch-invariant mode (pinned GEMM algorithms, no decode attention kernel).
     #[arg(long)]
     batch_invariant: bool,
+    /// Ranks the model is split over (one per GPU, over NCCL).
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel_size: usize,
+    #[command(flatten)]
+    placement: PlacementArg,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -159,6 +202,7 @@ fn main() -> anyhow::Result<()> {
                 kv: KvBudget::Blocks(job.blocks_needed(block_size)),
                 cuda_graphs: true,
                 batch_invariant,
+                tensor_parallel: TensorParallel::default(),
             };
             let mut runner = CudaRunner::new(config, &WeightSource::Checkpoint(model), options)?;
             let output = reference::run(&mut runner, &job)?;
@@ -259,6 +303,82 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::TensorParallel {
+            config,
+            size,
+            placement,
+        } => {
+            let config = dummy::read_config(&config)?;
+            let source = WeightSource::Dummy { seed: 0 };
+            let parallel = TensorParallel {
+                size,
+                placement: placement.placement(),
+            };
+            let where_ = match parallel.placement {
+                RankPlacement::OneGpuEach => "one-gpu-each",
+                RankPlacement::AllOnFirstGpu => "all-on-first-gpu",
+            };
+            let job = parallel_checks::random_job(config.vocab_size, [200, 333, 77], 64);
+            let mut failed = false;
+            for dtype in [DType::F32, DType::Bf16] {
+                let c = parallel_checks::compare_with_one_rank(
+                    &config, &source, dtype, parallel, &job,
+                )?;
+                // f32: the same tokens and logits equal but for summation order; bf16: the
+                // ranks' partial sums are rounded to bf16 before they are added, so the
+                // logits move within bf16 rounding and a near-tie may flip a token.
+                let (tag, passed) = match dtype {
+                    DType::F32 => ("f32", c.tokens_differing == 0 && c.relative_error <= 1e-4),
+                    DType::Bf16 => ("bf16", c.relative_error <= 3e-2),
+                };
+                failed |= !passed;
+                println!(
+                    "RESULT tensor_parallel size={size} placement={where_} dtype={tag} \
+                     tokens_differing={}/{} logits_max_abs_error={:.3e} \
+                     logits_relative_error={:.3e} {}",
+                    c.tokens_differing,
+                    c.tokens,
+                    c.max_abs_error,
+                    c.relative_error,
+                    if passed { "ok" } else { "FAIL" }
+                );
+            }
+            let (differing, tokens, captured) = parallel_checks::graphs_against_launches(
+                &config,
+                &source,
+                CudaOptions {
+                    tensor_parallel: parallel,
+                    ..CudaOptions::default()
+                },
+            )?;
+            let passed = differing == 0 && captured > 0;
+            failed |= !passed;
+            println!(
+                "RESULT tensor_parallel_graphs size={size} placement={where_} dtype=bf16 \
+                 tokens_differing={differing}/{tokens} layouts_captured={captured} {}",
+                if passed { "ok" } else { "FAIL" }
+            );
+            if failed {
+                bail!("tensor parallelism at {size} ranks departs from one rank");
+            }
+            Ok(())
+        }
+        Command::Nccl { ranks, placement } => {
+            let checks = parallel_checks::nccl_checks(ranks, placement.placement())?;
+            for c in &checks {
+                println!(
+                    "RESULT nccl {}: {:.3e} {}",
+                    c.name,
+                    c.error,
+                    if c.passed() { "ok" } else { "FAIL" }
+                );
+            }
+            let failed = checks.iter().filter(|c| !c.passed()).count();
+            if failed > 0 {
+                bail!("{failed} of {} NCCL checks failed", checks.len());
+            }
+            Ok(())
+        }
         Command::Tokenizer { vocab_size, out } => {
             std::fs::create_dir_all(&out)?;
             std::fs::write(
@@ -275,6 +395,10 @@ fn main() -> anyhow::Result<()> {
                 kv: KvBudget::MemoryFraction(args.gpu_memory_fraction),
                 cuda_graphs: !args.no_cuda_graphs,
                 batch_invariant: args.batch_invariant,
+                tensor_parallel: TensorParallel {
+                    size: args.tensor_parallel_size,
+                    placement: args.placement.placement(),
+                },
                 ..CudaOptions::default()
             };
             let mut runner = CudaRunner::new(config, &WeightSource::Dummy { seed: 0 }, options)?;
@@ -288,6 +412,11 @@ fn main() -> anyhow::Result<()> {
                     "+invariant"
                 } else {
                     ""
+                }
+                + &match (args.tensor_parallel_size, args.placement.placement()) {
+                    (1, _) => String::new(),
+                    (n, RankPlacement::OneGpuEach) => format!("+tp{n}"),
+                    (n, RankPlacement::AllOnFirstGpu) => format!("+tp{n}onegpu"),
                 };
             let load = Load {
                 requests: args.requests,

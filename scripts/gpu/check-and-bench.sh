@@ -6,7 +6,9 @@
 #   scripts/gpu/check-and-bench.sh [quick]
 #
 # 1. self-test: every kernel against CPU references, the runner against heddle's CPU
-#    runner, CUDA graph replay, prompt log-probabilities;
+#    runner, CUDA graph replay, prompt log-probabilities, two tensor-parallel ranks on one
+#    GPU against one rank; then scripts/gpu/tensor-parallel.sh: NCCL, the 8B shape split
+#    over 2 ranks against 1, and TP=1 / TP=2 timings when two GPUs are visible;
 # 2. reference: heddle's CUDA runner against HF transformers on checkpoints transformers
 #    makes (scripts/gpu/reference/check_reference.py);
 # 3. batch invariance at the Llama-3.1-8B shape, default and batch-invariant modes;
@@ -37,6 +39,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 echo "== self-test"
 "$BIN/heddle-cuda" selftest 2>"$LOGS/selftest.log" | tee "$LOGS/selftest.txt" || STATUS=1
 grep -E "ERROR|panicked" "$LOGS/selftest.log" | cut -c1-400
+
+echo "== tensor parallelism (scripts/gpu/tensor-parallel.sh)"
+scripts/gpu/tensor-parallel.sh | tee "$LOGS/tensor-parallel.txt" || STATUS=1
 
 echo "== reference: heddle vs HF transformers on checkpoints made by transformers"
 PYTHONUNBUFFERED=1 python3 scripts/gpu/reference/check_reference.py \
@@ -163,6 +168,7 @@ echo
 echo "== summary"
 tail -n 1 "$LOGS/selftest.txt"
 sed -n '/^== heddle CUDA runner vs HF transformers/,$p' "$LOGS/reference.txt"
+sed -n '/^== tensor parallelism summary/,$p' "$LOGS/tensor-parallel.txt"
 python3 - "$LOGS/results.txt" <<'PY'
 import re, sys
 lines = open(sys.argv[1]).read().splitlines()

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Tensor parallelism (issue 14) on the GPU machine, from the folder scripts/gpu/build.sh
+# staged (check-and-bench.sh runs it after the self-test, whose checks already include two
+# ranks on one GPU against one rank on small checkpoints):
+#
+#   scripts/gpu/tensor-parallel.sh
+#
+# 1. NCCL on its own (`heddle-cuda nccl`): all-reduces in f32 and bf16, direct and from
+#    CUDA graphs, and the logits gather, checked exactly: one rank per GPU over every GPU
+#    visible; with one GPU, one rank, and two ranks on that GPU, which NCCL is expected to
+#    refuse (reported, not judged);
+# 2. the Llama-3.1-8B shape on random weights split over 2 ranks against 1 rank
+#    (`heddle-cuda tensor-parallel`): greedy tokens identical in f32, logits errors in bf16,
+#    CUDA graph replay against direct launches; over NCCL with two GPUs, else both ranks on
+#    the one GPU (the test placement);
+# 3. timings at the 8B shape (the load of docs/PERFORMANCE_GPU.md: 256 requests x 512
+#    random prompt tokens -> 128, and single-stream decode) at TP=1, and at TP=2 over NCCL
+#    when two GPUs are visible. Goals: TP=2 throughput >= 1.7x TP=1's, single-stream
+#    decode <= 0.6x TP=1's time.
+# A summary comes last. Logs go to $OUT (or /tmp/heddle-gpu).
+set -u
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-bin}
+LOGS=${OUT:-/tmp/heddle-gpu}
+mkdir -p "$LOGS"
+: >"$LOGS/tensor-parallel-results.txt"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export HEDDLE_LOG=${HEDDLE_LOG:-info}
+# NVLink multicast stays off (heddle sets this itself when it is unset).
+export NCCL_NVLS_ENABLE=0
+STATUS=0
+# Each step is bounded, so that a collective that never completes costs minutes, not the
+# whole run.
+T="timeout --kill-after=10"
+RESULTS="$LOGS/tensor-parallel-results.txt"
+
+# NCCL: this machine has none under /usr/local/cuda; PyTorch's nvidia-nccl wheel ships
+# libnccl.so.2. cudarc opens libnccl.so (or .so.1, .so.13, ...), never .so.2, so a link
+# named libnccl.so goes in a folder of our own on LD_LIBRARY_PATH.
+NCCL_DIR=$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0] + "/lib")' 2>/dev/null)
+if [ ! -f "${NCCL_DIR:-}/libnccl.so.2" ]; then
+  NCCL_DIR=
+  for d in $(python3 -c 'import site; print(*site.getsitepackages())' 2>/dev/null); do
+    found=$(find "$d" -name libnccl.so.2 2>/dev/null | head -1)
+    if [ -n "$found" ]; then
+      NCCL_DIR=$(dirname "$found")
+      break
+    fi
+  done
+fi
+if [ -n "$NCCL_DIR" ]; then
+  mkdir -p /tmp/heddle-nccl
+  ln -sf "$NCCL_DIR/libnccl.so.2" /tmp/heddle-nccl/libnccl.so
+  export LD_LIBRARY_PATH=/tmp/heddle-nccl:$NCCL_DIR:$LD_LIBRARY_PATH
+  echo "NCCL: $NCCL_DIR/libnccl.so.2"
+else
+  echo "NCCL: no libnccl.so.2 in python's site-packages; relying on the system's"
+fi
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+echo "GPUs visible: $GPUS"
+
+echo "== NCCL on its own"
+if [ "$GPUS" -ge 2 ]; then
+  $T 120 "$BIN/heddle-cuda" nccl --ranks "$GPUS" 2>"$LOGS/nccl.log" | tee -a "$RESULTS" || STATUS=1
+else
+  $T 120 "$BIN/heddle-cuda" nccl --ranks 1 2>"$LOGS/nccl.log" | tee -a "$RESULTS" || STATUS=1
+  $T 120 "$BIN/heddle-cuda" nccl --ranks 2 --ranks-on-first-gpu \
+    >"$LOGS/nccl-one-gpu.txt" 2>"$LOGS/nccl-one-gpu.log"
+  code=$?
+  why=$(grep -h -E "^Error|RESULT" "$LOGS/nccl-one-gpu.log" "$LOGS/nccl-one-gpu.txt" | tail -1 | cut -c1-240)
+  echo "RESULT nccl_two_ranks_on_one_gpu exit=$code $why" | tee -a "$RESULTS"
+fi
+grep -h -E "ERROR|panicked|NCCL communicators ready|^Error" "$LOGS/nccl.log" | cut -c1-300
+
+echo "== Llama-3.1-8B shape, random weights: 2 ranks against 1"
+PLACEMENT=
+[ "$GPUS" -ge 2 ] || PLACEMENT=--ranks-on-first-gpu
+$T 400 "$BIN/heddle-cuda" tensor-parallel --config configs/llama-3.1-8b.json --size 2 $PLACEMENT \
+  2>"$LOGS/tensor-parallel.log" | tee -a "$RESULTS" || STATUS=1
+grep -E "ERROR|panicked|^Error" "$LOGS/tensor-parallel.log" | cut -c1-400
+
+echo "== timings, Llama-3.1-8B shape: TP=1 and TP=2"
+$T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stream \
+  2>"$LOGS/bench-tp1.log" | tee -a "$RESULTS"
+grep -E "CUDA runner ready|ERROR|panicked" "$LOGS/bench-tp1.log" | cut -c1-300
+if [ "$GPUS" -ge 2 ]; then
+  $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stream \
+    --tensor-parallel-size 2 2>"$LOGS/bench-tp2.log" | tee -a "$RESULTS"
+  grep -E "CUDA runner ready|NCCL|ERROR|panicked" "$LOGS/bench-tp2.log" | cut -c1-300
+fi
+
+echo
+echo "== tensor parallelism summary"
+python3 - "$RESULTS" "$GPUS" <<'PY'
+import re, sys
+lines = open(sys.argv[1]).read().splitlines()
+gpus = int(sys.argv[2])
+for l in lines:
+    if l.startswith("RESULT nccl"):
+        print("  " + l[len("RESULT "):])
+for l in lines:
+    if l.startswith("RESULT tensor_parallel"):
+        print("  " + l[len("RESULT "):])
+runs, single = {}, {}
+for l in lines:
+    m = re.search(r"RESULT model=llama-3\.1-8b(\S*) requests.*?seconds=([\d.]+) output_tok_s=([\d.]+)", l)
+    if m: runs[m.group(1) or "tp1"] = (float(m.group(2)), float(m.group(3)))
+    m = re.search(r"RESULT model=llama-3\.1-8b(\S*) single_stream decode_ms_per_token=([\d.]+)", l)
+    if m: single[m.group(1) or "tp1"] = float(m.group(2))
+print("timings, Llama-3.1-8B shape, random weights, 256 x 512 -> 128 (in process):")
+for k, name in [("tp1", "TP=1"), ("+tp2", "TP=2 (NCCL)")]:
+    if k in runs:
+        s, t = runs[k]
+        print(f"  {name:12} {s:7.2f} s {t:9.0f} output tok/s   single-stream {single.get(k, float('nan')):.2f} ms/token")
+if "tp1" in runs and "+tp2" in runs:
+    speedup = runs["+tp2"][1] / runs["tp1"][1]
+    ratio = single["+tp2"] / single["tp1"]
+    print(f"  TP=2 / TP=1: throughput {speedup:.2f}x (goal >= 1.7x), single-stream time {ratio:.2f}x (goal <= 0.6x)")
+elif gpus < 2:
+    print("  TP=2 timing not run: one GPU visible (NCCL needs a GPU per rank)")
+PY
+exit $STATUS

@@ -443,6 +443,22 @@ impl Gpu {
     }
 }
 
+/// The mode to capture CUDA graphs in when `streams` streams are captured at once (one per
+/// GPU). Thread-local mode refuses, while this thread captures, calls that are unsafe in a
+/// capture; instantiating one stream's graph is one, so with several streams, whose
+/// captures end one after the other, the first instantiation would be refused while the
+/// others still capture. Those are captured in relaxed mode. What they capture is the same
+/// step code that one stream captures in thread-local mode (one GPU, or every rank on one),
+/// so an unsafe call in it is still caught there.
+pub fn capture_mode(streams: usize) -> cudarc::driver::sys::CUstreamCaptureMode {
+    use cudarc::driver::sys::CUstreamCaptureMode;
+    if streams > 1 {
+        CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED
+    } else {
+        CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+    }
+}
+
 /// A kernel argument: plain values (pointers as u64) pushed by reference.
 pub trait KernelArg {
     fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>);

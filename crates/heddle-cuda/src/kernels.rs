@@ -11,9 +11,11 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the runner launches, by its `extern "C"` name (the decode ones only where
 /// [`KernelShape::has_decode_kernel`]).
-pub const KERNEL_NAMES: [&str; 10] = [
+pub const KERNEL_NAMES: [&str; 12] = [
     "init_random",
     "embed_gather",
+    "add_into_f32",
+    "add_into_bf16",
     "add_rmsnorm",
     "rope_kv_write",
     "attention",

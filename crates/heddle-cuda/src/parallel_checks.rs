@@ -295,9 +295,8 @@ pub fn nccl_checks(ranks: usize, placement: RankPlacement) -> anyhow::Result<Vec
             if graph {
                 let mut captured = Vec::new();
                 for gpu in &gpus {
-                    gpu.stream.begin_capture(
-                        cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-                    )?;
+                    gpu.stream
+                        .begin_capture(crate::gpu::capture_mode(gpus.len()))?;
                 }
                 let queued = collective.all_reduce_sum(&parts, n, dtype);
                 for gpu in &gpus {

@@ -576,13 +576,13 @@ impl CudaRunner {
     /// stream captured at once (with NCCL, a collective's calls for every rank are queued
     /// together, so every stream must be capturing).
     fn capture(&self, sample: bool) -> anyhow::Result<Vec<DecodeGraph>> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        use cudarc::driver::sys::CUgraphInstantiate_flags;
         let mut capturing = 0;
         let mut queued = Ok(());
         for gpu in &self.gpus {
             let begun = gpu
                 .stream
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+                .begin_capture(crate::gpu::capture_mode(self.gpus.len()));
             if let Err(e) = begun {
                 queued = Err(anyhow::Error::new(e).context("starting a CUDA graph capture"));
                 break;

@@ -12,7 +12,8 @@
 # 2. the Llama-3.1-8B shape on random weights split over 2 ranks against 1 rank
 #    (`heddle-cuda tensor-parallel`): greedy tokens identical in f32, logits errors in bf16,
 #    CUDA graph replay against direct launches; over NCCL with two GPUs, else both ranks on
-#    the one GPU (the test placement);
+#    the one GPU (the test placement); with two GPUs also `heddle serve
+#    --tensor-parallel-size 2` answering a completion over HTTP;
 # 3. timings at the 8B shape (the load of docs/PERFORMANCE_GPU.md: 256 requests x 512
 #    random prompt tokens -> 128, and single-stream decode) at TP=1, and at TP=2 over NCCL
 #    when two GPUs are visible. Goals: TP=2 throughput >= 1.7x TP=1's, single-stream
@@ -79,6 +80,30 @@ $T 400 "$BIN/heddle-cuda" tensor-parallel --config configs/llama-3.1-8b.json --s
   2>"$LOGS/tensor-parallel.log" | tee -a "$RESULTS" || STATUS=1
 grep -E "ERROR|panicked|^Error" "$LOGS/tensor-parallel.log" | cut -c1-400
 
+if [ "$GPUS" -ge 2 ]; then
+  echo "== heddle serve --device cuda --tensor-parallel-size 2 (random 8B weights) + one completion"
+  $T 240 "$BIN/heddle" serve --device cuda --dummy-weights --model-config configs/llama-3.1-8b.json \
+    --tensor-parallel-size 2 --port 18082 >"$LOGS/serve-tp2.log" 2>&1 &
+  SERVE_PID=$!
+  for _ in $(seq 1 240); do
+    curl -sf localhost:18082/ready >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  curl -s localhost:18082/v1/completions -H 'content-type: application/json' \
+    -d '{"model": "llama-3.1-8b", "prompt": [128000, 791, 6864, 315, 9822, 374], "max_tokens": 16, "temperature": 0}' \
+    | python3 -c '
+import json, sys
+try:
+    r = json.load(sys.stdin)
+    n, text = r["usage"]["completion_tokens"], r["choices"][0]["text"]
+    print(f"RESULT serve_tp2 ok={int(n == 16)} completion_tokens={n} text={json.dumps(text[:60])}")
+except Exception as e:
+    print(f"RESULT serve_tp2 ok=0 error={e!r}")' | tee -a "$RESULTS"
+  kill "$SERVE_PID" 2>/dev/null
+  wait "$SERVE_PID" 2>/dev/null
+  grep -E "CUDA runner ready|NCCL communicators|ERROR|WARN" "$LOGS/serve-tp2.log" | cut -c1-300
+fi
+
 echo "== timings, Llama-3.1-8B shape: TP=1 and TP=2"
 $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stream \
   2>"$LOGS/bench-tp1.log" | tee -a "$RESULTS"
@@ -99,7 +124,7 @@ for l in lines:
     if l.startswith("RESULT nccl"):
         print("  " + l[len("RESULT "):])
 for l in lines:
-    if l.startswith("RESULT tensor_parallel"):
+    if l.startswith("RESULT tensor_parallel") or l.startswith("RESULT serve_tp2"):
         print("  " + l[len("RESULT "):])
 runs, single = {}, {}
 for l in lines:

@@ -35,36 +35,36 @@ pub struct RankComparison {
 }
 
 /// Runs `job` (reference.rs: prefill chunks of several prompts, teacher-forced decode
-/// positions, then greedy tokens through the sampler, decode steps from CUDA graphs) on one
-/// rank, then on `parallel`'s ranks, with the same weights.
-pub fn compare_with_one_rank(
+/// positions, then greedy tokens through the sampler, decode steps from CUDA graphs) on
+/// `parallel`'s ranks.
+pub fn run_job(
     config: &ModelConfig,
     source: &WeightSource,
     dtype: DType,
     parallel: TensorParallel,
     job: &Job,
-) -> anyhow::Result<RankComparison> {
-    let run = |tensor_parallel| -> anyhow::Result<reference::Output> {
-        let block_size = 16;
-        let options = CudaOptions {
-            dtype,
-            block_size,
-            max_batched_tokens: job.max_step_tokens(),
-            max_running: job.prompts.len().next_power_of_two(),
-            kv: KvBudget::Blocks(job.blocks_needed(block_size)),
-            tensor_parallel,
-            ..CudaOptions::default()
-        };
-        let mut runner = CudaRunner::new(config.clone(), source, options)?;
-        reference::run(&mut runner, job)
+) -> anyhow::Result<reference::Output> {
+    let block_size = 16;
+    let options = CudaOptions {
+        dtype,
+        block_size,
+        max_batched_tokens: job.max_step_tokens(),
+        max_running: job.prompts.len().next_power_of_two(),
+        kv: KvBudget::Blocks(job.blocks_needed(block_size)),
+        tensor_parallel: parallel,
+        ..CudaOptions::default()
     };
-    let one = run(TensorParallel::default())?;
-    let split = run(parallel)?;
+    let mut runner = CudaRunner::new(config.clone(), source, options)?;
+    reference::run(&mut runner, job)
+}
+
+/// How far `split`'s results are from `one`'s.
+pub fn compare(one: &reference::Output, split: &reference::Output) -> RankComparison {
     let (one_tokens, split_tokens): (Vec<_>, Vec<_>) = (
         one.greedy.iter().flatten().collect(),
         split.greedy.iter().flatten().collect(),
     );
-    Ok(RankComparison {
+    RankComparison {
         tokens: one_tokens.len(),
         tokens_differing: one_tokens
             .iter()
@@ -74,7 +74,20 @@ pub fn compare_with_one_rank(
             + one_tokens.len().abs_diff(split_tokens.len()),
         max_abs_error: max_abs_difference(&split.logits, &one.logits),
         relative_error: relative_error(&split.logits, &one.logits),
-    })
+    }
+}
+
+/// `job` on one rank, then on `parallel`'s ranks, with the same weights, compared.
+pub fn compare_with_one_rank(
+    config: &ModelConfig,
+    source: &WeightSource,
+    dtype: DType,
+    parallel: TensorParallel,
+    job: &Job,
+) -> anyhow::Result<RankComparison> {
+    let one = run_job(config, source, dtype, TensorParallel::default(), job)?;
+    let split = run_job(config, source, dtype, parallel, job)?;
+    Ok(compare(&one, &split))
 }
 
 /// Three prompts of random tokens below `vocab` (`lengths`), each teacher-forced over its

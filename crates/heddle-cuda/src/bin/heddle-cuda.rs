@@ -319,30 +319,47 @@ fn main() -> anyhow::Result<()> {
                 RankPlacement::AllOnFirstGpu => "all-on-first-gpu",
             };
             let job = parallel_checks::random_job(config.vocab_size, [200, 333, 77], 64);
+            let run =
+                |dtype, parallel| parallel_checks::run_job(&config, &source, dtype, parallel, &job);
+            let one_f32 = run(DType::F32, TensorParallel::default())?;
+            let split_f32 = run(DType::F32, parallel)?;
+            let one_bf16 = run(DType::Bf16, TensorParallel::default())?;
+            let split_bf16 = run(DType::Bf16, parallel)?;
             let mut failed = false;
-            for dtype in [DType::F32, DType::Bf16] {
-                let c = parallel_checks::compare_with_one_rank(
-                    &config, &source, dtype, parallel, &job,
-                )?;
-                // f32: the same tokens and logits equal but for summation order; bf16: the
-                // ranks' partial sums are rounded to bf16 before they are added, so the
-                // logits move within bf16 rounding and a near-tie may flip a token.
-                let (tag, passed) = match dtype {
-                    DType::F32 => ("f32", c.tokens_differing == 0 && c.relative_error <= 1e-4),
-                    DType::Bf16 => ("bf16", c.relative_error <= 3e-2),
-                };
-                failed |= !passed;
-                println!(
-                    "RESULT tensor_parallel size={size} placement={where_} dtype={tag} \
-                     tokens_differing={}/{} logits_max_abs_error={:.3e} \
-                     logits_relative_error={:.3e} {}",
-                    c.tokens_differing,
-                    c.tokens,
-                    c.max_abs_error,
-                    c.relative_error,
-                    if passed { "ok" } else { "FAIL" }
-                );
-            }
+            // f32: the same tokens, and logits equal but for the order of the sums.
+            let c = parallel_checks::compare(&one_f32, &split_f32);
+            let passed = c.tokens_differing == 0 && c.relative_error <= 1e-4;
+            failed |= !passed;
+            println!(
+                "RESULT tensor_parallel size={size} placement={where_} dtype=f32 \
+                 tokens_differing={}/{} logits_max_abs_error={:.3e} \
+                 logits_relative_error={:.3e} {}",
+                c.tokens_differing,
+                c.tokens,
+                c.max_abs_error,
+                c.relative_error,
+                if passed { "ok" } else { "FAIL" }
+            );
+            // bf16: the split must be about as accurate as one rank, judged against one
+            // rank's f32 logits. It rounds each row-parallel projection's partial sums to
+            // bf16 before adding them, which at worst multiplies that rounding by √2; the
+            // other roundings are the same. A near-tie may flip a greedy token.
+            let c = parallel_checks::compare(&one_bf16, &split_bf16);
+            let one_off = selftest::relative_error(&one_bf16.logits, &one_f32.logits);
+            let split_off = selftest::relative_error(&split_bf16.logits, &one_f32.logits);
+            let passed = split_off <= 1.5 * one_off;
+            failed |= !passed;
+            println!(
+                "RESULT tensor_parallel size={size} placement={where_} dtype=bf16 \
+                 tokens_differing={}/{} logits_max_abs_error={:.3e} \
+                 logits_relative_error={:.3e} vs_f32_one_rank={one_off:.3e} \
+                 vs_f32_split={split_off:.3e} {}",
+                c.tokens_differing,
+                c.tokens,
+                c.max_abs_error,
+                c.relative_error,
+                if passed { "ok" } else { "FAIL" }
+            );
             let (differing, tokens, captured) = parallel_checks::graphs_against_launches(
                 &config,
                 &source,

@@ -17,7 +17,8 @@
 #    256 sampled outputs under a schema, each checked (1B shape, the embedded tokenizer);
 # 6. throughput in process on random Llama-3.2-1B and Llama-3.1-8B weights (256 requests
 #    × 512 random prompt tokens → 128 output tokens, greedy, ignore_eos, all at once),
-#    8B also in the batch-invariant mode, single-stream 8B decode; the same load through
+#    8B also in the batch-invariant mode, single-stream decode, and the weight GEMMs alone
+#    at decode row counts (`heddle-cuda gemm`); the same load through
 #    `heddle serve` and `heddle bench` over HTTP; the transformers peer (unless `quick`).
 # A summary table comes last. Logs go to $OUT (or /tmp/heddle-gpu).
 set -u
@@ -87,7 +88,13 @@ else
   echo "== embedded GGUF: not here (or not the committed file), skipped"
 fi
 
-for run in llama-3.2-1b: llama-3.1-8b:--single-stream "llama-3.1-8b:--single-stream --batch-invariant"; do
+echo "== weight GEMMs alone at decode row counts (8B shape, random weights)"
+"$BIN/heddle-cuda" gemm --config configs/llama-3.1-8b.json 2>"$LOGS/gemm.log" \
+  | tee "$LOGS/gemm.txt" | grep -v "^RESULT"
+grep "^RESULT gemm" "$LOGS/gemm.txt" >>"$LOGS/results.txt"
+
+for run in llama-3.2-1b:--single-stream llama-3.1-8b:--single-stream \
+  "llama-3.1-8b:--single-stream --batch-invariant"; do
   shape=${run%%:*}
   extra=${run#*:}
   echo "== heddle in-process bench $shape $extra"

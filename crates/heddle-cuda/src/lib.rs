@@ -8,6 +8,7 @@
 pub mod adjustments;
 pub mod bench;
 pub mod dummy;
+pub mod gemm_bench;
 pub mod gguf_reference;
 pub mod gpu;
 pub mod invariance;

@@ -93,11 +93,12 @@ impl KernelShape {
         Ok(shape)
     }
 
-    /// Query rows (token × query head) one attention block holds: shared memory for bf16
-    /// fits 32 rows of 128 dimensions beside the key and value tiles, f32 half as many.
+    /// Query rows (token × query head) one attention block holds: in bf16, 16 per warp
+    /// for the tensor-core kernel (the queries live in registers as mma fragments); in
+    /// f32, what shared memory fits beside the key and value tiles.
     pub fn query_rows(&self) -> usize {
         match self.dtype {
-            DType::Bf16 => 32,
+            DType::Bf16 => 64,
             DType::F32 => 16,
         }
     }
@@ -170,7 +171,7 @@ mod tests {
 
     #[test]
     fn attention_tiles_cover_the_group_within_the_row_budget() {
-        // Llama 3 8B: groups of 4 query heads, 8 tokens per tile in bf16.
+        // Llama 3 8B: groups of 4 query heads, 16 tokens per tile in bf16.
         let s = shape(32, 8, 128, DType::Bf16);
         assert_eq!(
             (
@@ -178,7 +179,7 @@ mod tests {
                 s.tokens_per_tile(),
                 s.attention_grid_y()
             ),
-            (4, 8, 8)
+            (4, 16, 8)
         );
         // Multi-head attention with one KV head: the group of 32 is split for f32.
         let s = shape(32, 1, 64, DType::F32);
@@ -192,7 +193,7 @@ mod tests {
         );
         // A group of 3 (SmolLM2's shape) stays whole.
         let s = shape(9, 3, 64, DType::Bf16);
-        assert_eq!((s.heads_per_block(), s.tokens_per_tile()), (3, 10));
+        assert_eq!((s.heads_per_block(), s.tokens_per_tile()), (3, 21));
         for s in [
             shape(32, 8, 128, DType::Bf16),
             shape(32, 1, 64, DType::F32),

@@ -158,7 +158,9 @@ PY
   grep -E "ERROR|WARN" "$LOGS/serve-$shape.log" | cut -c1-300
 done
 
-if [ "$MODE" != quick ]; then
+if [ "$MODE" != quick ] && [ ! -f peer/transformers_cb.py ]; then
+  echo "== peer transformers_cb: not staged (scripts/gpu/build.sh found no ../shared), skipped"
+elif [ "$MODE" != quick ]; then
   for shape in 1b 8b; do
     echo "== peer transformers_cb $shape"
     python3 peer/transformers_cb.py $shape 256 512 128 2>"$LOGS/peer-$shape.log" \

@@ -11,7 +11,7 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the runner launches, by its `extern "C"` name (the decode ones only where
 /// [`KernelShape::has_decode_kernel`]).
-pub const KERNEL_NAMES: [&str; 10] = [
+pub const KERNEL_NAMES: [&str; 11] = [
     "init_random",
     "embed_gather",
     "add_rmsnorm",
@@ -22,6 +22,7 @@ pub const KERNEL_NAMES: [&str; 10] = [
     "silu_mul",
     "sample",
     "score_tokens",
+    "quantize_fp8_rows",
 ];
 
 /// Kernels that exist only where [`KernelShape::has_decode_kernel`].
@@ -38,6 +39,9 @@ pub fn decode_splits(blocks: usize, multiprocessors: usize) -> usize {
         .div_ceil(blocks.max(1))
         .clamp(1, MAX_DECODE_SPLITS)
 }
+
+/// Threads of one FP8 quantization block, one row each (`QUANTIZE_THREADS`).
+pub const QUANTIZE_THREADS: u32 = 256;
 
 /// Threads of one sampling block (`SAMPLE_THREADS` in the source).
 pub const SAMPLE_THREADS: u32 = 1024;
@@ -222,6 +226,7 @@ mod tests {
         assert!(src.contains(&format!("#define ATTN_THREADS {ATTENTION_THREADS}")));
         assert!(src.contains(&format!("#define MAX_TOP_LOGPROBS {MAX_TOP_LOGPROBS}")));
         assert!(src.contains("#define SCORE_WORDS (1 + 2 * MAX_TOP_LOGPROBS)"));
+        assert!(src.contains(&format!("#define QUANTIZE_THREADS {QUANTIZE_THREADS}")));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 pub mod adjustments;
 pub mod bench;
 pub mod dummy;
+pub mod fp8;
+pub mod fp8_check;
 pub mod gemm_bench;
 pub mod gguf_reference;
 pub mod gpu;

@@ -8,8 +8,8 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use heddle_cuda::bench::{self, Load};
 use heddle_cuda::{
-    dummy, gemm_bench, gguf_reference, invariance, reference, selftest, CudaOptions, CudaRunner,
-    DType, KvBudget, WeightSource,
+    dummy, fp8_check, gemm_bench, gguf_reference, invariance, reference, selftest, CudaOptions,
+    CudaRunner, DType, KvBudget, WeightSource,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -67,6 +67,14 @@ enum Command {
     /// The weight GEMMs of one layer and the LM head alone at decode-sized row counts:
     /// microseconds, weight-read bandwidth and TFLOP/s.
     Gemm {
+        /// An HF config.json-format file giving the model's shape.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Whether this GPU runs heddle's FP8 path: device quantization against the CPU's,
+    /// FP8 GEMMs (per-row and per-tensor scales) against f64, and FP8 against bf16 timings
+    /// at the config's layer shapes.
+    Fp8 {
         /// An HF config.json-format file giving the model's shape.
         #[arg(long)]
         config: PathBuf,
@@ -289,6 +297,22 @@ fn main() -> anyhow::Result<()> {
                     "RESULT gemm model={name} weight={} rows={} us={:.2}",
                     t.name, t.rows, t.us
                 );
+            }
+            Ok(())
+        }
+        Command::Fp8 { config } => {
+            let findings = fp8_check::run(&dummy::read_config(&config)?)?;
+            for f in &findings {
+                let verdict = match f.passed {
+                    Some(true) => "ok",
+                    Some(false) => "FAIL",
+                    None => "",
+                };
+                println!("{:<64} {} {verdict}", f.what, f.value);
+            }
+            let failed = findings.iter().filter(|f| f.passed == Some(false)).count();
+            if failed > 0 {
+                bail!("{failed} FP8 checks failed");
             }
             Ok(())
         }

@@ -14,6 +14,8 @@ use std::sync::Mutex;
 use anyhow::Context;
 use cudarc::cublaslt::{result as lt, sys};
 
+use crate::gpu::{grid, DeviceBuffer, Gpu};
+use crate::kernels::QUANTIZE_THREADS;
 use crate::pinned_gemm::Layout;
 
 /// The largest finite E4M3 value.
@@ -76,6 +78,47 @@ pub fn quantize_row(row: &[f32]) -> (Vec<u8>, f32) {
         row.iter().map(|&x| e4m3_from_f32(x * inverse)).collect(),
         max / E4M3_MAX,
     )
+}
+
+/// Rows of bf16 values quantized to E4M3 on the device, a scale per row.
+pub struct Fp8Rows {
+    /// [rows, cols] codes, a byte each.
+    pub codes: DeviceBuffer,
+    /// [rows] f32 scales.
+    pub scales: DeviceBuffer,
+}
+
+impl Fp8Rows {
+    /// Room for `rows` × `cols`.
+    pub fn alloc(gpu: &Gpu, rows: usize, cols: usize) -> anyhow::Result<Self> {
+        Ok(Fp8Rows {
+            codes: gpu.alloc(rows * cols)?,
+            scales: gpu.alloc(rows * 4)?,
+        })
+    }
+
+    /// Quantizes `rows` × `cols` bf16 values at `x` into these buffers (queued on the
+    /// stream). `cols` must be even and the buffers large enough.
+    pub fn quantize(&self, gpu: &Gpu, x: u64, rows: usize, cols: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            rows * cols <= self.codes.bytes
+                && rows * 4 <= self.scales.bytes
+                && cols.is_multiple_of(2),
+            "FP8 rows: {rows}x{cols} does not fit"
+        );
+        gpu.launch(
+            "quantize_fp8_rows",
+            grid(rows, QUANTIZE_THREADS),
+            &[&x, &self.codes.ptr, &self.scales.ptr, &(cols as i32)],
+        )
+    }
+
+    /// A weight [n, k] quantized per output channel (row).
+    pub fn of_weight(gpu: &Gpu, w: &DeviceBuffer, n: usize, k: usize) -> anyhow::Result<Self> {
+        let rows = Self::alloc(gpu, n, k)?;
+        rows.quantize(gpu, w.ptr, n, k)?;
+        Ok(rows)
+    }
 }
 
 /// What an FP8 GEMM is planned for.

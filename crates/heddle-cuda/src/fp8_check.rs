@@ -8,9 +8,9 @@ use std::time::Instant;
 use half::bf16;
 use heddle_model::ModelConfig;
 
-use crate::fp8::{quantize_row, Fp8Gemms, ScaleMode};
+use crate::fp8::{quantize_row, Fp8Gemms, Fp8Rows, ScaleMode};
 use crate::gpu::{grid, DeviceBuffer, Gpu};
-use crate::kernels::{DType, KernelShape, QUANTIZE_THREADS};
+use crate::kernels::{DType, KernelShape};
 use crate::selftest::{random_values, relative_error};
 use crate::weights::Dims;
 
@@ -78,17 +78,12 @@ fn quantization_check(gpu: &Gpu) -> anyhow::Result<Finding> {
         .collect();
     let held: Vec<f32> = bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
     let x = gpu.upload(&bits)?;
-    let q = gpu.alloc(rows * cols)?;
-    let scales = gpu.alloc(rows * 4)?;
-    gpu.launch(
-        "quantize_fp8_rows",
-        grid(rows, QUANTIZE_THREADS),
-        &[&x.ptr, &q.ptr, &scales.ptr, &(cols as i32)],
-    )?;
+    let q = Fp8Rows::alloc(gpu, rows, cols)?;
+    q.quantize(gpu, x.ptr, rows, cols)?;
     let mut codes = vec![0u8; rows * cols];
-    gpu.read(&q, &mut codes)?;
+    gpu.read(&q.codes, &mut codes)?;
     let mut device_scales = vec![0f32; rows];
-    gpu.read(&scales, &mut device_scales)?;
+    gpu.read(&q.scales, &mut device_scales)?;
     let mut mismatches = 0usize;
     for r in 0..rows {
         let (expected, scale) = quantize_row(&held[r * cols..][..cols]);
@@ -180,19 +175,11 @@ fn timings(gpu: &Gpu, gemms: &Fp8Gemms, config: &ModelConfig) -> anyhow::Result<
         for rows in [256usize, 8192] {
             let w16 = gpu.alloc(n * k * 2)?;
             let x16 = gpu.alloc(rows * k * 2)?;
-            let w8 = gpu.alloc(n * k)?;
-            let x8 = gpu.alloc(rows * k)?;
-            let scales = [gpu.alloc(n.max(rows) * 4)?, gpu.alloc(n.max(rows) * 4)?];
             for (buffer, len) in [(&w16, n * k), (&x16, rows * k)] {
                 fill(gpu, buffer, len)?;
             }
-            for (source, q, s, r) in [(&w16, &w8, &scales[0], n), (&x16, &x8, &scales[1], rows)] {
-                gpu.launch(
-                    "quantize_fp8_rows",
-                    grid(r, QUANTIZE_THREADS),
-                    &[&source.ptr, &q.ptr, &s.ptr, &(k as i32)],
-                )?;
-            }
+            let w8 = Fp8Rows::of_weight(gpu, &w16, n, k)?;
+            let x8 = Fp8Rows::alloc(gpu, rows, k)?;
             let y = gpu.alloc(rows * n * 2)?;
             let time = |run: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
                 run()?;
@@ -204,15 +191,17 @@ fn timings(gpu: &Gpu, gemms: &Fp8Gemms, config: &ModelConfig) -> anyhow::Result<
                 gpu.stream.synchronize()?;
                 Ok(started.elapsed().as_secs_f64() * 1e6 / REPEATS as f64)
             };
+            // The activations' quantization is part of an FP8 GEMM's cost.
             let fp8_us = time(&|| {
+                x8.quantize(gpu, x16.ptr, rows, k)?;
                 gemms.gemm(
                     gpu.stream.cu_stream(),
                     y.ptr,
                     false,
-                    x8.ptr,
-                    scales[1].ptr,
-                    w8.ptr,
-                    scales[0].ptr,
+                    x8.codes.ptr,
+                    x8.scales.ptr,
+                    w8.codes.ptr,
+                    w8.scales.ptr,
                     rows,
                     n,
                     k,

@@ -16,4 +16,8 @@ export HEDDLE_PYTHON
 HEDDLE_ROUTER_PYTHON="$(bash scripts/router-tools.sh)"
 export HEDDLE_ROUTER_PYTHON
 
+# NVRTC, so that the CUDA kernels are compiled (not run) here too, GPU or not.
+LD_LIBRARY_PATH="$(bash scripts/nvrtc.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH
+
 cargo test --workspace --locked "$@"

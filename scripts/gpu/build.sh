@@ -26,5 +26,11 @@ rm -rf "$DEST/scripts/gpu"
 cp -r scripts/gpu "$DEST/scripts/"
 cp configs/*.json "$DEST/configs/"
 cp crates/heddle-model/tests/data/llamacpp_reference.json scripts/embedded-model.sha256 "$DEST/reference/"
-cp /work/shared/bench/peers/transformers_cb.py "$DEST/peer/" 2>/dev/null || true
+# The transformers peer lives in the shared folder beside the repository, where there is one.
+PEER=../shared/bench/peers/transformers_cb.py
+if [ -f "$PEER" ]; then
+  cp "$PEER" "$DEST/peer/"
+else
+  echo "no $PEER beside the repository: the GPU script will skip the transformers peer" >&2
+fi
 du -sh "$DEST"/*

@@ -8,7 +8,7 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 use crate::kernels::{DType, KernelShape, DECODE_KERNELS, KERNEL_NAMES};
 use crate::pinned_gemm::PinnedGemms;
@@ -67,6 +67,17 @@ pub struct Gpu {
     pub dtype: DType,
     pub name: String,
     pub multiprocessors: usize,
+}
+
+/// Compiles the kernels for `shape` with NVRTC into PTX for `arch` (e.g. "sm_90"). Needs
+/// NVRTC only, no GPU.
+pub fn compile_kernels(shape: &KernelShape, arch: &str) -> anyhow::Result<Ptx> {
+    let options = CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()],
+        ..Default::default()
+    };
+    compile_ptx_with_opts(shape.source(), options)
+        .map_err(|e| anyhow::anyhow!("compiling the CUDA kernels for {arch}: {e:?}"))
 }
 
 /// Opens GPU `ordinal`. Fails with a message that says what is missing when there is no
@@ -128,16 +139,13 @@ impl Gpu {
         let multiprocessors = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as usize;
+        anyhow::ensure!(
+            major >= 8 || shape.dtype == DType::F32,
+            "{name} (compute capability {major}.{minor}) has no bf16 tensor cores: the CUDA \
+             runner needs compute capability 8.0 (Ampere) or newer"
+        );
         let started = std::time::Instant::now();
-        let options = CompileOptions {
-            options: vec![
-                format!("--gpu-architecture=sm_{major}{minor}"),
-                "-std=c++17".into(),
-            ],
-            ..Default::default()
-        };
-        let compiled = compile_ptx_with_opts(shape.source(), options)
-            .map_err(|e| anyhow::anyhow!("compiling the CUDA kernels: {e:?}"))?;
+        let compiled = compile_kernels(shape, &format!("sm_{major}{minor}"))?;
         let module = ctx
             .load_module(compiled)
             .context("loading the CUDA kernels")?;

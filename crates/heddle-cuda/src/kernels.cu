@@ -197,6 +197,190 @@ extern "C" __global__ void rope_kv_write(elem_t* qkv, const elem_t* bias, const 
     }
 }
 
+#ifdef HEDDLE_BF16
+// Paged causal attention for prefill chunks and decode tokens alike, on the tensor cores
+// (mma.sync m16n8k16, bf16 in, f32 accumulate). One block per (tile, KV head, head chunk):
+// a tile is up to QROWS / HEADS_PER_CTA consecutive tokens of one sequence, so that the
+// query heads sharing a KV head read each key and value once. Each of the 4 warps owns 16
+// query rows (a row is one token's one query head: row r is token r / HEADS_PER_CTA, head
+// r % HEADS_PER_CTA), its queries held as mma fragments for the whole kernel. Keys go
+// through shared memory KEY_TILE at a time ([key][dim]), values transposed ([dim][key]) so
+// that every fragment is one 32-bit shared load; S = Q K^T, an online softmax per row in
+// f32 (a row's statistics live in the 4 lanes of its quad), then O += P V with P rounded
+// to bf16. A row's arithmetic does not depend on the other rows of its tile, so tiling
+// changes no result (the batch-invariant mode relies on that).
+// tiles: [n][4] = first token (flat index), token count, sequence, position of the first.
+// The attention output for token t, head h is out[t][h * HEAD_DIM ..].
+#if QROWS != ATTN_WARPS * 16
+#error "the tensor-core attention kernel takes 16 query rows per warp"
+#endif
+#define MMA_K_STEPS (HEAD_DIM / 16)
+#define MMA_O_TILES (HEAD_DIM / 8)
+#define KEY_TILE_PAD 8
+#define LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as bf16 in one word, the first in the low half (the lower index).
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)from_f(lo) | ((unsigned)from_f(hi) << 16);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_t* out,
+          const int* tiles, const int* block_tables, const int* table_offsets, float scale) {
+    __shared__ __align__(16) elem_t k_s[KEY_TILE][HEAD_DIM + KEY_TILE_PAD];
+    __shared__ __align__(16) elem_t vt_s[HEAD_DIM][KEY_TILE + KEY_TILE_PAD];
+    const int* tile = tiles + blockIdx.x * 4;
+    int t0 = tile[0], nt = tile[1], seq = tile[2], p0 = tile[3];
+    int kv_head = blockIdx.y / HEAD_CHUNKS;
+    int head0 = kv_head * GROUP + (blockIdx.y % HEAD_CHUNKS) * HEADS_PER_CTA;
+    int rows = nt * HEADS_PER_CTA;
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int g = lane >> 2, q = lane & 3;
+    const int* table = block_tables + table_offsets[seq];
+    // This lane's two rows (g and g + 8 of the warp's 16), and the positions they attend to.
+    int row[2] = {warp * 16 + g, warp * 16 + g + 8};
+    int pos[2] = {p0 + row[0] / HEADS_PER_CTA, p0 + row[1] / HEADS_PER_CTA};
+    bool warp_active = warp * 16 < rows;
+
+    // The queries as A fragments: qa[s] covers dimensions 16s .. 16s + 15.
+    unsigned qa[MMA_K_STEPS][4];
+#pragma unroll
+    for (int s = 0; s < MMA_K_STEPS; s++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int r = row[i & 1], d = 16 * s + 2 * q + (i >> 1) * 8;
+            unsigned v = 0;
+            if (r < rows) {
+                int t = t0 + r / HEADS_PER_CTA, h = head0 + r % HEADS_PER_CTA;
+                v = *(const unsigned*)(qkv + (long long)t * QKV_STRIDE + h * HEAD_DIM + d);
+            }
+            qa[s][i] = v;
+        }
+    }
+
+    float o[MMA_O_TILES][4];
+#pragma unroll
+    for (int t = 0; t < MMA_O_TILES; t++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[t][i] = 0.0f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    float scale_log2 = scale * LOG2E;
+
+    int n_keys = p0 + nt;
+    for (int kb = 0; kb < n_keys; kb += KEY_TILE) {
+        __syncthreads();
+        // The tile's keys and values; keys past the context are zeros (their scores are
+        // masked, and a zero value times a zero weight stays zero).
+        for (int idx = threadIdx.x; idx < KEY_TILE * VECS_PER_KEY; idx += ATTN_THREADS) {
+            int j = idx / VECS_PER_KEY, c = idx % VECS_PER_KEY, p = kb + j;
+            uint4 kv = {0, 0, 0, 0}, vv = {0, 0, 0, 0};
+            if (p < n_keys) {
+                long long slot = (long long)table[p / BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE;
+                long long at = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + c * VEC_ELEMS;
+                kv = *(const uint4*)(k_cache + at);
+                vv = *(const uint4*)(v_cache + at);
+            }
+            *(uint4*)&k_s[j][c * VEC_ELEMS] = kv;
+            const elem_t* v = (const elem_t*)&vv;
+#pragma unroll
+            for (int i = 0; i < VEC_ELEMS; i++) vt_s[c * VEC_ELEMS + i][j] = v[i];
+        }
+        __syncthreads();
+        if (!warp_active) continue;
+
+        // S = Q K^T for this warp's 16 rows and the tile's 32 keys: 4 tiles of 8 keys.
+        float sc[KEY_TILE / 8][4];
+#pragma unroll
+        for (int j = 0; j < KEY_TILE / 8; j++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) sc[j][i] = 0.0f;
+#pragma unroll
+            for (int s = 0; s < MMA_K_STEPS; s++) {
+                const elem_t* k_row = &k_s[8 * j + g][16 * s + 2 * q];
+                mma_bf16(sc[j], qa[s], *(const unsigned*)k_row, *(const unsigned*)(k_row + 8));
+            }
+        }
+        // Online softmax in base 2; element i of a tile belongs to row i >> 1 and key
+        // 8j + 2q + (i & 1).
+        float tile_max[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int j = 0; j < KEY_TILE / 8; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int key = kb + 8 * j + 2 * q + (i & 1), hr = i >> 1;
+                bool valid = row[hr] < rows && key <= pos[hr];
+                sc[j][i] = valid ? sc[j][i] * scale_log2 : NEG_INF;
+                tile_max[hr] = fmaxf(tile_max[hr], sc[j][i]);
+            }
+        float correction[2], tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 1));
+            tile_max[hr] = fmaxf(tile_max[hr], __shfl_xor_sync(0xffffffffu, tile_max[hr], 2));
+            float m_new = fmaxf(m[hr], tile_max[hr]);
+            // A row that has seen no key yet keeps m = -inf: nothing to rescale.
+            correction[hr] = m_new == NEG_INF ? 1.0f : exp2f(m[hr] - m_new);
+            m[hr] = m_new;
+        }
+#pragma unroll
+        for (int j = 0; j < KEY_TILE / 8; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int hr = i >> 1;
+                sc[j][i] = sc[j][i] == NEG_INF ? 0.0f : exp2f(sc[j][i] - m[hr]);
+                tile_sum[hr] += sc[j][i];
+            }
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            tile_sum[hr] += __shfl_xor_sync(0xffffffffu, tile_sum[hr], 1);
+            tile_sum[hr] += __shfl_xor_sync(0xffffffffu, tile_sum[hr], 2);
+            l[hr] = l[hr] * correction[hr] + tile_sum[hr];
+        }
+#pragma unroll
+        for (int t = 0; t < MMA_O_TILES; t++) {
+            o[t][0] *= correction[0];
+            o[t][1] *= correction[0];
+            o[t][2] *= correction[1];
+            o[t][3] *= correction[1];
+        }
+        // O += P V: the score tiles' accumulator layout is the A fragment layout of P.
+#pragma unroll
+        for (int s = 0; s < KEY_TILE / 16; s++) {
+            unsigned pa[4] = {
+                pack_bf16(sc[2 * s][0], sc[2 * s][1]),
+                pack_bf16(sc[2 * s][2], sc[2 * s][3]),
+                pack_bf16(sc[2 * s + 1][0], sc[2 * s + 1][1]),
+                pack_bf16(sc[2 * s + 1][2], sc[2 * s + 1][3]),
+            };
+#pragma unroll
+            for (int t = 0; t < MMA_O_TILES; t++) {
+                const elem_t* v_row = &vt_s[8 * t + g][16 * s + 2 * q];
+                mma_bf16(o[t], pa, *(const unsigned*)v_row, *(const unsigned*)(v_row + 8));
+            }
+        }
+    }
+
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        int r = row[hr];
+        if (r >= rows) continue;
+        int t = t0 + r / HEADS_PER_CTA, h = head0 + r % HEADS_PER_CTA;
+        float inv = 1.0f / l[hr];
+        elem_t* dst = out + (long long)t * NUM_HEADS * HEAD_DIM + h * HEAD_DIM + 2 * q;
+#pragma unroll
+        for (int ot = 0; ot < MMA_O_TILES; ot++)
+            *(unsigned*)(dst + 8 * ot) = pack_bf16(o[ot][2 * hr] * inv, o[ot][2 * hr + 1] * inv);
+    }
+}
+#else
 // Paged causal attention for prefill chunks and decode tokens alike. One block per (tile,
 // KV head, head chunk): a tile is up to QROWS / HEADS_PER_CTA consecutive tokens of one
 // sequence, so that the query heads sharing a KV head read each key and value once from
@@ -329,6 +513,8 @@ attention(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_
                 from_f(acc[rr][i] * inv);
     }
 }
+
+#endif
 
 #if HEADS_PER_CTA <= 8
 // Attention for tiles of one token (decode steps): the four warps take turns of 32 keys of
@@ -791,4 +977,44 @@ sample(float* logits, int vocab, const int* params, const int* penalties, float*
             if (bias[3 * e] == token) raw = __int_as_float(bias[3 * e + 2]);
         logprobs[row_idx] = want_logprob ? raw - lse : 0.0f;
     }
+}
+
+// ---- FP8 (E4M3) quantization, one row per block (see fp8.rs). ----
+
+#define QUANTIZE_THREADS 256
+#define E4M3_MAX 448.0f
+#define MIN_ROW_MAX 1e-30f
+
+// Two floats as E4M3 codes in one 16-bit word, the first in the low byte: round to nearest
+// even, saturating to +-448 (Ada and Hopper have the conversion; older GPUs never run FP8).
+__device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short packed;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(hi), "f"(lo));
+    return packed;
+#else
+    return 0;
+#endif
+}
+
+// q[r][i] = e4m3(x[r][i] * 448 / max|x[r]|), scales[r] = max|x[r]| / 448: each row (a
+// weight's output channel, or a token's activations) over the format's whole range. cols
+// is even.
+extern "C" __global__ void __launch_bounds__(QUANTIZE_THREADS)
+quantize_fp8_rows(const elem_t* x, unsigned short* q, float* scales, int cols) {
+    __shared__ float scratch[32];
+    const elem_t* row = x + (long long)blockIdx.x * cols;
+    float m = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += QUANTIZE_THREADS) m = fmaxf(m, fabsf(to_f(row[i])));
+    m = warp_max(m);
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    if (lane == 0) scratch[warp] = m;
+    __syncthreads();
+    m = lane < QUANTIZE_THREADS / WARP ? scratch[lane] : 0.0f;
+    m = fmaxf(warp_max(m), MIN_ROW_MAX);
+    float inverse = E4M3_MAX / m;
+    unsigned short* out = q + (long long)blockIdx.x * (cols / 2);
+    for (int i = threadIdx.x; i < cols / 2; i += QUANTIZE_THREADS)
+        out[i] = e4m3x2(to_f(row[2 * i]) * inverse, to_f(row[2 * i + 1]) * inverse);
+    if (threadIdx.x == 0) scales[blockIdx.x] = m / E4M3_MAX;
 }

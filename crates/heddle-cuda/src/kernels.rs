@@ -11,7 +11,7 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the runner launches, by its `extern "C"` name (the decode ones only where
 /// [`KernelShape::has_decode_kernel`]).
-pub const KERNEL_NAMES: [&str; 12] = [
+pub const KERNEL_NAMES: [&str; 13] = [
     "init_random",
     "embed_gather",
     "add_into_f32",
@@ -24,6 +24,7 @@ pub const KERNEL_NAMES: [&str; 12] = [
     "silu_mul",
     "sample",
     "score_tokens",
+    "quantize_fp8_rows",
 ];
 
 /// Kernels that exist only where [`KernelShape::has_decode_kernel`].
@@ -40,6 +41,9 @@ pub fn decode_splits(blocks: usize, multiprocessors: usize) -> usize {
         .div_ceil(blocks.max(1))
         .clamp(1, MAX_DECODE_SPLITS)
 }
+
+/// Threads of one FP8 quantization block, one row each (`QUANTIZE_THREADS`).
+pub const QUANTIZE_THREADS: u32 = 256;
 
 /// Threads of one sampling block (`SAMPLE_THREADS` in the source).
 pub const SAMPLE_THREADS: u32 = 1024;
@@ -95,11 +99,12 @@ impl KernelShape {
         Ok(shape)
     }
 
-    /// Query rows (token × query head) one attention block holds: shared memory for bf16
-    /// fits 32 rows of 128 dimensions beside the key and value tiles, f32 half as many.
+    /// Query rows (token × query head) one attention block holds: in bf16, 16 per warp
+    /// for the tensor-core kernel (the queries live in registers as mma fragments); in
+    /// f32, what shared memory fits beside the key and value tiles.
     pub fn query_rows(&self) -> usize {
         match self.dtype {
-            DType::Bf16 => 32,
+            DType::Bf16 => 64,
             DType::F32 => 16,
         }
     }
@@ -172,7 +177,7 @@ mod tests {
 
     #[test]
     fn attention_tiles_cover_the_group_within_the_row_budget() {
-        // Llama 3 8B: groups of 4 query heads, 8 tokens per tile in bf16.
+        // Llama 3 8B: groups of 4 query heads, 16 tokens per tile in bf16.
         let s = shape(32, 8, 128, DType::Bf16);
         assert_eq!(
             (
@@ -180,7 +185,7 @@ mod tests {
                 s.tokens_per_tile(),
                 s.attention_grid_y()
             ),
-            (4, 8, 8)
+            (4, 16, 8)
         );
         // Multi-head attention with one KV head: the group of 32 is split for f32.
         let s = shape(32, 1, 64, DType::F32);
@@ -194,7 +199,7 @@ mod tests {
         );
         // A group of 3 (SmolLM2's shape) stays whole.
         let s = shape(9, 3, 64, DType::Bf16);
-        assert_eq!((s.heads_per_block(), s.tokens_per_tile()), (3, 10));
+        assert_eq!((s.heads_per_block(), s.tokens_per_tile()), (3, 21));
         for s in [
             shape(32, 8, 128, DType::Bf16),
             shape(32, 1, 64, DType::F32),
@@ -223,6 +228,7 @@ mod tests {
         assert!(src.contains(&format!("#define ATTN_THREADS {ATTENTION_THREADS}")));
         assert!(src.contains(&format!("#define MAX_TOP_LOGPROBS {MAX_TOP_LOGPROBS}")));
         assert!(src.contains("#define SCORE_WORDS (1 + 2 * MAX_TOP_LOGPROBS)"));
+        assert!(src.contains(&format!("#define QUANTIZE_THREADS {QUANTIZE_THREADS}")));
     }
 
     #[test]

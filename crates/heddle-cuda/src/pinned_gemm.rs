@@ -49,11 +49,11 @@ impl Drop for PinnedGemms {
 }
 
 /// A matrix layout destroyed when dropped.
-struct Layout(sys::cublasLtMatrixLayout_t);
+pub(crate) struct Layout(pub(crate) sys::cublasLtMatrixLayout_t);
 
 impl Layout {
     /// Column-major `rows` × `cols` with leading dimension `rows`.
-    fn new(data: sys::cudaDataType, rows: usize, cols: usize) -> anyhow::Result<Self> {
+    pub(crate) fn new(data: sys::cudaDataType, rows: usize, cols: usize) -> anyhow::Result<Self> {
         Ok(Layout(
             lt::create_matrix_layout(data, rows as u64, cols as u64, rows as i64)
                 .map_err(|e| anyhow::anyhow!("cuBLASLt layout: {e}"))?,

@@ -274,34 +274,37 @@ fn kernel_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
         tolerance(dtype),
     );
 
-    // cuBLAS GEMM: [7 × 96] · [160 × 96]ᵀ, in the dtype and with f32 output.
-    let (m, n, kk) = (7usize, 160usize, 96usize);
-    let (x_buf, x) = k.upload(&random_values(m * kk, 5, 1.0))?;
-    let (w_buf, w) = k.upload(&random_values(n * kk, 6, 1.0))?;
-    let reference: Vec<f32> = (0..m * n)
-        .map(|i| {
-            let (r, c) = (i / n, i % n);
-            (0..kk)
-                .map(|j| x[r * kk + j] as f64 * w[c * kk + j] as f64)
-                .sum::<f64>() as f32
-        })
-        .collect();
-    let y_buf = gpu.alloc(m * n * 4)?;
-    gpu.gemm(y_buf.ptr, true, x_buf.ptr, w_buf.ptr, m, n, kk)?;
-    let mut y = vec![0f32; m * n];
-    gpu.read(&y_buf, &mut y)?;
-    check(
-        "gemm (f32 out)",
-        relative_error(&y, &reference),
-        tolerance(DType::F32) * 10.0,
-    );
-    let y_buf = k.alloc(m * n)?;
-    gpu.gemm(y_buf.ptr, false, x_buf.ptr, w_buf.ptr, m, n, kk)?;
-    check(
-        "gemm",
-        relative_error(&k.read(&y_buf, m * n)?, &reference),
-        tolerance(dtype),
-    );
+    // GEMM: [m × 96] · [150 × 96]ᵀ, in the dtype and with f32 output, at 7, 1 and 3 rows
+    // (cuBLAS picks its kernel by shape: decode steps of one row get another).
+    let (n, kk) = (150usize, 96usize);
+    for m in [7usize, 1, 3] {
+        let (x_buf, x) = k.upload(&random_values(m * kk, 5, 1.0))?;
+        let (w_buf, w) = k.upload(&random_values(n * kk, 6, 1.0))?;
+        let reference: Vec<f32> = (0..m * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (0..kk)
+                    .map(|j| x[r * kk + j] as f64 * w[c * kk + j] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let y_buf = gpu.alloc(m * n * 4)?;
+        gpu.gemm(y_buf.ptr, true, x_buf.ptr, w_buf.ptr, m, n, kk)?;
+        let mut y = vec![0f32; m * n];
+        gpu.read(&y_buf, &mut y)?;
+        check(
+            &format!("gemm {m} rows (f32 out)"),
+            relative_error(&y, &reference),
+            tolerance(DType::F32) * 10.0,
+        );
+        let y_buf = k.alloc(m * n)?;
+        gpu.gemm(y_buf.ptr, false, x_buf.ptr, w_buf.ptr, m, n, kk)?;
+        check(
+            &format!("gemm {m} rows"),
+            relative_error(&k.read(&y_buf, m * n)?, &reference),
+            tolerance(dtype),
+        );
+    }
 
     // RoPE + KV write + paged attention: a prefill of 37 tokens (several tiles), then a
     // decode token at position 37, over a shuffled block table.

@@ -115,10 +115,11 @@ impl ModelRunner for CpuRunner {
             })
             .collect();
         let vocab = self.model.config().vocab_size;
+        let scores_prompts = batch.seqs.iter().any(|s| s.prompt_logprobs.is_some());
         let mut logits = self
             .model
             .forward(&inputs, &mut self.cache, &mut self.scratch)?;
-        if batch.seqs.iter().any(|s| s.prompt_logprobs.is_some()) {
+        if scores_prompts {
             logits = score_prompts(batch, history, logits, vocab, &mut self.prompt_logprobs);
         }
         let adjustments = adjustments().map_err(ModelError::LogitsProcessing)?;
@@ -134,6 +135,9 @@ impl ModelRunner for CpuRunner {
             })
             .collect();
         if sampled.is_empty() {
+            if scores_prompts {
+                self.scratch.release_logits();
+            }
             return Ok(Vec::new());
         }
         // Rows are split into one contiguous group per thread, each group sampled with
@@ -143,7 +147,7 @@ impl ModelRunner for CpuRunner {
             self.samplers.resize_with(groups, Sampler::default);
         }
         let rows_per_group = sampled.len().div_ceil(groups);
-        Ok(if groups > 1 {
+        let outputs = if groups > 1 {
             logits
                 .par_chunks_mut(rows_per_group * vocab)
                 .zip(sampled.par_chunks(rows_per_group))
@@ -152,7 +156,11 @@ impl ModelRunner for CpuRunner {
                 .collect()
         } else {
             sample_rows(&mut self.samplers[0], logits, &sampled, vocab).collect()
-        })
+        };
+        if scores_prompts {
+            self.scratch.release_logits();
+        }
+        Ok(outputs)
     }
 }
 

@@ -104,6 +104,15 @@ pub struct Scratch {
     logit_rows: Vec<usize>,
 }
 
+impl Scratch {
+    /// Frees the logits buffer. After a step that computed every position's logits (prompt
+    /// scoring: a chunk's rows × the vocabulary, 100 MB for 512 rows of 49,152) it is far
+    /// larger than ordinary steps need, and would otherwise stay allocated.
+    pub fn release_logits(&mut self) {
+        self.logits = Vec::new();
+    }
+}
+
 /// Per-thread scratch of one attention task, reused across calls.
 #[derive(Default)]
 struct AttentionScratch {

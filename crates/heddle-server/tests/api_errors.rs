@@ -122,6 +122,40 @@ async fn malformed_bodies_are_400_whatever_the_content_type() {
 }
 
 #[tokio::test]
+async fn values_of_the_wrong_type_are_400_naming_their_place() {
+    let cases = [
+        (with("temperature", json!("hot")), "temperature"),
+        (with("max_tokens", json!(1.5)), "max_tokens"),
+        (with("stream", json!("yes")), "stream"),
+        (
+            with("messages", json!([{"role": "user", "content": 7}])),
+            "messages[0].content",
+        ),
+        (
+            with("messages", json!([{"content": "no role"}])),
+            "messages[0]",
+        ),
+    ];
+    for (body, param) in cases {
+        let (status, error) = chat_as(ADMIN_KEY, body.clone()).await;
+        assert_error(status, &error, 400, "invalid_request_error");
+        assert_eq!(error["error"]["param"], param, "{body}: {error}");
+    }
+    // Not JSON at all, or trailing characters after it: no field to name.
+    for body in ["{not json", "{} {}"] {
+        let (status, error) = send(
+            "/v1/chat/completions",
+            Some(ADMIN_KEY),
+            body.to_string().into(),
+            Some("application/json"),
+        )
+        .await;
+        assert_error(status, &error, 400, "invalid_request_error");
+        assert_eq!(error["error"]["param"], Value::Null, "{body}: {error}");
+    }
+}
+
+#[tokio::test]
 async fn invalid_values_are_400_naming_the_field() {
     let cases = [
         (with("temperature", json!(-0.1)), "temperature"),

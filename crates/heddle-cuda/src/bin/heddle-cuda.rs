@@ -8,8 +8,9 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use heddle_cuda::bench::{self, Load};
 use heddle_cuda::{
-    dummy, gguf_reference, invariance, parallel_checks, reference, selftest, CudaOptions,
-    CudaRunner, DType, KvBudget, RankPlacement, TensorParallel, WeightSource,
+    dummy, fp8_check, gemm_bench, gguf_reference, invariance, parallel_checks, reference,
+    selftest, CudaOptions, CudaRunner, DType, KvBudget, RankPlacement, TensorParallel,
+    WeightSource,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -84,6 +85,21 @@ enum Command {
     },
     /// Throughput on random weights: N requests at once, greedy, ignore_eos.
     Bench(BenchArgs),
+    /// The weight GEMMs of one layer and the LM head alone at decode-sized row counts:
+    /// microseconds, weight-read bandwidth and TFLOP/s.
+    Gemm {
+        /// An HF config.json-format file giving the model's shape.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Whether this GPU runs heddle's FP8 path: device quantization against the CPU's,
+    /// FP8 GEMMs (per-row and per-tensor scales) against f64, and FP8 against bf16 timings
+    /// at the config's layer shapes.
+    Fp8 {
+        /// An HF config.json-format file giving the model's shape.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Writes the stand-in tokenizer.json that `heddle serve --dummy-weights` uses, so a
     /// client (`heddle bench --tokenizer`) can make prompts of exact token lengths.
     Tokenizer {
@@ -393,6 +409,45 @@ fn main() -> anyhow::Result<()> {
             let failed = checks.iter().filter(|c| !c.passed()).count();
             if failed > 0 {
                 bail!("{failed} of {} NCCL checks failed", checks.len());
+        Command::Gemm { config: path } => {
+            let config = dummy::read_config(&path)?;
+            let name = path.file_stem().unwrap_or_default().to_string_lossy();
+            println!(
+                "{:<8} {:>5} {:>7} {:>6} {:>8} {:>9} {:>8}",
+                "weight", "rows", "n", "k", "us", "GB/s", "TFLOP/s"
+            );
+            let dtype = DType::Bf16;
+            for t in gemm_bench::run(&config, dtype, &[1, 2, 4, 8, 16, 64, 256])? {
+                println!(
+                    "{:<8} {:>5} {:>7} {:>6} {:>8.1} {:>9.0} {:>8.1}",
+                    t.name,
+                    t.rows,
+                    t.n,
+                    t.k,
+                    t.us,
+                    t.weight_gb_per_s(dtype),
+                    t.tflop_per_s()
+                );
+                println!(
+                    "RESULT gemm model={name} weight={} rows={} us={:.2}",
+                    t.name, t.rows, t.us
+                );
+            }
+            Ok(())
+        }
+        Command::Fp8 { config } => {
+            let findings = fp8_check::run(&dummy::read_config(&config)?)?;
+            for f in &findings {
+                let verdict = match f.passed {
+                    Some(true) => "ok",
+                    Some(false) => "FAIL",
+                    None => "",
+                };
+                println!("{:<64} {} {verdict}", f.what, f.value);
+            }
+            let failed = findings.iter().filter(|f| f.passed == Some(false)).count();
+            if failed > 0 {
+                bail!("{failed} FP8 checks failed");
             }
             Ok(())
         }

@@ -226,12 +226,52 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                     ApiError::bad_request(format!("Could not read the request body: {rejection}"))
                 }
             })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|error| {
-                ApiError::bad_request(format!(
-                    "We could not parse the JSON body of your request: {error}"
-                ))
-            })
+        parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// Parses a JSON body. A value of the wrong type (or a missing field) is a 400 naming its
+/// place in the body as `param` (`temperature`, `messages[0]`); a body that is not JSON at
+/// all is a 400 without one.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let unparsable = |error: &serde_json::Error| {
+        format!("We could not parse the JSON body of your request: {error}")
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        if !error.inner().is_data() {
+            return ApiError::bad_request(unparsable(error.inner()));
+        }
+        let path = error.path().to_string();
+        let place = if path == "." {
+            culprit_field::<T>(bytes)
+        } else {
+            Some(path)
+        };
+        match place {
+            Some(place) => ApiError::invalid_param(place, unparsable(error.inner())),
+            None => ApiError::bad_request(unparsable(error.inner())),
+        }
+    })?;
+    // Trailing characters after the value are refused, as serde_json::from_slice does.
+    deserializer
+        .end()
+        .map_err(|error| ApiError::bad_request(unparsable(&error)))?;
+    Ok(value)
+}
+
+/// The top-level field without which a body that failed to parse as `T` parses: where the
+/// error is when the parser could not say (fields read through `#[serde(flatten)]` lose
+/// their path). None when no single field is to blame.
+fn culprit_field<T: DeserializeOwned>(bytes: &[u8]) -> Option<String> {
+    let serde_json::Value::Object(fields) = serde_json::from_slice(bytes).ok()? else {
+        return None;
+    };
+    fields.keys().find_map(|key| {
+        let mut without = fields.clone();
+        without.remove(key);
+        serde_json::from_value::<T>(serde_json::Value::Object(without))
+            .is_ok()
+            .then(|| key.clone())
+    })
 }

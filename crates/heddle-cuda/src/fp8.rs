@@ -1,0 +1,421 @@
+//! FP8 (E4M3) matrix multiplication on Hopper: rows quantized with a scale each (a weight's
+//! output channels once, at load; activations per token, each step), multiplied by
+//! cuBLASLt's FP8 kernels, which apply both scale vectors in their epilogue.
+//!
+//! E4M3 is 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no infinities, largest finite
+//! 448. A row x is stored as q = e4m3(x · 448 / max|x|) and scale = max|x| / 448, so that
+//! x ≈ q · scale, every row using the format's whole range. The device quantizes with the
+//! hardware conversion (round to nearest even, saturating); [`e4m3_from_f32`] is the same
+//! on the CPU, the reference the checks compare the device's bytes with.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::Context;
+use cudarc::cublaslt::{result as lt, sys};
+
+use crate::gpu::{grid, DeviceBuffer, Gpu};
+use crate::kernels::QUANTIZE_THREADS;
+use crate::pinned_gemm::Layout;
+
+/// The largest finite E4M3 value.
+pub const E4M3_MAX: f32 = 448.0;
+/// The smallest row maximum a scale is computed from: an all-zero row gets a finite scale.
+pub const MIN_ROW_MAX: f32 = 1e-30;
+
+/// The E4M3 code of `x`, rounded to nearest (ties to even), saturated to ±448; NaN stays
+/// NaN (0x7f with the sign).
+pub fn e4m3_from_f32(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs();
+    if a.is_nan() {
+        return sign | 0x7f;
+    }
+    // Subnormals are multiples of 2^-9 below 2^-6; their codes are those multiples, and a
+    // value rounding up to 2^-6 gets code 8, the smallest normal, by the same formula.
+    if a < 2f32.powi(-6) {
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    if a >= 2f32.powi(9) {
+        return sign | 0x7e;
+    }
+    let mut exponent = ((a.to_bits() >> 23) as i32) - 127;
+    let mut mantissa = ((a / 2f32.powi(exponent) - 1.0) * 8.0).round_ties_even() as i32;
+    if mantissa == 8 {
+        exponent += 1;
+        mantissa = 0;
+    }
+    // 480 (exponent 8, mantissa 7) is the NaN code: anything that far saturates to 448.
+    if exponent > 8 || (exponent == 8 && mantissa == 7) {
+        return sign | 0x7e;
+    }
+    sign | (((exponent + 7) as u8) << 3) | mantissa as u8
+}
+
+/// The value of an E4M3 code.
+pub fn e4m3_to_f32(code: u8) -> f32 {
+    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (exponent, mantissa) = ((code >> 3) & 0x0f, code & 0x07);
+    if exponent == 0x0f && mantissa == 0x07 {
+        return f32::NAN;
+    }
+    let magnitude = if exponent == 0 {
+        mantissa as f32 / 8.0 * 2f32.powi(-6)
+    } else {
+        (1.0 + mantissa as f32 / 8.0) * 2f32.powi(exponent as i32 - 7)
+    };
+    sign * magnitude
+}
+
+/// A row quantized as the device does it (`quantize_fp8_rows`): its codes and its scale.
+pub fn quantize_row(row: &[f32]) -> (Vec<u8>, f32) {
+    let max = row
+        .iter()
+        .fold(0f32, |m, &x| m.max(x.abs()))
+        .max(MIN_ROW_MAX);
+    let inverse = E4M3_MAX / max;
+    (
+        row.iter().map(|&x| e4m3_from_f32(x * inverse)).collect(),
+        max / E4M3_MAX,
+    )
+}
+
+/// Rows of bf16 values quantized to E4M3 on the device, a scale per row.
+pub struct Fp8Rows {
+    /// [rows, cols] codes, a byte each.
+    pub codes: DeviceBuffer,
+    /// [rows] f32 scales.
+    pub scales: DeviceBuffer,
+}
+
+impl Fp8Rows {
+    /// Room for `rows` × `cols`.
+    pub fn alloc(gpu: &Gpu, rows: usize, cols: usize) -> anyhow::Result<Self> {
+        Ok(Fp8Rows {
+            codes: gpu.alloc(rows * cols)?,
+            scales: gpu.alloc(rows * 4)?,
+        })
+    }
+
+    /// Quantizes `rows` × `cols` bf16 values at `x` into these buffers (queued on the
+    /// stream). `cols` must be even and the buffers large enough.
+    pub fn quantize(&self, gpu: &Gpu, x: u64, rows: usize, cols: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            rows * cols <= self.codes.bytes
+                && rows * 4 <= self.scales.bytes
+                && cols.is_multiple_of(2),
+            "FP8 rows: {rows}x{cols} does not fit"
+        );
+        gpu.launch(
+            "quantize_fp8_rows",
+            grid(rows, QUANTIZE_THREADS),
+            &[&x, &self.codes.ptr, &self.scales.ptr, &(cols as i32)],
+        )
+    }
+
+    /// A weight [n, k] quantized per output channel (row).
+    pub fn of_weight(gpu: &Gpu, w: &DeviceBuffer, n: usize, k: usize) -> anyhow::Result<Self> {
+        let rows = Self::alloc(gpu, n, k)?;
+        rows.quantize(gpu, w.ptr, n, k)?;
+        Ok(rows)
+    }
+}
+
+/// What an FP8 GEMM is planned for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Problem {
+    rows: usize,
+    n: usize,
+    k: usize,
+    f32_out: bool,
+}
+
+/// How the GEMM applies the scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleMode {
+    /// A scale per weight row (output channel) and one per activation row (token).
+    PerRow,
+    /// One scale for each whole matrix (the first element of each scale buffer).
+    PerTensor,
+}
+
+/// cuBLASLt FP8 GEMMs: y[rows, n] = (x_q[rows, k] · w_q[n, k]ᵀ) scaled by each row's and
+/// column's scale, accumulated in f32, written in bf16 or f32.
+pub struct Fp8Gemms {
+    handle: sys::cublasLtHandle_t,
+    desc: sys::cublasLtMatmulDesc_t,
+    mode: ScaleMode,
+    workspace: u64,
+    workspace_bytes: usize,
+    algorithms: Mutex<HashMap<Problem, sys::cublasLtMatmulAlgo_t>>,
+}
+
+// SAFETY: the handle and descriptor are used through `&self` by one thread at a time (the
+// runner's), on its one stream; the descriptor's scale pointers are set and used under the
+// algorithms' lock.
+unsafe impl Send for Fp8Gemms {}
+unsafe impl Sync for Fp8Gemms {}
+
+impl Drop for Fp8Gemms {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once here.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+/// Sets one attribute of a matmul descriptor from a plain value.
+///
+/// # Safety
+/// `desc` must be live and `T` the attribute's type.
+unsafe fn set_attribute<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attribute: sys::cublasLtMatmulDescAttributes_t,
+    value: T,
+) -> anyhow::Result<()> {
+    lt::set_matmul_desc_attribute(
+        desc,
+        attribute,
+        (&value) as *const T as *const _,
+        std::mem::size_of::<T>(),
+    )
+    .map_err(|e| anyhow::anyhow!("cuBLASLt attribute {attribute:?}: {e}"))
+}
+
+impl Fp8Gemms {
+    /// `workspace`: device memory of `workspace_bytes` the GEMMs may use (the runner's,
+    /// shared with cuBLAS on its one stream).
+    pub fn new(mode: ScaleMode, workspace: u64, workspace_bytes: usize) -> anyhow::Result<Self> {
+        // SAFETY: only tries to open the library.
+        anyhow::ensure!(
+            unsafe { sys::is_culib_present() },
+            "cuBLASLt (libcublasLt.so) could not be loaded: put the CUDA toolkit's lib64 on \
+             LD_LIBRARY_PATH"
+        );
+        let handle = lt::create_handle().map_err(|e| anyhow::anyhow!("starting cuBLASLt: {e}"))?;
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| anyhow::anyhow!("cuBLASLt matmul descriptor: {e}"))?;
+        let gemms = Fp8Gemms {
+            handle,
+            desc,
+            mode,
+            workspace,
+            workspace_bytes,
+            algorithms: Mutex::new(HashMap::new()),
+        };
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        let scale_mode = match mode {
+            ScaleMode::PerRow => {
+                sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
+            }
+            ScaleMode::PerTensor => {
+                sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F
+            }
+        } as i32;
+        // SAFETY: the descriptor is live; each value has its attribute's type. FP8 GEMMs
+        // take A (the weight) transposed and B not: y = wᵀ·x in cuBLAS's column-major view.
+        unsafe {
+            set_attribute(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, 1i32)?;
+            set_attribute(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, 0i32)?;
+            set_attribute(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, scale_mode)?;
+            set_attribute(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, scale_mode)?;
+        }
+        Ok(gemms)
+    }
+
+    pub fn mode(&self) -> ScaleMode {
+        self.mode
+    }
+
+    fn layouts(problem: Problem) -> anyhow::Result<[Layout; 3]> {
+        let fp8 = sys::cudaDataType::CUDA_R_8F_E4M3;
+        let out = if problem.f32_out {
+            sys::cudaDataType::CUDA_R_32F
+        } else {
+            sys::cudaDataType::CUDA_R_16BF
+        };
+        // Column-major: the weight [n, k] row-major is k × n, used transposed; x is
+        // k × rows; y is n × rows.
+        Ok([
+            Layout::new(fp8, problem.k, problem.n)?,
+            Layout::new(fp8, problem.k, problem.rows)?,
+            Layout::new(out, problem.n, problem.rows)?,
+        ])
+    }
+
+    /// cuBLASLt's first choice for `problem`, found on first use.
+    fn algorithm(
+        &self,
+        algorithms: &mut HashMap<Problem, sys::cublasLtMatmulAlgo_t>,
+        problem: Problem,
+        layouts: &[Layout; 3],
+    ) -> anyhow::Result<sys::cublasLtMatmulAlgo_t> {
+        if let Some(algo) = algorithms.get(&problem) {
+            return Ok(*algo);
+        }
+        let pref = lt::create_matmul_pref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let workspace = self.workspace_bytes as u64;
+        let [a, b, c] = layouts;
+        // SAFETY: the preference and layouts are live; the value is a u64 as the attribute
+        // wants.
+        let found = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&workspace) as *const u64 as *const _,
+                8,
+            )
+            .and_then(|()| {
+                lt::get_matmul_algo_heuristic(self.handle, self.desc, a.0, b.0, c.0, c.0, pref)
+            })
+        };
+        // SAFETY: created above, destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        let heuristic = found.map_err(|e| {
+            anyhow::anyhow!(
+                "cuBLASLt has no FP8 algorithm ({:?} scales) for {}x{}x{}: {e}",
+                self.mode,
+                problem.rows,
+                problem.n,
+                problem.k
+            )
+        })?;
+        algorithms.insert(problem, heuristic.algo);
+        Ok(heuristic.algo)
+    }
+
+    /// y[rows, n] = Σ_k x_q[r, k]·x_scales[r] · w_q[n, k]·w_scales[n] (row-major, f32
+    /// accumulation), y in bf16 or f32 (`f32_out`). `k` must be a multiple of 16.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        y: u64,
+        f32_out: bool,
+        x_q: u64,
+        x_scales: u64,
+        w_q: u64,
+        w_scales: u64,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            k.is_multiple_of(16),
+            "FP8 GEMMs need k a multiple of 16, not {k}"
+        );
+        let problem = Problem {
+            rows,
+            n,
+            k,
+            f32_out,
+        };
+        let layouts = Self::layouts(problem)?;
+        let mut algorithms = self.algorithms.lock().unwrap_or_else(|e| e.into_inner());
+        let algo = self.algorithm(&mut algorithms, problem, &layouts)?;
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let [a, b, c] = &layouts;
+        // SAFETY: the descriptor is live (the lock keeps other calls from changing its
+        // scale pointers meanwhile); the pointers address live buffers of the stated
+        // shapes; the workspace is the runner's and outlives the call.
+        unsafe {
+            set_attribute(self.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scales)?;
+            set_attribute(self.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_scales)?;
+            lt::matmul(
+                self.handle,
+                self.desc,
+                (&alpha) as *const f32 as *const _,
+                (&beta) as *const f32 as *const _,
+                w_q as *const _,
+                a.0,
+                x_q as *const _,
+                b.0,
+                y as *const _,
+                c.0,
+                y as *mut _,
+                c.0,
+                &algo,
+                self.workspace as *mut _,
+                self.workspace_bytes,
+                stream as sys::cudaStream_t,
+            )
+        }
+        .with_context(|| format!("cuBLASLt FP8 GEMM {rows}x{n}x{k}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_decodes_and_encodes_back_to_itself() {
+        for code in 0u8..=255 {
+            let value = e4m3_to_f32(code);
+            if value.is_nan() {
+                assert_eq!(code & 0x7f, 0x7f, "{code:#x}");
+                assert_eq!(e4m3_from_f32(value) & 0x7f, 0x7f);
+            } else if value == 0.0 {
+                // +0 and -0 both encode with their sign.
+                assert_eq!(e4m3_from_f32(value), code, "{code:#x}");
+            } else {
+                assert_eq!(e4m3_from_f32(value), code, "{code:#x} = {value}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_format_has_its_known_values() {
+        assert_eq!(e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6));
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert_eq!(e4m3_to_f32(0x38), 1.0);
+        assert_eq!(e4m3_to_f32(0xb8), -1.0);
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_and_saturates() {
+        // Between 1.0 (0x38) and 1.125 (0x39): the midpoint goes to the even code.
+        assert_eq!(e4m3_from_f32(1.0625), 0x38);
+        assert_eq!(e4m3_from_f32(1.0626), 0x39);
+        // Between 1.125 and 1.25 (0x3a): the midpoint goes up, to the even code.
+        assert_eq!(e4m3_from_f32(1.1875), 0x3a);
+        // Above the largest finite value, and infinity: the largest finite value.
+        assert_eq!(e4m3_from_f32(460.0), 0x7e);
+        assert_eq!(e4m3_from_f32(1e9), 0x7e);
+        assert_eq!(e4m3_from_f32(f32::INFINITY), 0x7e);
+        assert_eq!(e4m3_from_f32(-f32::INFINITY), 0xfe);
+        // Half the smallest subnormal rounds to zero (even); a bit more, up.
+        assert_eq!(e4m3_from_f32(2f32.powi(-10)), 0x00);
+        assert_eq!(e4m3_from_f32(2f32.powi(-10) * 1.01), 0x01);
+        // The largest subnormal rounds up into the smallest normal.
+        assert_eq!(e4m3_from_f32(2f32.powi(-6) * 0.99), 0x08);
+    }
+
+    #[test]
+    fn a_quantized_row_uses_the_whole_range_and_rounds_back_closely() {
+        let row: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) * 0.013).collect();
+        let (codes, scale) = quantize_row(&row);
+        let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert_eq!(scale, max / E4M3_MAX);
+        assert!(codes.contains(&0x7e) || codes.contains(&0xfe));
+        for (&x, &c) in row.iter().zip(&codes) {
+            // E4M3 keeps 3 mantissa bits: within 1/16 relative, or the subnormal step.
+            let back = e4m3_to_f32(c) * scale;
+            assert!(
+                (back - x).abs() <= x.abs() / 16.0 + scale * 2f32.powi(-10),
+                "{x} {back}"
+            );
+        }
+        let (zeros, scale) = quantize_row(&[0.0; 8]);
+        assert!(zeros.iter().all(|&c| c == 0) && scale.is_finite() && scale > 0.0);
+    }
+}

@@ -9,7 +9,7 @@ use half::bf16;
 use heddle_model::ModelConfig;
 
 use crate::fp8::{quantize_row, Fp8Gemms, Fp8Rows, ScaleMode};
-use crate::gpu::{grid, DeviceBuffer, Gpu};
+use crate::gpu::{DeviceBuffer, Gpu};
 use crate::kernels::{DType, KernelShape};
 use crate::selftest::{random_values, relative_error};
 use crate::weights::Dims;
@@ -225,9 +225,5 @@ fn timings(gpu: &Gpu, gemms: &Fp8Gemms, config: &ModelConfig) -> anyhow::Result<
 }
 
 fn fill(gpu: &Gpu, buffer: &DeviceBuffer, len: usize) -> anyhow::Result<()> {
-    gpu.launch(
-        "init_random",
-        grid(len.div_ceil(256).clamp(1, 65_536), 256),
-        &[&buffer.ptr, &(len as u64), &7u64, &0.0f32, &0.05f32],
-    )
+    crate::weights::fill_random(gpu, buffer.ptr, len, 7, 0.0, 0.05)
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use heddle_model::ModelConfig;
 
-use crate::gpu::{grid, DeviceBuffer, Gpu};
+use crate::gpu::{DeviceBuffer, Gpu};
 use crate::kernels::{DType, KernelShape};
 use crate::weights::Dims;
 
@@ -92,10 +92,6 @@ pub fn run(
 
 fn random_buffer(gpu: &Gpu, len: usize, seed: u64) -> anyhow::Result<DeviceBuffer> {
     let buffer = gpu.alloc(len * gpu.dtype.size_in_bytes())?;
-    gpu.launch(
-        "init_random",
-        grid(len.div_ceil(256).clamp(1, 65_536), 256),
-        &[&buffer.ptr, &(len as u64), &seed, &0.0f32, &0.05f32],
-    )?;
+    crate::weights::fill_random(gpu, buffer.ptr, len, seed, 0.0, 0.05)?;
     Ok(buffer)
 }

@@ -414,24 +414,47 @@ fn random_tensor(
     let buffer = gpu.alloc(len * e)?;
     let mut at = buffer.ptr;
     for w in windows {
-        let blocks = w.len.div_ceil(256).clamp(1, 65_536);
-        gpu.launch(
-            "init_random",
-            grid(blocks, 256),
-            &[
-                &at,
-                &(w.len as u64),
-                &(w.columns as u64),
-                &(w.full_columns as u64),
-                &(w.offset as u64),
-                &seed,
-                &center,
-                &scale,
-            ],
-        )?;
+        fill_window(gpu, at, w, seed, center, scale)?;
         at += (w.len * e) as u64;
     }
     Ok(buffer)
+}
+
+/// Fills `len` elements of the GPU's dtype at `ptr` with the whole random tensor drawn
+/// from `seed` (values `center` ± `scale`, see `init_random`).
+pub fn fill_random(
+    gpu: &Gpu,
+    ptr: u64,
+    len: usize,
+    seed: u64,
+    center: f32,
+    scale: f32,
+) -> anyhow::Result<()> {
+    fill_window(gpu, ptr, &Window::rows(len, 0..1), seed, center, scale)
+}
+
+fn fill_window(
+    gpu: &Gpu,
+    at: u64,
+    w: &Window,
+    seed: u64,
+    center: f32,
+    scale: f32,
+) -> anyhow::Result<()> {
+    gpu.launch(
+        "init_random",
+        grid(w.len.div_ceil(256).clamp(1, 65_536), 256),
+        &[
+            &at,
+            &(w.len as u64),
+            &(w.columns as u64),
+            &(w.full_columns as u64),
+            &(w.offset as u64),
+            &seed,
+            &center,
+            &scale,
+        ],
+    )
 }
 
 /// Rows of a Q or K projection (or bias) of `heads` heads, from GGUF Llama's order (row

@@ -8,9 +8,8 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use heddle_cuda::bench::{self, Load};
 use heddle_cuda::{
-    dummy, fp8_check, gemm_bench, gguf_reference, invariance, parallel_checks, reference,
-    selftest, CudaOptions, CudaRunner, DType, KvBudget, RankPlacement, TensorParallel,
-    WeightSource,
+    dummy, fp8_check, gemm_bench, gguf_reference, invariance, parallel_checks, reference, selftest,
+    CudaOptions, CudaRunner, DType, KvBudget, RankPlacement, TensorParallel, WeightSource,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -409,6 +408,9 @@ fn main() -> anyhow::Result<()> {
             let failed = checks.iter().filter(|c| !c.passed()).count();
             if failed > 0 {
                 bail!("{failed} of {} NCCL checks failed", checks.len());
+            }
+            Ok(())
+        }
         Command::Gemm { config: path } => {
             let config = dummy::read_config(&path)?;
             let name = path.file_stem().unwrap_or_default().to_string_lossy();

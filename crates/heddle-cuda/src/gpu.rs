@@ -10,6 +10,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
+use crate::fp8::{Fp8Gemms, Fp8Rows, ScaleMode};
 use crate::kernels::{DType, KernelShape, DECODE_KERNELS, KERNEL_NAMES};
 use crate::pinned_gemm::PinnedGemms;
 
@@ -64,6 +65,8 @@ pub struct Gpu {
     blas: CudaBlas,
     /// Set in batch-invariant mode: GEMMs go to cuBLASLt with pinned algorithms.
     pinned: Option<PinnedGemms>,
+    /// Set with `--quantization fp8`: the FP8 GEMMs of the quantized projections.
+    fp8: Option<Fp8Gemms>,
     pub dtype: DType,
     pub name: String,
     pub multiprocessors: usize,
@@ -169,6 +172,7 @@ impl Gpu {
             kernels: Kernels { functions },
             blas,
             pinned: None,
+            fp8: None,
             dtype: shape.dtype,
             name,
             multiprocessors,
@@ -364,6 +368,61 @@ impl Gpu {
             workspace.bytes,
         )?);
         Ok(())
+    }
+
+    /// From now on, FP8 projections (`Matrix::Fp8`) can be multiplied here; refused on GPUs
+    /// without FP8 tensor cores. `workspace` must outlive the GPU's use.
+    pub fn enable_fp8(&mut self, workspace: &DeviceBuffer) -> anyhow::Result<()> {
+        let (major, minor) = self.ctx.compute_capability()?;
+        anyhow::ensure!(
+            (major, minor) >= (8, 9),
+            "{} (compute capability {major}.{minor}) has no FP8 tensor cores: --quantization \
+             fp8 needs compute capability 8.9 (Ada) or newer",
+            self.name
+        );
+        self.bind()?;
+        self.fp8 = Some(Fp8Gemms::new(
+            ScaleMode::PerRow,
+            workspace.ptr,
+            workspace.bytes,
+        )?);
+        Ok(())
+    }
+
+    /// y[rows, n] = x[rows, k] · w[n, k]ᵀ for an FP8 weight: x (the runner's dtype) is
+    /// quantized per row into `activations` first; y is in the runner's dtype.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_fp8(
+        &self,
+        y: u64,
+        x: u64,
+        activations: &Fp8Rows,
+        w: &Fp8Rows,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> anyhow::Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let gemms = self
+            .fp8
+            .as_ref()
+            .context("an FP8 projection on a GPU whose FP8 GEMMs were not enabled")?;
+        activations.quantize(self, x, rows, k)?;
+        self.bind()?;
+        gemms.gemm(
+            self.stream.cu_stream(),
+            y,
+            false,
+            activations.codes.ptr,
+            activations.scales.ptr,
+            w.codes.ptr,
+            w.scales.ptr,
+            rows,
+            n,
+            k,
+        )
     }
 
     /// Gives cuBLAS its workspace, so that it allocates nothing while a graph is captured.

@@ -29,7 +29,7 @@ pub mod weights;
 pub mod xorshift;
 
 pub use kernels::DType;
-pub use runner::{CudaOptions, CudaRunner, KvBudget, WeightSource};
+pub use runner::{CudaOptions, CudaRunner, KvBudget, Quantization, WeightSource};
 pub use tensor_parallel::{RankPlacement, TensorParallel};
 
 /// Whether a CUDA device can be opened here, or why not.

@@ -27,6 +27,7 @@ use heddle_model::runner::{ModelRunner, PromptTokenLogprobs, SampledOutput};
 use heddle_model::{ModelConfig, ModelError};
 
 use crate::collective::{Collective, Part};
+use crate::fp8::Fp8Rows;
 use crate::gpu::{grid, DeviceBuffer, Gpu, StagingBuffer};
 use crate::kernels::{
     decode_splits, DType, KernelShape, ATTENTION_THREADS, MAX_TOP_LOGPROBS, SAMPLE_THREADS,
@@ -35,7 +36,7 @@ use crate::kernels::{
 use crate::memory::{blocks_for_fraction, kv_bytes_per_block};
 use crate::plan::{Padding, StepPlan};
 use crate::tensor_parallel::{Partition, RankPlacement, TensorParallel};
-use crate::weights::{Dims, Weights};
+use crate::weights::{Dims, Matrix, Weights};
 
 /// Where the weights come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +78,20 @@ pub struct CudaOptions {
     pub batch_invariant: bool,
     /// How many ranks the model is split over, and where they run (one rank by default).
     pub tensor_parallel: TensorParallel,
+    /// How the layers' projections are stored and multiplied.
+    pub quantization: Quantization,
+}
+
+/// How the layers' projections (Q·K·V, O, gate·up, down) are stored and multiplied; the
+/// embeddings, norms and LM head stay in the runner's dtype.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Quantization {
+    /// As loaded, in the runner's dtype.
+    #[default]
+    None,
+    /// FP8 E4M3 with a scale per output channel, quantized at load; activations quantized
+    /// per token before each projection (`--quantization fp8`; compute capability 8.9+).
+    Fp8,
 }
 
 impl Default for CudaOptions {
@@ -90,6 +105,7 @@ impl Default for CudaOptions {
             cuda_graphs: true,
             batch_invariant: false,
             tensor_parallel: TensorParallel::default(),
+            quantization: Quantization::None,
         }
     }
 }
@@ -134,6 +150,8 @@ struct Rank {
     buffers: Buffers,
     k_cache: DeviceBuffer,
     v_cache: DeviceBuffer,
+    /// With FP8 projections: a step's activations quantized before each projection.
+    fp8_activations: Option<Fp8Rows>,
 }
 
 pub struct CudaRunner {
@@ -228,7 +246,12 @@ impl CudaRunner {
             .map(|o| ordinals.iter().position(|p| p == o).unwrap_or(0))
             .collect();
         let rank_gpus: Vec<&Gpu> = rank_devices.iter().map(|&g| &gpus[g]).collect();
-        let weights = match source {
+        anyhow::ensure!(
+            options.quantization == Quantization::None
+                || (options.dtype == DType::Bf16 && !options.batch_invariant),
+            "--quantization fp8 runs with bf16 activations and without the batch-invariant mode"
+        );
+        let mut weights = match source {
             WeightSource::Checkpoint(dir) => Weights::load(&rank_gpus, &config, &partition, dir)?,
             WeightSource::Gguf(path) => {
                 let content = heddle_model::loader::read_gguf(path)?;
@@ -240,6 +263,11 @@ impl CudaRunner {
                 .map(|(rank, gpu)| Weights::dummy(gpu, &config, &partition, rank, *seed))
                 .collect::<anyhow::Result<Vec<_>>>()?,
         };
+        if options.quantization == Quantization::Fp8 {
+            for (w, gpu) in weights.iter_mut().zip(&rank_gpus) {
+                w.quantize_fp8(gpu, &shard)?;
+            }
+        }
         let weights_bytes: usize = weights.iter().map(Weights::size_in_bytes).sum();
         let ranks_buffers = rank_gpus
             .iter()
@@ -264,6 +292,9 @@ impl CudaRunner {
             gpu.set_blas_workspace(&workspace)?;
             if options.batch_invariant {
                 gpu.pin_gemm_algorithms(options.max_batched_tokens, &workspace)?;
+            }
+            if options.quantization == Quantization::Fp8 {
+                gpu.enable_fp8(&workspace)?;
             }
             blas_workspaces.push(workspace);
         }
@@ -316,6 +347,14 @@ impl CudaRunner {
                 buffers,
                 k_cache: gpu.alloc(half_cache).context("allocating the KV cache")?,
                 v_cache: gpu.alloc(half_cache).context("allocating the KV cache")?,
+                fp8_activations: match options.quantization {
+                    Quantization::None => None,
+                    Quantization::Fp8 => {
+                        let d = Dims::of(&shard);
+                        let widest = d.hidden.max(d.q).max(d.ffn);
+                        Some(Fp8Rows::alloc(gpu, options.max_batched_tokens, widest)?)
+                    }
+                },
             });
         }
         for gpu in &gpus {
@@ -711,11 +750,11 @@ impl CudaRunner {
                 &1i32,
             ],
         )?;
-        gpu.gemm(
+        self.project(
+            rank,
             b.qkv.ptr,
-            false,
             b.normed.ptr,
-            layer.qkv.ptr,
+            &layer.qkv,
             t,
             d.qkv,
             d.hidden,
@@ -755,11 +794,11 @@ impl CudaRunner {
                 splits: None,
             },
         )?;
-        gpu.gemm(
+        self.project(
+            rank,
             b.projected.ptr,
-            false,
             b.attention.ptr,
-            layer.o.ptr,
+            &layer.o,
             t,
             d.hidden,
             d.q,
@@ -790,11 +829,11 @@ impl CudaRunner {
                 &1i32,
             ],
         )?;
-        gpu.gemm(
+        self.project(
+            rank,
             b.gate_up.ptr,
-            false,
             b.normed.ptr,
-            layer.gate_up.ptr,
+            &layer.gate_up,
             t,
             2 * d.ffn,
             d.hidden,
@@ -805,15 +844,40 @@ impl CudaRunner {
             grid((n as usize).div_ceil(256).min(65_536), 256),
             &[&b.gate_up.ptr, &b.activated.ptr, &(d.ffn as i32), &n],
         )?;
-        gpu.gemm(
+        self.project(
+            rank,
             b.projected.ptr,
-            false,
             b.activated.ptr,
-            layer.down.ptr,
+            &layer.down,
             t,
             d.hidden,
             d.ffn,
         )
+    }
+
+    /// y[rows, n] = x[rows, k] · w[n, k]ᵀ on `rank`'s GPU, through the matrix's own path.
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        &self,
+        rank: &Rank,
+        y: u64,
+        x: u64,
+        w: &Matrix,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> anyhow::Result<()> {
+        let gpu = &self.gpus[rank.device];
+        match w {
+            Matrix::Dense(w) => gpu.gemm(y, false, x, w.ptr, rows, n, k),
+            Matrix::Fp8(w) => {
+                let activations = rank
+                    .fp8_activations
+                    .as_ref()
+                    .context("an FP8 projection without FP8 activation buffers")?;
+                gpu.gemm_fp8(y, x, activations, w, rows, n, k)
+            }
+        }
     }
 
     /// The f32 logits of `rows` rows, listed at metadata word `row_list`, into the

@@ -31,7 +31,7 @@ use crate::gpu::{grid, DeviceBuffer, Gpu};
 use crate::kernels::{DType, KernelShape, MAX_TOP_LOGPROBS, SAMPLE_THREADS, SCORE_WORDS};
 use crate::plan::StepPlan;
 use crate::runner::{
-    launch_attention, AttentionArgs, CudaOptions, CudaRunner, KvBudget, WeightSource,
+    launch_attention, AttentionArgs, CudaOptions, CudaRunner, KvBudget, Quantization, WeightSource,
 };
 
 /// One check's outcome.
@@ -79,10 +79,14 @@ pub fn run_all() -> anyhow::Result<Vec<Check>> {
         checks.extend(kernel_checks(dtype)?);
     }
     let dir = std::env::temp_dir().join(format!("heddle-cuda-selftest-{}", std::process::id()));
+    let fp8 = crate::gpu::open_device(0)?.compute_capability()? >= (8, 9);
     for qwen2 in [false, true] {
         write_tiny_model(&dir, qwen2)?;
         for dtype in [DType::F32, DType::Bf16] {
-            checks.extend(runner_vs_cpu(&dir, dtype, qwen2)?);
+            checks.extend(runner_vs_cpu(&dir, dtype, qwen2, Quantization::None)?);
+        }
+        if fp8 {
+            checks.extend(runner_vs_cpu(&dir, DType::Bf16, qwen2, Quantization::Fp8)?);
         }
     }
     checks.extend(graph_replay(&dir)?);
@@ -969,13 +973,22 @@ pub fn write_tiny_model(dir: &Path, qwen2: bool) -> anyhow::Result<()> {
 
 /// Prefill in chunks of 8, then greedy decoding, on both runners; compares every logits
 /// row and the greedy tokens, and the device sampler's tokens with the logits' arg-max.
-fn runner_vs_cpu(dir: &Path, dtype: DType, qwen2: bool) -> anyhow::Result<Vec<Check>> {
+fn runner_vs_cpu(
+    dir: &Path,
+    dtype: DType,
+    qwen2: bool,
+    quantization: Quantization,
+) -> anyhow::Result<Vec<Check>> {
     let name = format!(
-        "runner vs CPU, {} {}",
+        "runner vs CPU, {} {}{}",
         if qwen2 { "qwen2" } else { "llama" },
         match dtype {
             DType::F32 => "f32",
             DType::Bf16 => "bf16",
+        },
+        match quantization {
+            Quantization::None => "",
+            Quantization::Fp8 => " fp8",
         }
     );
     let (cpu, _) = Llama::load(dir).context("loading the tiny model on the CPU")?;
@@ -989,6 +1002,7 @@ fn runner_vs_cpu(dir: &Path, dtype: DType, qwen2: bool) -> anyhow::Result<Vec<Ch
         max_batched_tokens: 64,
         max_running: 8,
         kv: KvBudget::Blocks(16),
+        quantization,
         ..CudaOptions::default()
     };
     let mut gpu = CudaRunner::new(
@@ -1067,9 +1081,12 @@ fn runner_vs_cpu(dir: &Path, dtype: DType, qwen2: bool) -> anyhow::Result<Vec<Ch
         Check {
             name: format!("{name}: logits relative error"),
             error: worst,
-            limit: Some(match dtype {
-                DType::F32 => 1e-4,
-                DType::Bf16 => 3e-2,
+            limit: Some(match (dtype, quantization) {
+                (DType::F32, _) => 1e-4,
+                (DType::Bf16, Quantization::None) => 3e-2,
+                // E4M3 keeps 3 mantissa bits of every weight and activation: a few percent,
+                // where a wrong scale or layout would be of the order of 1.
+                (DType::Bf16, Quantization::Fp8) => 0.15,
             }),
         },
         Check {

@@ -12,6 +12,7 @@ use half::{bf16, f16};
 use heddle_model::ModelConfig;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
+use crate::fp8::Fp8Rows;
 use crate::gpu::{grid, DeviceBuffer, Gpu};
 use crate::kernels::DType;
 use crate::tensor_parallel::{matrix_columns, matrix_rows, Partition};
@@ -19,14 +20,38 @@ use crate::tensor_parallel::{matrix_columns, matrix_rows, Partition};
 pub struct LayerWeights {
     pub attn_norm: DeviceBuffer,
     /// [q_dim + 2 kv_dim, hidden]: Q, K and V projections stacked.
-    pub qkv: DeviceBuffer,
+    pub qkv: Matrix,
     /// [q_dim + 2 kv_dim] (Qwen2).
     pub qkv_bias: Option<DeviceBuffer>,
-    pub o: DeviceBuffer,
+    pub o: Matrix,
     pub ffn_norm: DeviceBuffer,
     /// [2 intermediate, hidden]: gate then up.
-    pub gate_up: DeviceBuffer,
-    pub down: DeviceBuffer,
+    pub gate_up: Matrix,
+    pub down: Matrix,
+}
+
+/// A projection's weights [n, k]: as loaded (the runner's dtype), or quantized to FP8 with
+/// a scale per output row (`--quantization fp8`).
+pub enum Matrix {
+    Dense(DeviceBuffer),
+    Fp8(Fp8Rows),
+}
+
+impl Matrix {
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Matrix::Dense(w) => w.bytes,
+            Matrix::Fp8(w) => w.codes.bytes + w.scales.bytes,
+        }
+    }
+
+    /// This matrix [n, k] in FP8 (a dense one is quantized on the device and freed).
+    fn into_fp8(self, gpu: &Gpu, n: usize, k: usize) -> anyhow::Result<Self> {
+        Ok(match self {
+            Matrix::Dense(w) => Matrix::Fp8(Fp8Rows::of_weight(gpu, &w, n, k)?),
+            fp8 => fp8,
+        })
+    }
 }
 
 pub struct Weights {
@@ -51,18 +76,50 @@ impl Weights {
             .iter()
             .map(|l| {
                 l.attn_norm.bytes
-                    + l.qkv.bytes
+                    + l.qkv.size_in_bytes()
                     + l.qkv_bias.as_ref().map_or(0, |b| b.bytes)
-                    + l.o.bytes
+                    + l.o.size_in_bytes()
                     + l.ffn_norm.bytes
-                    + l.gate_up.bytes
-                    + l.down.bytes
+                    + l.gate_up.size_in_bytes()
+                    + l.down.size_in_bytes()
             })
             .sum();
         layers
             + self.embed.bytes
             + self.final_norm.bytes
             + self.lm_head.as_ref().map_or(0, |h| h.bytes)
+    }
+
+    /// Quantizes every layer's projections to FP8, a scale per output row, freeing the
+    /// dense ones layer by layer. `shard` is the model this rank holds. The embeddings,
+    /// norms and LM head stay as they are.
+    pub fn quantize_fp8(&mut self, gpu: &Gpu, shard: &ModelConfig) -> anyhow::Result<()> {
+        let d = Dims::of(shard);
+        let layers = std::mem::take(&mut self.layers);
+        self.layers = layers
+            .into_iter()
+            .map(|layer| {
+                let LayerWeights {
+                    attn_norm,
+                    qkv,
+                    qkv_bias,
+                    o,
+                    ffn_norm,
+                    gate_up,
+                    down,
+                } = layer;
+                Ok(LayerWeights {
+                    attn_norm,
+                    qkv: qkv.into_fp8(gpu, d.qkv, d.hidden)?,
+                    qkv_bias,
+                    o: o.into_fp8(gpu, d.hidden, d.q)?,
+                    ffn_norm,
+                    gate_up: gate_up.into_fp8(gpu, 2 * d.ffn, d.hidden)?,
+                    down: down.into_fp8(gpu, d.hidden, d.ffn)?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(())
     }
 
     /// Random weights at the model's shape, generated on the GPU (no host transfer):
@@ -92,16 +149,16 @@ impl Weights {
         for _ in 0..config.num_layers {
             layers.push(LayerWeights {
                 attn_norm: tensor(&whole(h), 1.0, norm)?,
-                qkv: tensor(&slices.qkv, 0.0, w)?,
+                qkv: Matrix::Dense(tensor(&slices.qkv, 0.0, w)?),
                 qkv_bias: if config.attention_bias {
                     Some(tensor(&slices.qkv_bias, 0.0, bias)?)
                 } else {
                     None
                 },
-                o: tensor(&slices.o, 0.0, w)?,
+                o: Matrix::Dense(tensor(&slices.o, 0.0, w)?),
                 ffn_norm: tensor(&whole(h), 1.0, norm)?,
-                gate_up: tensor(&slices.gate_up, 0.0, w)?,
-                down: tensor(&slices.down, 0.0, w)?,
+                gate_up: Matrix::Dense(tensor(&slices.gate_up, 0.0, w)?),
+                down: Matrix::Dense(tensor(&slices.down, 0.0, w)?),
             });
         }
         let weights = Weights {
@@ -294,12 +351,12 @@ impl Weights {
                 gate_up.extend_from_slice(matrix_rows(&up, row, ffn_rows.clone()));
                 layers[rank].push(LayerWeights {
                     attn_norm: gpu.upload(&attn_norm)?,
-                    qkv: gpu.upload(&qkv)?,
+                    qkv: Matrix::Dense(gpu.upload(&qkv)?),
                     qkv_bias: bias,
-                    o: gpu.upload(&matrix_columns(&o, d.q, e, q_rows))?,
+                    o: Matrix::Dense(gpu.upload(&matrix_columns(&o, d.q, e, q_rows))?),
                     ffn_norm: gpu.upload(&ffn_norm)?,
-                    gate_up: gpu.upload(&gate_up)?,
-                    down: gpu.upload(&matrix_columns(&down, d.ffn, e, ffn_rows))?,
+                    gate_up: Matrix::Dense(gpu.upload(&gate_up)?),
+                    down: Matrix::Dense(gpu.upload(&matrix_columns(&down, d.ffn, e, ffn_rows))?),
                 });
             }
         }

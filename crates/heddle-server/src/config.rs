@@ -194,6 +194,12 @@ pub struct ServeArgs {
     /// vocabulary must divide by it; see docs/DEPLOY.md.
     #[arg(long, env = "HEDDLE_TENSOR_PARALLEL_SIZE")]
     pub tensor_parallel_size: Option<usize>,
+    /// On cuda: store the layers' projections in FP8 (E4M3, a scale per output channel,
+    /// quantized at load; activations quantized per token), halving their memory and
+    /// using the FP8 tensor cores; needs compute capability 8.9 (Ada, Hopper) or newer.
+    /// See docs/CUDA.md.
+    #[arg(long, env = "HEDDLE_QUANTIZATION", value_enum)]
+    pub quantization: Option<QuantizationKind>,
     /// Serve random weights of the shape in --model-config, made on the GPU (benchmarks).
     /// Prompts should be token ids; see docs/CUDA.md.
     #[arg(long, env = "HEDDLE_DUMMY_WEIGHTS", requires = "model_config")]
@@ -238,6 +244,13 @@ pub struct ServeArgs {
 pub enum DeviceKind {
     Cpu,
     Cuda,
+}
+
+/// `--quantization`: how a GPU model's projections are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantizationKind {
+    /// FP8 E4M3 with a scale per output channel.
+    Fp8,
 }
 
 /// The resolved configuration the server runs with.
@@ -553,6 +566,12 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
             if tensor_parallel_size > 1 {
                 bail!("--tensor-parallel-size needs --device cuda");
             }
+            if args.quantization.is_some() {
+                bail!(
+                    "--quantization needs --device cuda (on the CPU a GGUF file's own \
+                     quantization is used)"
+                );
+            }
             Ok(Device::Cpu)
         }
         DeviceKind::Cuda if !cfg!(feature = "cuda") => {
@@ -572,6 +591,9 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
                     if tensor_parallel_size > 1 {
                         bail!("--tensor-parallel-size {tensor_parallel_size}: {why:#}");
                     }
+                    if args.quantization.is_some() {
+                        bail!("--quantization fp8: {why:#}");
+                    }
                     tracing::warn!(
                         "--device cuda: {why:#}; serving on the CPU, with the CPU's defaults"
                     );
@@ -583,6 +605,7 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
                 dummy_weights: args.dummy_weights,
                 batch_invariant: args.batch_invariant,
                 tensor_parallel_size,
+                fp8: args.quantization == Some(QuantizationKind::Fp8),
             })
         }
     }
@@ -1183,6 +1206,13 @@ mod tests {
         };
         let err = ServerConfig::resolve(&split_on_cpu).unwrap_err();
         assert!(err.to_string().contains("needs --device cuda"), "{err}");
+        let fp8_on_cpu = ServeArgs {
+            device: Some(DeviceKind::Cpu),
+            quantization: Some(QuantizationKind::Fp8),
+            ..ServeArgs::default()
+        };
+        let err = ServerConfig::resolve(&fp8_on_cpu).unwrap_err();
+        assert!(err.to_string().contains("--quantization needs"), "{err}");
         let no_ranks = ServeArgs {
             tensor_parallel_size: Some(0),
             ..dummy.clone()
@@ -1198,8 +1228,17 @@ mod tests {
                     dummy_weights: true,
                     batch_invariant: false,
                     tensor_parallel_size: 1,
+                    fp8: false,
                 }
             );
+            let fp8 = ServeArgs {
+                quantization: Some(QuantizationKind::Fp8),
+                ..dummy.clone()
+            };
+            assert!(matches!(
+                ServerConfig::resolve(&fp8).unwrap().device,
+                Device::Cuda { fp8: true, .. }
+            ));
             let split = ServeArgs {
                 tensor_parallel_size: Some(2),
                 ..dummy.clone()

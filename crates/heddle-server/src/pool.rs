@@ -56,6 +56,8 @@ pub enum Device {
         batch_invariant: bool,
         /// GPUs each model is split over (tensor parallelism, docs/DEPLOY.md).
         tensor_parallel_size: usize,
+        /// The layers' projections in FP8 (`--quantization fp8`, docs/CUDA.md).
+        fp8: bool,
     },
 }
 
@@ -595,6 +597,7 @@ fn load_runner(spec: &ModelSpec, base: &SchedulerConfig, device: Device) -> anyh
         dummy_weights,
         batch_invariant,
         tensor_parallel_size,
+        fp8,
     } = device
     {
         match cuda::load(
@@ -604,9 +607,12 @@ fn load_runner(spec: &ModelSpec, base: &SchedulerConfig, device: Device) -> anyh
             dummy_weights,
             batch_invariant,
             tensor_parallel_size,
+            fp8,
         ) {
             Ok(runner) => return Ok(runner),
-            Err(cuda::LoadError::NoDevice(why)) if !dummy_weights && tensor_parallel_size == 1 => {
+            Err(cuda::LoadError::NoDevice(why))
+                if !dummy_weights && tensor_parallel_size == 1 && !fp8 =>
+            {
                 tracing::warn!(model = %spec.id, "{why:#}; running on the CPU instead");
             }
             Err(cuda::LoadError::NoDevice(error) | cuda::LoadError::Failed(error)) => {
@@ -695,9 +701,12 @@ mod cuda {
         dummy_weights: bool,
         batch_invariant: bool,
         tensor_parallel_size: usize,
+        fp8: bool,
     ) -> Result<Runner, LoadError> {
         use anyhow::Context;
-        use heddle_cuda::{dummy, CudaOptions, CudaRunner, KvBudget, TensorParallel, WeightSource};
+        use heddle_cuda::{
+            dummy, CudaOptions, CudaRunner, KvBudget, Quantization, TensorParallel, WeightSource,
+        };
         use heddle_model::tokenizer::TokenizerBundle;
         use heddle_model::ModelConfig;
 
@@ -732,6 +741,11 @@ mod cuda {
                     kv: KvBudget::MemoryFraction(gpu_memory_fraction),
                     batch_invariant,
                     tensor_parallel: TensorParallel::across_gpus(tensor_parallel_size),
+                    quantization: if fp8 {
+                        Quantization::Fp8
+                    } else {
+                        Quantization::None
+                    },
                     ..CudaOptions::default()
                 },
             )?;

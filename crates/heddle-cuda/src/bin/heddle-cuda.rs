@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use heddle_cuda::bench::{self, Load};
 use heddle_cuda::{
     dummy, fp8_check, gemm_bench, gguf_reference, invariance, parallel_checks, reference, selftest,
-    CudaOptions, CudaRunner, DType, KvBudget, RankPlacement, TensorParallel, WeightSource,
+    CudaOptions, CudaRunner, DType, KvBudget, Quantization, RankPlacement, TensorParallel,
+    WeightSource,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -43,6 +44,9 @@ enum Command {
         out: PathBuf,
         #[arg(long)]
         batch_invariant: bool,
+        /// The layers' projections in FP8 (`fp8`) or as loaded (`none`).
+        #[arg(long, value_enum, default_value_t = QuantizationArg::None)]
+        quantization: QuantizationArg,
     },
     /// A GGUF model on the GPU against the committed float64 reference outputs of the same
     /// file: every case's greedy tokens.
@@ -159,6 +163,24 @@ struct BenchArgs {
     tensor_parallel_size: usize,
     #[command(flatten)]
     placement: PlacementArg,
+    /// The layers' projections in FP8 (`fp8`) or as loaded (`none`).
+    #[arg(long, value_enum, default_value_t = QuantizationArg::None)]
+    quantization: QuantizationArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum QuantizationArg {
+    None,
+    Fp8,
+}
+
+impl From<QuantizationArg> for Quantization {
+    fn from(q: QuantizationArg) -> Self {
+        match q {
+            QuantizationArg::None => Quantization::None,
+            QuantizationArg::Fp8 => Quantization::Fp8,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -199,6 +221,7 @@ fn main() -> anyhow::Result<()> {
             dtype,
             out,
             batch_invariant,
+            quantization,
         } => {
             let job = reference::Job::from_json(&std::fs::read_to_string(&job)?)?;
             let config = heddle_model::ModelConfig::from_hf_json(&std::fs::read_to_string(
@@ -218,6 +241,7 @@ fn main() -> anyhow::Result<()> {
                 cuda_graphs: true,
                 batch_invariant,
                 tensor_parallel: TensorParallel::default(),
+                quantization: quantization.into(),
             };
             let mut runner = CudaRunner::new(config, &WeightSource::Checkpoint(model), options)?;
             let output = reference::run(&mut runner, &job)?;
@@ -473,6 +497,7 @@ fn main() -> anyhow::Result<()> {
                     size: args.tensor_parallel_size,
                     placement: args.placement.placement(),
                 },
+                quantization: args.quantization.into(),
                 ..CudaOptions::default()
             };
             let mut runner = CudaRunner::new(config, &WeightSource::Dummy { seed: 0 }, options)?;
@@ -491,6 +516,11 @@ fn main() -> anyhow::Result<()> {
                     (1, _) => String::new(),
                     (n, RankPlacement::OneGpuEach) => format!("+tp{n}"),
                     (n, RankPlacement::AllOnFirstGpu) => format!("+tp{n}onegpu"),
+                }
+                + if args.quantization == QuantizationArg::Fp8 {
+                    "+fp8"
+                } else {
+                    ""
                 };
             let load = Load {
                 requests: args.requests,

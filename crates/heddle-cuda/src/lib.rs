@@ -7,6 +7,7 @@
 
 pub mod adjustments;
 pub mod bench;
+pub mod decode_case;
 pub mod dummy;
 pub mod gguf_reference;
 pub mod gpu;

@@ -167,6 +167,20 @@ impl DecodeCase {
         Ok(out)
     }
 
+    /// Fills the output with NaNs (all bits set), so that an element left unwritten fails.
+    pub fn poison_output(&self, gpu: &Gpu) -> anyhow::Result<()> {
+        // SAFETY: the buffer holds `bytes` bytes; the fill is ordered on the stream.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                self.out.ptr,
+                0xff,
+                self.out.bytes,
+                gpu.stream.cu_stream(),
+            )
+        }?;
+        Ok(())
+    }
+
     pub fn output(&self, gpu: &Gpu, shape: &KernelShape) -> anyhow::Result<Vec<f32>> {
         read_values(gpu, &self.out, shape.dtype)
     }

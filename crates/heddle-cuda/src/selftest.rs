@@ -331,7 +331,7 @@ fn kernel_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
             &history,
             bs,
             shape.tokens_per_tile(),
-            true,
+            shape.has_decode_kernel(),
             10,
             None,
         );
@@ -353,12 +353,13 @@ fn kernel_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
                 &v_cache.ptr,
             ],
         )?;
-        // Multi-token tiles go to the general kernel, single-token ones to the decode one;
-        // the decode token also with its context split in 5 ranges (3 of them empty).
-        let splits: &[Option<usize>] = if count == 1 {
-            &[Some(1), Some(5)]
-        } else {
-            &[None]
+        // Multi-token tiles go to the general kernel, single-token ones to the decode one
+        // where the shape has it (bf16); the decode token also with its context split in 5
+        // ranges (3 of them empty).
+        let splits: &[Option<usize>] = match (count, shape.has_decode_kernel()) {
+            (1, true) => &[Some(1), Some(5)],
+            (1, false) => &[Some(1)],
+            _ => &[None],
         };
         for &split in splits {
             launch_attention(
@@ -451,7 +452,14 @@ fn decode_attention_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
             case.contexts.len() * shape.attention_grid_y(),
             gpu.multiprocessors,
         );
-        for split in [Some(1), None] {
+        // Without the decode kernel (f32) both would run the general kernel.
+        let variants: &[Option<usize>] = if shape.has_decode_kernel() {
+            &[Some(1), None]
+        } else {
+            &[Some(1)]
+        };
+        for &split in variants {
+            case.poison_output(&gpu)?;
             case.launch(&gpu, &shape, split)?;
             let ranges = match split {
                 Some(1) => "whole".to_string(),

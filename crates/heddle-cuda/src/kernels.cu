@@ -353,12 +353,13 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return r;
 }
 
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 4)
 attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_t* out,
                  const int* tiles, const int* block_tables, const int* table_offsets,
                  float scale, float* partials) {
     __shared__ float m_s[ATTN_WARPS][HEADS_PER_CTA], l_s[ATTN_WARPS][HEADS_PER_CTA];
     __shared__ float acc_s[ATTN_WARPS][HEADS_PER_CTA][HEAD_DIM];
+    __shared__ uint2 qa_s[ATTN_WARPS][2 * K_LOADS][WARP];
     const int* tile = tiles + blockIdx.x * 4;
     int t = tile[0], seq = tile[2], n_keys = tile[3] + 1;
     // This block's range of the context, in whole turns.
@@ -375,20 +376,19 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
         return (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM;
     };
 
-    // Q as the A operand, row g = head g of the block, pre-scaled for exp2: k-step 2i
-    // takes words x, y of load i, k-step 2i + 1 words z, w (the order K's loads give).
-    unsigned qa[2 * K_LOADS][2];
+    // Q as the A operand, row g = head g of the block: k-step 2i takes words x, y of load
+    // i, k-step 2i + 1 words z, w (the order K's loads give). Kept in shared memory, in
+    // each warp's own copy laid out by lane, to leave registers for the loads in flight.
     {
         const elem_t* q = qkv + (long long)t * QKV_STRIDE + (head0 + g) * HEAD_DIM + c * 8;
 #pragma unroll
         for (int i = 0; i < K_LOADS; i++) {
             uint4 w = make_uint4(0, 0, 0, 0);
             if (g < HEADS_PER_CTA) w = *(const uint4*)(q + i * 32);
-            qa[2 * i][0] = w.x;
-            qa[2 * i][1] = w.y;
-            qa[2 * i + 1][0] = w.z;
-            qa[2 * i + 1][1] = w.w;
+            qa_s[warp][2 * i][lane] = make_uint2(w.x, w.y);
+            qa_s[warp][2 * i + 1][lane] = make_uint2(w.z, w.w);
         }
+        __syncwarp();
     }
     const float log2_scale = scale * 1.4426950408889634f;
 
@@ -441,8 +441,9 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
             s[j][0] = s[j][1] = 0.0f;
 #pragma unroll
             for (int i = 0; i < K_LOADS; i++) {
-                mma_top_rows(s[j], qa[2 * i][0], qa[2 * i][1], kr[j][i].x, kr[j][i].y);
-                mma_top_rows(s[j], qa[2 * i + 1][0], qa[2 * i + 1][1], kr[j][i].z, kr[j][i].w);
+                uint2 q0 = qa_s[warp][2 * i][lane], q1 = qa_s[warp][2 * i + 1][lane];
+                mma_top_rows(s[j], q0.x, q0.y, kr[j][i].x, kr[j][i].y);
+                mma_top_rows(s[j], q1.x, q1.y, kr[j][i].z, kr[j][i].w);
             }
         }
         float x[4];

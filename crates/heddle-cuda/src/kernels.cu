@@ -375,16 +375,6 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
         long long slot = (long long)table[key / BLOCK_SIZE] * BLOCK_SIZE + key % BLOCK_SIZE;
         return (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM;
     };
-    // The row of key kb + n of a turn. Turns start at multiples of KEY_CHUNK, so with
-    // cache blocks of a multiple of KEY_CHUNK positions a turn lies in one block: one
-    // table lookup and 64-bit offset per turn, not one per key (registers and work).
-    auto turn_row = [&](int kb, long long kb_row, int n) {
-#if BLOCK_SIZE % KEY_CHUNK == 0
-        return kb_row + n * (NUM_KV_HEADS * HEAD_DIM);
-#else
-        return row_of(kb + n);
-#endif
-    };
 
     // Q as the A operand, row g = head g of the block: k-step 2i takes words x, y of load
     // i, k-step 2i + 1 words z, w (the order K's loads give). Kept in shared memory, in
@@ -409,14 +399,13 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
     for (int n = 0; n < PV_TILES; n++) acc[n][0] = acc[n][1] = 0.0f;
 
     for (int kb = begin + warp * KEY_CHUNK; kb < end; kb += ATTN_WARPS * KEY_CHUNK) {
-        long long kb_row = row_of(kb);
         // Every load of the turn first. Keys: n-tile j's column g is key kb + 8j + g.
         uint4 kr[2][K_LOADS];
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             int key = kb + 8 * j + g;
             if (key < end) {
-                const elem_t* k = k_cache + turn_row(kb, kb_row, 8 * j + g) + c * 8;
+                const elem_t* k = k_cache + row_of(key) + c * 8;
 #pragma unroll
                 for (int i = 0; i < K_LOADS; i++) kr[j][i] = *(const uint4*)(k + i * 32);
             } else {
@@ -428,13 +417,12 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
         unsigned vw[4][V_WORDS];
 #pragma unroll
         for (int r = 0; r < 4; r++) {
-            int n = 2 * c + (r & 1) + (r >> 1) * 8;
+            int key = kb + 2 * c + (r & 1) + (r >> 1) * 8;
 #pragma unroll
             for (int u = 0; u < V_LOADS; u++) {
                 v_bits_t raw;
-                if (kb + n < end) {
-                    raw = *(const v_bits_t*)(v_cache + turn_row(kb, kb_row, n) + u * 8 * V_SPAN +
-                                             g * V_SPAN);
+                if (key < end) {
+                    raw = *(const v_bits_t*)(v_cache + row_of(key) + u * 8 * V_SPAN + g * V_SPAN);
                 } else {
                     unsigned* z = (unsigned*)&raw;
 #pragma unroll
@@ -446,20 +434,17 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
             }
         }
 
-        // S = Q·Kᵀ: s[j][e] is head g's score for key kb + 8j + 2c + e. Even and odd
-        // k-steps go to two sums, two chains of dependent products half as long.
-        float s[2][2], s_odd[2][2];
+        // S = Q·Kᵀ: s[j][e] is head g's score for key kb + 8j + 2c + e.
+        float s[2][2];
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            s[j][0] = s[j][1] = s_odd[j][0] = s_odd[j][1] = 0.0f;
+            s[j][0] = s[j][1] = 0.0f;
 #pragma unroll
             for (int i = 0; i < K_LOADS; i++) {
                 uint2 q0 = qa_s[warp][2 * i][lane], q1 = qa_s[warp][2 * i + 1][lane];
                 mma_top_rows(s[j], q0.x, q0.y, kr[j][i].x, kr[j][i].y);
-                mma_top_rows(s_odd[j], q1.x, q1.y, kr[j][i].z, kr[j][i].w);
+                mma_top_rows(s[j], q1.x, q1.y, kr[j][i].z, kr[j][i].w);
             }
-            s[j][0] += s_odd[j][0];
-            s[j][1] += s_odd[j][1];
         }
         float x[4];
 #pragma unroll

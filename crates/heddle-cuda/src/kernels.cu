@@ -399,17 +399,6 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
     for (int n = 0; n < PV_TILES; n++) acc[n][0] = acc[n][1] = 0.0f;
 
     for (int kb = begin + warp * KEY_CHUNK; kb < end; kb += ATTN_WARPS * KEY_CHUNK) {
-        // The warp's next turn into L2 first (lanes 0-15 its keys' rows, 16-31 its
-        // values'): a register holds a load only while it is in flight, so the registers
-        // bound how much of the memory's latency the warps cover; prefetches take none, and
-        // the next turn's loads then wait on L2, not on memory.
-        int next = kb + ATTN_WARPS * KEY_CHUNK + lane % KEY_CHUNK;
-        if (next < end) {
-            const elem_t* row = (lane < KEY_CHUNK ? k_cache : v_cache) + row_of(next);
-#pragma unroll
-            for (int off = 0; off < HEAD_DIM; off += 128 / (int)sizeof(elem_t))
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(row + off));
-        }
         // Every load of the turn first. Keys: n-tile j's column g is key kb + 8j + g.
         uint4 kr[2][K_LOADS];
 #pragma unroll
@@ -444,6 +433,7 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
                 for (int w = 0; w < V_SPAN / 2; w++) vw[r][u * (V_SPAN / 2) + w] = rw[w];
             }
         }
+
         // S = Q·Kᵀ: s[j][e] is head g's score for key kb + 8j + 2c + e.
         float s[2][2];
 #pragma unroll

@@ -227,9 +227,12 @@ __device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, unsigned b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two floats as bf16 in one word, the first in the low half (the lower index).
+// Two floats as bf16 (round to nearest even, as from_f) in one word, lo in the low half
+// (the lower index). Used by both tensor-core attention kernels.
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    return (unsigned)from_f(lo) | ((unsigned)from_f(hi) << 16);
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
@@ -516,110 +519,208 @@ attention(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_
 
 #endif
 
-#if HEADS_PER_CTA <= 8
-// Attention for tiles of one token (decode steps): the four warps take turns of 32 keys of
-// the context; a lane scores its key against every query head of the block at once (each
-// key read once for all heads sharing it), each warp keeps an online softmax per head, and
-// the warps' partial results are merged through shared memory at the end. Keys and values
-// are read straight from the cache in 16-byte vectors. A lane owns DIMS_PER_LANE
-// consecutive output dimensions.
+#if defined(HEDDLE_BF16) && HEADS_PER_CTA <= 8
+// Decode attention (tiles of one token) on the tensor cores. Per (token, KV head chunk,
+// context range) one block; its four warps take turns of KEY_CHUNK keys of the range. A
+// turn is two mma.sync products with the block's query heads as the rows (up to 8; rows
+// 8..15 of the m16 tile are zeros): S = Q·Kᵀ over the head dimension, then O += P·V over
+// the turn's keys, with an online softmax per head between them. On CUDA cores a key
+// costs each head HEAD_DIM FMAs twice, which at the 8B shape (4 heads, 128 dimensions)
+// kept the old kernel from the memory's speed; the tensor cores make it a few
+// instructions per key.
+// The operands come straight from the cache in 16-byte loads, each warp load covering
+// whole 64- or 128-byte pieces of key rows: a dot product does not care about the order
+// of its terms, so the head dimensions are permuted (identically for Q and K) to match
+// what one load gives a lane, and P·V's output dimensions likewise (undone when the
+// result is written). Each lane loads its own operands into registers (only the query's
+// fragments sit in shared memory), and no block barrier comes before the warps' results
+// are merged at the end. 124 registers: four blocks (16 warps, 8 KB of loads in flight
+// each) per multiprocessor; a version at 166 registers (three blocks) read 3.1 against
+// 3.3 TB/s, one that also prefetched the next turn into L2 3.0.
 // With gridDim.z > 1 (few sequences: too few blocks to fill the GPU) the context is split
 // in gridDim.z ranges; each block then writes its (max, sum, weighted values) per head to
 // `partials` and attention_merge combines them.
 #define PARTIAL_STRIDE (HEAD_DIM + 2)
+#define KEY_CHUNK 16
+// 16-byte loads per key row and lane for Q·Kᵀ: lane c of a row group reads dimensions
+// [i * 32 + c * 8, +8) for i < K_LOADS, two k-steps of 16 each.
+#define K_LOADS (HEAD_DIM / 32)
+// P·V's n-tiles of 8 output dimensions; row group g owns dimensions
+// [u * 8 * V_SPAN + g * V_SPAN, +V_SPAN) of each value row, for u < V_LOADS.
+#define PV_TILES (HEAD_DIM / 8)
+#define V_SPAN (PV_TILES < 8 ? PV_TILES : 8)
+#define V_LOADS (PV_TILES / V_SPAN)
+#define V_WORDS (V_LOADS * V_SPAN / 2)
+typedef Bits<V_SPAN * 2>::type v_bits_t;
+
+// d[0..1] += A·B for an m16n8k16 bf16 product whose A rows 8..15 are zero: a0 holds row
+// g's elements k = 2c, 2c+1 and a2 its k = 2c+8, 2c+9 (g = lane / 4, c = lane % 4); b0
+// and b1 hold B's column g at k = 2c, 2c+1 and 2c+8, 2c+9; d[0], d[1] are row g's
+// columns 2c, 2c+1. Rows 8..15 of the result are discarded.
+// (Its discarded outputs are "set but never used": warning 550.)
+#pragma nv_diag_suppress 550
+__device__ __forceinline__ void mma_top_rows(float* d, unsigned a0, unsigned a2, unsigned b0,
+                                             unsigned b1) {
+    float unused0, unused1;
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %6, %5, %6}, {%7, %8}, {%0, %1, %9, %9};"
+        : "+f"(d[0]), "+f"(d[1]), "=f"(unused0), "=f"(unused1)
+        : "r"(a0), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.0f));
+}
+#pragma nv_diag_default 550
+
+
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_t* out,
                  const int* tiles, const int* block_tables, const int* table_offsets,
                  float scale, float* partials) {
-    __shared__ float q_s[HEADS_PER_CTA][HEAD_DIM];
     __shared__ float m_s[ATTN_WARPS][HEADS_PER_CTA], l_s[ATTN_WARPS][HEADS_PER_CTA];
     __shared__ float acc_s[ATTN_WARPS][HEADS_PER_CTA][HEAD_DIM];
+    __shared__ uint2 qa_s[ATTN_WARPS][2 * K_LOADS][WARP];
     const int* tile = tiles + blockIdx.x * 4;
     int t = tile[0], seq = tile[2], n_keys = tile[3] + 1;
-    // This block's range of the context, in whole turns of 32 keys.
-    int span = ((n_keys + gridDim.z - 1) / gridDim.z + WARP - 1) / WARP * WARP;
+    // This block's range of the context, in whole turns.
+    int span = ((n_keys + gridDim.z - 1) / gridDim.z + KEY_CHUNK - 1) / KEY_CHUNK * KEY_CHUNK;
     int begin = blockIdx.z * span, end = min(n_keys, begin + span);
     int kv_head = blockIdx.y / HEAD_CHUNKS;
     int head0 = kv_head * GROUP + (blockIdx.y % HEAD_CHUNKS) * HEADS_PER_CTA;
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int g = lane / 4, c = lane % 4;
     const int* table = block_tables + table_offsets[seq];
-    for (int idx = threadIdx.x; idx < HEADS_PER_CTA * HEAD_DIM; idx += ATTN_THREADS) {
-        int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
-        q_s[r][d] = to_f(qkv[(long long)t * QKV_STRIDE + (head0 + r) * HEAD_DIM + d]);
-    }
-    __syncthreads();
+    // Element offset of key `key`'s row for this KV head.
+    auto row_of = [&](int key) {
+        long long slot = (long long)table[key / BLOCK_SIZE] * BLOCK_SIZE + key % BLOCK_SIZE;
+        return (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM;
+    };
 
-    float m[HEADS_PER_CTA], l[HEADS_PER_CTA], acc[HEADS_PER_CTA][DIMS_PER_LANE];
+    // Q as the A operand, row g = head g of the block: k-step 2i takes words x, y of load
+    // i, k-step 2i + 1 words z, w (the order K's loads give). Kept in shared memory, in
+    // each warp's own copy laid out by lane, to leave registers for the loads in flight.
+    {
+        const elem_t* q = qkv + (long long)t * QKV_STRIDE + (head0 + g) * HEAD_DIM + c * 8;
 #pragma unroll
-    for (int r = 0; r < HEADS_PER_CTA; r++) {
-        m[r] = NEG_INF;
-        l[r] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < DIMS_PER_LANE; i++) acc[r][i] = 0.0f;
+        for (int i = 0; i < K_LOADS; i++) {
+            uint4 w = make_uint4(0, 0, 0, 0);
+            if (g < HEADS_PER_CTA) w = *(const uint4*)(q + i * 32);
+            qa_s[warp][2 * i][lane] = make_uint2(w.x, w.y);
+            qa_s[warp][2 * i + 1][lane] = make_uint2(w.z, w.w);
+        }
+        __syncwarp();
     }
-    for (int kb = begin + warp * WARP; kb < end; kb += ATTN_WARPS * WARP) {
-        int key = kb + lane;
-        bool valid = key < end;
-        float s[HEADS_PER_CTA];
+    const float log2_scale = scale * 1.4426950408889634f;
+
+    // Online softmax of head g: m (max, in log2 units) and this lane's part of the sum l;
+    // acc[n][0..1]: head g's output at n-tile n, columns 2c and 2c + 1.
+    float m = NEG_INF, l = 0.0f, acc[PV_TILES][2];
 #pragma unroll
-        for (int r = 0; r < HEADS_PER_CTA; r++) s[r] = 0.0f;
-        long long base = 0;
-        if (valid) {
-            long long slot = (long long)table[key / BLOCK_SIZE] * BLOCK_SIZE + key % BLOCK_SIZE;
-            base = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM;
-            const uint4* kp = (const uint4*)(k_cache + base);
-#pragma unroll 4
-            for (int c = 0; c < VECS_PER_KEY; c++) {
-                uint4 raw = kp[c];
-                const elem_t* k = (const elem_t*)&raw;
+    for (int n = 0; n < PV_TILES; n++) acc[n][0] = acc[n][1] = 0.0f;
+
+    for (int kb = begin + warp * KEY_CHUNK; kb < end; kb += ATTN_WARPS * KEY_CHUNK) {
+        // Every load of the turn first. Keys: n-tile j's column g is key kb + 8j + g.
+        uint4 kr[2][K_LOADS];
 #pragma unroll
-                for (int i = 0; i < VEC_ELEMS; i++) {
-                    float kf = to_f(k[i]);
+        for (int j = 0; j < 2; j++) {
+            int key = kb + 8 * j + g;
+            if (key < end) {
+                const elem_t* k = k_cache + row_of(key) + c * 8;
 #pragma unroll
-                    for (int r = 0; r < HEADS_PER_CTA; r++) s[r] += q_s[r][c * VEC_ELEMS + i] * kf;
+                for (int i = 0; i < K_LOADS; i++) kr[j][i] = *(const uint4*)(k + i * 32);
+            } else {
+#pragma unroll
+                for (int i = 0; i < K_LOADS; i++) kr[j][i] = make_uint4(0, 0, 0, 0);
+            }
+        }
+        // Values of keys kb + 2c, +1, +8, +9: the B operand's k rows of this lane.
+        unsigned vw[4][V_WORDS];
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int key = kb + 2 * c + (r & 1) + (r >> 1) * 8;
+#pragma unroll
+            for (int u = 0; u < V_LOADS; u++) {
+                v_bits_t raw;
+                if (key < end) {
+                    raw = *(const v_bits_t*)(v_cache + row_of(key) + u * 8 * V_SPAN + g * V_SPAN);
+                } else {
+                    unsigned* z = (unsigned*)&raw;
+#pragma unroll
+                    for (int w = 0; w < V_SPAN / 2; w++) z[w] = 0;
                 }
+                const unsigned* rw = (const unsigned*)&raw;
+#pragma unroll
+                for (int w = 0; w < V_SPAN / 2; w++) vw[r][u * (V_SPAN / 2) + w] = rw[w];
             }
         }
-        float p[HEADS_PER_CTA];
+
+        // S = Q·Kᵀ: s[j][e] is head g's score for key kb + 8j + 2c + e.
+        float s[2][2];
 #pragma unroll
-        for (int r = 0; r < HEADS_PER_CTA; r++) {
-            // Lane 0's key (kb) is always valid, so the maximum is finite.
-            float sr = valid ? s[r] * scale : NEG_INF;
-            float m_new = fmaxf(m[r], warp_max(sr));
-            float correction = expf(m[r] - m_new);
-            p[r] = valid ? expf(sr - m_new) : 0.0f;
-            l[r] = l[r] * correction + warp_sum(p[r]);
+        for (int j = 0; j < 2; j++) {
+            s[j][0] = s[j][1] = 0.0f;
 #pragma unroll
-            for (int i = 0; i < DIMS_PER_LANE; i++) acc[r][i] *= correction;
-            m[r] = m_new;
+            for (int i = 0; i < K_LOADS; i++) {
+                uint2 q0 = qa_s[warp][2 * i][lane], q1 = qa_s[warp][2 * i + 1][lane];
+                mma_top_rows(s[j], q0.x, q0.y, kr[j][i].x, kr[j][i].y);
+                mma_top_rows(s[j], q1.x, q1.y, kr[j][i].z, kr[j][i].w);
+            }
         }
-        int last = min(WARP, end - kb);
-#pragma unroll 8
-        for (int j = 0; j < last; j++) {
-            long long vb = __shfl_sync(0xffffffffu, base, j);
-            lane_bits_t raw = *(const lane_bits_t*)(v_cache + vb + lane * DIMS_PER_LANE);
-            const elem_t* vp = (const elem_t*)&raw;
-            float v[DIMS_PER_LANE];
+        float x[4];
 #pragma unroll
-            for (int i = 0; i < DIMS_PER_LANE; i++) v[i] = to_f(vp[i]);
+        for (int j = 0; j < 2; j++)
 #pragma unroll
-            for (int r = 0; r < HEADS_PER_CTA; r++) {
-                float pj = __shfl_sync(0xffffffffu, p[r], j);
+            for (int e = 0; e < 2; e++)
+                x[2 * j + e] = kb + 8 * j + 2 * c + e < end ? s[j][e] * log2_scale : NEG_INF;
+        // The turn's maximum over the four lanes of the row; key kb is always in range,
+        // so it is finite.
+        float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float m_new = fmaxf(m, mx);
+        float correction = exp2f(m - m_new);
+        float p[4];
 #pragma unroll
-                for (int i = 0; i < DIMS_PER_LANE; i++) acc[r][i] += pj * v[i];
+        for (int e = 0; e < 4; e++) p[e] = exp2f(x[e] - m_new);
+        l = l * correction + (p[0] + p[1]) + (p[2] + p[3]);
+        m = m_new;
+#pragma unroll
+        for (int n = 0; n < PV_TILES; n++) {
+            acc[n][0] *= correction;
+            acc[n][1] *= correction;
+        }
+        // O += P·V. P as the A operand: row g, k = 2c, 2c+1 are n-tile 0's scores of this
+        // lane, k = 2c+8, 2c+9 n-tile 1's. V's column g of n-tile u * V_SPAN + e is
+        // dimension u * 8 * V_SPAN + g * V_SPAN + e: element e of this lane's load u.
+        unsigned pa0 = pack_bf16(p[0], p[1]), pa2 = pack_bf16(p[2], p[3]);
+#pragma unroll
+        for (int u = 0; u < V_LOADS; u++) {
+#pragma unroll
+            for (int e = 0; e < V_SPAN; e++) {
+                int w = u * (V_SPAN / 2) + e / 2;
+                // Element e's halves of two keys' words side by side (low, high).
+                unsigned sel = (e & 1) ? 0x7632u : 0x5410u;
+                unsigned b0 = __byte_perm(vw[0][w], vw[1][w], sel);
+                unsigned b1 = __byte_perm(vw[2][w], vw[3][w], sel);
+                mma_top_rows(acc[u * V_SPAN + e], pa0, pa2, b0, b1);
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < HEADS_PER_CTA; r++) {
-        if (lane == 0) {
-            m_s[warp][r] = m[r];
-            l_s[warp][r] = l[r];
+    // The row's sum over its four lanes (m is already the same in all of them).
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (g < HEADS_PER_CTA) {
+        if (c == 0) {
+            m_s[warp][g] = m;
+            l_s[warp][g] = l;
         }
 #pragma unroll
-        for (int i = 0; i < DIMS_PER_LANE; i++) acc_s[warp][r][lane * DIMS_PER_LANE + i] = acc[r][i];
+        for (int n = 0; n < PV_TILES; n++) {
+            int u = n / V_SPAN, e = n % V_SPAN;
+#pragma unroll
+            for (int col = 0; col < 2; col++)
+                acc_s[warp][g][u * 8 * V_SPAN + (2 * c + col) * V_SPAN + e] = acc[n][col];
+        }
     }
     __syncthreads();
+    // m is in log2 units here.
     for (int idx = threadIdx.x; idx < HEADS_PER_CTA * HEAD_DIM; idx += ATTN_THREADS) {
         int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
         float mx = NEG_INF;
@@ -630,7 +731,7 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
         for (int w = 0; w < ATTN_WARPS; w++) {
             // A warp whose turn never came holds no keys.
             if (m_s[w][r] != NEG_INF) {
-                float f = expf(m_s[w][r] - mx);
+                float f = exp2f(m_s[w][r] - mx);
                 num += f * acc_s[w][r][d];
                 den += f * l_s[w][r];
             }
@@ -652,7 +753,8 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
     }
 }
 
-// Combines attention_decode's `splits` partial results per (tile, head) (same grid x, y).
+// Combines attention_decode's `splits` partial results per (tile, head) (same grid x, y);
+// their maxima are in log2 units.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_merge(const float* partials, const int* tiles, elem_t* out, int splits) {
     int t = tiles[blockIdx.x * 4];
@@ -668,7 +770,7 @@ attention_merge(const float* partials, const int* tiles, elem_t* out, int splits
         for (int z = 0; z < splits; z++) {
             const float* p = base + (z * HEADS_PER_CTA + r) * PARTIAL_STRIDE;
             if (p[HEAD_DIM] != NEG_INF) {
-                float f = expf(p[HEAD_DIM] - mx);
+                float f = exp2f(p[HEAD_DIM] - mx);
                 num += f * p[d];
                 den += f * p[HEAD_DIM + 1];
             }

@@ -119,10 +119,12 @@ impl KernelShape {
             .unwrap_or(1)
     }
 
-    /// Whether single-token tiles get the decode attention kernel, which keeps every head
-    /// of the block in registers: up to 8 heads per block.
+    /// Whether single-token tiles get the decode attention kernel: bf16 only (it multiplies
+    /// on the tensor cores in bf16; the f32 build, kept for checking against the CPU at
+    /// f32 precision, sends them to the general kernel), up to 8 heads per block (the
+    /// rows of its m16 products that it uses).
     pub fn has_decode_kernel(&self) -> bool {
-        self.heads_per_block() <= 8
+        self.dtype == DType::Bf16 && self.heads_per_block() <= 8
     }
 
     /// Consecutive tokens of one sequence per attention block.

@@ -9,6 +9,7 @@
 pub mod adjustments;
 pub mod bench;
 pub mod collective;
+pub mod decode_case;
 pub mod dummy;
 pub mod fp8;
 pub mod fp8_check;

@@ -27,6 +27,7 @@ use heddle_model::logits_processing::{LogitsAdjustment, StepAdjustments};
 use heddle_model::runner::ModelRunner;
 use heddle_model::ModelConfig;
 
+use crate::decode_case::DecodeCase;
 use crate::gpu::{grid, DeviceBuffer, Gpu};
 use crate::kernels::{DType, KernelShape, MAX_TOP_LOGPROBS, SAMPLE_THREADS, SCORE_WORDS};
 use crate::plan::StepPlan;
@@ -77,6 +78,7 @@ pub fn run_all() -> anyhow::Result<Vec<Check>> {
     let mut checks = Vec::new();
     for dtype in [DType::F32, DType::Bf16] {
         checks.extend(kernel_checks(dtype)?);
+        checks.extend(decode_attention_checks(dtype)?);
     }
     let dir = std::env::temp_dir().join(format!("heddle-cuda-selftest-{}", std::process::id()));
     let fp8 = crate::gpu::open_device(0)?.compute_capability()? >= (8, 9);
@@ -342,7 +344,7 @@ fn kernel_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
             &history,
             bs,
             shape.tokens_per_tile(),
-            true,
+            shape.has_decode_kernel(),
             10,
             None,
         );
@@ -364,12 +366,13 @@ fn kernel_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
                 &v_cache.ptr,
             ],
         )?;
-        // Multi-token tiles go to the general kernel, single-token ones to the decode one;
-        // the decode token also with its context split in 5 ranges (3 of them empty).
-        let splits: &[Option<usize>] = if count == 1 {
-            &[Some(1), Some(5)]
-        } else {
-            &[None]
+        // Multi-token tiles go to the general kernel, single-token ones to the decode one
+        // where the shape has it (bf16); the decode token also with its context split in 5
+        // ranges (3 of them empty).
+        let splits: &[Option<usize>] = match (count, shape.has_decode_kernel()) {
+            (1, true) => &[Some(1), Some(5)],
+            (1, false) => &[Some(1)],
+            _ => &[None],
         };
         for &split in splits {
             launch_attention(
@@ -448,6 +451,56 @@ fn kernel_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
     );
 
     checks.extend(sampler_checks(&gpu, tag)?);
+    Ok(checks)
+}
+
+/// Decode attention over longer contexts than the kernel checks' (1 to 700 positions, six
+/// sequences at once) at Llama 3 8B's head shape (head_dim 128, groups of 4) and at one
+/// of head_dim 32 with a group of 8, whole and with the runner's context split.
+fn decode_attention_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (head_dim, num_heads, num_kv_heads) in [(128, 32, 8), (32, 8, 1)] {
+        let shape = KernelShape {
+            head_dim,
+            num_heads,
+            num_kv_heads,
+            block_size: 16,
+            dtype,
+        };
+        let gpu = Gpu::new(&shape)?;
+        let case = DecodeCase::new(&gpu, &shape, &[1, 16, 17, 100, 333, 700], 11)?;
+        let reference = case.reference(&gpu, &shape)?;
+        let splits = crate::kernels::decode_splits(
+            case.contexts.len() * shape.attention_grid_y(),
+            gpu.multiprocessors,
+        );
+        // Without the decode kernel (f32) both would run the general kernel.
+        let variants: &[Option<usize>] = if shape.has_decode_kernel() {
+            &[Some(1), None]
+        } else {
+            &[Some(1)]
+        };
+        for &split in variants {
+            case.poison_output(&gpu)?;
+            case.launch(&gpu, &shape, split)?;
+            let ranges = match split {
+                Some(1) => "whole".to_string(),
+                _ => format!("{splits} ranges"),
+            };
+            checks.push(Check {
+                name: format!(
+                    "kernel decode attention, head_dim {head_dim}, {num_heads}/{num_kv_heads} \
+                     heads, contexts 1-700, {ranges} ({})",
+                    match dtype {
+                        DType::F32 => "f32",
+                        DType::Bf16 => "bf16",
+                    }
+                ),
+                error: relative_error(&case.output(&gpu, &shape)?, &reference),
+                limit: Some(tolerance(dtype) * 2.0),
+            });
+        }
+    }
     Ok(checks)
 }
 

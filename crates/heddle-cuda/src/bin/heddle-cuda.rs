@@ -4,13 +4,15 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use heddle_cuda::bench::{self, Load};
+use heddle_cuda::gpu::Gpu;
+use heddle_cuda::kernels::KernelShape;
 use heddle_cuda::{
-    dummy, fp8_check, gemm_bench, gguf_reference, invariance, parallel_checks, reference, selftest,
-    CudaOptions, CudaRunner, DType, KvBudget, Quantization, RankPlacement, TensorParallel,
-    WeightSource,
+    decode_case, dummy, fp8_check, gemm_bench, gguf_reference, invariance, parallel_checks,
+    reference, selftest, CudaOptions, CudaRunner, DType, KvBudget, Quantization, RankPlacement,
+    TensorParallel, WeightSource,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -102,6 +104,20 @@ enum Command {
         /// An HF config.json-format file giving the model's shape.
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Decode attention alone (bf16, block size 16) at a model's shape: one decode token
+    /// per sequence over random caches, for each SEQUENCESxCONTEXT case; prints its time,
+    /// the K/V bytes it read per second, and the device-to-device copy bandwidth.
+    Attention {
+        /// An HF config.json-format file giving the model's shape.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "256x576,64x576,16x2048,1x576,1x4096"
+        )]
+        cases: Vec<String>,
     },
     /// Writes the stand-in tokenizer.json that `heddle serve --dummy-weights` uses, so a
     /// client (`heddle bench --tokenizer`) can make prompts of exact token lengths.
@@ -483,6 +499,39 @@ fn main() -> anyhow::Result<()> {
                 out.join("tokenizer.json"),
                 dummy::tokenizer_json(vocab_size),
             )?;
+            Ok(())
+        }
+        Command::Attention { config, cases } => {
+            let config = dummy::read_config(&config)?;
+            let shape = KernelShape::new(&config, 16, DType::Bf16)?;
+            let gpu = Gpu::new(&shape)?;
+            let cases = cases
+                .iter()
+                .map(|c| {
+                    let (n, context) = c.split_once('x').context("a case is SEQUENCESxCONTEXT")?;
+                    Ok((n.parse()?, context.parse()?))
+                })
+                .collect::<anyhow::Result<Vec<(usize, usize)>>>()?;
+            let copy = decode_case::copy_bandwidth(&gpu, 1 << 30)?;
+            println!(
+                "RESULT attention device={} copy_GB_s={:.0}",
+                gpu.name,
+                copy / 1e9
+            );
+            for t in decode_case::time_cases(&gpu, &shape, &cases)? {
+                let rate = t.kv_bytes as f64 / (t.micros * 1e-6);
+                println!(
+                    "RESULT attention sequences={} context={} splits={} us={:.1} kv_MB={:.1} \
+                     kv_GB_s={:.0} of_copy={:.2}",
+                    t.sequences,
+                    t.context,
+                    t.splits,
+                    t.micros,
+                    t.kv_bytes as f64 / 1e6,
+                    rate / 1e9,
+                    rate / copy,
+                );
+            }
             Ok(())
         }
         Command::Bench(args) => {

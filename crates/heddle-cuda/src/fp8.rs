@@ -1,10 +1,11 @@
-//! FP8 (E4M3) matrix multiplication on Hopper: rows quantized with a scale each (a weight's
-//! output channels once, at load; activations per token, each step), multiplied by
-//! cuBLASLt's FP8 kernels, which apply both scale vectors in their epilogue.
+//! FP8 (E4M3) matrix multiplication on Hopper: values quantized with a scale (per tensor,
+//! as the runner does it: a weight once, at load, activations before each projection; or
+//! per row, which `heddle-cuda fp8` tries), multiplied by cuBLASLt's FP8 kernels, which
+//! apply the scales in their epilogue.
 //!
 //! E4M3 is 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no infinities, largest finite
-//! 448. A row x is stored as q = e4m3(x · 448 / max|x|) and scale = max|x| / 448, so that
-//! x ≈ q · scale, every row using the format's whole range. The device quantizes with the
+//! 448. Values x are stored as q = e4m3(x · 448 / max|x|) and scale = max|x| / 448, so that
+//! x ≈ q · scale, using the format's whole range. The device quantizes with the
 //! hardware conversion (round to nearest even, saturating); [`e4m3_from_f32`] is the same
 //! on the CPU, the reference the checks compare the device's bytes with.
 
@@ -112,12 +113,56 @@ impl Fp8Rows {
             &[&x, &self.codes.ptr, &self.scales.ptr, &(cols as i32)],
         )
     }
+}
 
-    /// A weight [n, k] quantized per output channel (row).
-    pub fn of_weight(gpu: &Gpu, w: &DeviceBuffer, n: usize, k: usize) -> anyhow::Result<Self> {
-        let rows = Self::alloc(gpu, n, k)?;
-        rows.quantize(gpu, w.ptr, n, k)?;
-        Ok(rows)
+/// A tensor of the runner's dtype quantized to E4M3 on the device with one scale: the
+/// form the runner's FP8 projections take (weights once, at load; activations before each
+/// projection), since cuBLASLt on Hopper applies scalar scales only (per-row scales are
+/// refused: `heddle-cuda fp8` checks it).
+pub struct Fp8Tensor {
+    /// The codes, a byte each.
+    pub codes: DeviceBuffer,
+    /// Two words: the scale (f32), then the running maximum's bits that the scale is made
+    /// from. The GEMM reads the first.
+    pub scale: DeviceBuffer,
+}
+
+impl Fp8Tensor {
+    /// Room for `len` values.
+    pub fn alloc(gpu: &Gpu, len: usize) -> anyhow::Result<Self> {
+        Ok(Fp8Tensor {
+            codes: gpu.alloc(len)?,
+            scale: gpu.alloc(8)?,
+        })
+    }
+
+    /// Quantizes `len` values at `x` into these buffers (queued on the stream): the
+    /// maximum magnitude, then the codes. `len` must be even and fit.
+    pub fn quantize(&self, gpu: &Gpu, x: u64, len: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            len <= self.codes.bytes && len.is_multiple_of(2),
+            "FP8 tensor: {len} values do not fit"
+        );
+        let max_bits = self.scale.ptr + 4;
+        gpu.zero(max_bits, 4)?;
+        let blocks = len.div_ceil(QUANTIZE_THREADS as usize * 8).clamp(1, 1024);
+        gpu.launch(
+            "absmax_bits",
+            grid(blocks, QUANTIZE_THREADS),
+            &[&x, &(len as i64), &max_bits],
+        )?;
+        gpu.launch(
+            "quantize_fp8_tensor",
+            grid(blocks, QUANTIZE_THREADS),
+            &[&x, &self.codes.ptr, &self.scale.ptr, &(len as i64 / 2)],
+        )
+    }
+
+    /// A weight of `len` values quantized with one scale.
+    pub fn of_weight(gpu: &Gpu, w: &DeviceBuffer, len: usize) -> anyhow::Result<Self> {
+        let tensor = Self::alloc(gpu, len)?;
+        tensor.quantize(gpu, w.ptr, len)?;
+        Ok(tensor)
     }
 }
 

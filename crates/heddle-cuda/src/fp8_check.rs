@@ -8,7 +8,7 @@ use std::time::Instant;
 use half::bf16;
 use heddle_model::ModelConfig;
 
-use crate::fp8::{quantize_row, Fp8Gemms, Fp8Rows, ScaleMode};
+use crate::fp8::{quantize_row, Fp8Gemms, Fp8Rows, Fp8Tensor, ScaleMode};
 use crate::gpu::{DeviceBuffer, Gpu};
 use crate::kernels::{DType, KernelShape};
 use crate::selftest::{random_values, relative_error};
@@ -42,31 +42,69 @@ pub fn run(config: &ModelConfig) -> anyhow::Result<Vec<Finding>> {
         });
         return Ok(findings);
     }
-    findings.push(quantization_check(&gpu)?);
+    findings.push(row_quantization_check(&gpu)?);
+    findings.push(tensor_quantization_check(&gpu)?);
     let workspace = gpu.alloc(WORKSPACE_BYTES)?;
+    // Per-row scales would suit FP8 best; cuBLASLt 13 on Hopper refuses them, so the
+    // runner uses per-tensor scales. Both are tried, and only the refusal of the runner's
+    // own form fails the check.
     for mode in [ScaleMode::PerRow, ScaleMode::PerTensor] {
         let gemms = Fp8Gemms::new(mode, workspace.ptr, WORKSPACE_BYTES)?;
+        let runner_form = mode == ScaleMode::PerTensor;
         match gemm_check(&gpu, &gemms) {
             Ok(error) => {
+                // Hopper's FP8 tensor cores accumulate with fewer bits than f32.
                 findings.push(Finding {
                     what: format!("FP8 GEMM, {mode:?} scales, 37x256x512 vs f64 (relative error)"),
                     value: format!("{error:.2e}"),
-                    passed: Some(error < 1e-5),
+                    passed: Some(error < 1e-3),
                 });
-                findings.extend(timings(&gpu, &gemms, config)?);
+                if runner_form {
+                    findings.extend(timings(&gpu, &gemms, config)?);
+                }
             }
             Err(e) => findings.push(Finding {
                 what: format!("FP8 GEMM, {mode:?} scales"),
                 value: format!("refused: {e:#}"),
-                passed: Some(false),
+                passed: if runner_form { Some(false) } else { None },
             }),
         }
     }
     Ok(findings)
 }
 
+/// Random bf16 values with one large value, quantized as one tensor on the device and on
+/// the CPU: codes and scale must agree.
+fn tensor_quantization_check(gpu: &Gpu) -> anyhow::Result<Finding> {
+    let len = 3 * 65_536 + 6;
+    let mut values = random_values(len, 37, 2.0);
+    values[40_000] = -700.0;
+    let bits: Vec<u16> = values
+        .iter()
+        .map(|&v| bf16::from_f32(v).to_bits())
+        .collect();
+    let held: Vec<f32> = bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+    let x = gpu.upload(&bits)?;
+    let q = Fp8Tensor::alloc(gpu, len)?;
+    q.quantize(gpu, x.ptr, len)?;
+    let mut codes = vec![0u8; len];
+    gpu.read(&q.codes, &mut codes)?;
+    let mut scale = [0f32; 1];
+    gpu.read(&q.scale, &mut scale)?;
+    let (expected, expected_scale) = quantize_row(&held);
+    let mismatches = expected.iter().zip(&codes).filter(|(a, b)| a != b).count()
+        + (expected_scale != scale[0]) as usize;
+    Ok(Finding {
+        what: format!(
+            "FP8 tensor quantization vs the CPU, {len} values: codes and scale differing"
+        ),
+        value: mismatches.to_string(),
+        passed: Some(mismatches == 0),
+    })
+}
+
 /// Random bf16 rows quantized on the device and on the CPU: codes and scales must agree.
-fn quantization_check(gpu: &Gpu) -> anyhow::Result<Finding> {
+fn row_quantization_check(gpu: &Gpu) -> anyhow::Result<Finding> {
     let (rows, cols) = (48usize, 4096usize);
     let mut values = random_values(rows * cols, 31, 3.0);
     // One all-zero row and one with a single large value.
@@ -166,8 +204,9 @@ fn gemm_check(gpu: &Gpu, gemms: &Fp8Gemms) -> anyhow::Result<f64> {
 
 const REPEATS: usize = 20;
 
-/// FP8 and bf16 GEMMs at the layer's gate/up and down shapes, at a decode batch and a
-/// prefill step: microseconds and TFLOP/s.
+/// FP8 (the runner's form: per-tensor scales, the activations' quantization included) and
+/// bf16 GEMMs at the layer's gate/up and down shapes, at a decode batch and a prefill step:
+/// microseconds and TFLOP/s.
 fn timings(gpu: &Gpu, gemms: &Fp8Gemms, config: &ModelConfig) -> anyhow::Result<Vec<Finding>> {
     let d = Dims::of(config);
     let mut findings = Vec::new();
@@ -178,8 +217,8 @@ fn timings(gpu: &Gpu, gemms: &Fp8Gemms, config: &ModelConfig) -> anyhow::Result<
             for (buffer, len) in [(&w16, n * k), (&x16, rows * k)] {
                 fill(gpu, buffer, len)?;
             }
-            let w8 = Fp8Rows::of_weight(gpu, &w16, n, k)?;
-            let x8 = Fp8Rows::alloc(gpu, rows, k)?;
+            let w8 = Fp8Tensor::of_weight(gpu, &w16, n * k)?;
+            let x8 = Fp8Tensor::alloc(gpu, rows * k)?;
             let y = gpu.alloc(rows * n * 2)?;
             let time = |run: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
                 run()?;
@@ -193,15 +232,15 @@ fn timings(gpu: &Gpu, gemms: &Fp8Gemms, config: &ModelConfig) -> anyhow::Result<
             };
             // The activations' quantization is part of an FP8 GEMM's cost.
             let fp8_us = time(&|| {
-                x8.quantize(gpu, x16.ptr, rows, k)?;
+                x8.quantize(gpu, x16.ptr, rows * k)?;
                 gemms.gemm(
                     gpu.stream.cu_stream(),
                     y.ptr,
                     false,
                     x8.codes.ptr,
-                    x8.scales.ptr,
+                    x8.scale.ptr,
                     w8.codes.ptr,
-                    w8.scales.ptr,
+                    w8.scale.ptr,
                     rows,
                     n,
                     k,

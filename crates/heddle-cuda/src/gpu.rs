@@ -10,7 +10,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
-use crate::fp8::{Fp8Gemms, Fp8Rows, ScaleMode};
+use crate::fp8::{Fp8Gemms, Fp8Tensor, ScaleMode};
 use crate::kernels::{DType, KernelShape, DECODE_KERNELS, KERNEL_NAMES};
 use crate::pinned_gemm::PinnedGemms;
 
@@ -382,7 +382,7 @@ impl Gpu {
         );
         self.bind()?;
         self.fp8 = Some(Fp8Gemms::new(
-            ScaleMode::PerRow,
+            ScaleMode::PerTensor,
             workspace.ptr,
             workspace.bytes,
         )?);
@@ -390,14 +390,14 @@ impl Gpu {
     }
 
     /// y[rows, n] = x[rows, k] · w[n, k]ᵀ for an FP8 weight: x (the runner's dtype) is
-    /// quantized per row into `activations` first; y is in the runner's dtype.
+    /// quantized into `activations` first; y is in the runner's dtype.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_fp8(
         &self,
         y: u64,
         x: u64,
-        activations: &Fp8Rows,
-        w: &Fp8Rows,
+        activations: &Fp8Tensor,
+        w: &Fp8Tensor,
         rows: usize,
         n: usize,
         k: usize,
@@ -409,16 +409,16 @@ impl Gpu {
             .fp8
             .as_ref()
             .context("an FP8 projection on a GPU whose FP8 GEMMs were not enabled")?;
-        activations.quantize(self, x, rows, k)?;
+        activations.quantize(self, x, rows * k)?;
         self.bind()?;
         gemms.gemm(
             self.stream.cu_stream(),
             y,
             false,
             activations.codes.ptr,
-            activations.scales.ptr,
+            activations.scale.ptr,
             w.codes.ptr,
-            w.scales.ptr,
+            w.scale.ptr,
             rows,
             n,
             k,
@@ -449,6 +449,15 @@ impl Gpu {
         self.ctx
             .bind_to_thread()
             .context("making the GPU's context current")
+    }
+
+    /// Queues the zeroing of `bytes` bytes at `dst` on this GPU.
+    pub fn zero(&self, dst: u64, bytes: usize) -> anyhow::Result<()> {
+        self.bind()?;
+        // SAFETY: the caller passes the address of a live buffer of at least `bytes` bytes;
+        // the write is ordered on the stream.
+        unsafe { cudarc::driver::result::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }
+            .context("zeroing GPU memory")
     }
 
     /// Queues a copy of `bytes` bytes from `src` to `dst`, both on this GPU.

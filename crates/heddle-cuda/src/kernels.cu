@@ -1120,3 +1120,34 @@ quantize_fp8_rows(const elem_t* x, unsigned short* q, float* scales, int cols) {
         out[i] = e4m3x2(to_f(row[2 * i]) * inverse, to_f(row[2 * i + 1]) * inverse);
     if (threadIdx.x == 0) scales[blockIdx.x] = m / E4M3_MAX;
 }
+
+// The largest |x| of n values, into *max_bits (as f32 bits: for non-negative floats the
+// bits order as the values do, so an integer atomicMax finds it). *max_bits starts at 0.
+extern "C" __global__ void __launch_bounds__(QUANTIZE_THREADS)
+absmax_bits(const elem_t* x, long long n, unsigned* max_bits) {
+    __shared__ float scratch[32];
+    float m = 0.0f;
+    for (long long i = (long long)blockIdx.x * QUANTIZE_THREADS + threadIdx.x; i < n;
+         i += (long long)gridDim.x * QUANTIZE_THREADS)
+        m = fmaxf(m, fabsf(to_f(x[i])));
+    m = warp_max(m);
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    if (lane == 0) scratch[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+        m = warp_max(lane < QUANTIZE_THREADS / WARP ? scratch[lane] : 0.0f);
+        if (lane == 0) atomicMax(max_bits, __float_as_uint(m));
+    }
+}
+
+// q = e4m3(x * 448 / max|x|) over a whole tensor of 2 * pairs values, the maximum read
+// from scale[1] (absmax_bits' output); scale[0] = max|x| / 448.
+extern "C" __global__ void __launch_bounds__(QUANTIZE_THREADS)
+quantize_fp8_tensor(const elem_t* x, unsigned short* q, float* scale, long long pairs) {
+    float m = fmaxf(__uint_as_float(((const unsigned*)scale)[1]), MIN_ROW_MAX);
+    float inverse = E4M3_MAX / m;
+    for (long long i = (long long)blockIdx.x * QUANTIZE_THREADS + threadIdx.x; i < pairs;
+         i += (long long)gridDim.x * QUANTIZE_THREADS)
+        q[i] = e4m3x2(to_f(x[2 * i]) * inverse, to_f(x[2 * i + 1]) * inverse);
+    if (blockIdx.x == 0 && threadIdx.x == 0) scale[0] = m / E4M3_MAX;
+}

@@ -11,7 +11,7 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the runner launches, by its `extern "C"` name (the decode ones only where
 /// [`KernelShape::has_decode_kernel`]).
-pub const KERNEL_NAMES: [&str; 13] = [
+pub const KERNEL_NAMES: [&str; 15] = [
     "init_random",
     "embed_gather",
     "add_into_f32",
@@ -25,6 +25,8 @@ pub const KERNEL_NAMES: [&str; 13] = [
     "sample",
     "score_tokens",
     "quantize_fp8_rows",
+    "absmax_bits",
+    "quantize_fp8_tensor",
 ];
 
 /// Kernels that exist only where [`KernelShape::has_decode_kernel`].

@@ -27,7 +27,7 @@ use heddle_model::runner::{ModelRunner, PromptTokenLogprobs, SampledOutput};
 use heddle_model::{ModelConfig, ModelError};
 
 use crate::collective::{Collective, Part};
-use crate::fp8::Fp8Rows;
+use crate::fp8::Fp8Tensor;
 use crate::gpu::{grid, DeviceBuffer, Gpu, StagingBuffer};
 use crate::kernels::{
     decode_splits, DType, KernelShape, ATTENTION_THREADS, MAX_TOP_LOGPROBS, SAMPLE_THREADS,
@@ -89,8 +89,9 @@ pub enum Quantization {
     /// As loaded, in the runner's dtype.
     #[default]
     None,
-    /// FP8 E4M3 with a scale per output channel, quantized at load; activations quantized
-    /// per token before each projection (`--quantization fp8`; compute capability 8.9+).
+    /// FP8 E4M3, each weight matrix with one scale, quantized at load; a step's activations
+    /// quantized with one scale before each projection (`--quantization fp8`; compute
+    /// capability 8.9+).
     Fp8,
 }
 
@@ -151,7 +152,7 @@ struct Rank {
     k_cache: DeviceBuffer,
     v_cache: DeviceBuffer,
     /// With FP8 projections: a step's activations quantized before each projection.
-    fp8_activations: Option<Fp8Rows>,
+    fp8_activations: Option<Fp8Tensor>,
 }
 
 pub struct CudaRunner {
@@ -352,7 +353,7 @@ impl CudaRunner {
                     Quantization::Fp8 => {
                         let d = Dims::of(&shard);
                         let widest = d.hidden.max(d.q).max(d.ffn);
-                        Some(Fp8Rows::alloc(gpu, options.max_batched_tokens, widest)?)
+                        Some(Fp8Tensor::alloc(gpu, options.max_batched_tokens * widest)?)
                     }
                 },
             });

@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use heddle_model::ModelConfig;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
-use crate::fp8::Fp8Rows;
+use crate::fp8::Fp8Tensor;
 use crate::gpu::{grid, DeviceBuffer, Gpu};
 use crate::kernels::DType;
 use crate::tensor_parallel::{matrix_columns, matrix_rows, Partition};
@@ -31,24 +31,24 @@ pub struct LayerWeights {
 }
 
 /// A projection's weights [n, k]: as loaded (the runner's dtype), or quantized to FP8 with
-/// a scale per output row (`--quantization fp8`).
+/// one scale (`--quantization fp8`).
 pub enum Matrix {
     Dense(DeviceBuffer),
-    Fp8(Fp8Rows),
+    Fp8(Fp8Tensor),
 }
 
 impl Matrix {
     pub fn size_in_bytes(&self) -> usize {
         match self {
             Matrix::Dense(w) => w.bytes,
-            Matrix::Fp8(w) => w.codes.bytes + w.scales.bytes,
+            Matrix::Fp8(w) => w.codes.bytes + w.scale.bytes,
         }
     }
 
     /// This matrix [n, k] in FP8 (a dense one is quantized on the device and freed).
     fn into_fp8(self, gpu: &Gpu, n: usize, k: usize) -> anyhow::Result<Self> {
         Ok(match self {
-            Matrix::Dense(w) => Matrix::Fp8(Fp8Rows::of_weight(gpu, &w, n, k)?),
+            Matrix::Dense(w) => Matrix::Fp8(Fp8Tensor::of_weight(gpu, &w, n * k)?),
             fp8 => fp8,
         })
     }
@@ -90,7 +90,7 @@ impl Weights {
             + self.lm_head.as_ref().map_or(0, |h| h.bytes)
     }
 
-    /// Quantizes every layer's projections to FP8, a scale per output row, freeing the
+    /// Quantizes every layer's projections to FP8, one scale a matrix, freeing the
     /// dense ones layer by layer. `shard` is the model this rank holds. The embeddings,
     /// norms and LM head stay as they are.
     pub fn quantize_fp8(&mut self, gpu: &Gpu, shard: &ModelConfig) -> anyhow::Result<()> {

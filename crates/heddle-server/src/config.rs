@@ -194,10 +194,10 @@ pub struct ServeArgs {
     /// vocabulary must divide by it; see docs/DEPLOY.md.
     #[arg(long, env = "HEDDLE_TENSOR_PARALLEL_SIZE")]
     pub tensor_parallel_size: Option<usize>,
-    /// On cuda: store the layers' projections in FP8 (E4M3, a scale per output channel,
-    /// quantized at load; activations quantized per token), halving their memory and
-    /// using the FP8 tensor cores; needs compute capability 8.9 (Ada, Hopper) or newer.
-    /// See docs/CUDA.md.
+    /// On cuda: store the layers' projections in FP8 (E4M3, one scale a matrix, quantized
+    /// at load; a step's activations quantized before each projection), halving their
+    /// memory and using the FP8 tensor cores; needs compute capability 8.9 (Ada, Hopper)
+    /// or newer. See docs/CUDA.md.
     #[arg(long, env = "HEDDLE_QUANTIZATION", value_enum)]
     pub quantization: Option<QuantizationKind>,
     /// Serve random weights of the shape in --model-config, made on the GPU (benchmarks).
@@ -249,7 +249,7 @@ pub enum DeviceKind {
 /// `--quantization`: how a GPU model's projections are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum QuantizationKind {
-    /// FP8 E4M3 with a scale per output channel.
+    /// FP8 E4M3, one scale a matrix.
     Fp8,
 }
 

@@ -3,7 +3,7 @@
 //! checks the decode kernel on it against an f64 CPU reference, and `heddle-cuda
 //! attention` times it (with the device-to-device copy bandwidth as the yardstick).
 
-use crate::gpu::{grid, DeviceBuffer, Gpu};
+use crate::gpu::{DeviceBuffer, Gpu};
 use crate::kernels::{DType, KernelShape};
 use crate::runner::{launch_attention, AttentionArgs};
 use crate::xorshift::xorshift64;
@@ -66,11 +66,7 @@ impl DecodeCase {
         let cache_elems = num_blocks * bs * shape.num_kv_heads * shape.head_dim;
         let random = |n: usize, seed: u64| -> anyhow::Result<DeviceBuffer> {
             let buffer = gpu.alloc(n * e)?;
-            gpu.launch(
-                "init_random",
-                grid(1024, 256),
-                &[&buffer.ptr, &(n as u64), &seed, &0f32, &1f32],
-            )?;
+            crate::weights::fill_random(gpu, buffer.ptr, n, seed, 0.0, 1.0)?;
             Ok(buffer)
         };
         let blocks = contexts.len() * shape.attention_grid_y();

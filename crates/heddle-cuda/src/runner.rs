@@ -252,6 +252,14 @@ impl CudaRunner {
                 || (options.dtype == DType::Bf16 && !options.batch_invariant),
             "--quantization fp8 runs with bf16 activations and without the batch-invariant mode"
         );
+        // The self-test's Qwen2 model (Q/K/V biases, its own LM head) came out of the FP8
+        // path with wrong logits (relative error 1.5, where the Llama model's is 0.08), the
+        // cause not yet found: refused rather than served wrong.
+        anyhow::ensure!(
+            options.quantization == Quantization::None || !config.attention_bias,
+            "--quantization fp8 is not available yet for models with attention biases \
+             (Qwen2): see docs/CUDA.md"
+        );
         let mut weights = match source {
             WeightSource::Checkpoint(dir) => Weights::load(&rank_gpus, &config, &partition, dir)?,
             WeightSource::Gguf(path) => {

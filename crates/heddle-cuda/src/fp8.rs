@@ -13,11 +13,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use anyhow::Context;
-use cudarc::cublaslt::{result as lt, sys};
+use cudarc::cublaslt::sys;
 
 use crate::gpu::{grid, DeviceBuffer, Gpu};
 use crate::kernels::QUANTIZE_THREADS;
-use crate::pinned_gemm::Layout;
+use crate::lt_matmul::{layouts, LtMatmul};
 
 /// The largest finite E4M3 value.
 pub const E4M3_MAX: f32 = 448.0;
@@ -185,75 +185,20 @@ pub enum ScaleMode {
 }
 
 /// cuBLASLt FP8 GEMMs: y[rows, n] = (x_q[rows, k] · w_q[n, k]ᵀ) scaled by each row's and
-/// column's scale, accumulated in f32, written in bf16 or f32.
+/// column's scale (or each matrix's), accumulated in f32, written in bf16 or f32.
 pub struct Fp8Gemms {
-    handle: sys::cublasLtHandle_t,
-    desc: sys::cublasLtMatmulDesc_t,
+    matmul: LtMatmul,
     mode: ScaleMode,
-    workspace: u64,
-    workspace_bytes: usize,
+    /// The algorithms found so far; the lock also keeps one call's scale pointers on the
+    /// descriptor until its matmul is queued.
     algorithms: Mutex<HashMap<Problem, sys::cublasLtMatmulAlgo_t>>,
-}
-
-// SAFETY: the handle and descriptor are used through `&self` by one thread at a time (the
-// runner's), on its one stream; the descriptor's scale pointers are set and used under the
-// algorithms' lock.
-unsafe impl Send for Fp8Gemms {}
-unsafe impl Sync for Fp8Gemms {}
-
-impl Drop for Fp8Gemms {
-    fn drop(&mut self) {
-        // SAFETY: created in `new`, destroyed once here.
-        unsafe {
-            let _ = lt::destroy_matmul_desc(self.desc);
-            let _ = lt::destroy_handle(self.handle);
-        }
-    }
-}
-
-/// Sets one attribute of a matmul descriptor from a plain value.
-///
-/// # Safety
-/// `desc` must be live and `T` the attribute's type.
-unsafe fn set_attribute<T>(
-    desc: sys::cublasLtMatmulDesc_t,
-    attribute: sys::cublasLtMatmulDescAttributes_t,
-    value: T,
-) -> anyhow::Result<()> {
-    lt::set_matmul_desc_attribute(
-        desc,
-        attribute,
-        (&value) as *const T as *const _,
-        std::mem::size_of::<T>(),
-    )
-    .map_err(|e| anyhow::anyhow!("cuBLASLt attribute {attribute:?}: {e}"))
 }
 
 impl Fp8Gemms {
     /// `workspace`: device memory of `workspace_bytes` the GEMMs may use (the runner's,
     /// shared with cuBLAS on its one stream).
     pub fn new(mode: ScaleMode, workspace: u64, workspace_bytes: usize) -> anyhow::Result<Self> {
-        // SAFETY: only tries to open the library.
-        anyhow::ensure!(
-            unsafe { sys::is_culib_present() },
-            "cuBLASLt (libcublasLt.so) could not be loaded: put the CUDA toolkit's lib64 on \
-             LD_LIBRARY_PATH"
-        );
-        let handle = lt::create_handle().map_err(|e| anyhow::anyhow!("starting cuBLASLt: {e}"))?;
-        let desc = lt::create_matmul_desc(
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            sys::cudaDataType::CUDA_R_32F,
-        )
-        .map_err(|e| anyhow::anyhow!("cuBLASLt matmul descriptor: {e}"))?;
-        let gemms = Fp8Gemms {
-            handle,
-            desc,
-            mode,
-            workspace,
-            workspace_bytes,
-            algorithms: Mutex::new(HashMap::new()),
-        };
-        use sys::cublasLtMatmulDescAttributes_t as A;
+        let matmul = LtMatmul::new(workspace, workspace_bytes)?;
         let scale_mode = match mode {
             ScaleMode::PerRow => {
                 sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
@@ -262,82 +207,27 @@ impl Fp8Gemms {
                 sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F
             }
         } as i32;
-        // SAFETY: the descriptor is live; each value has its attribute's type. FP8 GEMMs
-        // take A (the weight) transposed and B not: y = wᵀ·x in cuBLAS's column-major view.
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        // SAFETY: the descriptor is new and unused; the values are i32 as the attributes
+        // want.
         unsafe {
-            set_attribute(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, 1i32)?;
-            set_attribute(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, 0i32)?;
-            set_attribute(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, scale_mode)?;
-            set_attribute(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, scale_mode)?;
+            matmul.set(A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, scale_mode)?;
+            matmul.set(A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, scale_mode)?;
         }
-        Ok(gemms)
+        Ok(Fp8Gemms {
+            matmul,
+            mode,
+            algorithms: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn mode(&self) -> ScaleMode {
         self.mode
     }
 
-    fn layouts(problem: Problem) -> anyhow::Result<[Layout; 3]> {
-        let fp8 = sys::cudaDataType::CUDA_R_8F_E4M3;
-        let out = if problem.f32_out {
-            sys::cudaDataType::CUDA_R_32F
-        } else {
-            sys::cudaDataType::CUDA_R_16BF
-        };
-        // Column-major: the weight [n, k] row-major is k × n, used transposed; x is
-        // k × rows; y is n × rows.
-        Ok([
-            Layout::new(fp8, problem.k, problem.n)?,
-            Layout::new(fp8, problem.k, problem.rows)?,
-            Layout::new(out, problem.n, problem.rows)?,
-        ])
-    }
-
-    /// cuBLASLt's first choice for `problem`, found on first use.
-    fn algorithm(
-        &self,
-        algorithms: &mut HashMap<Problem, sys::cublasLtMatmulAlgo_t>,
-        problem: Problem,
-        layouts: &[Layout; 3],
-    ) -> anyhow::Result<sys::cublasLtMatmulAlgo_t> {
-        if let Some(algo) = algorithms.get(&problem) {
-            return Ok(*algo);
-        }
-        let pref = lt::create_matmul_pref().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let workspace = self.workspace_bytes as u64;
-        let [a, b, c] = layouts;
-        // SAFETY: the preference and layouts are live; the value is a u64 as the attribute
-        // wants.
-        let found = unsafe {
-            lt::set_matmul_pref_attribute(
-                pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                (&workspace) as *const u64 as *const _,
-                8,
-            )
-            .and_then(|()| {
-                lt::get_matmul_algo_heuristic(self.handle, self.desc, a.0, b.0, c.0, c.0, pref)
-            })
-        };
-        // SAFETY: created above, destroyed once.
-        unsafe {
-            let _ = lt::destroy_matmul_pref(pref);
-        }
-        let heuristic = found.map_err(|e| {
-            anyhow::anyhow!(
-                "cuBLASLt has no FP8 algorithm ({:?} scales) for {}x{}x{}: {e}",
-                self.mode,
-                problem.rows,
-                problem.n,
-                problem.k
-            )
-        })?;
-        algorithms.insert(problem, heuristic.algo);
-        Ok(heuristic.algo)
-    }
-
-    /// y[rows, n] = Σ_k x_q[r, k]·x_scales[r] · w_q[n, k]·w_scales[n] (row-major, f32
-    /// accumulation), y in bf16 or f32 (`f32_out`). `k` must be a multiple of 16.
+    /// y[rows, n] = Σ_k x_q[r, k]·x_scales · w_q[n, k]·w_scales (row-major, f32
+    /// accumulation; the scales per row or per matrix as the mode says), y in bf16 or f32
+    /// (`f32_out`). `k` must be a multiple of 16.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &self,
@@ -362,36 +252,41 @@ impl Fp8Gemms {
             k,
             f32_out,
         };
-        let layouts = Self::layouts(problem)?;
+        let fp8 = sys::cudaDataType::CUDA_R_8F_E4M3;
+        let out = if f32_out {
+            sys::cudaDataType::CUDA_R_32F
+        } else {
+            sys::cudaDataType::CUDA_R_16BF
+        };
+        let layouts = layouts(fp8, fp8, out, rows, n, k)?;
         let mut algorithms = self.algorithms.lock().unwrap_or_else(|e| e.into_inner());
-        let algo = self.algorithm(&mut algorithms, problem, &layouts)?;
+        let algo = match algorithms.get(&problem) {
+            Some(algo) => *algo,
+            None => {
+                let algo = self
+                    .matmul
+                    .first_algorithm(&layouts, false)
+                    .with_context(|| {
+                        format!(
+                            "cuBLASLt has no FP8 algorithm ({:?} scales) for {rows}x{n}x{k}",
+                            self.mode
+                        )
+                    })?;
+                algorithms.insert(problem, algo);
+                algo
+            }
+        };
         use sys::cublasLtMatmulDescAttributes_t as A;
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let [a, b, c] = &layouts;
-        // SAFETY: the descriptor is live (the lock keeps other calls from changing its
-        // scale pointers meanwhile); the pointers address live buffers of the stated
-        // shapes; the workspace is the runner's and outlives the call.
+        // SAFETY: the lock is held, so no other call changes the descriptor meanwhile; the
+        // pointers address live buffers of the stated shapes; the workspace is the
+        // runner's and outlives the call.
         unsafe {
-            set_attribute(self.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scales)?;
-            set_attribute(self.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_scales)?;
-            lt::matmul(
-                self.handle,
-                self.desc,
-                (&alpha) as *const f32 as *const _,
-                (&beta) as *const f32 as *const _,
-                w_q as *const _,
-                a.0,
-                x_q as *const _,
-                b.0,
-                y as *const _,
-                c.0,
-                y as *mut _,
-                c.0,
-                &algo,
-                self.workspace as *mut _,
-                self.workspace_bytes,
-                stream as sys::cudaStream_t,
-            )
+            self.matmul
+                .set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, w_scales)?;
+            self.matmul
+                .set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, x_scales)?;
+            self.matmul
+                .run(&algo, &layouts, w_q, x_q, y, stream as sys::cudaStream_t)
         }
         .with_context(|| format!("cuBLASLt FP8 GEMM {rows}x{n}x{k}"))
     }

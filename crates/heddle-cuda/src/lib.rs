@@ -18,6 +18,7 @@ pub mod gguf_reference;
 pub mod gpu;
 pub mod invariance;
 pub mod kernels;
+pub mod lt_matmul;
 pub mod memory;
 pub mod parallel_checks;
 pub mod pinned_gemm;

@@ -1,0 +1,204 @@
+//! cuBLASLt plumbing shared by the pinned GEMMs (batch-invariant mode) and the FP8 GEMMs:
+//! a handle with one matmul descriptor for y = x · wᵀ, the matrix layouts, the heuristic's
+//! first choice, and the call.
+//!
+//! In cuBLAS's column-major view a row-major weight [n, k] is a k × n matrix used
+//! transposed (A), the activations [rows, k] are k × rows (B), and the output [rows, n] is
+//! n × rows (C and D).
+
+use anyhow::Context;
+use cudarc::cublaslt::{result as lt, sys};
+
+/// A matrix layout, destroyed when dropped.
+pub(crate) struct Layout(pub(crate) sys::cublasLtMatrixLayout_t);
+
+impl Layout {
+    /// Column-major `rows` × `cols` with leading dimension `rows`.
+    pub(crate) fn new(data: sys::cudaDataType, rows: usize, cols: usize) -> anyhow::Result<Self> {
+        Ok(Layout(
+            lt::create_matrix_layout(data, rows as u64, cols as u64, rows as i64)
+                .map_err(|e| anyhow::anyhow!("cuBLASLt layout: {e}"))?,
+        ))
+    }
+}
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once here.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.0);
+        }
+    }
+}
+
+/// The layouts of y[rows, n] = x[rows, k] · w[n, k]ᵀ: A (the weight), B (x), C = D (y).
+pub(crate) fn layouts(
+    weights: sys::cudaDataType,
+    activations: sys::cudaDataType,
+    out: sys::cudaDataType,
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> anyhow::Result<[Layout; 3]> {
+    Ok([
+        Layout::new(weights, k, n)?,
+        Layout::new(activations, k, rows)?,
+        Layout::new(out, n, rows)?,
+    ])
+}
+
+/// A cuBLASLt handle and a matmul descriptor (f32 compute and scale, A transposed, B not),
+/// destroyed when dropped. The handle belongs to the device current when it was made.
+pub(crate) struct LtMatmul {
+    handle: sys::cublasLtHandle_t,
+    pub(crate) desc: sys::cublasLtMatmulDesc_t,
+    workspace: u64,
+    workspace_bytes: usize,
+}
+
+// SAFETY: the handle and descriptor are used through `&self` by one thread at a time (the
+// runner's), on its one stream; cuBLASLt handles may move between threads.
+unsafe impl Send for LtMatmul {}
+unsafe impl Sync for LtMatmul {}
+
+impl Drop for LtMatmul {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once here.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+impl LtMatmul {
+    /// `workspace`: device memory of `workspace_bytes` the GEMMs may use (the runner's,
+    /// shared with cuBLAS on its one stream).
+    pub(crate) fn new(workspace: u64, workspace_bytes: usize) -> anyhow::Result<Self> {
+        // SAFETY: only tries to open the library.
+        anyhow::ensure!(
+            unsafe { sys::is_culib_present() },
+            "cuBLASLt (libcublasLt.so) could not be loaded: put the CUDA toolkit's lib64 on \
+             LD_LIBRARY_PATH"
+        );
+        let handle = lt::create_handle().map_err(|e| anyhow::anyhow!("starting cuBLASLt: {e}"))?;
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| anyhow::anyhow!("cuBLASLt matmul descriptor: {e}"))?;
+        let matmul = LtMatmul {
+            handle,
+            desc,
+            workspace,
+            workspace_bytes,
+        };
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        // SAFETY: the descriptor is live; the values are i32 as the attributes want.
+        unsafe {
+            matmul.set(A::CUBLASLT_MATMUL_DESC_TRANSA, 1i32)?;
+            matmul.set(A::CUBLASLT_MATMUL_DESC_TRANSB, 0i32)?;
+        }
+        Ok(matmul)
+    }
+
+    /// Sets one attribute of the descriptor.
+    ///
+    /// # Safety
+    /// `T` must be the attribute's type, and no call may be using the descriptor meanwhile.
+    pub(crate) unsafe fn set<T>(
+        &self,
+        attribute: sys::cublasLtMatmulDescAttributes_t,
+        value: T,
+    ) -> anyhow::Result<()> {
+        lt::set_matmul_desc_attribute(
+            self.desc,
+            attribute,
+            (&value) as *const T as *const _,
+            std::mem::size_of::<T>(),
+        )
+        .map_err(|e| anyhow::anyhow!("cuBLASLt attribute {attribute:?}: {e}"))
+    }
+
+    /// cuBLASLt's first choice for `layouts` within the workspace, among the algorithms
+    /// without a split-K reduction when `without_split_k`.
+    pub(crate) fn first_algorithm(
+        &self,
+        layouts: &[Layout; 3],
+        without_split_k: bool,
+    ) -> anyhow::Result<sys::cublasLtMatmulAlgo_t> {
+        let [a, b, c] = layouts;
+        let pref = lt::create_matmul_pref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let workspace = self.workspace_bytes as u64;
+        let no_reduction = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_NONE as u32;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        // SAFETY: the preference and layouts are live; the values have the attributes'
+        // types.
+        let found = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&workspace) as *const u64 as *const _,
+                8,
+            )
+            .and_then(|()| {
+                if without_split_k {
+                    lt::set_matmul_pref_attribute(
+                        pref,
+                        P::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                        (&no_reduction) as *const u32 as *const _,
+                        4,
+                    )
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| {
+                lt::get_matmul_algo_heuristic(self.handle, self.desc, a.0, b.0, c.0, c.0, pref)
+            })
+        };
+        // SAFETY: created above, destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        Ok(found.map_err(|e| anyhow::anyhow!("{e:?}"))?.algo)
+    }
+
+    /// y = x · wᵀ with `algo`, on `stream`.
+    ///
+    /// # Safety
+    /// The pointers must address live buffers of the layouts' shapes and types, and the
+    /// descriptor's other attributes (scale pointers) must be valid for the call.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn run(
+        &self,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        layouts: &[Layout; 3],
+        w: u64,
+        x: u64,
+        y: u64,
+        stream: sys::cudaStream_t,
+    ) -> anyhow::Result<()> {
+        let [a, b, c] = layouts;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        lt::matmul(
+            self.handle,
+            self.desc,
+            (&alpha) as *const f32 as *const _,
+            (&beta) as *const f32 as *const _,
+            w as *const _,
+            a.0,
+            x as *const _,
+            b.0,
+            y as *const _,
+            c.0,
+            y as *mut _,
+            c.0,
+            algo,
+            self.workspace as *mut _,
+            self.workspace_bytes,
+            stream,
+        )
+        .context("cuBLASLt matmul")
+    }
+}

@@ -658,6 +658,7 @@ impl Llama {
         tracing::info!(
             nibbles = count(WeightFormat::Nibbles),
             q8_halves = count(WeightFormat::Q8Halves),
+            q6_k = count(WeightFormat::Q6K),
             q8_0 = count(WeightFormat::Q8_0),
             f32 = count(WeightFormat::F32),
             megabytes = model.weight_bytes() / 1_000_000,

@@ -137,3 +137,64 @@ fn decode_times_with_an_f16_cache() {
 fn decode_times_with_an_f32_cache() {
     kv_dtype_decode_times(KvDtype::F32);
 }
+
+/// Multiply-adds per second of each native kernel on the embedded model's matrix shapes,
+/// at 1, 16 and 128 activation rows, on the pool's threads: how far the kernels are from
+/// the machine's peak, and how much a batch gains from each weight being read once for
+/// all its rows.
+#[test]
+#[ignore = "a measurement; run with --ignored --nocapture"]
+fn kernel_rates() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use heddle_model::weights::{Input, Linear, QuantizedRows};
+
+    let shapes: [(usize, usize); 4] = [(576, 576), (1536, 576), (576, 1536), (49_152, 576)];
+    for dtype in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
+        for (n, k) in shapes {
+            let k = k.next_multiple_of(dtype.block_size());
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let t = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype)
+                .unwrap();
+            let lin = Linear::from_qtensor("w", &t).unwrap();
+            let mut line = format!("{dtype:?} {n}x{k}:");
+            for rows in [1, 16, 128] {
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0)
+                    .collect();
+                let mut q = QuantizedRows::default();
+                q.quantize(&x, rows);
+                let input = Input {
+                    x: &x,
+                    rows,
+                    q: Some(&q),
+                };
+                let mut out = vec![0f32; rows * n];
+                let macs = (rows * n * k) as f64;
+                let reps = (2e9 / macs).clamp(3.0, 2000.0) as usize;
+                let best = (0..3)
+                    .map(|_| {
+                        let start = Instant::now();
+                        for _ in 0..reps {
+                            lin.forward(&input, &mut out);
+                        }
+                        start.elapsed().as_secs_f64() / reps as f64
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                line += &format!(
+                    "  {rows} rows {:.1} us = {:.0} GMAC/s",
+                    best * 1e6,
+                    macs / best / 1e9
+                );
+            }
+            eprintln!("{line}");
+        }
+    }
+}

@@ -6,10 +6,11 @@
 //! quantized to ggml's Q8_0/Q8_1 form (32 values, one scale) and dotted in integers against
 //! the weight blocks.
 //!
-//! Three weight forms cover the GGUF types people download, each loaded without changing a
+//! Four weight forms cover the GGUF types people download, each loaded without changing a
 //! weight ([`ggml_blocks`] decodes them): 4-bit blocks with a scale and a minimum (Q4_1,
-//! Q4_0, Q4_K), 8-bit blocks with a scale per half and a minimum (Q5_0, Q5_1, Q5_K, Q6_K;
-//! see [`q8_halves`]) and Q8_0. Other quantizations are dequantized to f32.
+//! Q4_0, Q4_K), 8-bit blocks with a scale per half and a minimum (Q5_0, Q5_1, Q5_K; see
+//! [`q8_halves`]), Q6_K's own 6-bit blocks ([`q6_k`]) and Q8_0. Other quantizations are
+//! dequantized to f32.
 //!
 //! Three kernel families, one chosen per process ([`Family`]): AVX-512 VNNI on weights
 //! repacked 16 output columns at a time, AVX2 on ggml's row-major blocks, and portable
@@ -142,6 +143,8 @@ enum Storage {
         d: Vec<f32>,
         m: Vec<f32>,
     },
+    /// Q6_K at 6 bits a weight, row-major or for the VNNI kernel (see [`q6_k`]).
+    Q6K(q6_k::Q6K),
     /// Plain f32, row-major.
     F32(Vec<f32>),
 }
@@ -151,8 +154,10 @@ enum Storage {
 pub enum WeightFormat {
     /// 4-bit values, a scale and a minimum per 32 (from Q4_0, Q4_1, Q4_K).
     Nibbles,
-    /// 8-bit values, a scale per 16 and a minimum per 32 (from Q5_0, Q5_1, Q5_K, Q6_K).
+    /// 8-bit values, a scale per 16 and a minimum per 32 (from Q5_0, Q5_1, Q5_K).
     Q8Halves,
+    /// Q6_K's own 6-bit values and factors.
+    Q6K,
     /// ggml Q8_0.
     Q8_0,
     /// f32: unquantized files, and quantizations without a native kernel (dequantized).
@@ -229,6 +234,9 @@ impl Linear {
             (GgmlDType::Q8_0, _) if k % QK == 0 => Self::q8_0_storage(n, k, &t.data()?, family),
             (GgmlDType::Q4K, Some(_)) if family == Family::Vnni => {
                 q4_k::vnni_storage(n, k, &t.data()?, row_bytes)
+            }
+            (GgmlDType::Q6K, Some(_)) => {
+                Storage::Q6K(q6_k::Q6K::new(n, k, &t.data()?, row_bytes, family))
             }
             (_, Some(Decoder::Nibbles(decode))) => {
                 let bytes = t.data()?;
@@ -353,6 +361,7 @@ impl Linear {
             }
             Storage::Q8Halves { .. } | Storage::Q8Halvesx16 { .. } => WeightFormat::Q8Halves,
             Storage::Q8_0 { .. } | Storage::Q8_0x16 { .. } => WeightFormat::Q8_0,
+            Storage::Q6K(_) => WeightFormat::Q6K,
             Storage::F32(_) => WeightFormat::F32,
         }
     }
@@ -374,6 +383,7 @@ impl Linear {
                 scales,
             } => size(qs) + size(factors) + size(scales),
             Storage::Q8_0x16 { qs, d } => size(qs) + size(d),
+            Storage::Q6K(w) => w.bytes(),
             Storage::F32(w) => size(w),
         }
     }
@@ -443,6 +453,7 @@ impl Linear {
                     q8_halves::block_values(&self.storage, nb, r, b, o)
                 }
                 Storage::Q4Kx16 { .. } => q4_k::block_values(&self.storage, nb, r, b, o),
+                Storage::Q6K(w) => w.block_values(nb, r, b, o),
             }
         }
         if let Storage::F32(w) = &self.storage {
@@ -485,6 +496,7 @@ impl Linear {
                 assert!(qs.len() == n * k && d.len() == n * nb * 2 && m.len() == n * nbp)
             }
             Storage::Q4Kx16 { .. } => assert!(q4_k::check_sizes(&self.storage, n, nb)),
+            Storage::Q6K(w) => assert!(w.fits(n, nb)),
             Storage::Q8Halvesx16 { qs, d, m } => assert!(
                 qs.len() == groups * nb * 512
                     && d.len() == groups * nb * 2 * LANES
@@ -563,6 +575,7 @@ impl Linear {
                 (Storage::Q8Halvesx16 { qs, d, m: mins }, _) => {
                     q8_halves::vnni::run(qs, d, mins, nb, q.unwrap(), cols, n, out)
                 }
+                (Storage::Q6K(w), f) => w.run(f, nb, q.unwrap(), cols, n, out),
                 #[cfg(target_arch = "x86_64")]
                 (Storage::F32(w), Family::Avx2 | Family::Vnni) => {
                     avx2::f32(w, k, x.x, m, cols, n, out)
@@ -1396,6 +1409,7 @@ mod vnni {
 }
 
 mod q4_k;
+mod q6_k;
 mod q8_halves;
 
 #[cfg(test)]

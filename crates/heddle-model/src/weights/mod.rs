@@ -1274,6 +1274,10 @@ mod vnni {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let gb = g * nb + b;
+            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
+            prefetch(qs, ahead * 256, 256);
+            prefetch(d, ahead * LANES, LANES);
+            prefetch(m, ahead * LANES, LANES);
             let mut units = [_mm512_setzero_si512(); 8];
             for j in 0..4 {
                 let v = unsafe {
@@ -1316,6 +1320,9 @@ mod vnni {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let gb = g * nb + b;
+            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
+            prefetch(qs, ahead * 512, 512);
+            prefetch(d, ahead * LANES, LANES);
             let units: [__m512i; 8] = std::array::from_fn(|i| unsafe {
                 _mm512_loadu_si512(qs.as_ptr().add(gb * 512 + i * 64) as *const __m512i)
             });
@@ -1331,6 +1338,27 @@ mod vnni {
         let lanes = LANES.min(n - g * LANES);
         for r in 0..R {
             unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
+        }
+    }
+
+    /// How far ahead of the block being multiplied the kernels prefetch weights: the same
+    /// block of the group this many groups further on. Without it a tile waits for memory
+    /// at every new group: at 16 rows a Q4_1 matrix streamed from memory ran at half the
+    /// rate of one already in the caches (`kernel_rates` in tests/cpu_perf.rs), and with
+    /// one block's prefetch spread over each block's work it runs at 85% of it.
+    pub(super) const PREFETCH_GROUPS_AHEAD: usize = 2;
+
+    /// Asks for elements `at..at + len` of `v` (where in bounds) to be brought into L1.
+    #[inline(always)]
+    pub(super) fn prefetch<T>(v: &[T], at: usize, len: usize) {
+        let Some(span) = v.get(at..at + len) else {
+            return;
+        };
+        let p = span.as_ptr() as *const i8;
+        for offset in (0..std::mem::size_of_val(span)).step_by(64) {
+            // SAFETY: a prefetch reads nothing and faults on no address; SSE is in the
+            // x86-64 baseline.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(offset)) };
         }
     }
 

@@ -325,7 +325,7 @@ mod avx2 {
 #[allow(clippy::needless_range_loop)]
 mod vnni {
     use super::*;
-    use crate::weights::vnni::{half_dots, store, RowPtrs, ROWS};
+    use crate::weights::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
     use std::arch::x86_64::*;
 
     /// The 16 lanes' 8-bit factors at `p`, as floats.
@@ -368,6 +368,12 @@ mod vnni {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let gb = g * nb + b;
+            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
+            prefetch(&w.nibbles, ahead * 256, 256);
+            prefetch(&w.highs, ahead * 128, 128);
+            prefetch(&w.factors, ahead * 2 * LANES, 2 * LANES);
+            let ahead_super = ((g + PREFETCH_GROUPS_AHEAD) * nsb + b / SUPER) * LANES;
+            prefetch(&w.scales, ahead_super, LANES);
             let load = |p: *const u8| unsafe { _mm512_loadu_si512(p as *const __m512i) };
             let highs: [__m512i; 2] =
                 std::array::from_fn(|h| load(unsafe { w.highs.as_ptr().add(gb * 128 + h * 64) }));

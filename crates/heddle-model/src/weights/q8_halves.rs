@@ -231,7 +231,7 @@ pub(super) mod avx2 {
 #[allow(clippy::needless_range_loop)]
 pub(super) mod vnni {
     use super::*;
-    use crate::weights::vnni::{half_dots, store, RowPtrs, ROWS};
+    use crate::weights::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -253,6 +253,10 @@ pub(super) mod vnni {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let gb = g * nb + b;
+            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
+            prefetch(qs, ahead * 512, 512);
+            prefetch(d, ahead * 2 * LANES, 2 * LANES);
+            prefetch(m, ahead * LANES, LANES);
             let units: [__m512i; 8] = std::array::from_fn(|i| unsafe {
                 _mm512_loadu_si512(qs.as_ptr().add(gb * 512 + i * 64) as *const __m512i)
             });

@@ -34,7 +34,9 @@ fn decode_step(driver: &mut Driver, batch: u32, context: usize, steps: usize) ->
     driver.generate(&mut seqs, usize::MAX, 2);
     let start = Instant::now();
     driver.generate(&mut seqs, usize::MAX, 2 + steps);
-    start.elapsed().as_secs_f64() / steps as f64
+    let seconds = start.elapsed().as_secs_f64() / steps as f64;
+    driver.release(seqs);
+    seconds
 }
 
 fn runner(kv: KvDtype) -> CpuRunner {

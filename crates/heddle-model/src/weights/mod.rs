@@ -13,8 +13,8 @@
 //! dequantized to f32.
 //!
 //! Three kernel families, one chosen per process ([`Family`]): AVX-512 VNNI on weights
-//! repacked 16 output columns at a time, AVX2 on ggml's row-major blocks, and portable
-//! Rust. Batch invariance is built into all three: every output element is computed by the
+//! repacked 16 output columns at a time, AVX2 (on the same repacking for 4-bit weights,
+//! [`nibbles_avx2`]; on ggml's row-major blocks for the others), and portable Rust. Batch invariance is built into all three: every output element is computed by the
 //! same sequence of operations on its own activation row and weight row, whatever the
 //! number of rows, the tile it falls in or the thread that runs it. Nothing reduces across
 //! rows, so a sequence's logits do not depend on what else is in the batch.
@@ -114,7 +114,7 @@ enum Storage {
     },
     /// ggml Q8_0: per block of 32, a scale `d` and 8-bit values; w = d·q.
     Q8_0 { qs: Vec<i8>, d: Vec<f32> },
-    /// Q4_1 for the VNNI kernel, in groups of 16 rows of W (see [`vnni`]).
+    /// Q4_1 for the VNNI and AVX2 kernels, in groups of 16 rows of W (see [`vnni`]).
     Q4_1x16 {
         qs: Vec<u8>,
         d: Vec<f32>,
@@ -275,7 +275,7 @@ impl Linear {
         family: Family,
     ) -> Storage {
         let nb = k / QK;
-        if family == Family::Vnni {
+        if family != Family::Portable {
             let groups = n.div_ceil(LANES);
             let mut qs = vec![0u8; groups * nb * 256];
             let mut d = vec![0f32; groups * nb * LANES];
@@ -532,13 +532,9 @@ impl Linear {
         // SAFETY: the caller's contract covers every kernel's.
         unsafe {
             match (&self.storage, family) {
-                (Storage::Q4_1 { qs, d, m: mins }, f) => {
+                (Storage::Q4_1 { qs, d, m: mins }, _) => {
                     let w = Q4_1Ref { nb, qs, d, m: mins };
-                    match f {
-                        #[cfg(target_arch = "x86_64")]
-                        Family::Avx2 => avx2::q4_1(&w, q.unwrap(), cols, n, out),
-                        _ => portable::q4_1(&w, q.unwrap(), cols, n, out),
-                    }
+                    portable::q4_1(&w, q.unwrap(), cols, n, out)
                 }
                 (Storage::Q8_0 { qs, d }, f) => {
                     let w = Q8_0Ref { nb, qs, d };
@@ -547,6 +543,10 @@ impl Linear {
                         Family::Avx2 => avx2::q8_0(&w, q.unwrap(), cols, n, out),
                         _ => portable::q8_0(&w, q.unwrap(), cols, n, out),
                     }
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Storage::Q4_1x16 { qs, d, m: mins }, Family::Avx2) => {
+                    nibbles_avx2::q4_1x16(qs, d, mins, nb, q.unwrap(), cols, n, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Storage::Q4_1x16 { qs, d, m: mins }, _) => {
@@ -970,64 +970,6 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn q4_1_tile<const R: usize, const C: usize>(
-        w: &Q4_1Ref,
-        x: &QuantizedRows,
-        r0: usize,
-        c0: usize,
-        n: usize,
-        out: OutPtr,
-    ) {
-        let nb = w.nb;
-        let nbp = padded_blocks(nb);
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
-        // exist, and b < nb stays inside each row's blocks.
-        let xq: [*const i8; R] =
-            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) });
-        let xd: [*const f32; R] =
-            std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
-        let wq: [*const u8; C] =
-            std::array::from_fn(|c| unsafe { w.qs.as_ptr().add((c0 + c) * nb * 16) });
-        let wd: [*const f32; C] =
-            std::array::from_fn(|c| unsafe { w.d.as_ptr().add((c0 + c) * nbp) });
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        for b in 0..nb {
-            let mut xv = [_mm256_setzero_si256(); R];
-            for r in 0..R {
-                xv[r] = unsafe { _mm256_loadu_si256(xq[r].add(b * QK) as *const __m256i) };
-            }
-            for c in 0..C {
-                let raw = unsafe { _mm_loadu_si128(wq[c].add(b * 16) as *const __m128i) };
-                // Low nibbles are elements 0..16, high nibbles 16..32.
-                let wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
-                let dw = unsafe { *wd[c].add(b) };
-                for r in 0..R {
-                    let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[r]), ones);
-                    let scale = _mm256_set1_ps(dw * unsafe { *xd[r].add(b) });
-                    acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
-                }
-            }
-        }
-        for r in 0..R {
-            let row = r0 + r;
-            for c in 0..C {
-                let col = c0 + c;
-                let mins = unsafe {
-                    scale_dot(
-                        w.m.as_ptr().add(col * nbp),
-                        x.s.as_ptr().add(row * nbp),
-                        nbp,
-                    )
-                };
-                // SAFETY: the caller owns columns c0..c0 + C of these rows.
-                unsafe { out.write(row * n + col, hsum(acc[r][c]) + mins) }
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
     unsafe fn q8_0_tile<const R: usize, const C: usize>(
         w: &Q8_0Ref,
         x: &QuantizedRows,
@@ -1039,7 +981,8 @@ mod avx2 {
         let nb = w.nb;
         let nbp = padded_blocks(nb);
         let ones = _mm256_set1_epi16(1);
-        // SAFETY (all pointer arithmetic below): as in `q4_1_tile`.
+        // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
+        // exist, and b < nb stays inside each row's blocks.
         let xq: [*const i8; R] =
             std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) });
         let xd: [*const f32; R] =
@@ -1118,18 +1061,6 @@ mod avx2 {
 
     /// # Safety
     /// The CPU has AVX2 and FMA, and no other thread writes columns `cols` of `out`.
-    pub(super) unsafe fn q4_1(
-        w: &Q4_1Ref,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { tiled!(q4_1_tile, x.rows, cols, |r, c| w, x, r, c, n, out) }
-    }
-
-    /// # Safety
-    /// As for [`q4_1`].
     pub(super) unsafe fn q8_0(
         w: &Q8_0Ref,
         x: &QuantizedRows,
@@ -1141,7 +1072,7 @@ mod avx2 {
     }
 
     /// # Safety
-    /// As for [`q4_1`].
+    /// As for [`q8_0`].
     pub(super) unsafe fn f32(
         w: &[f32],
         k: usize,
@@ -1436,6 +1367,8 @@ mod vnni {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod nibbles_avx2;
 mod q4_k;
 mod q6_k;
 mod q8_halves;

@@ -1020,7 +1020,8 @@ impl Llama {
             ATTENTION_SCRATCH.with_borrow_mut(|scratch| task.run(scratch, out));
         };
         let work: usize = positions.iter().map(|p| p + 1).sum::<usize>() * nh * hd;
-        if work < PAR_MIN_ATTENTION {
+        // With one thread in the pool, handing the work to it only adds a wake-up.
+        if work < PAR_MIN_ATTENTION || rayon::current_num_threads() == 1 {
             out.chunks_exact_mut(group * hd)
                 .enumerate()
                 .for_each(|(i, o)| task(i, o));

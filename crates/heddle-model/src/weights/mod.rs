@@ -13,8 +13,8 @@
 //! dequantized to f32.
 //!
 //! Three kernel families, one chosen per process ([`Family`]): AVX-512 VNNI on weights
-//! repacked 16 output columns at a time, AVX2 (on the same repacking for 4-bit weights,
-//! [`nibbles_avx2`]; on ggml's row-major blocks for the others), and portable Rust. Batch invariance is built into all three: every output element is computed by the
+//! repacked 16 output columns at a time, AVX2 (on the same repacking for 4-bit and Q8_0
+//! weights, [`grouped_avx2`]; on row-major blocks for the others), and portable Rust. Batch invariance is built into all three: every output element is computed by the
 //! same sequence of operations on its own activation row and weight row, whatever the
 //! number of rows, the tile it falls in or the thread that runs it. Nothing reduces across
 //! rows, so a sequence's logits do not depend on what else is in the batch.
@@ -120,7 +120,7 @@ enum Storage {
         d: Vec<f32>,
         m: Vec<f32>,
     },
-    /// Q8_0 for the VNNI kernel, values offset by 128 (see [`vnni`]).
+    /// Q8_0 for the VNNI and AVX2 kernels, values offset by 128 (see [`vnni`]).
     Q8_0x16 { qs: Vec<u8>, d: Vec<f32> },
     /// 8-bit values with a scale per half-block of 16 and a minimum per block:
     /// w = d[half]·q + m. Row-major; two scales per block, minimums padded per row.
@@ -313,7 +313,7 @@ impl Linear {
         let nb = k / QK;
         let block = |c: usize, b: usize| &bytes[(c * nb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
         let half = |bytes: &[u8]| f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
-        if family == Family::Vnni {
+        if family != Family::Portable {
             let groups = n.div_ceil(LANES);
             let mut qs = vec![128u8; groups * nb * 512];
             let mut d = vec![0f32; groups * nb * LANES];
@@ -536,21 +536,21 @@ impl Linear {
                     let w = Q4_1Ref { nb, qs, d, m: mins };
                     portable::q4_1(&w, q.unwrap(), cols, n, out)
                 }
-                (Storage::Q8_0 { qs, d }, f) => {
+                (Storage::Q8_0 { qs, d }, _) => {
                     let w = Q8_0Ref { nb, qs, d };
-                    match f {
-                        #[cfg(target_arch = "x86_64")]
-                        Family::Avx2 => avx2::q8_0(&w, q.unwrap(), cols, n, out),
-                        _ => portable::q8_0(&w, q.unwrap(), cols, n, out),
-                    }
+                    portable::q8_0(&w, q.unwrap(), cols, n, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Storage::Q4_1x16 { qs, d, m: mins }, Family::Avx2) => {
-                    nibbles_avx2::q4_1x16(qs, d, mins, nb, q.unwrap(), cols, n, out)
+                    grouped_avx2::q4_1x16(qs, d, mins, nb, q.unwrap(), cols, n, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Storage::Q4_1x16 { qs, d, m: mins }, _) => {
                     vnni::q4_1(qs, d, mins, nb, q.unwrap(), cols, n, out)
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Storage::Q8_0x16 { qs, d }, Family::Avx2) => {
+                    grouped_avx2::q8_0x16(qs, d, nb, q.unwrap(), cols, n, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Storage::Q8_0x16 { qs, d }, _) => vnni::q8_0(qs, d, nb, q.unwrap(), cols, n, out),
@@ -925,11 +925,12 @@ mod portable {
     }
 }
 
-/// AVX2 + FMA kernels after ggml's: 4-bit or 8-bit weights against 8-bit activations with
-/// `maddubs`, a block's integer sum scaled into an 8-lane f32 accumulator per output.
-/// Tiles of up to 4 rows × 2 columns share the loads of weights and activations; each
-/// output keeps its own accumulator, so tiling changes no result. Columns are walked in
-/// panels of 64, whose weights stay in L2 while every tile of rows passes over them.
+/// AVX2 + FMA helpers and the f32 kernel, and the tiling that the row-major AVX2 kernels
+/// ([`q8_halves`], [`q6_k`]) share: tiles of up to 4 rows × 2 columns share the loads of
+/// weights and activations; each output keeps its own accumulator, so tiling changes no
+/// result. Columns are walked in panels of 64, whose weights stay in L2 while every tile
+/// of rows passes over them. (4-bit and Q8_0 weights have their own AVX2 kernels on the
+/// 16-column layout, [`grouped_avx2`].)
 ///
 /// The tiles walk raw pointers: `Linear::forward` has checked that every row and column
 /// they touch lies inside its buffers.
@@ -998,55 +999,6 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn q8_0_tile<const R: usize, const C: usize>(
-        w: &Q8_0Ref,
-        x: &QuantizedRows,
-        r0: usize,
-        c0: usize,
-        n: usize,
-        out: OutPtr,
-    ) {
-        let nb = w.nb;
-        let nbp = padded_blocks(nb);
-        let ones = _mm256_set1_epi16(1);
-        // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
-        // exist, and b < nb stays inside each row's blocks.
-        let xq: [*const i8; R] =
-            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) });
-        let xd: [*const f32; R] =
-            std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
-        let wq: [*const i8; C] =
-            std::array::from_fn(|c| unsafe { w.qs.as_ptr().add((c0 + c) * nb * QK) });
-        let wd: [*const f32; C] =
-            std::array::from_fn(|c| unsafe { w.d.as_ptr().add((c0 + c) * nb) });
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        for b in 0..nb {
-            let mut xv = [_mm256_setzero_si256(); R];
-            for r in 0..R {
-                xv[r] = unsafe { _mm256_loadu_si256(xq[r].add(b * QK) as *const __m256i) };
-            }
-            for c in 0..C {
-                let wv = unsafe { _mm256_loadu_si256(wq[c].add(b * QK) as *const __m256i) };
-                // maddubs multiplies unsigned by signed: move w's sign onto x.
-                let wabs = _mm256_sign_epi8(wv, wv);
-                let dw = unsafe { *wd[c].add(b) };
-                for r in 0..R {
-                    let xs = _mm256_sign_epi8(xv[r], wv);
-                    let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
-                    let scale = _mm256_set1_ps(dw * unsafe { *xd[r].add(b) });
-                    acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
-                }
-            }
-        }
-        for r in 0..R {
-            for c in 0..C {
-                // SAFETY: the caller owns columns c0..c0 + C of these rows.
-                unsafe { out.write((r0 + r) * n + c0 + c, hsum(acc[r][c])) }
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn f32_tile<const R: usize, const C: usize>(
         w: &[f32],
@@ -1089,18 +1041,6 @@ mod avx2 {
 
     /// # Safety
     /// The CPU has AVX2 and FMA, and no other thread writes columns `cols` of `out`.
-    pub(super) unsafe fn q8_0(
-        w: &Q8_0Ref,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { tiled!(q8_0_tile, x.rows, cols, |r, c| w, x, r, c, n, out) }
-    }
-
-    /// # Safety
-    /// As for [`q8_0`].
     pub(super) unsafe fn f32(
         w: &[f32],
         k: usize,
@@ -1396,7 +1336,7 @@ mod vnni {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod nibbles_avx2;
+mod grouped_avx2;
 mod q4_k;
 mod q6_k;
 mod q8_halves;

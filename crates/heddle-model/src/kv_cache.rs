@@ -162,6 +162,24 @@ impl KvCache {
         }
     }
 
+    /// Asks the CPU to bring the keys and values of KV head `head` in block `block` of
+    /// `layer` into its caches. A sequence's blocks lie anywhere in the cache, and the
+    /// hardware prefetchers do not follow them: attention that reads its context block
+    /// after block without this waits for memory at each one.
+    pub fn prefetch(&self, layer: usize, block: BlockId, head: usize) {
+        let at = self.offset(block, head, 0)..self.offset(block, head + 1, 0);
+        match &self.storage {
+            Storage::F16 { keys, values } => {
+                prefetch(&keys[layer][at.clone()]);
+                prefetch(&values[layer][at]);
+            }
+            Storage::F32 { keys, values } => {
+                prefetch(&keys[layer][at.clone()]);
+                prefetch(&values[layer][at]);
+            }
+        }
+    }
+
     /// Reads the keys of KV head `head` in block `block` of `layer` as f32, transposed:
     /// `head_dim × block_size` into `out`.
     pub fn read_keys(&self, layer: usize, block: BlockId, head: usize, out: &mut [f32]) {
@@ -181,6 +199,22 @@ impl KvCache {
             Storage::F32 { values, .. } => out.copy_from_slice(&values[layer][at]),
         }
     }
+}
+
+/// Prefetches every cache line of `v` into L1 (nothing on other architectures).
+fn prefetch<T>(v: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = v.as_ptr() as *const i8;
+        for offset in (0..std::mem::size_of_val(v)).step_by(64) {
+            // SAFETY: a prefetch reads nothing and faults on no address; SSE is in the
+            // x86-64 baseline.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
 }
 
 /// `out = src` as f32. The attention reads every context element through here, so it

@@ -34,7 +34,9 @@ fn decode_step(driver: &mut Driver, batch: u32, context: usize, steps: usize) ->
     driver.generate(&mut seqs, usize::MAX, 2);
     let start = Instant::now();
     driver.generate(&mut seqs, usize::MAX, 2 + steps);
-    start.elapsed().as_secs_f64() / steps as f64
+    let seconds = start.elapsed().as_secs_f64() / steps as f64;
+    driver.release(seqs);
+    seconds
 }
 
 fn runner(kv: KvDtype) -> CpuRunner {
@@ -81,8 +83,15 @@ fn step_times() {
         128.0 / prefill
     );
 
-    let one = decode_step(&mut driver, 1, 128, 32);
-    let sixteen = decode_step(&mut driver, 16, 128, 16);
+    // The fastest of three rounds: other processes on the machine only ever slow a
+    // round down.
+    let fastest = |driver: &mut Driver, batch: u32, steps: usize| {
+        (0..3)
+            .map(|_| decode_step(driver, batch, 128, steps))
+            .fold(f64::INFINITY, f64::min)
+    };
+    let one = fastest(&mut driver, 1, 32);
+    let sixteen = fastest(&mut driver, 16, 16);
     eprintln!(
         "decode step, batch 1, context 128: {:.2} ms ({:.0} tokens/s)",
         one * 1e3,
@@ -136,4 +145,73 @@ fn decode_times_with_an_f16_cache() {
 #[ignore = "a measurement; run with --ignored --nocapture"]
 fn decode_times_with_an_f32_cache() {
     kv_dtype_decode_times(KvDtype::F32);
+}
+
+/// Multiply-adds per second of each native kernel on the embedded model's matrix shapes,
+/// at 1, 16 and 128 activation rows, on the pool's threads: how far the kernels are from
+/// the machine's peak, and how much a batch gains from each weight being read once for
+/// all its rows. "hot" multiplies one matrix over and over (its weights stay in the
+/// caches); "cold" cycles through copies of it filling 256 MB, so that every product
+/// streams its weights from memory, as a model's decode step does.
+#[test]
+#[ignore = "a measurement; run with --ignored --nocapture"]
+fn kernel_rates() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use heddle_model::weights::{Input, Linear, QuantizedRows};
+
+    let shapes: [(usize, usize); 4] = [(576, 576), (1536, 576), (576, 1536), (49_152, 576)];
+    for dtype in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
+        for (n, k) in shapes {
+            let k = k.next_multiple_of(dtype.block_size());
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let t = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype)
+                .unwrap();
+            let one = Linear::from_qtensor("w", &t).unwrap();
+            let copies = (256 << 20) / one.bytes() + 1;
+            let mats: Vec<Linear> = (0..copies)
+                .map(|_| Linear::from_qtensor("w", &t).unwrap())
+                .collect();
+            for (label, cycle) in [("hot", 1), ("cold", copies)] {
+                let mut line = format!("{dtype:?} {n}x{k} {label}:");
+                for rows in [1, 16, 128] {
+                    let x: Vec<f32> = (0..rows * k)
+                        .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0)
+                        .collect();
+                    let mut q = QuantizedRows::default();
+                    q.quantize(&x, rows);
+                    let input = Input {
+                        x: &x,
+                        rows,
+                        q: Some(&q),
+                    };
+                    let mut out = vec![0f32; rows * n];
+                    let macs = (rows * n * k) as f64;
+                    let reps = ((2e9 / macs) as usize).clamp(cycle.max(3), 2000);
+                    let best = (0..3)
+                        .map(|_| {
+                            let start = Instant::now();
+                            for i in 0..reps {
+                                mats[i % cycle].forward(&input, &mut out);
+                            }
+                            start.elapsed().as_secs_f64() / reps as f64
+                        })
+                        .fold(f64::INFINITY, f64::min);
+                    line += &format!(
+                        "  {rows} rows {:.1} us = {:.0} GMAC/s",
+                        best * 1e6,
+                        macs / best / 1e9
+                    );
+                }
+                eprintln!("{line}");
+            }
+        }
+    }
 }

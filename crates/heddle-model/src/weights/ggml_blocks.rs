@@ -216,22 +216,30 @@ fn q5_k(row: &[u8], b: usize) -> Bytes {
 /// weights. Each half of the super-block (128 weights) interleaves four blocks of 32:
 /// block i takes low nibbles from bytes 32·(i mod 2).. (the high nibbles for i ≥ 2) and
 /// bits 2i, 2i + 1 of the same 32 high-part bytes.
-fn q6_k(row: &[u8], b: usize) -> Bytes {
+pub(super) fn q6_k(row: &[u8], b: usize) -> Bytes {
     let sb = &row[(b / 8) * 210..][..210];
     let (half_sb, i) = ((b % 8) / 4, b % 4);
     let low = &sb[64 * half_sb + 32 * (i % 2)..][..32];
     let high = &sb[128 + 32 * half_sb..][..32];
     let low_shift = 4 * (i / 2);
-    let scale = |h: usize| sb[192 + 8 * half_sb + 2 * i + h] as i8 as f32;
-    let d = half(sb, 208);
+    let (d, sc) = q6_k_factors(row, b);
     Bytes {
-        d: [d * scale(0), d * scale(1)],
+        d: [d * sc[0] as f32, d * sc[1] as f32],
         m: 0.0,
         qs: std::array::from_fn(|l| {
             let q = ((low[l] >> low_shift) & 0x0F) | (((high[l] >> (2 * i)) & 3) << 4);
             (q as i32 - 32) as i8
         }),
     }
+}
+
+/// Block `b` of a Q6_K row's factors: the super-block's f16 scale, and the signed 8-bit
+/// scales of the block's two halves of 16; [`q6_k`]'s d[h] is their product.
+pub(super) fn q6_k_factors(row: &[u8], b: usize) -> (f32, [i8; 2]) {
+    let sb = &row[(b / 8) * 210..][..210];
+    let (half_sb, i) = ((b % 8) / 4, b % 4);
+    let scale = |h: usize| sb[192 + 8 * half_sb + 2 * i + h] as i8;
+    (half(sb, 208), [scale(0), scale(1)])
 }
 
 #[cfg(test)]

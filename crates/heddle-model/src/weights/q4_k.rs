@@ -95,7 +95,7 @@ pub(super) fn block_values(storage: &Storage, nb: usize, r: usize, b: usize, out
 #[allow(clippy::needless_range_loop)]
 pub(super) mod vnni {
     use super::*;
-    use crate::weights::vnni::{block_dot, store, RowPtrs, ROWS};
+    use crate::weights::vnni::{block_dot, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
     use crate::weights::{OutPtr, QuantizedRows};
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -129,6 +129,11 @@ pub(super) mod vnni {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let gb = g * nb + b;
+            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
+            prefetch(qs, ahead * 256, 256);
+            prefetch(factors, ahead * 2 * LANES, 2 * LANES);
+            let ahead_super = ((g + PREFETCH_GROUPS_AHEAD) * (nb / SUPER) + b / SUPER) * 2 * LANES;
+            prefetch(scales, ahead_super, 2 * LANES);
             let mut units = [_mm512_setzero_si512(); 8];
             for j in 0..4 {
                 let v = unsafe {

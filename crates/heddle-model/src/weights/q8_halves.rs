@@ -1,13 +1,14 @@
 //! Kernels for 8-bit weights with a scale per half-block of 16 and a minimum per block of
-//! 32, w = d[half]·q + m: the exact form of Q5_0, Q5_1, Q5_K and Q6_K
-//! ([`super::ggml_blocks::Bytes`]).
+//! 32, w = d[half]·q + m: the exact form of Q5_0, Q5_1 and Q5_K
+//! ([`super::ggml_blocks::Bytes`]); also of Q6_K, which runs its own 6-bit kernel
+//! ([`super::q6_k`]) and is checked against this form.
 //!
 //! Those formats store 5 or 6 bits a weight, split between a nibble array and a high-bit
 //! array; heddle spends a whole byte on each weight instead (plus 12 bytes of scales per
 //! 32), so that the inner loop is Q8_0's: one integer dot product per half-block, then a
 //! fused multiply-add by the half's scale times the activation block's. The minimum
 //! multiplies the activations' scaled block sum, as Q4_1's does. The cost is memory: 11
-//! bits a weight against the file's 5.5–6.6, which only matters where a decode step is
+//! bits a weight against the file's 5.5–6, which only matters where a decode step is
 //! bound by reading the weights.
 //!
 //! Values are at most 32 in magnitude (Q6_K's q − 32), so AVX2's `maddubs` pairs
@@ -230,7 +231,7 @@ pub(super) mod avx2 {
 #[allow(clippy::needless_range_loop)]
 pub(super) mod vnni {
     use super::*;
-    use crate::weights::vnni::{half_dots, store, RowPtrs, ROWS};
+    use crate::weights::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -252,6 +253,10 @@ pub(super) mod vnni {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let gb = g * nb + b;
+            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
+            prefetch(qs, ahead * 512, 512);
+            prefetch(d, ahead * 2 * LANES, 2 * LANES);
+            prefetch(m, ahead * LANES, LANES);
             let units: [__m512i; 8] = std::array::from_fn(|i| unsafe {
                 _mm512_loadu_si512(qs.as_ptr().add(gb * 512 + i * 64) as *const __m512i)
             });

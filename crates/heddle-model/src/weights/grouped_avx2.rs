@@ -1,0 +1,269 @@
+//! AVX2 kernels on the VNNI kernels' 16-column layouts (Q4_1x16 for 4-bit weights —
+//! Q4_1, Q4_0, Q4_K — and Q8_0x16): each 32-byte half of a 64-byte unit holds four
+//! consecutive weights of 8 output columns, so with four activation bytes broadcast to
+//! every lane, `maddubs` multiplies 8 columns at once and no horizontal sum is needed.
+//!
+//! The row-major AVX2 kernels they replace spent, per block of 32 weights, one row and
+//! one column, a `maddubs`, a `madd`, a conversion, a scale product and a fused
+//! multiply-add on 32 multiply-adds, with nothing shared between rows but the unpacked
+//! weights, and ran at about 50 G multiply-adds a second per core at any batch size.
+//! Here the conversion and scales are applied once per block and 8 columns. For 4-bit
+//! weights the integer products of a whole block are summed in 16-bit lanes — a nibble
+//! (≤ 15) times an activation (|x| ≤ 127), two per `maddubs` lane and eight units, stay
+//! under 2^15 — so a row costs 8 `maddubs` and 8 additions per 256 multiply-adds plus a
+//! fixed few. 8-bit weights need `maddubs`' sign trick (|w| against x carrying w's sign)
+//! and a `madd` to 32 bits per unit, since two of their products already fill 16 bits.
+//!
+//! Each output's arithmetic is the same whatever the number of rows or the tile it falls
+//! in, so batch invariance holds as in the other kernels.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::vnni::{prefetch, PREFETCH_GROUPS_AHEAD};
+use super::{padded_blocks, OutPtr, QuantizedRows, LANES, QK};
+
+/// Rows per tile: their 16-bit and f32 accumulators, the block's two unpacked units and
+/// the constants fill the 16 vector registers.
+const ROWS: usize = 4;
+
+/// Columns per half of a group: one f32 lane each in a 256-bit vector.
+const HALF: usize = LANES / 2;
+
+/// Rows r0..r0 + R of the output, columns 8·h.. of group g, from 4-bit weights.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+unsafe fn q4_1_tile<const R: usize>(
+    qs: &[u8],
+    d: &[f32],
+    m: &[f32],
+    nb: usize,
+    x: &QuantizedRows,
+    r0: usize,
+    g: usize,
+    h: usize,
+    n: usize,
+    out: OutPtr,
+) {
+    let nbp = padded_blocks(nb);
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist; b < nb.
+    let xq: [*const i32; R] =
+        std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) as *const i32 });
+    let xd: [*const f32; R] = std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
+    let xs: [*const f32; R] = std::array::from_fn(|r| unsafe { x.s.as_ptr().add((r0 + r) * nbp) });
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let gb = g * nb + b;
+        if h == 0 {
+            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
+            prefetch(qs, ahead * 256, 256);
+            prefetch(d, ahead * LANES, LANES);
+            prefetch(m, ahead * LANES, LANES);
+        }
+        let mut sums = [_mm256_setzero_si256(); R];
+        for j in 0..4 {
+            let chunk = unsafe {
+                _mm256_loadu_si256(qs.as_ptr().add(gb * 256 + j * 64 + h * 32) as *const __m256i)
+            };
+            // Elements 4j.. of the block, and 16 + 4j..
+            let lo = _mm256_and_si256(chunk, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), low);
+            for r in 0..R {
+                let (xa, xb) = unsafe {
+                    let p = xq[r].add(b * 8);
+                    (p.add(j).read_unaligned(), p.add(j + 4).read_unaligned())
+                };
+                let pa = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xa));
+                let pb = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb));
+                sums[r] = _mm256_add_epi16(sums[r], _mm256_add_epi16(pa, pb));
+            }
+        }
+        let (dw, mw) = unsafe {
+            let at = gb * LANES + h * HALF;
+            (
+                _mm256_loadu_ps(d.as_ptr().add(at)),
+                _mm256_loadu_ps(m.as_ptr().add(at)),
+            )
+        };
+        for r in 0..R {
+            let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
+            acc[r] = _mm256_fmadd_ps(sum, scale, acc[r]);
+            acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(unsafe { *xs[r].add(b) }), acc[r]);
+        }
+    }
+    // SAFETY: the caller owns these columns of the rows.
+    unsafe { store(&acc, r0, g, h, n, out) }
+}
+
+/// Stores `acc[r]` as columns 8·h.. of group g of row r0 + r (fewer in a partial group).
+///
+/// # Safety
+/// The caller owns those columns of those rows.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store<const R: usize>(
+    acc: &[__m256; R],
+    r0: usize,
+    g: usize,
+    h: usize,
+    n: usize,
+    out: OutPtr,
+) {
+    let first = g * LANES + h * HALF;
+    let lanes = HALF.min(n - first);
+    let mask = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(lanes as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    for (r, &v) in acc.iter().enumerate() {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_maskstore_ps(out.0.add((r0 + r) * n + first), mask, v) }
+    }
+}
+
+/// Rows r0..r0 + R of the output, columns 8·h.. of group g, from Q8_0x16 weights (values
+/// + 128, as the VNNI kernel stores them).
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+unsafe fn q8_0_tile<const R: usize>(
+    qs: &[u8],
+    d: &[f32],
+    nb: usize,
+    x: &QuantizedRows,
+    r0: usize,
+    g: usize,
+    h: usize,
+    n: usize,
+    out: OutPtr,
+) {
+    let nbp = padded_blocks(nb);
+    let bias = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist; b < nb.
+    let xq: [*const i32; R] =
+        std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) as *const i32 });
+    let xd: [*const f32; R] = std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let gb = g * nb + b;
+        if h == 0 {
+            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
+            prefetch(qs, ahead * 512, 512);
+            prefetch(d, ahead * LANES, LANES);
+        }
+        let mut sums = [_mm256_setzero_si256(); R];
+        for i in 0..8 {
+            let unit = unsafe {
+                _mm256_loadu_si256(qs.as_ptr().add(gb * 512 + i * 64 + h * 32) as *const __m256i)
+            };
+            // Back to the signed values, then maddubs' unsigned |w| and w's sign on x.
+            let w = _mm256_xor_si256(unit, bias);
+            let magnitude = _mm256_abs_epi8(w);
+            for r in 0..R {
+                let xv = _mm256_set1_epi32(unsafe { xq[r].add(b * 8 + i).read_unaligned() });
+                let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, w));
+                sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        let dw = unsafe { _mm256_loadu_ps(d.as_ptr().add(gb * LANES + h * HALF)) };
+        for r in 0..R {
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), scale, acc[r]);
+        }
+    }
+    // SAFETY: the caller owns these columns of the rows.
+    unsafe { store(&acc, r0, g, h, n, out) }
+}
+
+/// Runs `tile::<R>(r0, g, h)` over every half-group of `cols` that holds a real column
+/// and every tile of up to [`ROWS`] rows.
+macro_rules! halves_and_rows {
+    ($tile:ident, $rows:expr, $cols:expr, $n:expr, |$r:ident, $g:ident, $h:ident| $($args:tt)*) => {{
+        let (rows, cols, n): (usize, Range<usize>, usize) = ($rows, $cols, $n);
+        for $g in cols.start / LANES..cols.end.div_ceil(LANES) {
+            // A last group of 8 or fewer real columns has nothing in its second half.
+            for $h in 0..(n - $g * LANES).div_ceil(HALF).min(2) {
+                let mut $r = 0;
+                while $r < rows {
+                    let left = (rows - $r).min(ROWS);
+                    match left {
+                        4 => $tile::<4>($($args)*),
+                        3 => $tile::<3>($($args)*),
+                        2 => $tile::<2>($($args)*),
+                        _ => $tile::<1>($($args)*),
+                    }
+                    $r += left;
+                }
+            }
+        }
+    }};
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA; the buffers hold the Q4_1x16 layout of an n × nb·32 matrix;
+/// `cols` starts on a group of 16; no other thread writes those columns.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn q4_1x16(
+    qs: &[u8],
+    d: &[f32],
+    m: &[f32],
+    nb: usize,
+    x: &QuantizedRows,
+    cols: Range<usize>,
+    n: usize,
+    out: OutPtr,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        halves_and_rows!(
+            q4_1_tile,
+            x.rows,
+            cols,
+            n,
+            |r, g, h| qs,
+            d,
+            m,
+            nb,
+            x,
+            r,
+            g,
+            h,
+            n,
+            out
+        )
+    }
+}
+
+/// # Safety
+/// As for [`q4_1x16`], with the Q8_0x16 layout.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn q8_0x16(
+    qs: &[u8],
+    d: &[f32],
+    nb: usize,
+    x: &QuantizedRows,
+    cols: Range<usize>,
+    n: usize,
+    out: OutPtr,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        halves_and_rows!(
+            q8_0_tile,
+            x.rows,
+            cols,
+            n,
+            |r, g, h| qs,
+            d,
+            nb,
+            x,
+            r,
+            g,
+            h,
+            n,
+            out
+        )
+    }
+}

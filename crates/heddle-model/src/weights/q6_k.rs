@@ -1,0 +1,511 @@
+//! Q6_K at its own size: 6 bits a weight, multiplied without widening.
+//!
+//! A Q6_K weight is w = (d·sc)·q, q = u − 32 with u a 6-bit value, sc a signed 8-bit
+//! factor per 16 weights and d an f16 scale per super-block of 256. [`super::q8_halves`]
+//! holds the same weights at a byte each plus f32 scales (11 bits a weight); a decode step
+//! of a Q4_K_M file, whose output head and some `ffn_down`/`attn_v` matrices are Q6_K,
+//! is bound by reading them. Here each weight keeps its 4 low bits in a nibble array and
+//! its 2 high bits in a second array, each block its two factors as bytes and each
+//! super-block its scale as f32: 6.625 bits a weight against the file's 6.5625.
+//!
+//! The kernels rebuild u from the two arrays, multiply it by the 8-bit activations and
+//! subtract 32·Σx per half-block in integers (the activations' exact block sums), so the
+//! integer sums are Σq·x; then each half's f32 scale is d·sc, the very product ggml's
+//! dequantization makes, and the arithmetic after that is `q8_halves`' step for step:
+//! the results equal the widened form's bit for bit (the tests check it).
+//!
+//! Layouts, for row c of W (or lane l of group g of 16 rows, padded with zero rows) and
+//! block b of 32:
+//! - row-major (portable, AVX2), at i = c·nb + b: 16 bytes of nibbles as ggml's Q4_1
+//!   (element j low, j + 16 high), 8 bytes of high bits (byte j holds element 8p + j's
+//!   in bits 2p, 2p + 1), 2 factors; each row's super-block scales at c·nsb + s.
+//! - grouped (VNNI), at gb = g·nb + b: 256 bytes of nibbles as Q4_1x16; 128 bytes of high
+//!   bits in two 64-byte chunks, byte 4l + t of chunk h holding in bits 2s, 2s + 1 those of
+//!   element 4(4h + s) + t of lane l (so that each of the kernel's eight 4-element units
+//!   takes its bits from one chunk with one shift); 32 factors (16 lanes' first halves,
+//!   then their second halves); the scales at (g·nsb + s)·16 + l.
+
+use std::ops::Range;
+
+use super::ggml_blocks::{q6_k, q6_k_factors};
+use super::{put_q4_1x16_nibbles, Family, OutPtr, QuantizedRows, LANES, QK};
+
+/// Blocks of 32 per super-block of 256.
+const SUPER: usize = 8;
+
+/// A Q6_K matrix in one of the two layouts above.
+#[derive(Debug)]
+pub(super) struct Q6K {
+    /// The VNNI layout (else row-major).
+    grouped: bool,
+    nibbles: Vec<u8>,
+    highs: Vec<u8>,
+    factors: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl Q6K {
+    /// The n × k Q6_K matrix whose rows are `row_bytes` long in `bytes`, for `family`.
+    pub(super) fn new(n: usize, k: usize, bytes: &[u8], row_bytes: usize, family: Family) -> Q6K {
+        let (nb, nsb) = (k / QK, k / QK / SUPER);
+        let grouped = family == Family::Vnni;
+        let rows = if grouped {
+            n.div_ceil(LANES) * LANES
+        } else {
+            n
+        };
+        let mut w = Q6K {
+            grouped,
+            nibbles: vec![0; rows * nb * 16],
+            highs: vec![0; rows * nb * 8],
+            factors: vec![0; rows * nb * 2],
+            scales: vec![0.0; rows * nsb],
+        };
+        for c in 0..n {
+            let row = &bytes[c * row_bytes..][..row_bytes];
+            for b in 0..nb {
+                let u: [u8; 32] = std::array::from_fn(|e| (q6_k(row, b).qs[e] as i16 + 32) as u8);
+                let (d, sc) = q6_k_factors(row, b);
+                w.put(nb, c, b, &u, d, sc);
+            }
+        }
+        w
+    }
+
+    /// Stores block `b` of row `c`: its 6-bit values, super-block scale and factors.
+    fn put(&mut self, nb: usize, c: usize, b: usize, u: &[u8; 32], d: f32, sc: [i8; 2]) {
+        let nsb = nb / SUPER;
+        let nibbles: [u8; 16] = std::array::from_fn(|j| (u[j] & 0x0F) | (u[j + 16] << 4));
+        if self.grouped {
+            let (g, l) = (c / LANES, c % LANES);
+            let gb = g * nb + b;
+            put_q4_1x16_nibbles(&mut self.nibbles, gb, l, &nibbles);
+            for (e, &v) in u.iter().enumerate() {
+                let (unit, t) = (e / 4, e % 4);
+                let (chunk, s) = (unit / 4, unit % 4);
+                self.highs[gb * 128 + chunk * 64 + 4 * l + t] |= (v >> 4) << (2 * s);
+            }
+            self.factors[gb * 2 * LANES + l] = sc[0];
+            self.factors[gb * 2 * LANES + LANES + l] = sc[1];
+            self.scales[(g * nsb + b / SUPER) * LANES + l] = d;
+        } else {
+            let i = c * nb + b;
+            self.nibbles[i * 16..][..16].copy_from_slice(&nibbles);
+            for (e, &v) in u.iter().enumerate() {
+                self.highs[i * 8 + e % 8] |= (v >> 4) << (2 * (e / 8));
+            }
+            self.factors[i * 2..][..2].copy_from_slice(&sc);
+            self.scales[c * nsb + b / SUPER] = d;
+        }
+    }
+
+    /// Bytes of memory its weights take.
+    pub(super) fn bytes(&self) -> usize {
+        self.nibbles.len() + self.highs.len() + self.factors.len() + 4 * self.scales.len()
+    }
+
+    /// Whether the buffers fit an n × nb·32 matrix, so the kernels may walk raw pointers.
+    pub(super) fn fits(&self, n: usize, nb: usize) -> bool {
+        let rows = if self.grouped {
+            n.div_ceil(LANES) * LANES
+        } else {
+            n
+        };
+        nb.is_multiple_of(SUPER)
+            && self.nibbles.len() == rows * nb * 16
+            && self.highs.len() == rows * nb * 8
+            && self.factors.len() == rows * nb * 2
+            && self.scales.len() == rows * nb / SUPER
+    }
+
+    /// Block `b` of row `c`: its 6-bit values, super-block scale and factors.
+    fn block(&self, nb: usize, c: usize, b: usize) -> ([u8; 32], f32, [i8; 2]) {
+        let nsb = nb / SUPER;
+        if self.grouped {
+            let (g, l) = (c / LANES, c % LANES);
+            let gb = g * nb + b;
+            let u = std::array::from_fn(|e| {
+                let (unit, t) = (e / 4, e % 4);
+                let (j, shift) = (unit % 4, 4 * (unit / 4));
+                let low = self.nibbles[gb * 256 + j * 64 + 4 * l + t] >> shift & 0x0F;
+                let (chunk, s) = (unit / 4, unit % 4);
+                let high = self.highs[gb * 128 + chunk * 64 + 4 * l + t] >> (2 * s) & 3;
+                low | high << 4
+            });
+            let sc = [
+                self.factors[gb * 2 * LANES + l],
+                self.factors[gb * 2 * LANES + LANES + l],
+            ];
+            (u, self.scales[(g * nsb + b / SUPER) * LANES + l], sc)
+        } else {
+            let i = c * nb + b;
+            let u = std::array::from_fn(|e| {
+                let byte = self.nibbles[i * 16 + e % 16];
+                let low = if e < 16 { byte & 0x0F } else { byte >> 4 };
+                low | (self.highs[i * 8 + e % 8] >> (2 * (e / 8)) & 3) << 4
+            });
+            let sc = [self.factors[i * 2], self.factors[i * 2 + 1]];
+            (u, self.scales[c * nsb + b / SUPER], sc)
+        }
+    }
+
+    /// Block `b` of row `r` in f32, computed as ggml dequantizes it: (d·sc)·q.
+    pub(super) fn block_values(&self, nb: usize, r: usize, b: usize, out: &mut [f32]) {
+        let (u, d, sc) = self.block(nb, r, b);
+        for (e, o) in out.iter_mut().enumerate() {
+            *o = d * sc[e / 16] as f32 * (u[e] as i32 - 32) as f32;
+        }
+    }
+
+    /// Computes columns `cols` of every row of `x`·Wᵀ into `out` (row stride n).
+    ///
+    /// # Safety
+    /// [`Q6K::fits`] holds for n × x.nb; the CPU has `family`'s features, and the layout
+    /// is that family's; no other thread writes these columns; for VNNI `cols` starts on
+    /// a group of 16.
+    pub(super) unsafe fn run(
+        &self,
+        family: Family,
+        nb: usize,
+        x: &QuantizedRows,
+        cols: Range<usize>,
+        n: usize,
+        out: OutPtr,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match family {
+                #[cfg(target_arch = "x86_64")]
+                Family::Vnni => vnni::run(self, nb, x, cols, n, out),
+                #[cfg(target_arch = "x86_64")]
+                Family::Avx2 => avx2::run(self, nb, x, cols, n, out),
+                _ => portable::run(self, nb, x, cols, n, out),
+            }
+        }
+    }
+}
+
+/// Plain Rust: one output at a time, blocks in order, `q8_halves::portable`'s arithmetic.
+mod portable {
+    use super::*;
+    use crate::weights::padded_blocks;
+
+    fn dot(w: &Q6K, nb: usize, c: usize, x: &QuantizedRows, r: usize) -> f32 {
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let (u, d, sc) = w.block(nb, c, b);
+            let xq = &x.qs[(r * nb + b) * QK..][..QK];
+            let half = |h: usize| -> i32 {
+                let span = h * 16..h * 16 + 16;
+                u[span.clone()]
+                    .iter()
+                    .zip(&xq[span])
+                    .map(|(&u, &x)| (u as i32 - 32) * x as i32)
+                    .sum()
+            };
+            let dx = x.d[r * padded_blocks(nb) + b];
+            let (d0, d1) = (d * sc[0] as f32, d * sc[1] as f32);
+            acc += half(0) as f32 * (d0 * dx) + half(1) as f32 * (d1 * dx);
+        }
+        acc
+    }
+
+    /// # Safety
+    /// No other thread writes columns `cols` of `out`, which holds `x.rows × n` floats.
+    pub(super) unsafe fn run(
+        w: &Q6K,
+        nb: usize,
+        x: &QuantizedRows,
+        cols: Range<usize>,
+        n: usize,
+        out: OutPtr,
+    ) {
+        for r in 0..x.rows {
+            for c in cols.clone() {
+                unsafe { out.write(r * n + c, dot(w, nb, c, x, r)) }
+            }
+        }
+    }
+}
+
+/// AVX2 + FMA, tiled and computed as `q8_halves::avx2` once the weights are signed
+/// bytes: the 16 nibble bytes widen to 32 values as in Q4_1's kernel; the 8 high-bit
+/// bytes are broadcast to four 64-bit lanes, lane p shifted right by 2p so that element
+/// 8p + j's two bits sit at the bottom of byte j, then moved up to bits 4 and 5.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    use super::*;
+    use crate::weights::avx2::{hsum, PANEL};
+    use crate::weights::padded_blocks;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize, const C: usize>(
+        w: &Q6K,
+        nb: usize,
+        x: &QuantizedRows,
+        r0: usize,
+        c0: usize,
+        n: usize,
+        out: OutPtr,
+    ) {
+        let nbp = padded_blocks(nb);
+        let nsb = nb / SUPER;
+        let ones = _mm256_set1_epi16(1);
+        let low = _mm256_set1_epi8(0x0F);
+        let top = _mm256_set1_epi8(0x30);
+        let offset = _mm256_set1_epi8(32);
+        let quarters = _mm256_setr_epi64x(0, 2, 4, 6);
+        // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
+        // exist, and b < nb stays inside each row's blocks.
+        let xq: [*const i8; R] =
+            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) });
+        let xd: [*const f32; R] =
+            std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for b in 0..nb {
+            let mut xv = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                xv[r] = unsafe { _mm256_loadu_si256(xq[r].add(b * QK) as *const __m256i) };
+            }
+            for c in 0..C {
+                let i = (c0 + c) * nb + b;
+                let (raw, high, sc, d) = unsafe {
+                    (
+                        _mm_loadu_si128(w.nibbles.as_ptr().add(i * 16) as *const __m128i),
+                        (w.highs.as_ptr().add(i * 8) as *const i64).read_unaligned(),
+                        *(w.factors.as_ptr().add(i * 2) as *const [i8; 2]),
+                        *w.scales.get_unchecked((c0 + c) * nsb + b / SUPER),
+                    )
+                };
+                let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+                let highs = _mm256_srlv_epi64(_mm256_set1_epi64x(high), quarters);
+                let highs = _mm256_and_si256(_mm256_slli_epi64(highs, 4), top);
+                let wv = _mm256_sub_epi8(_mm256_or_si256(nibbles, highs), offset);
+                // maddubs multiplies unsigned by signed: move w's sign onto x.
+                let wabs = _mm256_sign_epi8(wv, wv);
+                let dw =
+                    _mm256_set_m128(_mm_set1_ps(d * sc[1] as f32), _mm_set1_ps(d * sc[0] as f32));
+                for r in 0..R {
+                    let xs = _mm256_sign_epi8(xv[r], wv);
+                    let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
+                    acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                // SAFETY: the caller owns columns c0..c0 + C of these rows.
+                unsafe { out.write((r0 + r) * n + c0 + c, hsum(acc[r][c])) }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `w` is row-major and fits n × nb; no other thread writes
+    /// columns `cols` of `out`.
+    pub(super) unsafe fn run(
+        w: &Q6K,
+        nb: usize,
+        x: &QuantizedRows,
+        cols: Range<usize>,
+        n: usize,
+        out: OutPtr,
+    ) {
+        unsafe { tiled!(tile, x.rows, cols, |r, c| w, nb, x, r, c, n, out) }
+    }
+}
+
+/// AVX-512 VNNI on the grouped layout, as `q8_halves::vnni`: each lane an output column,
+/// `vpdpbusd` on four broadcast activation bytes, each half's integer sum starting from
+/// −32 times the sum of its 16 activations.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod vnni {
+    use super::*;
+    use crate::weights::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
+    use std::arch::x86_64::*;
+
+    /// The 16 lanes' 8-bit factors at `p`, as floats.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn factors16(p: *const i8) -> __m512 {
+        // SAFETY: the caller's 16 bytes.
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(unsafe {
+            _mm_loadu_si128(p as *const __m128i)
+        }))
+    }
+
+    /// Unit `s` of a chunk's high bits (see the layout), moved to bits 4 and 5.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn high_bits(chunk: __m512i, s: usize) -> __m512i {
+        let at_4 = match s {
+            0 => _mm512_slli_epi16(chunk, 4),
+            1 => _mm512_slli_epi16(chunk, 2),
+            2 => chunk,
+            _ => _mm512_srli_epi16(chunk, 2),
+        };
+        _mm512_and_si512(at_4, _mm512_set1_epi8(0x30))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize>(
+        w: &Q6K,
+        nb: usize,
+        x: &QuantizedRows,
+        r0: usize,
+        g: usize,
+        n: usize,
+        out: OutPtr,
+    ) {
+        let low = _mm512_set1_epi8(0x0F);
+        let nsb = nb / SUPER;
+        // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist;
+        // b < nb.
+        let rows = unsafe { RowPtrs::<R>::new(x, r0) };
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let gb = g * nb + b;
+            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
+            prefetch(&w.nibbles, ahead * 256, 256);
+            prefetch(&w.highs, ahead * 128, 128);
+            prefetch(&w.factors, ahead * 2 * LANES, 2 * LANES);
+            let ahead_super = ((g + PREFETCH_GROUPS_AHEAD) * nsb + b / SUPER) * LANES;
+            prefetch(&w.scales, ahead_super, LANES);
+            let load = |p: *const u8| unsafe { _mm512_loadu_si512(p as *const __m512i) };
+            let highs: [__m512i; 2] =
+                std::array::from_fn(|h| load(unsafe { w.highs.as_ptr().add(gb * 128 + h * 64) }));
+            let mut units = [_mm512_setzero_si512(); 8];
+            for j in 0..4 {
+                let v = load(unsafe { w.nibbles.as_ptr().add(gb * 256 + j * 64) });
+                let lo = _mm512_and_si512(v, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                units[j] = _mm512_or_si512(lo, high_bits(highs[0], j));
+                units[j + 4] = _mm512_or_si512(hi, high_bits(highs[1], j));
+            }
+            let (d_lo, d_hi) = unsafe {
+                let d = _mm512_loadu_ps(w.scales.as_ptr().add((g * nsb + b / SUPER) * LANES));
+                let f = w.factors.as_ptr().add(gb * 2 * LANES);
+                (
+                    _mm512_mul_ps(d, factors16(f)),
+                    _mm512_mul_ps(d, factors16(f.add(LANES))),
+                )
+            };
+            for r in 0..R {
+                let (sum, lo) = unsafe { (*rows.sums[r].add(b), *rows.lo_sums[r].add(b)) };
+                let (a, h) = unsafe {
+                    half_dots(
+                        &units,
+                        rows.qs[r].add(b * 8),
+                        _mm512_set1_epi32(-32 * lo),
+                        _mm512_set1_epi32(-32 * (sum - lo)),
+                    )
+                };
+                let dx = _mm512_set1_ps(unsafe { *rows.d[r].add(b) });
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(d_lo, dx), acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_mul_ps(d_hi, dx), acc[r]);
+            }
+        }
+        let lanes = LANES.min(n - g * LANES);
+        for r in 0..R {
+            unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and VNNI; `w` is grouped and fits n × nb; `cols`
+    /// starts on a group; no other thread writes those columns.
+    pub(super) unsafe fn run(
+        w: &Q6K,
+        nb: usize,
+        x: &QuantizedRows,
+        cols: Range<usize>,
+        n: usize,
+        out: OutPtr,
+    ) {
+        unsafe { groups_and_rows!(tile, x.rows, cols, |r, g| w, nb, x, r, g, n, out) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::{best_family, forward_all_with, Input, Linear, Storage};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    /// In every family this CPU runs, the 6-bit form holds ggml's weights and computes
+    /// exactly what the widened 8-bit form computes from the same blocks, in 6.625 bits a
+    /// weight instead of 11.
+    #[test]
+    fn six_bit_q6_k_equals_the_widened_form_bit_for_bit() {
+        let mut families = vec![Family::Portable];
+        if best_family() != Family::Portable {
+            families.push(Family::Avx2);
+        }
+        if best_family() == Family::Vnni {
+            families.push(Family::Vnni);
+        }
+        // A partial last group of 16 rows; 3 super-blocks; a tile of 8 rows and one of 3.
+        let (n, k, rows) = (37, 768, 11);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let t = QTensor::quantize(
+            &Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(),
+            GgmlDType::Q6K,
+        )
+        .unwrap();
+        let ggml: Vec<f32> = t
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let bytes = t.data().unwrap();
+        let row_bytes = k / 256 * 210;
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0)
+            .collect();
+        let mut q = QuantizedRows::default();
+        q.quantize(&x, rows);
+        let input = Input {
+            x: &x,
+            rows,
+            q: Some(&q),
+        };
+        for family in families {
+            let six = Linear::from_qtensor_for("w", &t, family).unwrap();
+            assert!(matches!(six.storage, Storage::Q6K(_)), "{family:?}");
+            let wide = Linear {
+                n,
+                k,
+                storage: crate::weights::q8_halves::storage(
+                    n,
+                    k,
+                    |c, b| q6_k(&bytes[c * row_bytes..][..row_bytes], b),
+                    family,
+                ),
+            };
+            let padded = if family == Family::Vnni {
+                n.next_multiple_of(LANES)
+            } else {
+                n
+            };
+            assert_eq!(six.bytes(), padded * k / 256 * 212, "{family:?}");
+            let Storage::F32(values) = six.dequantized().storage else {
+                unreachable!("dequantized matrices are f32")
+            };
+            assert_eq!(values, ggml, "{family:?}");
+            let run = |lin: &Linear| {
+                let mut out = vec![0f32; rows * n];
+                forward_all_with(family, &mut [(lin, &mut out)], &input);
+                out
+            };
+            assert_eq!(run(&six), run(&wide), "{family:?}");
+        }
+    }
+}

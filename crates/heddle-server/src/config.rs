@@ -34,6 +34,13 @@
 //! aging_rate = 0.1
 //! prefix_cache = true
 //!
+//! [gpu]                             # flags of the same names override these
+//! device = "cuda"                   # or "cpu" (the default)
+//! gpu_memory_fraction = 0.9
+//! batch_invariant = false
+//! tensor_parallel_size = 2
+//! quantization = "fp8"
+//!
 //! [[models]]
 //! id = "smollm2"
 //! path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"   # omit for the embedded model
@@ -240,14 +247,16 @@ pub struct ServeArgs {
 }
 
 /// `--device`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     Cpu,
     Cuda,
 }
 
 /// `--quantization`: how a GPU model's projections are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum QuantizationKind {
     /// FP8 E4M3, one scale a matrix.
     Fp8,
@@ -320,7 +329,7 @@ impl ServerConfig {
             None => FileConfig::default(),
         };
         let mut config = ServerConfig::with_models(Vec::new());
-        config.device = resolve_device(args)?;
+        config.device = resolve_device(&file.gpu.clone().unwrap_or_default().under(args))?;
         if matches!(config.device, Device::Cuda { .. }) {
             // A GPU step is cheap per token only in large batches.
             config.scheduler.max_running = 256;
@@ -755,6 +764,7 @@ pub fn parse_byte_size(text: &str) -> anyhow::Result<u64> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    gpu: Option<FileGpu>,
     host: Option<String>,
     port: Option<u16>,
     memory_budget: Option<ByteSize>,
@@ -782,6 +792,31 @@ impl FileConfig {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// The `[gpu]` section: the device flags' values when the flags are not given.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGpu {
+    device: Option<DeviceKind>,
+    gpu_memory_fraction: Option<f64>,
+    batch_invariant: Option<bool>,
+    tensor_parallel_size: Option<usize>,
+    quantization: Option<QuantizationKind>,
+}
+
+impl FileGpu {
+    /// `args` with the device flags it leaves unset taken from this section.
+    fn under(self, args: &ServeArgs) -> ServeArgs {
+        ServeArgs {
+            device: args.device.or(self.device),
+            gpu_memory_fraction: args.gpu_memory_fraction.or(self.gpu_memory_fraction),
+            batch_invariant: args.batch_invariant || self.batch_invariant.unwrap_or(false),
+            tensor_parallel_size: args.tensor_parallel_size.or(self.tensor_parallel_size),
+            quantization: args.quantization.or(self.quantization),
+            ..args.clone()
+        }
     }
 }
 
@@ -1179,6 +1214,43 @@ mod tests {
         let typo = ServeArgs {
             config: Some(temp_file("typo.toml", "prot = 1\n")),
             models: vec![model],
+            ..ServeArgs::default()
+        };
+        assert!(ServerConfig::resolve(&typo).is_err());
+    }
+
+    #[test]
+    fn the_gpu_section_of_the_file_is_read_under_the_flags() {
+        let on_cpu_split = ServeArgs {
+            config: Some(temp_file(
+                "gpu.toml",
+                "[gpu]\ndevice = \"cpu\"\ntensor_parallel_size = 2\n",
+            )),
+            ..ServeArgs::default()
+        };
+        let err = ServerConfig::resolve(&on_cpu_split).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--tensor-parallel-size needs --device cuda"),
+            "{err}"
+        );
+        // A flag wins over the file.
+        let overridden = ServeArgs {
+            tensor_parallel_size: Some(1),
+            ..on_cpu_split
+        };
+        assert_eq!(
+            ServerConfig::resolve(&overridden).unwrap().device,
+            Device::Cpu
+        );
+        let fp8_on_cpu = ServeArgs {
+            config: Some(temp_file("gpu-fp8.toml", "[gpu]\nquantization = \"fp8\"\n")),
+            ..ServeArgs::default()
+        };
+        let err = ServerConfig::resolve(&fp8_on_cpu).unwrap_err();
+        assert!(err.to_string().contains("--quantization needs"), "{err}");
+        let typo = ServeArgs {
+            config: Some(temp_file("gpu-typo.toml", "[gpu]\ndevise = \"cuda\"\n")),
             ..ServeArgs::default()
         };
         assert!(ServerConfig::resolve(&typo).is_err());

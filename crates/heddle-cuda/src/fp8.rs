@@ -21,8 +21,8 @@ use crate::lt_matmul::{layouts, LtMatmul};
 
 /// The largest finite E4M3 value.
 pub const E4M3_MAX: f32 = 448.0;
-/// The smallest row maximum a scale is computed from: an all-zero row gets a finite scale.
-pub const MIN_ROW_MAX: f32 = 1e-30;
+/// The smallest maximum magnitude a scale is computed from: all zeros get a finite scale.
+pub const MIN_ABS_MAX: f32 = 1e-30;
 
 /// The E4M3 code of `x`, rounded to nearest (ties to even), saturated to ±448; NaN stays
 /// NaN (0x7f with the sign).
@@ -68,51 +68,18 @@ pub fn e4m3_to_f32(code: u8) -> f32 {
     sign * magnitude
 }
 
-/// A row quantized as the device does it (`quantize_fp8_rows`): its codes and its scale.
+/// Values quantized with one scale as the device does it (`quantize_fp8_tensor`): their
+/// codes and the scale.
 pub fn quantize_row(row: &[f32]) -> (Vec<u8>, f32) {
     let max = row
         .iter()
         .fold(0f32, |m, &x| m.max(x.abs()))
-        .max(MIN_ROW_MAX);
+        .max(MIN_ABS_MAX);
     let inverse = E4M3_MAX / max;
     (
         row.iter().map(|&x| e4m3_from_f32(x * inverse)).collect(),
         max / E4M3_MAX,
     )
-}
-
-/// Rows of bf16 values quantized to E4M3 on the device, a scale per row.
-pub struct Fp8Rows {
-    /// [rows, cols] codes, a byte each.
-    pub codes: DeviceBuffer,
-    /// [rows] f32 scales.
-    pub scales: DeviceBuffer,
-}
-
-impl Fp8Rows {
-    /// Room for `rows` × `cols`.
-    pub fn alloc(gpu: &Gpu, rows: usize, cols: usize) -> anyhow::Result<Self> {
-        Ok(Fp8Rows {
-            codes: gpu.alloc(rows * cols)?,
-            scales: gpu.alloc(rows * 4)?,
-        })
-    }
-
-    /// Quantizes `rows` × `cols` bf16 values at `x` into these buffers (queued on the
-    /// stream). `cols` must be even and the buffers large enough.
-    pub fn quantize(&self, gpu: &Gpu, x: u64, rows: usize, cols: usize) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            rows * cols <= self.codes.bytes
-                && rows * 4 <= self.scales.bytes
-                && cols.is_multiple_of(2),
-            "FP8 rows: {rows}x{cols} does not fit"
-        );
-        gpu.launch(
-            "quantize_fp8_rows",
-            grid(rows, QUANTIZE_THREADS),
-            &[&x, &self.codes.ptr, &self.scales.ptr, &(cols as i32)],
-        )
-    }
 }
 
 /// A tensor of the runner's dtype quantized to E4M3 on the device with one scale: the

@@ -1081,11 +1081,11 @@ sample(float* logits, int vocab, const int* params, const int* penalties, float*
     }
 }
 
-// ---- FP8 (E4M3) quantization, one row per block (see fp8.rs). ----
+// ---- FP8 (E4M3) quantization of a whole tensor with one scale (see fp8.rs). ----
 
 #define QUANTIZE_THREADS 256
 #define E4M3_MAX 448.0f
-#define MIN_ROW_MAX 1e-30f
+#define MIN_ABS_MAX 1e-30f
 
 // Two floats as E4M3 codes in one 16-bit word, the first in the low byte: round to nearest
 // even, saturating to +-448 (Ada and Hopper have the conversion; older GPUs never run FP8).
@@ -1097,28 +1097,6 @@ __device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
 #else
     return 0;
 #endif
-}
-
-// q[r][i] = e4m3(x[r][i] * 448 / max|x[r]|), scales[r] = max|x[r]| / 448: each row (a
-// weight's output channel, or a token's activations) over the format's whole range. cols
-// is even.
-extern "C" __global__ void __launch_bounds__(QUANTIZE_THREADS)
-quantize_fp8_rows(const elem_t* x, unsigned short* q, float* scales, int cols) {
-    __shared__ float scratch[32];
-    const elem_t* row = x + (long long)blockIdx.x * cols;
-    float m = 0.0f;
-    for (int i = threadIdx.x; i < cols; i += QUANTIZE_THREADS) m = fmaxf(m, fabsf(to_f(row[i])));
-    m = warp_max(m);
-    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    if (lane == 0) scratch[warp] = m;
-    __syncthreads();
-    m = lane < QUANTIZE_THREADS / WARP ? scratch[lane] : 0.0f;
-    m = fmaxf(warp_max(m), MIN_ROW_MAX);
-    float inverse = E4M3_MAX / m;
-    unsigned short* out = q + (long long)blockIdx.x * (cols / 2);
-    for (int i = threadIdx.x; i < cols / 2; i += QUANTIZE_THREADS)
-        out[i] = e4m3x2(to_f(row[2 * i]) * inverse, to_f(row[2 * i + 1]) * inverse);
-    if (threadIdx.x == 0) scales[blockIdx.x] = m / E4M3_MAX;
 }
 
 // The largest |x| of n values, into *max_bits (as f32 bits: for non-negative floats the
@@ -1144,7 +1122,7 @@ absmax_bits(const elem_t* x, long long n, unsigned* max_bits) {
 // from scale[1] (absmax_bits' output); scale[0] = max|x| / 448.
 extern "C" __global__ void __launch_bounds__(QUANTIZE_THREADS)
 quantize_fp8_tensor(const elem_t* x, unsigned short* q, float* scale, long long pairs) {
-    float m = fmaxf(__uint_as_float(((const unsigned*)scale)[1]), MIN_ROW_MAX);
+    float m = fmaxf(__uint_as_float(((const unsigned*)scale)[1]), MIN_ABS_MAX);
     float inverse = E4M3_MAX / m;
     for (long long i = (long long)blockIdx.x * QUANTIZE_THREADS + threadIdx.x; i < pairs;
          i += (long long)gridDim.x * QUANTIZE_THREADS)

@@ -11,7 +11,7 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the runner launches, by its `extern "C"` name (the decode ones only where
 /// [`KernelShape::has_decode_kernel`]).
-pub const KERNEL_NAMES: [&str; 15] = [
+pub const KERNEL_NAMES: [&str; 14] = [
     "init_random",
     "embed_gather",
     "add_into_f32",
@@ -24,7 +24,6 @@ pub const KERNEL_NAMES: [&str; 15] = [
     "silu_mul",
     "sample",
     "score_tokens",
-    "quantize_fp8_rows",
     "absmax_bits",
     "quantize_fp8_tensor",
 ];
@@ -44,7 +43,7 @@ pub fn decode_splits(blocks: usize, multiprocessors: usize) -> usize {
         .clamp(1, MAX_DECODE_SPLITS)
 }
 
-/// Threads of one FP8 quantization block, one row each (`QUANTIZE_THREADS`).
+/// Threads of one FP8 quantization block (`QUANTIZE_THREADS`).
 pub const QUANTIZE_THREADS: u32 = 256;
 
 /// Threads of one sampling block (`SAMPLE_THREADS` in the source).

@@ -806,6 +806,25 @@ impl OutPtr {
     unsafe fn write(self, i: usize, v: f32) {
         unsafe { *self.0.add(i) = v }
     }
+
+    /// Writes `dot(c, r)` for every row `r < rows` and column `c` of `cols` of an output
+    /// `n` columns wide: the portable kernels' loop.
+    ///
+    /// # Safety
+    /// As for [`Self::write`], for every element written.
+    unsafe fn write_each(
+        self,
+        rows: usize,
+        cols: Range<usize>,
+        n: usize,
+        dot: impl Fn(usize, usize) -> f32,
+    ) {
+        for r in 0..rows {
+            for c in cols.clone() {
+                unsafe { self.write(r * n + c, dot(c, r)) }
+            }
+        }
+    }
 }
 
 /// Row-major Q4_1 weights (scales padded per row).
@@ -868,11 +887,7 @@ mod portable {
         n: usize,
         out: OutPtr,
     ) {
-        for r in 0..x.rows {
-            for c in cols.clone() {
-                unsafe { out.write(r * n + c, q4_1_dot(w, c, x, r)) }
-            }
-        }
+        unsafe { out.write_each(x.rows, cols, n, |c, r| q4_1_dot(w, c, x, r)) }
     }
 
     /// # Safety
@@ -884,11 +899,7 @@ mod portable {
         n: usize,
         out: OutPtr,
     ) {
-        for r in 0..x.rows {
-            for c in cols.clone() {
-                unsafe { out.write(r * n + c, q8_0_dot(w, c, x, r)) }
-            }
-        }
+        unsafe { out.write_each(x.rows, cols, n, |c, r| q8_0_dot(w, c, x, r)) }
     }
 
     /// # Safety

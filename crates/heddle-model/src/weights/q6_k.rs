@@ -220,11 +220,7 @@ mod portable {
         n: usize,
         out: OutPtr,
     ) {
-        for r in 0..x.rows {
-            for c in cols.clone() {
-                unsafe { out.write(r * n + c, dot(w, nb, c, x, r)) }
-            }
-        }
+        unsafe { out.write_each(x.rows, cols, n, |c, r| dot(w, nb, c, x, r)) }
     }
 }
 

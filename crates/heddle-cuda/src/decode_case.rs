@@ -3,8 +3,9 @@
 //! checks the decode kernel on it against an f64 CPU reference, and `heddle-cuda
 //! attention` times it (with the device-to-device copy bandwidth as the yardstick).
 
+use crate::fp8::{e4m3_from_f32, e4m3_to_f32};
 use crate::gpu::{DeviceBuffer, Gpu};
-use crate::kernels::{DType, KernelShape};
+use crate::kernels::{DType, KernelShape, KvCacheDtype};
 use crate::runner::{launch_attention, AttentionArgs};
 use crate::xorshift::xorshift64;
 
@@ -25,7 +26,8 @@ pub struct DecodeCase {
 impl DecodeCase {
     /// Sequence i has `contexts[i]` positions (its decode token is the last); the cache
     /// has exactly the blocks the tables need, handed out in a shuffled order. Values are
-    /// the triangular random values of `init_random` (scale 1).
+    /// the triangular random values of `init_random` (scale 1); an FP8 cache holds the
+    /// E4M3 codes of uniform values in [-2, 2).
     pub fn new(
         gpu: &Gpu,
         shape: &KernelShape,
@@ -69,13 +71,27 @@ impl DecodeCase {
             crate::weights::fill_random(gpu, buffer.ptr, n, seed, 0.0, 1.0)?;
             Ok(buffer)
         };
+        let cache = |seed: u64| -> anyhow::Result<DeviceBuffer> {
+            match shape.kv_cache {
+                KvCacheDtype::Auto => random(cache_elems, seed),
+                KvCacheDtype::Fp8 => {
+                    let codes: Vec<u8> = xorshift64(seed)
+                        .take(cache_elems)
+                        .map(|r| {
+                            e4m3_from_f32(((r >> 11) as f64 / (1u64 << 51) as f64 - 2.0) as f32)
+                        })
+                        .collect();
+                    gpu.upload(&codes)
+                }
+            }
+        };
         let blocks = contexts.len() * shape.attention_grid_y();
         Ok(DecodeCase {
             contexts: contexts.to_vec(),
             block_tables,
             qkv: random(contexts.len() * qkv_width, seed ^ 1)?,
-            k_cache: random(cache_elems, seed ^ 2)?,
-            v_cache: random(cache_elems, seed ^ 3)?,
+            k_cache: cache(seed ^ 2)?,
+            v_cache: cache(seed ^ 3)?,
             out: gpu.alloc(contexts.len() * shape.num_heads * shape.head_dim * e)?,
             meta: gpu.upload(&words)?,
             tables_at,
@@ -88,7 +104,7 @@ impl DecodeCase {
     /// Bytes of keys and values the decode tokens read.
     pub fn kv_bytes(&self, shape: &KernelShape) -> usize {
         let positions: usize = self.contexts.iter().sum();
-        2 * positions * shape.num_kv_heads * shape.head_dim * shape.dtype.size_in_bytes()
+        2 * positions * shape.num_kv_heads * shape.head_dim * shape.kv_element_bytes()
     }
 
     /// Queues attention for every sequence's decode token; `splits` as in [`AttentionArgs`].
@@ -98,8 +114,23 @@ impl DecodeCase {
         shape: &KernelShape,
         splits: Option<usize>,
     ) -> anyhow::Result<()> {
+        self.launch_on(gpu, shape, splits, shape.has_decode_kernel())
+    }
+
+    /// As [`Self::launch`], through the general (prefill) kernel: its tiles may hold a
+    /// single token too.
+    pub fn launch_general(&self, gpu: &Gpu, shape: &KernelShape) -> anyhow::Result<()> {
+        self.launch_on(gpu, shape, Some(1), false)
+    }
+
+    fn launch_on(
+        &self,
+        gpu: &Gpu,
+        shape: &KernelShape,
+        splits: Option<usize>,
+        decode: bool,
+    ) -> anyhow::Result<()> {
         let at = |words: usize| self.meta.ptr + 4 * words as u64;
-        let decode = shape.has_decode_kernel();
         let n = self.contexts.len();
         launch_attention(
             gpu,
@@ -125,8 +156,8 @@ impl DecodeCase {
     pub fn reference(&self, gpu: &Gpu, shape: &KernelShape) -> anyhow::Result<Vec<f32>> {
         let (hd, nh, nkv) = (shape.head_dim, shape.num_heads, shape.num_kv_heads);
         let qkv = read_values(gpu, &self.qkv, shape.dtype)?;
-        let k = read_values(gpu, &self.k_cache, shape.dtype)?;
-        let v = read_values(gpu, &self.v_cache, shape.dtype)?;
+        let k = read_cache(gpu, &self.k_cache, shape)?;
+        let v = read_cache(gpu, &self.v_cache, shape)?;
         let width = (nh + 2 * nkv) * hd;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut out = vec![0f32; self.contexts.len() * nh * hd];
@@ -179,6 +210,18 @@ impl DecodeCase {
 
     pub fn output(&self, gpu: &Gpu, shape: &KernelShape) -> anyhow::Result<Vec<f32>> {
         read_values(gpu, &self.out, shape.dtype)
+    }
+}
+
+/// A whole KV cache buffer as f32 values (FP8 codes decoded exactly).
+fn read_cache(gpu: &Gpu, buffer: &DeviceBuffer, shape: &KernelShape) -> anyhow::Result<Vec<f32>> {
+    match shape.kv_cache {
+        KvCacheDtype::Auto => read_values(gpu, buffer, shape.dtype),
+        KvCacheDtype::Fp8 => {
+            let mut codes = vec![0u8; buffer.bytes];
+            gpu.read(buffer, &mut codes)?;
+            Ok(codes.into_iter().map(e4m3_to_f32).collect())
+        }
     }
 }
 

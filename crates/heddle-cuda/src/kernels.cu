@@ -1,6 +1,7 @@
 // heddle's CUDA kernels, compiled at start by NVRTC. The host prepends the model's shape
 // as #defines (see kernels.rs): HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, BLOCK_SIZE, QROWS,
-// HEADS_PER_CTA, and HEDDLE_BF16 when activations and weights are bf16 (f32 otherwise).
+// HEADS_PER_CTA, HEDDLE_BF16 when activations and weights are bf16 (f32 otherwise), and
+// HEDDLE_FP8_KV when the KV cache holds E4M3 codes (bf16 builds only).
 // No CUDA headers are included, so NVRTC needs no include path: bf16 is handled as bits.
 
 #define WARP 32
@@ -40,6 +41,40 @@ typedef float elem_t;
 #define KEY_PAD 1
 __device__ __forceinline__ float to_f(elem_t x) { return x; }
 __device__ __forceinline__ elem_t from_f(float f) { return f; }
+#endif
+
+// Two floats as E4M3 codes in one 16-bit word, the first in the low byte: round to nearest
+// even, saturating to +-448 (Ada and Hopper have the conversion; older GPUs never run FP8).
+__device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short packed;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(hi), "f"(lo));
+    return packed;
+#else
+    return 0;
+#endif
+}
+
+// An E4M3 code's value, exactly: its sign, exponent (4 bits, bias 7) and mantissa (3 bits)
+// placed where an f32's go (8 bits, bias 127), then scaled by 2^120; the multiplication
+// also gives the codes with exponent field 0 (E4M3's subnormals) their value. Saturated
+// writes never store the NaN codes.
+__device__ __forceinline__ float e4m3_to_f(unsigned code) {
+    unsigned bits = ((code & 0x80u) << 24) | ((code & 0x7fu) << 20);
+    return __uint_as_float(bits) * __uint_as_float(0x7b800000u);
+}
+
+#ifdef HEDDLE_FP8_KV
+#ifndef HEDDLE_BF16
+#error "the FP8 KV cache is read by the bf16 attention kernels only"
+#endif
+// The KV cache holds E4M3 codes, one byte an element, with scale 1 (values beyond +-448
+// saturate); the attention kernels widen them to bf16 as they load them.
+typedef unsigned char cache_t;
+__device__ __forceinline__ cache_t to_cache(float f) { return (cache_t)(e4m3x2(f, 0.0f) & 0xffu); }
+#else
+typedef elem_t cache_t;
+__device__ __forceinline__ cache_t to_cache(float f) { return from_f(f); }
 #endif
 
 // Attention tiles move through 16-byte vectors, all of a tile's loads in flight at once.
@@ -162,8 +197,8 @@ extern "C" __global__ void add_rmsnorm(float* residual, const elem_t* delta,
 // that long positions keep their precision), and writes K and V to the cache slot.
 // Cache layout per layer: [slot][NUM_KV_HEADS][HEAD_DIM].
 extern "C" __global__ void rope_kv_write(elem_t* qkv, const elem_t* bias, const double* inv_freq,
-                                         const int* positions, const int* slots, elem_t* k_cache,
-                                         elem_t* v_cache) {
+                                         const int* positions, const int* slots, cache_t* k_cache,
+                                         cache_t* v_cache) {
     const int half = HEAD_DIM / 2;
     int t = blockIdx.x;
     elem_t* row = qkv + (long long)t * QKV_STRIDE;
@@ -186,14 +221,14 @@ extern "C" __global__ void rope_kv_write(elem_t* qkv, const elem_t* bias, const 
             row[b_idx] = from_f(rb);
         } else {
             long long base = (slot * NUM_KV_HEADS + (head - NUM_HEADS)) * HEAD_DIM;
-            k_cache[base + i] = from_f(ra);
-            k_cache[base + i + half] = from_f(rb);
+            k_cache[base + i] = to_cache(ra);
+            k_cache[base + i + half] = to_cache(rb);
         }
     }
     const int v_off = (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM;
     for (int j = threadIdx.x; j < NUM_KV_HEADS * HEAD_DIM; j += blockDim.x) {
         float v = to_f(row[v_off + j]) + (bias ? to_f(bias[v_off + j]) : 0.0f);
-        v_cache[slot * NUM_KV_HEADS * HEAD_DIM + j] = from_f(v);
+        v_cache[slot * NUM_KV_HEADS * HEAD_DIM + j] = to_cache(v);
     }
 }
 
@@ -235,8 +270,37 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return r;
 }
 
+// N consecutive cache elements as N bf16 values (N = 4 or 8: one uint2 or uint4), in one
+// load: as they are, or from N E4M3 codes (half the bytes) widened exactly.
+template <int N> struct CacheLoad;
+#ifdef HEDDLE_FP8_KV
+__device__ __forceinline__ uint2 bf16x4_of_e4m3x4(unsigned w) {
+    return make_uint2(pack_bf16(e4m3_to_f(w & 0xffu), e4m3_to_f((w >> 8) & 0xffu)),
+                      pack_bf16(e4m3_to_f((w >> 16) & 0xffu), e4m3_to_f(w >> 24)));
+}
+template <> struct CacheLoad<4> {
+    static __device__ __forceinline__ uint2 at(const cache_t* p) {
+        return bf16x4_of_e4m3x4(*(const unsigned*)p);
+    }
+};
+template <> struct CacheLoad<8> {
+    static __device__ __forceinline__ uint4 at(const cache_t* p) {
+        uint2 w = *(const uint2*)p;
+        uint2 lo = bf16x4_of_e4m3x4(w.x), hi = bf16x4_of_e4m3x4(w.y);
+        return make_uint4(lo.x, lo.y, hi.x, hi.y);
+    }
+};
+#else
+template <> struct CacheLoad<4> {
+    static __device__ __forceinline__ uint2 at(const cache_t* p) { return *(const uint2*)p; }
+};
+template <> struct CacheLoad<8> {
+    static __device__ __forceinline__ uint4 at(const cache_t* p) { return *(const uint4*)p; }
+};
+#endif
+
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_t* out,
+attention(const elem_t* qkv, const cache_t* k_cache, const cache_t* v_cache, elem_t* out,
           const int* tiles, const int* block_tables, const int* table_offsets, float scale) {
     __shared__ __align__(16) elem_t k_s[KEY_TILE][HEAD_DIM + KEY_TILE_PAD];
     __shared__ __align__(16) elem_t vt_s[HEAD_DIM][KEY_TILE + KEY_TILE_PAD];
@@ -288,8 +352,8 @@ attention(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_
             if (p < n_keys) {
                 long long slot = (long long)table[p / BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE;
                 long long at = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + c * VEC_ELEMS;
-                kv = *(const uint4*)(k_cache + at);
-                vv = *(const uint4*)(v_cache + at);
+                kv = CacheLoad<VEC_ELEMS>::at(k_cache + at);
+                vv = CacheLoad<VEC_ELEMS>::at(v_cache + at);
             }
             *(uint4*)&k_s[j][c * VEC_ELEMS] = kv;
             const elem_t* v = (const elem_t*)&vv;
@@ -528,8 +592,9 @@ attention(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_
 // costs each head HEAD_DIM FMAs twice, which at the 8B shape (4 heads, 128 dimensions)
 // kept the old kernel from the memory's speed; the tensor cores make it a few
 // instructions per key.
-// The operands come straight from the cache in 16-byte loads, each warp load covering
-// whole 64- or 128-byte pieces of key rows: a dot product does not care about the order
+// The operands come straight from the cache in 16-byte loads (8-byte ones of E4M3 codes
+// with HEDDLE_FP8_KV, widened to bf16 in registers), each warp load covering whole 64- or
+// 128-byte pieces of key rows (32 or 64 of FP8 codes): a dot product does not care about the order
 // of its terms, so the head dimensions are permuted (identically for Q and K) to match
 // what one load gives a lane, and P·V's output dimensions likewise (undone when the
 // result is written). Each lane loads its own operands into registers (only the query's
@@ -553,7 +618,77 @@ attention(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_
 #define V_WORDS (V_LOADS * V_SPAN / 2)
 typedef Bits<V_SPAN * 2>::type v_bits_t;
 
-// d[0..1] += A·B for an m16n8k16 bf16 product whose A rows 8..15 are zero: a0 holds row
+// The decode kernel's operand type. With an FP8 cache it multiplies in f16: one
+// instruction widens two E4M3 codes to f16 exactly (bf16 would take several, and at four
+// heads a key the widening, not the memory, set the kernel's speed: 1.1 TB/s), so the
+// queries are rounded to f16 (they stay far inside its range) and the softmax weights P are
+// packed as f16 (finer than bf16 in [0, 1]).
+#ifdef HEDDLE_FP8_KV
+#define DECODE_OPERAND "f16"
+__device__ __forceinline__ unsigned pack_decode(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ unsigned decode_query_word(unsigned bf16x2) {
+    return pack_decode(__uint_as_float(bf16x2 << 16), __uint_as_float(bf16x2 & 0xffff0000u));
+}
+// Four E4M3 codes (lowest byte first) as four f16 values in two words.
+__device__ __forceinline__ uint2 f16x4_of_e4m3x4(unsigned w) {
+#if __CUDA_ARCH__ >= 890
+    unsigned lo, hi;
+    asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\t"
+        "cvt.rn.f16x2.e4m3x2 %0, l;\n\tcvt.rn.f16x2.e4m3x2 %1, h;\n\t}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+    return make_uint2(lo, hi);
+#else
+    // (Never run: the runner refuses the FP8 cache below compute capability 8.9.)
+    return make_uint2(pack_decode(e4m3_to_f(w & 0xffu), e4m3_to_f((w >> 8) & 0xffu)),
+                      pack_decode(e4m3_to_f((w >> 16) & 0xffu), e4m3_to_f(w >> 24)));
+#endif
+}
+// A lane's loads of N cache elements: the raw bits, and the N operands they make (widened
+// to f16 from E4M3 codes). With half the bytes a key, each loop of the decode kernel loads
+// two turns of keys before multiplying either, to keep as many bytes in flight as bf16.
+#define DECODE_TURNS 2
+template <int N> struct DecodeLoad;
+template <> struct DecodeLoad<4> {
+    typedef unsigned raw_t;
+    static __device__ __forceinline__ raw_t load(const cache_t* p) { return *(const unsigned*)p; }
+    static __device__ __forceinline__ raw_t zero() { return 0u; }
+    static __device__ __forceinline__ uint2 widen(raw_t r) { return f16x4_of_e4m3x4(r); }
+};
+template <> struct DecodeLoad<8> {
+    typedef uint2 raw_t;
+    static __device__ __forceinline__ raw_t load(const cache_t* p) { return *(const uint2*)p; }
+    static __device__ __forceinline__ raw_t zero() { return make_uint2(0, 0); }
+    static __device__ __forceinline__ uint4 widen(raw_t r) {
+        uint2 lo = f16x4_of_e4m3x4(r.x), hi = f16x4_of_e4m3x4(r.y);
+        return make_uint4(lo.x, lo.y, hi.x, hi.y);
+    }
+};
+#else
+#define DECODE_OPERAND "bf16"
+__device__ __forceinline__ unsigned pack_decode(float lo, float hi) { return pack_bf16(lo, hi); }
+__device__ __forceinline__ unsigned decode_query_word(unsigned bf16x2) { return bf16x2; }
+#define DECODE_TURNS 1
+template <int N> struct DecodeLoad;
+template <> struct DecodeLoad<4> {
+    typedef uint2 raw_t;
+    static __device__ __forceinline__ raw_t load(const cache_t* p) { return *(const uint2*)p; }
+    static __device__ __forceinline__ raw_t zero() { return make_uint2(0, 0); }
+    static __device__ __forceinline__ uint2 widen(raw_t r) { return r; }
+};
+template <> struct DecodeLoad<8> {
+    typedef uint4 raw_t;
+    static __device__ __forceinline__ raw_t load(const cache_t* p) { return *(const uint4*)p; }
+    static __device__ __forceinline__ raw_t zero() { return make_uint4(0, 0, 0, 0); }
+    static __device__ __forceinline__ uint4 widen(raw_t r) { return r; }
+};
+#endif
+
+// d[0..1] += A·B for an m16n8k16 product (bf16 or f16) whose A rows 8..15 are zero: a0 holds row
 // g's elements k = 2c, 2c+1 and a2 its k = 2c+8, 2c+9 (g = lane / 4, c = lane % 4); b0
 // and b1 hold B's column g at k = 2c, 2c+1 and 2c+8, 2c+9; d[0], d[1] are row g's
 // columns 2c, 2c+1. Rows 8..15 of the result are discarded.
@@ -562,8 +697,8 @@ typedef Bits<V_SPAN * 2>::type v_bits_t;
 __device__ __forceinline__ void mma_top_rows(float* d, unsigned a0, unsigned a2, unsigned b0,
                                              unsigned b1) {
     float unused0, unused1;
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %6, %5, %6}, {%7, %8}, {%0, %1, %9, %9};"
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." DECODE_OPERAND "." DECODE_OPERAND ".f32 "
+        "{%0, %1, %2, %3}, {%4, %6, %5, %6}, {%7, %8}, {%0, %1, %9, %9};"
         : "+f"(d[0]), "+f"(d[1]), "=f"(unused0), "=f"(unused1)
         : "r"(a0), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.0f));
 }
@@ -571,7 +706,7 @@ __device__ __forceinline__ void mma_top_rows(float* d, unsigned a0, unsigned a2,
 
 
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_t* out,
+attention_decode(const elem_t* qkv, const cache_t* k_cache, const cache_t* v_cache, elem_t* out,
                  const int* tiles, const int* block_tables, const int* table_offsets,
                  float scale, float* partials) {
     __shared__ float m_s[ATTN_WARPS][HEADS_PER_CTA], l_s[ATTN_WARPS][HEADS_PER_CTA];
@@ -602,8 +737,9 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
         for (int i = 0; i < K_LOADS; i++) {
             uint4 w = make_uint4(0, 0, 0, 0);
             if (g < HEADS_PER_CTA) w = *(const uint4*)(q + i * 32);
-            qa_s[warp][2 * i][lane] = make_uint2(w.x, w.y);
-            qa_s[warp][2 * i + 1][lane] = make_uint2(w.z, w.w);
+            qa_s[warp][2 * i][lane] = make_uint2(decode_query_word(w.x), decode_query_word(w.y));
+            qa_s[warp][2 * i + 1][lane] =
+                make_uint2(decode_query_word(w.z), decode_query_word(w.w));
         }
         __syncwarp();
     }
@@ -615,91 +751,105 @@ attention_decode(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache
 #pragma unroll
     for (int n = 0; n < PV_TILES; n++) acc[n][0] = acc[n][1] = 0.0f;
 
-    for (int kb = begin + warp * KEY_CHUNK; kb < end; kb += ATTN_WARPS * KEY_CHUNK) {
-        // Every load of the turn first. Keys: n-tile j's column g is key kb + 8j + g.
-        uint4 kr[2][K_LOADS];
+    typedef DecodeLoad<8> KeyLoad;
+    typedef DecodeLoad<V_SPAN> ValueLoad;
+    for (int kb0 = begin + warp * KEY_CHUNK; kb0 < end;
+         kb0 += DECODE_TURNS * ATTN_WARPS * KEY_CHUNK) {
+        // Every load of the loop's turns first. Keys: n-tile j's column g is key kb + 8j + g;
+        // values of keys kb + 2c, +1, +8, +9: the B operand's k rows of this lane.
+        KeyLoad::raw_t k_raw[DECODE_TURNS][2][K_LOADS];
+        ValueLoad::raw_t v_raw[DECODE_TURNS][4][V_LOADS];
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
-            int key = kb + 8 * j + g;
-            if (key < end) {
-                const elem_t* k = k_cache + row_of(key) + c * 8;
+        for (int turn = 0; turn < DECODE_TURNS; turn++) {
+            int kb = kb0 + turn * ATTN_WARPS * KEY_CHUNK;
 #pragma unroll
-                for (int i = 0; i < K_LOADS; i++) kr[j][i] = *(const uint4*)(k + i * 32);
-            } else {
+            for (int j = 0; j < 2; j++) {
+                int key = kb + 8 * j + g;
+                const cache_t* k = k_cache + (key < end ? row_of(key) : 0) + c * 8;
 #pragma unroll
-                for (int i = 0; i < K_LOADS; i++) kr[j][i] = make_uint4(0, 0, 0, 0);
+                for (int i = 0; i < K_LOADS; i++)
+                    k_raw[turn][j][i] = key < end ? KeyLoad::load(k + i * 32) : KeyLoad::zero();
+            }
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                int key = kb + 2 * c + (r & 1) + (r >> 1) * 8;
+                const cache_t* v = v_cache + (key < end ? row_of(key) : 0) + g * V_SPAN;
+#pragma unroll
+                for (int u = 0; u < V_LOADS; u++)
+                    v_raw[turn][r][u] =
+                        key < end ? ValueLoad::load(v + u * 8 * V_SPAN) : ValueLoad::zero();
             }
         }
-        // Values of keys kb + 2c, +1, +8, +9: the B operand's k rows of this lane.
-        unsigned vw[4][V_WORDS];
 #pragma unroll
-        for (int r = 0; r < 4; r++) {
-            int key = kb + 2 * c + (r & 1) + (r >> 1) * 8;
+        for (int turn = 0; turn < DECODE_TURNS; turn++) {
+            int kb = kb0 + turn * ATTN_WARPS * KEY_CHUNK;
+            uint4 kr[2][K_LOADS];
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int i = 0; i < K_LOADS; i++) kr[j][i] = KeyLoad::widen(k_raw[turn][j][i]);
+            unsigned vw[4][V_WORDS];
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+#pragma unroll
+                for (int u = 0; u < V_LOADS; u++) {
+                    v_bits_t raw = ValueLoad::widen(v_raw[turn][r][u]);
+                    const unsigned* rw = (const unsigned*)&raw;
+#pragma unroll
+                    for (int w = 0; w < V_SPAN / 2; w++) vw[r][u * (V_SPAN / 2) + w] = rw[w];
+                }
+            }
+
+            // S = Q·Kᵀ: s[j][e] is head g's score for key kb + 8j + 2c + e.
+            float s[2][2];
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                s[j][0] = s[j][1] = 0.0f;
+#pragma unroll
+                for (int i = 0; i < K_LOADS; i++) {
+                    uint2 q0 = qa_s[warp][2 * i][lane], q1 = qa_s[warp][2 * i + 1][lane];
+                    mma_top_rows(s[j], q0.x, q0.y, kr[j][i].x, kr[j][i].y);
+                    mma_top_rows(s[j], q1.x, q1.y, kr[j][i].z, kr[j][i].w);
+                }
+            }
+            float x[4];
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++)
+                    x[2 * j + e] = kb + 8 * j + 2 * c + e < end ? s[j][e] * log2_scale : NEG_INF;
+            // The turn's maximum over the four lanes of the row. A loop's first turn starts
+            // in range, so m is finite from then on (a later turn past the end leaves it).
+            float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(m, mx);
+            float correction = exp2f(m - m_new);
+            float p[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) p[e] = exp2f(x[e] - m_new);
+            l = l * correction + (p[0] + p[1]) + (p[2] + p[3]);
+            m = m_new;
+#pragma unroll
+            for (int n = 0; n < PV_TILES; n++) {
+                acc[n][0] *= correction;
+                acc[n][1] *= correction;
+            }
+            // O += P·V. P as the A operand: row g, k = 2c, 2c+1 are n-tile 0's scores of this
+            // lane, k = 2c+8, 2c+9 n-tile 1's. V's column g of n-tile u * V_SPAN + e is
+            // dimension u * 8 * V_SPAN + g * V_SPAN + e: element e of this lane's load u.
+            unsigned pa0 = pack_decode(p[0], p[1]), pa2 = pack_decode(p[2], p[3]);
 #pragma unroll
             for (int u = 0; u < V_LOADS; u++) {
-                v_bits_t raw;
-                if (key < end) {
-                    raw = *(const v_bits_t*)(v_cache + row_of(key) + u * 8 * V_SPAN + g * V_SPAN);
-                } else {
-                    unsigned* z = (unsigned*)&raw;
 #pragma unroll
-                    for (int w = 0; w < V_SPAN / 2; w++) z[w] = 0;
+                for (int e = 0; e < V_SPAN; e++) {
+                    int w = u * (V_SPAN / 2) + e / 2;
+                    // Element e's halves of two keys' words side by side (low, high).
+                    unsigned sel = (e & 1) ? 0x7632u : 0x5410u;
+                    unsigned b0 = __byte_perm(vw[0][w], vw[1][w], sel);
+                    unsigned b1 = __byte_perm(vw[2][w], vw[3][w], sel);
+                    mma_top_rows(acc[u * V_SPAN + e], pa0, pa2, b0, b1);
                 }
-                const unsigned* rw = (const unsigned*)&raw;
-#pragma unroll
-                for (int w = 0; w < V_SPAN / 2; w++) vw[r][u * (V_SPAN / 2) + w] = rw[w];
-            }
-        }
-
-        // S = Q·Kᵀ: s[j][e] is head g's score for key kb + 8j + 2c + e.
-        float s[2][2];
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-            s[j][0] = s[j][1] = 0.0f;
-#pragma unroll
-            for (int i = 0; i < K_LOADS; i++) {
-                uint2 q0 = qa_s[warp][2 * i][lane], q1 = qa_s[warp][2 * i + 1][lane];
-                mma_top_rows(s[j], q0.x, q0.y, kr[j][i].x, kr[j][i].y);
-                mma_top_rows(s[j], q1.x, q1.y, kr[j][i].z, kr[j][i].w);
-            }
-        }
-        float x[4];
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-#pragma unroll
-            for (int e = 0; e < 2; e++)
-                x[2 * j + e] = kb + 8 * j + 2 * c + e < end ? s[j][e] * log2_scale : NEG_INF;
-        // The turn's maximum over the four lanes of the row; key kb is always in range,
-        // so it is finite.
-        float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        float m_new = fmaxf(m, mx);
-        float correction = exp2f(m - m_new);
-        float p[4];
-#pragma unroll
-        for (int e = 0; e < 4; e++) p[e] = exp2f(x[e] - m_new);
-        l = l * correction + (p[0] + p[1]) + (p[2] + p[3]);
-        m = m_new;
-#pragma unroll
-        for (int n = 0; n < PV_TILES; n++) {
-            acc[n][0] *= correction;
-            acc[n][1] *= correction;
-        }
-        // O += P·V. P as the A operand: row g, k = 2c, 2c+1 are n-tile 0's scores of this
-        // lane, k = 2c+8, 2c+9 n-tile 1's. V's column g of n-tile u * V_SPAN + e is
-        // dimension u * 8 * V_SPAN + g * V_SPAN + e: element e of this lane's load u.
-        unsigned pa0 = pack_bf16(p[0], p[1]), pa2 = pack_bf16(p[2], p[3]);
-#pragma unroll
-        for (int u = 0; u < V_LOADS; u++) {
-#pragma unroll
-            for (int e = 0; e < V_SPAN; e++) {
-                int w = u * (V_SPAN / 2) + e / 2;
-                // Element e's halves of two keys' words side by side (low, high).
-                unsigned sel = (e & 1) ? 0x7632u : 0x5410u;
-                unsigned b0 = __byte_perm(vw[0][w], vw[1][w], sel);
-                unsigned b1 = __byte_perm(vw[2][w], vw[3][w], sel);
-                mma_top_rows(acc[u * V_SPAN + e], pa0, pa2, b0, b1);
             }
         }
     }
@@ -1087,17 +1237,6 @@ sample(float* logits, int vocab, const int* params, const int* penalties, float*
 #define E4M3_MAX 448.0f
 #define MIN_ABS_MAX 1e-30f
 
-// Two floats as E4M3 codes in one 16-bit word, the first in the low byte: round to nearest
-// even, saturating to +-448 (Ada and Hopper have the conversion; older GPUs never run FP8).
-__device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
-#if __CUDA_ARCH__ >= 890
-    unsigned short packed;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(hi), "f"(lo));
-    return packed;
-#else
-    return 0;
-#endif
-}
 
 // The largest |x| of n values, into *max_bits (as f32 bits: for non-negative floats the
 // bits order as the values do, so an integer atomicMax finds it). *max_bits starts at 0.

@@ -72,6 +72,18 @@ impl DType {
     }
 }
 
+/// What the KV cache holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KvCacheDtype {
+    /// The runner's dtype.
+    #[default]
+    Auto,
+    /// FP8 E4M3 codes with scale 1 (values beyond ±448 saturate), widened to bf16 as the
+    /// attention kernels load them: half the bytes of bf16 (`--kv-cache-dtype fp8`; bf16
+    /// runners on compute capability 8.9+).
+    Fp8,
+}
+
 /// The model dimensions the kernels are specialised for, and the attention tiling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelShape {
@@ -80,6 +92,7 @@ pub struct KernelShape {
     pub num_kv_heads: usize,
     pub block_size: usize,
     pub dtype: DType,
+    pub kv_cache: KvCacheDtype,
 }
 
 impl KernelShape {
@@ -90,6 +103,7 @@ impl KernelShape {
             num_kv_heads: config.num_kv_heads,
             block_size,
             dtype,
+            kv_cache: KvCacheDtype::Auto,
         };
         anyhow::ensure!(
             matches!(shape.head_dim, 32 | 64 | 128),
@@ -98,6 +112,14 @@ impl KernelShape {
         );
         anyhow::ensure!(block_size > 0, "block_size must be > 0");
         Ok(shape)
+    }
+
+    /// Bytes of one KV cache element.
+    pub fn kv_element_bytes(&self) -> usize {
+        match self.kv_cache {
+            KvCacheDtype::Auto => self.dtype.size_in_bytes(),
+            KvCacheDtype::Fp8 => 1,
+        }
     }
 
     /// Query rows (token × query head) one attention block holds: in bf16, 16 per warp
@@ -160,6 +182,9 @@ impl KernelShape {
         if self.dtype == DType::Bf16 {
             defines.push_str("#define HEDDLE_BF16 1\n");
         }
+        if self.kv_cache == KvCacheDtype::Fp8 {
+            defines.push_str("#define HEDDLE_FP8_KV 1\n");
+        }
         defines + SOURCE
     }
 }
@@ -175,6 +200,7 @@ mod tests {
             num_kv_heads: kv,
             block_size: 16,
             dtype,
+            kv_cache: KvCacheDtype::Auto,
         }
     }
 

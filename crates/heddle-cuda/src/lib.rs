@@ -30,7 +30,7 @@ pub mod tensor_parallel;
 pub mod weights;
 pub mod xorshift;
 
-pub use kernels::DType;
+pub use kernels::{DType, KvCacheDtype};
 pub use runner::{CudaOptions, CudaRunner, KvBudget, Quantization, WeightSource};
 pub use tensor_parallel::{RankPlacement, TensorParallel};
 

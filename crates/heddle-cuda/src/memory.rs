@@ -2,18 +2,13 @@
 
 use heddle_model::ModelConfig;
 
-use crate::kernels::DType;
-
 /// Kept free beyond the fraction's budget for cuBLAS workspaces and the driver.
 pub const RESERVE_BYTES: usize = 512 << 20;
 
-/// Bytes of K and V one block of `block_size` positions holds over all layers.
-pub fn kv_bytes_per_block(config: &ModelConfig, block_size: usize, dtype: DType) -> usize {
-    2 * config.num_layers
-        * config.num_kv_heads
-        * config.head_dim
-        * block_size
-        * dtype.size_in_bytes()
+/// Bytes of K and V one block of `block_size` positions holds over all layers, at
+/// `element_bytes` an element.
+pub fn kv_bytes_per_block(config: &ModelConfig, block_size: usize, element_bytes: usize) -> usize {
+    2 * config.num_layers * config.num_kv_heads * config.head_dim * block_size * element_bytes
 }
 
 /// How many KV blocks fit when the process may use `fraction` of the device's `total`
@@ -33,8 +28,10 @@ mod tests {
         let config =
             ModelConfig::from_hf_json(include_str!("../../../configs/llama-3.1-8b.json")).unwrap();
         // 32 layers × 8 KV heads × 128 dims × 2 (K and V) × 2 bytes = 128 KiB per position.
-        let per_block = kv_bytes_per_block(&config, 16, DType::Bf16);
+        let per_block = kv_bytes_per_block(&config, 16, 2);
         assert_eq!(per_block, 16 * 128 * 1024);
+        // FP8 codes: half of it.
+        assert_eq!(kv_bytes_per_block(&config, 16, 1), 16 * 64 * 1024);
         let gib = 1usize << 30;
         // 80 GiB card, 17 GiB in use (weights + activations): 0.9 × 80 − 17 − 0.5 = 54.5 GiB.
         let blocks = blocks_for_fraction(63 * gib, 80 * gib, 0.9, per_block);

@@ -17,7 +17,7 @@ use heddle_model::ModelConfig;
 use crate::bench::random_prompt;
 use crate::collective::{Collective, Part};
 use crate::gpu::{DeviceBuffer, Gpu};
-use crate::kernels::{DType, KernelShape};
+use crate::kernels::{DType, KernelShape, KvCacheDtype};
 use crate::reference::{self, Job};
 use crate::runner::{CudaOptions, CudaRunner, KvBudget, WeightSource};
 use crate::selftest::{self, relative_error, Check};
@@ -275,6 +275,7 @@ pub fn nccl_checks(ranks: usize, placement: RankPlacement) -> anyhow::Result<Vec
         num_kv_heads: 2,
         block_size: 16,
         dtype: DType::Bf16,
+        kv_cache: KvCacheDtype::Auto,
     };
     let gpus = ordinals
         .iter()

@@ -30,8 +30,8 @@ use crate::collective::{Collective, Part};
 use crate::fp8::Fp8Tensor;
 use crate::gpu::{grid, DeviceBuffer, Gpu, StagingBuffer};
 use crate::kernels::{
-    decode_splits, DType, KernelShape, ATTENTION_THREADS, MAX_TOP_LOGPROBS, SAMPLE_THREADS,
-    SCORE_WORDS,
+    decode_splits, DType, KernelShape, KvCacheDtype, ATTENTION_THREADS, MAX_TOP_LOGPROBS,
+    SAMPLE_THREADS, SCORE_WORDS,
 };
 use crate::memory::{blocks_for_fraction, kv_bytes_per_block};
 use crate::plan::{Padding, StepPlan};
@@ -80,6 +80,8 @@ pub struct CudaOptions {
     pub tensor_parallel: TensorParallel,
     /// How the layers' projections are stored and multiplied.
     pub quantization: Quantization,
+    /// What the KV cache holds.
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 /// How the layers' projections (Q·K·V, O, gate·up, down) are stored and multiplied; the
@@ -107,6 +109,7 @@ impl Default for CudaOptions {
             batch_invariant: false,
             tensor_parallel: TensorParallel::default(),
             quantization: Quantization::None,
+            kv_cache_dtype: KvCacheDtype::Auto,
         }
     }
 }
@@ -229,7 +232,14 @@ impl CudaRunner {
         let parallel = options.tensor_parallel;
         let partition = Partition::new(&config, parallel.size)?;
         let shard = partition.shard_config(&config);
-        let shape = KernelShape::new(&shard, options.block_size, options.dtype)?;
+        let shape = KernelShape {
+            kv_cache: options.kv_cache_dtype,
+            ..KernelShape::new(&shard, options.block_size, options.dtype)?
+        };
+        anyhow::ensure!(
+            options.kv_cache_dtype == KvCacheDtype::Auto || options.dtype == DType::Bf16,
+            "--kv-cache-dtype fp8 runs with bf16 activations"
+        );
         let rank_ordinals = parallel.devices(crate::gpu::device_count()?)?;
         // One `Gpu` per device, in order of first use: rank 0's is first.
         let mut ordinals: Vec<usize> = Vec::new();
@@ -260,6 +270,17 @@ impl CudaRunner {
             "--quantization fp8 is not available yet for models with attention biases \
              (Qwen2): see docs/CUDA.md"
         );
+        if options.kv_cache_dtype == KvCacheDtype::Fp8 {
+            for gpu in &gpus {
+                let (major, minor) = gpu.ctx.compute_capability()?;
+                anyhow::ensure!(
+                    (major, minor) >= (8, 9),
+                    "{} (compute capability {major}.{minor}) cannot write FP8: \
+                     --kv-cache-dtype fp8 needs compute capability 8.9 (Ada) or newer",
+                    gpu.name
+                );
+            }
+        }
         let mut weights = match source {
             WeightSource::Checkpoint(dir) => Weights::load(&rank_gpus, &config, &partition, dir)?,
             WeightSource::Gguf(path) => {
@@ -318,7 +339,7 @@ impl CudaRunner {
         };
         // The KV cache: the same number of blocks on every rank, as many as the GPU with
         // the least room holds (all ranks' slices, where they share a GPU).
-        let per_block = kv_bytes_per_block(&shard, options.block_size, options.dtype);
+        let per_block = kv_bytes_per_block(&shard, options.block_size, shape.kv_element_bytes());
         let mut tightest = None;
         for (g, gpu) in gpus.iter().enumerate() {
             let ranks_here = rank_devices.iter().filter(|&&d| d == g).count();
@@ -372,6 +393,7 @@ impl CudaRunner {
         tracing::info!(
             device = %gpus[0].name,
             dtype = ?options.dtype,
+            kv_cache_dtype = ?options.kv_cache_dtype,
             seconds = started.elapsed().as_secs_f64(),
             weights_mib = weights_bytes >> 20,
             kv_blocks = num_blocks,

@@ -29,7 +29,9 @@ use heddle_model::ModelConfig;
 
 use crate::decode_case::DecodeCase;
 use crate::gpu::{grid, DeviceBuffer, Gpu};
-use crate::kernels::{DType, KernelShape, MAX_TOP_LOGPROBS, SAMPLE_THREADS, SCORE_WORDS};
+use crate::kernels::{
+    DType, KernelShape, KvCacheDtype, MAX_TOP_LOGPROBS, SAMPLE_THREADS, SCORE_WORDS,
+};
 use crate::plan::StepPlan;
 use crate::runner::{
     launch_attention, AttentionArgs, CudaOptions, CudaRunner, KvBudget, Quantization, WeightSource,
@@ -76,19 +78,43 @@ pub fn random_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 /// Runs every check; returns them all (the caller prints and judges).
 pub fn run_all() -> anyhow::Result<Vec<Check>> {
     let mut checks = Vec::new();
+    let fp8 = crate::gpu::open_device(0)?.compute_capability()? >= (8, 9);
     for dtype in [DType::F32, DType::Bf16] {
         checks.extend(kernel_checks(dtype)?);
-        checks.extend(decode_attention_checks(dtype)?);
+        checks.extend(decode_attention_checks(dtype, KvCacheDtype::Auto)?);
+    }
+    if fp8 {
+        checks.extend(decode_attention_checks(DType::Bf16, KvCacheDtype::Fp8)?);
     }
     let dir = std::env::temp_dir().join(format!("heddle-cuda-selftest-{}", std::process::id()));
-    let fp8 = crate::gpu::open_device(0)?.compute_capability()? >= (8, 9);
     for qwen2 in [false, true] {
         write_tiny_model(&dir, qwen2)?;
         for dtype in [DType::F32, DType::Bf16] {
-            checks.extend(runner_vs_cpu(&dir, dtype, qwen2, Quantization::None)?);
+            checks.extend(runner_vs_cpu(
+                &dir,
+                dtype,
+                qwen2,
+                Quantization::None,
+                KvCacheDtype::Auto,
+            )?);
+        }
+        if fp8 {
+            checks.extend(runner_vs_cpu(
+                &dir,
+                DType::Bf16,
+                qwen2,
+                Quantization::None,
+                KvCacheDtype::Fp8,
+            )?);
         }
         if fp8 && !qwen2 {
-            checks.extend(runner_vs_cpu(&dir, DType::Bf16, qwen2, Quantization::Fp8)?);
+            checks.extend(runner_vs_cpu(
+                &dir,
+                DType::Bf16,
+                qwen2,
+                Quantization::Fp8,
+                KvCacheDtype::Auto,
+            )?);
         }
         if fp8 && qwen2 {
             checks.push(fp8_refused_with_biases(&dir)?);
@@ -195,6 +221,7 @@ fn kernel_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
         num_kv_heads: 2,
         block_size: 16,
         dtype,
+        kv_cache: KvCacheDtype::Auto,
     };
     let gpu = Gpu::new(&shape)?;
     let k = KernelBench { gpu: &gpu, dtype };
@@ -459,8 +486,9 @@ fn kernel_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
 
 /// Decode attention over longer contexts than the kernel checks' (1 to 700 positions, six
 /// sequences at once) at Llama 3 8B's head shape (head_dim 128, groups of 4) and at one
-/// of head_dim 32 with a group of 8, whole and with the runner's context split.
-fn decode_attention_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
+/// of head_dim 32 with a group of 8, whole and with the runner's context split; with an
+/// FP8 cache, also through the general kernel (the one prefill chunks take).
+fn decode_attention_checks(dtype: DType, kv_cache: KvCacheDtype) -> anyhow::Result<Vec<Check>> {
     let mut checks = Vec::new();
     for (head_dim, num_heads, num_kv_heads) in [(128, 32, 8), (32, 8, 1)] {
         let shape = KernelShape {
@@ -469,6 +497,7 @@ fn decode_attention_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
             num_kv_heads,
             block_size: 16,
             dtype,
+            kv_cache,
         };
         let gpu = Gpu::new(&shape)?;
         let case = DecodeCase::new(&gpu, &shape, &[1, 16, 17, 100, 333, 700], 11)?;
@@ -477,26 +506,39 @@ fn decode_attention_checks(dtype: DType) -> anyhow::Result<Vec<Check>> {
             case.contexts.len() * shape.attention_grid_y(),
             gpu.multiprocessors,
         );
-        // Without the decode kernel (f32) both would run the general kernel.
-        let variants: &[Option<usize>] = if shape.has_decode_kernel() {
-            &[Some(1), None]
-        } else {
-            &[Some(1)]
+        // Without the decode kernel (f32) both would run the general kernel; None: the
+        // general kernel itself.
+        let variants: &[Option<Option<usize>>] = match (shape.has_decode_kernel(), kv_cache) {
+            (false, _) => &[Some(Some(1))],
+            (true, KvCacheDtype::Auto) => &[Some(Some(1)), Some(None)],
+            (true, KvCacheDtype::Fp8) => &[Some(Some(1)), Some(None), None],
         };
-        for &split in variants {
+        for &variant in variants {
             case.poison_output(&gpu)?;
-            case.launch(&gpu, &shape, split)?;
-            let ranges = match split {
-                Some(1) => "whole".to_string(),
-                _ => format!("{splits} ranges"),
+            let ranges = match variant {
+                Some(split) => {
+                    case.launch(&gpu, &shape, split)?;
+                    match split {
+                        Some(1) => "whole".to_string(),
+                        _ => format!("{splits} ranges"),
+                    }
+                }
+                None => {
+                    case.launch_general(&gpu, &shape)?;
+                    "general kernel".to_string()
+                }
             };
             checks.push(Check {
                 name: format!(
                     "kernel decode attention, head_dim {head_dim}, {num_heads}/{num_kv_heads} \
-                     heads, contexts 1-700, {ranges} ({})",
+                     heads, contexts 1-700, {ranges} ({}{})",
                     match dtype {
                         DType::F32 => "f32",
                         DType::Bf16 => "bf16",
+                    },
+                    match kv_cache {
+                        KvCacheDtype::Auto => "",
+                        KvCacheDtype::Fp8 => ", FP8 KV",
                     }
                 ),
                 error: relative_error(&case.output(&gpu, &shape)?, &reference),
@@ -1034,9 +1076,10 @@ fn runner_vs_cpu(
     dtype: DType,
     qwen2: bool,
     quantization: Quantization,
+    kv_cache_dtype: KvCacheDtype,
 ) -> anyhow::Result<Vec<Check>> {
     let name = format!(
-        "runner vs CPU, {} {}{}",
+        "runner vs CPU, {} {}{}{}",
         if qwen2 { "qwen2" } else { "llama" },
         match dtype {
             DType::F32 => "f32",
@@ -1045,6 +1088,10 @@ fn runner_vs_cpu(
         match quantization {
             Quantization::None => "",
             Quantization::Fp8 => " fp8",
+        },
+        match kv_cache_dtype {
+            KvCacheDtype::Auto => "",
+            KvCacheDtype::Fp8 => " fp8-kv",
         }
     );
     let (cpu, _) = Llama::load(dir).context("loading the tiny model on the CPU")?;
@@ -1059,6 +1106,7 @@ fn runner_vs_cpu(
         max_running: 8,
         kv: KvBudget::Blocks(16),
         quantization,
+        kv_cache_dtype,
         ..CudaOptions::default()
     };
     let mut gpu = CudaRunner::new(
@@ -1137,12 +1185,13 @@ fn runner_vs_cpu(
         Check {
             name: format!("{name}: logits relative error"),
             error: worst,
-            limit: Some(match (dtype, quantization) {
-                (DType::F32, _) => 1e-4,
-                (DType::Bf16, Quantization::None) => 3e-2,
-                // E4M3 keeps 3 mantissa bits of every weight and activation: a few percent,
-                // where a wrong scale or layout would be of the order of 1.
-                (DType::Bf16, Quantization::Fp8) => 0.15,
+            limit: Some(match (dtype, quantization, kv_cache_dtype) {
+                (DType::F32, _, _) => 1e-4,
+                (DType::Bf16, Quantization::None, KvCacheDtype::Auto) => 3e-2,
+                // E4M3 keeps 3 mantissa bits of every weight and activation, or of every
+                // key and value: a few percent, where a wrong scale or layout would be of
+                // the order of 1.
+                (DType::Bf16, _, _) => 0.15,
             }),
         },
         Check {

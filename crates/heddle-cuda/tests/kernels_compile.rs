@@ -1,12 +1,12 @@
 //! heddle's CUDA kernels compile, as a runner compiles them at start, for every kind of
 //! shape the runner accepts (head sizes 32, 64 and 128; grouped, multi-head and wide-group
-//! attention; bf16 and f32) for Ampere and Hopper — on machines without a GPU too, since
-//! NVRTC is a library: scripts/nvrtc.sh fetches it and scripts/test.sh puts it on the
-//! library path. A GPU machine meets a kernel's compile error only when a runner starts;
-//! this test meets it in CI.
+//! attention; bf16, bf16 with the FP8 KV cache, and f32) for Ampere and Hopper — on
+//! machines without a GPU too, since NVRTC is a library: scripts/nvrtc.sh fetches it and
+//! scripts/test.sh puts it on the library path. A GPU machine meets a kernel's compile
+//! error only when a runner starts; this test meets it in CI.
 
 use heddle_cuda::gpu::compile_kernels;
-use heddle_cuda::kernels::KernelShape;
+use heddle_cuda::kernels::{KernelShape, KvCacheDtype};
 use heddle_cuda::DType;
 
 #[test]
@@ -36,14 +36,21 @@ fn kernels_compile_for_every_kind_of_supported_shape() {
         (128, 4, 1),
         (32, 2, 1),
     ];
+    // The FP8 KV cache is read by the bf16 kernels only.
+    let kinds = [
+        (DType::Bf16, KvCacheDtype::Auto),
+        (DType::Bf16, KvCacheDtype::Fp8),
+        (DType::F32, KvCacheDtype::Auto),
+    ];
     for (head_dim, num_heads, num_kv_heads) in shapes {
-        for dtype in [DType::Bf16, DType::F32] {
+        for (dtype, kv_cache) in kinds {
             let shape = KernelShape {
                 head_dim,
                 num_heads,
                 num_kv_heads,
                 block_size: 16,
                 dtype,
+                kv_cache,
             };
             for arch in ["sm_80", "sm_90"] {
                 if let Err(e) = compile_kernels(&shape, arch) {

@@ -40,6 +40,7 @@
 //! batch_invariant = false
 //! tensor_parallel_size = 2
 //! quantization = "fp8"
+//! kv_cache_dtype = "fp8"            # or "auto" (the default)
 //!
 //! [[models]]
 //! id = "smollm2"
@@ -207,6 +208,12 @@ pub struct ServeArgs {
     /// or newer. See docs/CUDA.md.
     #[arg(long, env = "HEDDLE_QUANTIZATION", value_enum)]
     pub quantization: Option<QuantizationKind>,
+    /// On cuda: what the KV cache holds: `auto` (the model's dtype) or `fp8` (E4M3 codes
+    /// with scale 1, widened to bf16 as attention reads them: twice the tokens in the same
+    /// memory and half the bytes a decode step reads; compute capability 8.9 or newer)
+    /// [default: auto]. See docs/CUDA.md.
+    #[arg(long, env = "HEDDLE_KV_CACHE_DTYPE", value_enum)]
+    pub kv_cache_dtype: Option<KvCacheDtypeKind>,
     /// Serve random weights of the shape in --model-config, made on the GPU (benchmarks).
     /// Prompts should be token ids; see docs/CUDA.md.
     #[arg(long, env = "HEDDLE_DUMMY_WEIGHTS", requires = "model_config")]
@@ -259,6 +266,16 @@ pub enum DeviceKind {
 #[serde(rename_all = "lowercase")]
 pub enum QuantizationKind {
     /// FP8 E4M3, one scale a matrix.
+    Fp8,
+}
+
+/// `--kv-cache-dtype`: what a GPU model's KV cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtypeKind {
+    /// The model's dtype.
+    Auto,
+    /// FP8 E4M3 with scale 1.
     Fp8,
 }
 
@@ -567,6 +584,7 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
     if tensor_parallel_size == 0 {
         bail!("--tensor-parallel-size must be at least 1");
     }
+    let fp8_kv_cache = args.kv_cache_dtype == Some(KvCacheDtypeKind::Fp8);
     match args.device.unwrap_or(DeviceKind::Cpu) {
         DeviceKind::Cpu => {
             if args.dummy_weights {
@@ -580,6 +598,9 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
                     "--quantization needs --device cuda (on the CPU a GGUF file's own \
                      quantization is used)"
                 );
+            }
+            if fp8_kv_cache {
+                bail!("--kv-cache-dtype fp8 needs --device cuda");
             }
             Ok(Device::Cpu)
         }
@@ -603,6 +624,9 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
                     if args.quantization.is_some() {
                         bail!("--quantization fp8: {why:#}");
                     }
+                    if fp8_kv_cache {
+                        bail!("--kv-cache-dtype fp8: {why:#}");
+                    }
                     tracing::warn!(
                         "--device cuda: {why:#}; serving on the CPU, with the CPU's defaults"
                     );
@@ -615,6 +639,7 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
                 batch_invariant: args.batch_invariant,
                 tensor_parallel_size,
                 fp8: args.quantization == Some(QuantizationKind::Fp8),
+                fp8_kv_cache,
             })
         }
     }
@@ -804,6 +829,7 @@ struct FileGpu {
     batch_invariant: Option<bool>,
     tensor_parallel_size: Option<usize>,
     quantization: Option<QuantizationKind>,
+    kv_cache_dtype: Option<KvCacheDtypeKind>,
 }
 
 impl FileGpu {
@@ -815,6 +841,7 @@ impl FileGpu {
             batch_invariant: args.batch_invariant || self.batch_invariant.unwrap_or(false),
             tensor_parallel_size: args.tensor_parallel_size.or(self.tensor_parallel_size),
             quantization: args.quantization.or(self.quantization),
+            kv_cache_dtype: args.kv_cache_dtype.or(self.kv_cache_dtype),
             ..args.clone()
         }
     }
@@ -1249,6 +1276,18 @@ mod tests {
         };
         let err = ServerConfig::resolve(&fp8_on_cpu).unwrap_err();
         assert!(err.to_string().contains("--quantization needs"), "{err}");
+        let fp8_kv_on_cpu = ServeArgs {
+            config: Some(temp_file(
+                "gpu-fp8-kv.toml",
+                "[gpu]\nkv_cache_dtype = \"fp8\"\n",
+            )),
+            ..ServeArgs::default()
+        };
+        let err = ServerConfig::resolve(&fp8_kv_on_cpu).unwrap_err();
+        assert!(
+            err.to_string().contains("--kv-cache-dtype fp8 needs"),
+            "{err}"
+        );
         let typo = ServeArgs {
             config: Some(temp_file("gpu-typo.toml", "[gpu]\ndevise = \"cuda\"\n")),
             ..ServeArgs::default()
@@ -1285,6 +1324,25 @@ mod tests {
         };
         let err = ServerConfig::resolve(&fp8_on_cpu).unwrap_err();
         assert!(err.to_string().contains("--quantization needs"), "{err}");
+        let fp8_kv_on_cpu = ServeArgs {
+            device: Some(DeviceKind::Cpu),
+            kv_cache_dtype: Some(KvCacheDtypeKind::Fp8),
+            ..ServeArgs::default()
+        };
+        let err = ServerConfig::resolve(&fp8_kv_on_cpu).unwrap_err();
+        assert!(
+            err.to_string().contains("--kv-cache-dtype fp8 needs"),
+            "{err}"
+        );
+        let auto_kv_on_cpu = ServeArgs {
+            device: Some(DeviceKind::Cpu),
+            kv_cache_dtype: Some(KvCacheDtypeKind::Auto),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            ServerConfig::resolve(&auto_kv_on_cpu).unwrap().device,
+            Device::Cpu
+        );
         let no_ranks = ServeArgs {
             tensor_parallel_size: Some(0),
             ..dummy.clone()
@@ -1301,8 +1359,20 @@ mod tests {
                     batch_invariant: false,
                     tensor_parallel_size: 1,
                     fp8: false,
+                    fp8_kv_cache: false,
                 }
             );
+            let fp8_kv = ServeArgs {
+                kv_cache_dtype: Some(KvCacheDtypeKind::Fp8),
+                ..dummy.clone()
+            };
+            assert!(matches!(
+                ServerConfig::resolve(&fp8_kv).unwrap().device,
+                Device::Cuda {
+                    fp8_kv_cache: true,
+                    ..
+                }
+            ));
             let fp8 = ServeArgs {
                 quantization: Some(QuantizationKind::Fp8),
                 ..dummy.clone()

@@ -58,6 +58,8 @@ pub enum Device {
         tensor_parallel_size: usize,
         /// The layers' projections in FP8 (`--quantization fp8`, docs/CUDA.md).
         fp8: bool,
+        /// The KV cache in FP8 (`--kv-cache-dtype fp8`, docs/CUDA.md).
+        fp8_kv_cache: bool,
     },
 }
 
@@ -593,26 +595,18 @@ fn load_runner(spec: &ModelSpec, base: &SchedulerConfig, device: Device) -> anyh
     }
     #[cfg(feature = "cuda")]
     if let Device::Cuda {
-        gpu_memory_fraction,
         dummy_weights,
-        batch_invariant,
         tensor_parallel_size,
         fp8,
+        fp8_kv_cache,
+        ..
     } = device
     {
-        match cuda::load(
-            spec,
-            base,
-            gpu_memory_fraction,
-            dummy_weights,
-            batch_invariant,
-            tensor_parallel_size,
-            fp8,
-        ) {
+        // Only a model asked for nothing the CPU cannot do falls back to it.
+        let cpu_can_serve = !dummy_weights && tensor_parallel_size == 1 && !fp8 && !fp8_kv_cache;
+        match cuda::load(spec, base, device) {
             Ok(runner) => return Ok(runner),
-            Err(cuda::LoadError::NoDevice(why))
-                if !dummy_weights && tensor_parallel_size == 1 && !fp8 =>
-            {
+            Err(cuda::LoadError::NoDevice(why)) if cpu_can_serve => {
                 tracing::warn!(model = %spec.id, "{why:#}; running on the CPU instead");
             }
             Err(cuda::LoadError::NoDevice(error) | cuda::LoadError::Failed(error)) => {
@@ -686,7 +680,7 @@ pub fn cuda_device() -> anyhow::Result<String> {
 /// Loading on the GPU, or saying why not.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{ModelSpec, Runner, SchedulerConfig};
+    use super::{Device, ModelSpec, Runner, SchedulerConfig};
 
     pub enum LoadError {
         /// No GPU, driver or CUDA library here.
@@ -694,18 +688,29 @@ mod cuda {
         Failed(anyhow::Error),
     }
 
+    /// Loads `spec` on the GPU as `device` (a `Device::Cuda`) says.
     pub fn load(
         spec: &ModelSpec,
         base: &SchedulerConfig,
-        gpu_memory_fraction: f64,
-        dummy_weights: bool,
-        batch_invariant: bool,
-        tensor_parallel_size: usize,
-        fp8: bool,
+        device: Device,
     ) -> Result<Runner, LoadError> {
         use anyhow::Context;
         use heddle_cuda::{
-            dummy, CudaOptions, CudaRunner, KvBudget, Quantization, TensorParallel, WeightSource,
+            dummy, CudaOptions, CudaRunner, KvBudget, KvCacheDtype, Quantization, TensorParallel,
+            WeightSource,
+        };
+        let Device::Cuda {
+            gpu_memory_fraction,
+            dummy_weights,
+            batch_invariant,
+            tensor_parallel_size,
+            fp8,
+            fp8_kv_cache,
+        } = device
+        else {
+            return Err(LoadError::Failed(anyhow::anyhow!(
+                "not a GPU device: {device:?}"
+            )));
         };
         use heddle_model::tokenizer::TokenizerBundle;
         use heddle_model::ModelConfig;
@@ -745,6 +750,11 @@ mod cuda {
                         Quantization::Fp8
                     } else {
                         Quantization::None
+                    },
+                    kv_cache_dtype: if fp8_kv_cache {
+                        KvCacheDtype::Fp8
+                    } else {
+                        KvCacheDtype::Auto
                     },
                     ..CudaOptions::default()
                 },

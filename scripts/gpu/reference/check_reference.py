@@ -14,6 +14,10 @@ compared:
 - bf16: heddle's bf16 against transformers' f32 must be within twice transformers' own
   bf16 error on the same model; arg-max differences are allowed only at near-ties (the
   f32 reference's gap between the two tokens under 5x heddle's RMS logit error).
+- FP8 (bf16 with `--kv-cache-dtype fp8`, and with `--quantization fp8` where the model
+  has no attention biases): reported against transformers' f32 beside its bf16 error,
+  with the greedy agreement; judged only against a broken layout or scale (relative
+  error 0.5, where a wrong one gives about 1.4).
 
 Usage (on the GPU machine): check_reference.py --heddle-cuda BIN --work DIR [--out DIR]
 Prints a table last; exits 1 if a check fails.
@@ -219,11 +223,13 @@ def rel(a, b):
     return float(np.linalg.norm((a - b).astype(np.float64)) / np.linalg.norm(b.astype(np.float64)))
 
 
-def run_heddle(binary, d, job_path, dtype, invariant, log):
-    out = os.path.join(d, f"heddle-{dtype}{'-invariant' if invariant else ''}")
+def run_heddle(binary, d, job_path, dtype, invariant, fp8, log):
+    out = os.path.join(d, f"heddle-{dtype}{'-invariant' if invariant else ''}"
+                       + "".join("-" + a.strip("-") for a in fp8))
     cmd = [binary, "reference", "--model", d, "--job", job_path, "--dtype", dtype, "--out", out]
     if invariant:
         cmd.append("--batch-invariant")
+    cmd += fp8
     started = time.time()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, "HEDDLE_LOG": "warn"})
@@ -290,17 +296,32 @@ def main():
         tf_bf16_err = rel(tb16, ref32)
         ref_arg = ref32.argmax(axis=1)
 
-        runs = [("f32", False), ("bf16", False)]
+        fp8_kv = ["--kv-cache-dtype", "fp8"]
+        fp8_weights = ["--quantization", "fp8"]
+        runs = [("f32", False, []), ("bf16", False, [])]
         if name == "llama3":
-            runs.append(("bf16", True))
-        for dtype, invariant in runs:
-            logits, heddle_greedy = run_heddle(args.heddle_cuda, d, job_path, dtype, invariant, log)
+            runs.append(("bf16", True, []))
+        runs.append(("bf16", False, fp8_kv))
+        if spec[0] != "qwen2":
+            runs.append(("bf16", False, fp8_weights))
+            runs.append(("bf16", False, fp8_weights + fp8_kv))
+        for dtype, invariant, fp8 in runs:
+            logits, heddle_greedy = run_heddle(args.heddle_cuda, d, job_path, dtype, invariant,
+                                               fp8, log)
             assert logits.shape == ref32.shape, (logits.shape, ref32.shape)
             err = rel(logits, ref32)
             arg = logits.argmax(axis=1)
             mismatched = np.nonzero(arg != ref_arg)[0]
-            label = dtype + (" invariant" if invariant else "")
-            if dtype == "f32":
+            label = (dtype + (" invariant" if invariant else "")
+                     + (" fp8" if "--quantization" in fp8 else "")
+                     + (" fp8-kv" if "--kv-cache-dtype" in fp8 else ""))
+            if fp8:
+                limit = 0.5
+                gaps = []
+                same = sum(h == t for h, t in zip(heddle_greedy, greedy32))
+                ok = err <= limit
+                greedy_note = f"{same}/{len(prompts)} equal (reported)"
+            elif dtype == "f32":
                 limit = 1e-4
                 greedy_ok = heddle_greedy == greedy32
                 gaps = []

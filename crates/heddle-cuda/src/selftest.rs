@@ -107,7 +107,7 @@ pub fn run_all() -> anyhow::Result<Vec<Check>> {
                 KvCacheDtype::Fp8,
             )?);
         }
-        if fp8 && !qwen2 {
+        if fp8 {
             checks.extend(runner_vs_cpu(
                 &dir,
                 DType::Bf16,
@@ -115,9 +115,6 @@ pub fn run_all() -> anyhow::Result<Vec<Check>> {
                 Quantization::Fp8,
                 KvCacheDtype::Auto,
             )?);
-        }
-        if fp8 && qwen2 {
-            checks.push(fp8_refused_with_biases(&dir)?);
         }
     }
     checks.extend(graph_replay(&dir)?);
@@ -1116,6 +1113,11 @@ fn runner_vs_cpu(
     )?;
     let table: Vec<u32> = vec![3, 9, 0, 12];
     let prompt: Vec<TokenId> = (0..21).map(|i| (i * 37 % TINY_VOCAB) as TokenId).collect();
+    // Teacher-forced: both runners decode the CPU's greedy tokens, so that each step's
+    // logits are compared on the same inputs. (Along each runner's own tokens, one
+    // near-tie that rounds the other way makes every later step's logits unrelated: the
+    // FP8 path's relative error then read 1.5 for half of the random seeds of the Qwen2
+    // model, 0.08 for the others.) `gpu_tokens` are the GPU's own choices at each step.
     let mut cpu_tokens = prompt.clone();
     let mut gpu_tokens = prompt.clone();
     let mut worst = 0f64;
@@ -1125,15 +1127,12 @@ fn runner_vs_cpu(
     let mut start = 0;
     for step in 0..steps {
         // Prefill chunks of 8 first; each later step decodes one token.
-        let (chunk, gpu_chunk) = if start < prompt.len() {
-            let end = (start + 8).min(prompt.len());
-            (prompt[start..end].to_vec(), prompt[start..end].to_vec())
+        let chunk = if start < prompt.len() {
+            prompt[start..(start + 8).min(prompt.len())].to_vec()
         } else {
-            (
-                vec![*cpu_tokens.last().unwrap()],
-                vec![*gpu_tokens.last().unwrap()],
-            )
+            vec![*cpu_tokens.last().unwrap()]
         };
+        let gpu_chunk = chunk.clone();
         let is_last = start + chunk.len() >= prompt.len();
         let input = SeqInput {
             tokens: &chunk,
@@ -1149,7 +1148,7 @@ fn runner_vs_cpu(
             seqs: vec![s],
             preempted: vec![],
         };
-        history.0.insert(1, (gpu_tokens.clone(), prompt.len()));
+        history.0.insert(1, (cpu_tokens.clone(), prompt.len()));
         let gpu_logits = gpu.step_logits(&batch, &history)?;
         ensure!(
             gpu_logits.len() == cpu_logits.len(),
@@ -1163,8 +1162,8 @@ fn runner_vs_cpu(
         }
     }
     // The device sampler over the same step gives the arg-max of the same logits.
-    let last = *gpu_tokens.last().unwrap();
-    let mut s = seq(1, vec![last], gpu_tokens.len() - 1, &table);
+    let last = *cpu_tokens.last().unwrap();
+    let mut s = seq(1, vec![last], cpu_tokens.len() - 1, &table);
     s.num_generated = steps;
     let batch = ScheduledBatch {
         seqs: vec![s.clone()],
@@ -1196,7 +1195,7 @@ fn runner_vs_cpu(
         },
         Check {
             name: format!(
-                "{name}: greedy tokens differing (of {})",
+                "{name}: greedy choices differing, same inputs (of {})",
                 cpu_tokens.len() - prompt.len()
             ),
             error: token_mismatch as f64,
@@ -1212,29 +1211,6 @@ fn runner_vs_cpu(
             limit: Some(0.0),
         },
     ])
-}
-
-/// FP8 is refused for a model with attention biases (its logits came out wrong).
-fn fp8_refused_with_biases(dir: &Path) -> anyhow::Result<Check> {
-    let config = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json"))?)?;
-    let refused = CudaRunner::new(
-        config,
-        &WeightSource::Checkpoint(dir.to_path_buf()),
-        CudaOptions {
-            max_batched_tokens: 64,
-            max_running: 8,
-            kv: KvBudget::Blocks(16),
-            quantization: Quantization::Fp8,
-            ..CudaOptions::default()
-        },
-    )
-    .err()
-    .is_some_and(|e| e.to_string().contains("attention biases"));
-    Ok(Check {
-        name: "runner qwen2 bf16 fp8: refused for its attention biases (1: not refused)".into(),
-        error: f64::from(u8::from(!refused)),
-        limit: Some(0.0),
-    })
 }
 
 /// Eight prompts arriving one step apart, greedy, in bf16 on the small random checkpoint

@@ -1,5 +1,5 @@
-//! Model weights on the GPU: read from HF safetensors (bf16, f16 or f32, one file or
-//! sharded) or from a GGUF file (any quantization candle reads, dequantized on load), or
+//! Model weights on the GPU: read from HF safetensors (bf16, f16 or f32, or FP8 E4M3
+//! codes with scales, widened on the host; one file or sharded) or from a GGUF file (any quantization candle reads, dequantized on load), or
 //! made up on the device for benchmarks. Q, K and V are stored as one fused
 //! matrix, and so are the MLP's gate and up projections: one GEMM each instead of three
 //! and two.
@@ -9,10 +9,11 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use half::{bf16, f16};
+use heddle_model::loader::fp8_scales;
 use heddle_model::ModelConfig;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
-use crate::fp8::Fp8Tensor;
+use crate::fp8::{e4m3_to_f32, Fp8Tensor};
 use crate::gpu::{grid, DeviceBuffer, Gpu};
 use crate::kernels::DType;
 use crate::tensor_parallel::{matrix_columns, matrix_rows, Partition};
@@ -223,7 +224,21 @@ impl Weights {
                     view.shape()
                 );
             }
-            convert(&name, view.dtype(), view.data(), dtype).map(Some)
+            if view.dtype() != StDtype::F8_E4M3 {
+                return convert(&name, view.dtype(), view.data(), dtype).map(Some);
+            }
+            // FP8 codes, widened with the scales beside them (`fp8_scales`).
+            let &[n, k] = shape else {
+                bail!("tensor {name:?}: FP8 codes outside a projection matrix");
+            };
+            let scale = fp8_scales::scale_names(&name)
+                .into_iter()
+                .find_map(|s| by_name.get(&s).map(|&f| parsed[f].tensor(&s)))
+                .with_context(|| format!("FP8 tensor {name:?} has no {name}_scale beside it"))??;
+            let scales = float_values(&name, scale.dtype(), scale.data())?;
+            let mut values: Vec<f32> = view.data().iter().map(|&c| e4m3_to_f32(c)).collect();
+            fp8_scales::apply_scales(&name, &mut values, n, k, &scales, scale.shape())?;
+            Ok(Some(to_dtype_bytes(values.into_iter(), dtype)))
         };
         let origin = dir.display().to_string();
         Self::assemble(gpus, config, partition, &mut source, &origin)
@@ -562,9 +577,18 @@ impl Dims {
 
 /// A tensor's little-endian bytes in `to`.
 fn convert(name: &str, from: StDtype, data: &[u8], to: DType) -> anyhow::Result<Vec<u8>> {
+    match (from, to) {
+        (StDtype::BF16, DType::Bf16) | (StDtype::F32, DType::F32) => Ok(data.to_vec()),
+        _ => Ok(to_dtype_bytes(
+            float_values(name, from, data)?.into_iter(),
+            to,
+        )),
+    }
+}
+
+/// A bf16, f16 or f32 tensor's values.
+fn float_values(name: &str, from: StDtype, data: &[u8]) -> anyhow::Result<Vec<f32>> {
     let values: Box<dyn Iterator<Item = f32>> = match from {
-        StDtype::BF16 if to == DType::Bf16 => return Ok(data.to_vec()),
-        StDtype::F32 if to == DType::F32 => return Ok(data.to_vec()),
         StDtype::BF16 => Box::new(
             data.chunks_exact(2)
                 .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
@@ -577,9 +601,12 @@ fn convert(name: &str, from: StDtype, data: &[u8], to: DType) -> anyhow::Result<
             data.chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         ),
-        other => bail!("tensor {name:?} has unsupported type {other:?} (bf16, f16 or f32)"),
+        other => bail!(
+            "tensor {name:?} has unsupported type {other:?} (bf16, f16, f32, or FP8 E4M3 with \
+             scales)"
+        ),
     };
-    Ok(to_dtype_bytes(values, to))
+    Ok(values.collect())
 }
 
 /// f32 values as little-endian bytes of `to`.

@@ -64,6 +64,9 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Q, K and V projections carry biases.
     pub attention_bias: bool,
+    /// The checkpoint stores its projections as FP8 E4M3 codes with scales
+    /// (`quantization_config`, see `loader::fp8_scales`); the loaders widen them.
+    pub fp8_checkpoint: bool,
 }
 
 /// The fields of an HF `config.json` the runner reads.
@@ -86,6 +89,52 @@ struct HfConfig {
     sliding_window: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    quantization_config: Option<serde_json::Value>,
+}
+
+/// Whether `quantization_config` describes FP8 E4M3 weights with scales (the only
+/// quantized checkpoints heddle reads; any other scheme is refused by name rather than
+/// misread).
+fn fp8_checkpoint(quantization: &serde_json::Value) -> Result<bool> {
+    let text =
+        |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_str()).map(str::to_owned);
+    let method = text(quantization, "quant_method").unwrap_or_default();
+    let refuse = |why: String| {
+        Err(ModelError::Config(format!(
+            "config.json: quantization_config {why}; heddle reads FP8 (E4M3) checkpoints \
+             (quant_method \"fp8\", or \"compressed-tensors\" in its float-quantized format)"
+        )))
+    };
+    match method.as_str() {
+        "fp8" => match text(quantization, "fmt").as_deref() {
+            None | Some("e4m3") => Ok(true),
+            Some(other) => refuse(format!("fmt {other:?}")),
+        },
+        "compressed-tensors" => {
+            let format = text(quantization, "format").unwrap_or_default();
+            let groups = quantization
+                .get("config_groups")
+                .and_then(|g| g.as_object())
+                .filter(|g| !g.is_empty());
+            let fp8_weights = |group: &serde_json::Value| {
+                let weights = group.get("weights");
+                weights.and_then(|w| w.get("type")).and_then(|t| t.as_str()) == Some("float")
+                    && weights
+                        .and_then(|w| w.get("num_bits"))
+                        .and_then(|b| b.as_u64())
+                        == Some(8)
+            };
+            match groups {
+                Some(groups) if format == "float-quantized" && groups.values().all(fp8_weights) => {
+                    Ok(true)
+                }
+                _ => refuse(format!(
+                    "compressed-tensors format {format:?} with weights other than 8-bit floats"
+                )),
+            }
+        }
+        other => refuse(format!("quant_method {other:?}")),
+    }
 }
 
 impl ModelConfig {
@@ -141,6 +190,12 @@ impl ModelConfig {
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             attention_bias: architecture == Architecture::Qwen2
                 || hf.attention_bias.unwrap_or(false),
+            fp8_checkpoint: hf
+                .quantization_config
+                .as_ref()
+                .map(fp8_checkpoint)
+                .transpose()?
+                .unwrap_or(false),
         };
         config.validate()?;
         Ok(config)
@@ -211,6 +266,7 @@ impl ModelConfig {
             max_position_embeddings: need("context_length")?,
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            fp8_checkpoint: false,
         };
         config.validate()?;
         Ok(config)
@@ -337,6 +393,38 @@ mod tests {
         assert_eq!((c.num_layers, c.intermediate_size), (30, 1536));
         assert_eq!(c.rope_theta, 100_000.0);
         assert!(c.tie_word_embeddings && !c.attention_bias && c.rope_scaling.is_none());
+    }
+
+    #[test]
+    fn fp8_checkpoints_are_recognised_and_other_quantizations_refused() {
+        let with = |q: &str| {
+            ModelConfig::from_hf_json(&format!(
+                r#"{{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10,
+                "quantization_config": {q}}}"#
+            ))
+        };
+        let block =
+            with(r#"{"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}"#);
+        assert!(block.unwrap().fp8_checkpoint);
+        let compressed = with(
+            r#"{"quant_method": "compressed-tensors", "format": "float-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "float", "dynamic": true}}},
+            "ignore": ["lm_head"]}"#,
+        );
+        assert!(compressed.unwrap().fp8_checkpoint);
+        let gptq = with(r#"{"quant_method": "gptq", "bits": 4}"#).unwrap_err();
+        assert!(gptq.to_string().contains("quant_method \"gptq\""), "{gptq}");
+        let int8 = with(
+            r#"{"quant_method": "compressed-tensors", "format": "int-quantized",
+            "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"}}}}"#,
+        )
+        .unwrap_err();
+        assert!(int8.to_string().contains("int-quantized"), "{int8}");
+        let e5m2 = with(r#"{"quant_method": "fp8", "fmt": "e5m2"}"#).unwrap_err();
+        assert!(e5m2.to_string().contains("e5m2"), "{e5m2}");
     }
 
     #[test]

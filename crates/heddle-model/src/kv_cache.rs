@@ -295,6 +295,7 @@ mod tests {
             max_position_embeddings: 64,
             tie_word_embeddings: true,
             attention_bias: false,
+            fp8_checkpoint: false,
         }
     }
 

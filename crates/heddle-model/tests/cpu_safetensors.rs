@@ -270,3 +270,142 @@ fn missing_tensors_and_bad_files_are_named() {
     assert!(err.contains("absent.gguf"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `w` [n, k] as FP8 E4M3 codes and the scales that widen them back, in one of the three
+/// layouts checkpoints use: one scale (`layout` 0), one per output row (1), or one per
+/// block of 32 × 32 (2). Each scale maps its group's largest magnitude to 448.
+fn fp8_encode(w: &Tensor, layout: usize) -> (Tensor, Tensor) {
+    let (n, k) = w.dims2().unwrap();
+    let values = w.to_vec2::<f32>().unwrap();
+    let (rows, cols, bn, bk) = match layout {
+        0 => (1, 1, n, k),
+        1 => (n, 1, 1, k),
+        _ => (n.div_ceil(32), k.div_ceil(32), 32, 32),
+    };
+    let mut scales = vec![0f32; rows * cols];
+    for (r, row) in values.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            let s = &mut scales[(r / bn) * cols + c / bk];
+            *s = s.max(v.abs() / 448.0);
+        }
+    }
+    let scaled: Vec<f32> = values
+        .iter()
+        .enumerate()
+        .flat_map(|(r, row)| {
+            let scales = &scales;
+            row.iter()
+                .enumerate()
+                .map(move |(c, v)| v / scales[(r / bn) * cols + c / bk])
+        })
+        .collect();
+    let codes = Tensor::from_vec(scaled, (n, k), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F8E4M3)
+        .unwrap();
+    let scale_shape: Vec<usize> = match layout {
+        0 => vec![],
+        1 => vec![n, 1],
+        _ => vec![rows, cols],
+    };
+    let scales = Tensor::from_vec(scales, scale_shape, &Device::Cpu).unwrap();
+    (codes, scales)
+}
+
+#[test]
+fn an_fp8_checkpoint_gives_the_logits_of_its_widened_weights() {
+    let dir = scratch_dir("fp8");
+    let weights = weights(false);
+    let mut fp8_file = HashMap::new();
+    let mut widened = Vec::new();
+    let mut layout = 0;
+    for (name, w) in &weights {
+        if name.contains("_proj.weight") {
+            let (codes, scales) = fp8_encode(w, layout % 3);
+            // Every other weight's scales in bf16, as some checkpoints store them.
+            let scales = if layout % 2 == 0 {
+                scales
+            } else {
+                scales
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            // The values the checkpoint means: codes times scales.
+            let (n, k) = w.dims2().unwrap();
+            let mut values = codes
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let flat = scales.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            heddle_model::loader::fp8_scales::apply_scales(
+                name,
+                &mut values,
+                n,
+                k,
+                &flat,
+                scales.dims(),
+            )
+            .unwrap();
+            widened.push((
+                name.clone(),
+                Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap(),
+            ));
+            fp8_file.insert(format!("{name}_scale"), scales);
+            fp8_file.insert(name.clone(), codes);
+            layout += 1;
+        } else {
+            widened.push((name.clone(), w.clone()));
+            fp8_file.insert(name.clone(), w.clone());
+        }
+    }
+    let fp8_dir = dir.join("fp8");
+    std::fs::create_dir_all(&fp8_dir).unwrap();
+    let config = hf_config(false).replacen(
+        '{',
+        r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}, "#,
+        1,
+    );
+    std::fs::write(fp8_dir.join("config.json"), config).unwrap();
+    candle_core::safetensors::save(&fp8_file, fp8_dir.join("model.safetensors")).unwrap();
+    // The widened values in f32 (write_hf's bf16 shard would round them).
+    let widened_dir = dir.join("widened");
+    std::fs::create_dir_all(&widened_dir).unwrap();
+    std::fs::write(widened_dir.join("config.json"), hf_config(false)).unwrap();
+    let widened: HashMap<String, Tensor> = widened.into_iter().collect();
+    candle_core::safetensors::save(&widened, widened_dir.join("model.safetensors")).unwrap();
+
+    let (fp8, _) = Llama::load(&fp8_dir).unwrap();
+    let (reference, _) = Llama::load(&widened_dir).unwrap();
+    assert!(fp8.config().fp8_checkpoint);
+    assert!(!reference.config().fp8_checkpoint);
+    let tokens: Vec<u32> = (0..24).map(|i| (i * 29 + 3) % VOCAB as u32).collect();
+    let a = fp8.forward_all_logits(&tokens, KvDtype::F32).unwrap();
+    let b = reference.forward_all_logits(&tokens, KvDtype::F32).unwrap();
+    // The same f32 values through the same arithmetic.
+    assert!(
+        a == b,
+        "the FP8 checkpoint's logits differ from its widened weights'"
+    );
+    // And the codes are a coarse copy of the original weights, not a corruption of them.
+    let (original, _) = {
+        write_hf(&dir.join("original"), &weights, false);
+        Llama::load(&dir.join("original")).unwrap()
+    };
+    let c = original.forward_all_logits(&tokens, KvDtype::F32).unwrap();
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (a, c) in a.iter().flatten().zip(c.iter().flatten()) {
+        diff += ((a - c) as f64).powi(2);
+        norm += (*c as f64).powi(2);
+    }
+    let relative = (diff / norm).sqrt();
+    assert!(
+        relative > 1e-4 && relative < 0.2,
+        "FP8 logits off by {relative}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -14,8 +14,11 @@ compared:
 - bf16: heddle's bf16 against transformers' f32 must be within twice transformers' own
   bf16 error on the same model; arg-max differences are allowed only at near-ties (the
   f32 reference's gap between the two tokens under 5x heddle's RMS logit error).
-- FP8 (bf16 with `--kv-cache-dtype fp8`, and with `--quantization fp8` where the model
-  has no attention biases): reported against transformers' f32 beside its bf16 error,
+- FP8 checkpoints (the llama3 model's projections as E4M3 codes with one scale a matrix,
+  and with one a 128 x 128 block), against transformers on the weights they stand for
+  (codes x scales): heddle's f32 (widened on load) within 1e-4; its bf16 (served in FP8)
+  reported.
+- FP8 (bf16 with `--kv-cache-dtype fp8`, with `--quantization fp8`, and both): reported against transformers' f32 beside its bf16 error,
   with the greedy agreement; judged only against a broken layout or scale (relative
   error 0.5, where a wrong one gives about 1.4).
 
@@ -187,6 +190,64 @@ def drop_tied_head(d):
             json.dump(data, f, indent=1)
 
 
+def make_fp8_checkpoint(d, layout):
+    """A copy of checkpoint `d` whose projections are FP8 E4M3 codes with scales, as FP8
+    checkpoints on the hub store them: `layout` "tensor" (one scale a matrix,
+    `weight_scale`, compressed-tensors' float-quantized format) or "block" (one per 128 x
+    128 block, `weight_scale_inv`, quant_method "fp8" with weight_block_size). Returns
+    its directory and the widened weights (codes x scales, f32) that it stands for."""
+    from safetensors.torch import load_file, save_file
+    out_dir = d + "-fp8-" + layout
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(d, f)))
+    stored, widened = {}, {}
+    for name, w in tensors.items():
+        if not name.endswith("_proj.weight"):
+            stored[name] = w
+            continue
+        w32 = w.float()
+        n, k = w32.shape
+        if layout == "tensor":
+            scale = (w32.abs().max() / 448.0).reshape(1)
+            codes = (w32 / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            widened[name] = codes.float() * scale
+            stored[name], stored[name + "_scale"] = codes, scale
+        else:
+            b = 128
+            rows, cols = -(-n // b), -(-k // b)
+            padded = torch.zeros(rows * b, cols * b)
+            padded[:n, :k] = w32
+            blocks = padded.reshape(rows, b, cols, b)
+            scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
+            full = scale.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
+            codes = (w32 / full).clamp(-448, 448).to(torch.float8_e4m3fn)
+            widened[name] = codes.float() * full
+            stored[name], stored[name + "_scale_inv"] = codes, scale.contiguous()
+    save_file(stored, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    if layout == "tensor":
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                "num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True,
+                "dynamic": False}, "input_activations": {"num_bits": 8, "type": "float",
+                "strategy": "token", "dynamic": True}}},
+            "ignore": ["lm_head"]}
+    else:
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                      "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer_json(), f)
+    return out_dir, widened
+
+
 def load(d, dtype):
     model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="eager")
     return model.to("cuda").eval()
@@ -302,9 +363,8 @@ def main():
         if name == "llama3":
             runs.append(("bf16", True, []))
         runs.append(("bf16", False, fp8_kv))
-        if spec[0] != "qwen2":
-            runs.append(("bf16", False, fp8_weights))
-            runs.append(("bf16", False, fp8_weights + fp8_kv))
+        runs.append(("bf16", False, fp8_weights))
+        runs.append(("bf16", False, fp8_weights + fp8_kv))
         for dtype, invariant, fp8 in runs:
             logits, heddle_greedy = run_heddle(args.heddle_cuda, d, job_path, dtype, invariant,
                                                fp8, log)
@@ -355,6 +415,36 @@ def main():
             }
             results[f"{name} {label}"] = row
             rows.append(row)
+        if name == "llama3":
+            # FP8 checkpoints made from this one: transformers runs their widened weights
+            # in f32; heddle reads the codes and scales. f32 widens them on load and must
+            # match as any f32 checkpoint does; bf16 serves them in FP8 (reported).
+            for layout in ["tensor", "block"]:
+                fp8_dir, widened = make_fp8_checkpoint(d, layout)
+                with torch.no_grad():
+                    for pname, p in ref.named_parameters():
+                        if pname in widened:
+                            p.copy_(widened[pname].to(p.device))
+                fp8_ref = teacher_forced(ref, prompts)
+                for dtype in ["f32", "bf16"]:
+                    logits, heddle_greedy = run_heddle(args.heddle_cuda, fp8_dir, job_path,
+                                                       dtype, False, [], log)
+                    err = rel(logits, fp8_ref)
+                    mismatches = int((logits.argmax(axis=1) != fp8_ref.argmax(axis=1)).sum())
+                    limit = 1e-4 if dtype == "f32" else 0.5
+                    ok = err <= limit and (dtype != "f32" or mismatches == 0)
+                    failed |= not ok
+                    label = f"{dtype} {layout}-scaled"
+                    row = {
+                        "model": "llama3 FP8 checkpoint", "dtype": label, "rel_error": err,
+                        "limit": limit, "tf_bf16_rel_error": tf_bf16_err,
+                        "argmax_mismatches": mismatches, "positions": int(len(ref_arg)),
+                        "mismatch_gaps": [], "ok": ok,
+                        "greedy": "vs transformers on the widened weights",
+                        "rope_scaling_sensitivity": None,
+                    }
+                    results[f"llama3 fp8 checkpoint {label}"] = row
+                    rows.append(row)
         del ref
         torch.cuda.empty_cache()
 
@@ -372,6 +462,8 @@ def main():
               f"{r['tf_bf16_rel_error']:9.2e} {r['argmax_mismatches']:>5}/{r['positions']:<5}"
               f"{gap}  {r['greedy']:34} {'ok' if r['ok'] else 'FAIL'}")
     for name in MODELS:
+        if f"{name} f32" not in results:
+            continue
         s = results[f"{name} f32"]["rope_scaling_sensitivity"]
         if s is not None:
             print(f"{name}: transformers' logits without the llama3 RoPE scaling differ by "

@@ -2,6 +2,7 @@
 //! with `config.json`. Both are served to the model builder through [`TensorSource`],
 //! which addresses tensors by their GGUF names.
 
+pub mod fp8_scales;
 mod gguf;
 mod safetensors;
 

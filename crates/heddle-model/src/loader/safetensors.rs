@@ -1,12 +1,13 @@
 //! Hugging Face checkpoints: `config.json` plus safetensors, one file or sharded. Weights
-//! in f32, f16 or bf16 become f32 (the CPU kernels' dense format).
+//! in f32, f16 or bf16 become f32 (the CPU kernels' dense format), and so do FP8 ones,
+//! times their scales.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{OpenedModel, RopeLayout, TensorSource};
+use super::{fp8_scales, OpenedModel, RopeLayout, TensorSource};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::Linear;
@@ -103,21 +104,53 @@ struct HfTensors {
 }
 
 impl HfTensors {
-    /// Removes the tensor (each is read once) and converts it to f32.
+    /// Removes the tensor (each is read once) and converts it to f32; FP8 codes are
+    /// multiplied by the scale tensor beside them.
     fn take(&mut self, gguf: &str) -> Result<(String, Tensor)> {
         let name = hf_name(gguf);
         let t = self
             .tensors
             .remove(&name)
             .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
-        if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-            return Err(ModelError::UnsupportedDtype {
+        match t.dtype() {
+            DType::F32 | DType::F16 | DType::BF16 => {
+                let t = t.to_dtype(DType::F32)?;
+                Ok((name, t))
+            }
+            DType::F8E4M3 => {
+                let t = self.widen_fp8(&name, t)?;
+                Ok((name, t))
+            }
+            other => Err(ModelError::UnsupportedDtype {
                 name,
-                dtype: format!("{:?}", t.dtype()),
-            });
+                dtype: format!("{other:?}"),
+            }),
         }
-        let t = t.to_dtype(DType::F32)?;
-        Ok((name, t))
+    }
+
+    /// An FP8 weight's values: its codes times its scales (`fp8_scales`).
+    fn widen_fp8(&mut self, name: &str, codes: Tensor) -> Result<Tensor> {
+        let &[n, k] = codes.dims() else {
+            return Err(ModelError::BadShape {
+                name: name.to_string(),
+                expected: vec![0, 0],
+                actual: codes.dims().to_vec(),
+            });
+        };
+        let scale = fp8_scales::scale_names(name)
+            .into_iter()
+            .find_map(|s| self.tensors.remove(&s))
+            .ok_or_else(|| ModelError::MissingTensor(format!("{name}_scale")))?;
+        let mut values = codes
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let scales = scale
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        fp8_scales::apply_scales(name, &mut values, n, k, &scales, scale.dims())?;
+        Ok(Tensor::from_vec(values, (n, k), &Device::Cpu)?)
     }
 }
 

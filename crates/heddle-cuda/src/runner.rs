@@ -34,8 +34,9 @@ use crate::kernels::{
     SCORE_WORDS,
 };
 use crate::memory::{blocks_for_fraction, kv_bytes_per_block};
+use crate::peer_sums::{PeerSums, Slot};
 use crate::plan::{Padding, StepPlan};
-use crate::tensor_parallel::{Partition, RankPlacement, TensorParallel};
+use crate::tensor_parallel::{AllReduce, Partition, RankPlacement, TensorParallel};
 use crate::weights::{Dims, Matrix, Weights};
 
 /// Where the weights come from.
@@ -143,6 +144,8 @@ struct Buffers {
 /// One rank: its slice of the model, its activations and its slice of the KV cache (its
 /// KV heads of every block).
 struct Rank {
+    /// Its place among the ranks.
+    index: usize,
     /// Its GPU, in `CudaRunner::gpus`.
     device: usize,
     /// The first token id of its vocabulary slice.
@@ -159,7 +162,9 @@ pub struct CudaRunner {
     /// Captured decode steps by layout, one graph per GPU; they bake in the buffers'
     /// addresses, so they are dropped whenever a buffer is reallocated.
     /// The sampler is in a graph unless the step's logits are adjusted first.
-    graphs: HashMap<(Padding, bool), Vec<DecodeGraph>>,
+    /// Keyed by layout, whether the sampler runs, and whether it samples greedily over the
+    /// ranks' logits slices.
+    graphs: HashMap<(Padding, bool, bool), Vec<DecodeGraph>>,
     collective: Collective,
     /// The GPUs the ranks run on, rank 0's first: it samples and holds the step's results.
     gpus: Vec<Gpu>,
@@ -307,13 +312,23 @@ impl CudaRunner {
             }
             blas_workspaces.push(workspace);
         }
-        let collective = match (parallel.size, parallel.placement) {
-            (1, _) => Collective::Single,
-            (_, RankPlacement::AllOnFirstGpu) => Collective::SameStream,
-            (ranks, RankPlacement::OneGpuEach) => {
+        let collective = match (parallel.size, parallel.placement, parallel.all_reduce) {
+            (1, _, _) => Collective::Single,
+            (_, _, AllReduce::SkippedForTiming) => Collective::SkippedForTiming,
+            (_, RankPlacement::AllOnFirstGpu, _) => Collective::SameStream,
+            (ranks, RankPlacement::OneGpuEach, all_reduce) => {
                 // Rank 0 receives the other ranks' logits slices before placing them.
                 let gather_bytes = (ranks - 1) * rows * shard.vocab_size * 4;
-                Collective::nccl(&gpus.iter().collect::<Vec<_>>(), gather_bytes)?
+                let gpus: Vec<&Gpu> = gpus.iter().collect();
+                let mut collective = Collective::nccl(&gpus, gather_bytes)?;
+                if all_reduce == AllReduce::PeerToPeerForSmallSteps {
+                    // Decode steps: at most `rows` tokens.
+                    let peer = PeerSums::new(&gpus, config.hidden_size, rows, options.dtype)?;
+                    if let Some(peer) = peer {
+                        collective.add_peer_sums(peer)?;
+                    }
+                }
+                collective
             }
         };
         // The KV cache: the same number of blocks on every rank, as many as the GPU with
@@ -350,6 +365,7 @@ impl CudaRunner {
         for (index, ((weights, buffers), &device)) in placed.enumerate() {
             let gpu = &gpus[device];
             ranks.push(Rank {
+                index,
                 device,
                 first_token: partition.vocab_rows(index).start,
                 weights,
@@ -600,7 +616,7 @@ impl CudaRunner {
     /// Runs a padded decode step from its graphs (with the sampler when `sample`),
     /// capturing them on first use.
     fn replay(&mut self, padding: Padding, sample: bool) -> anyhow::Result<()> {
-        let key = (padding, sample);
+        let key = (padding, sample, self.greedy_by_slices(sample).is_some());
         if !self.graphs.contains_key(&key) {
             let graphs = self.capture(sample)?;
             tracing::debug!(
@@ -677,6 +693,9 @@ impl CudaRunner {
         }
         let rows = self.plan.sampled_rows;
         if rows > 0 {
+            if let Some(peer) = self.greedy_by_slices(sample) {
+                return self.enqueue_greedy_by_slices(peer);
+            }
             self.enqueue_logits(self.plan.offsets.logit_rows, rows)?;
             if sample {
                 self.enqueue_sampler()?;
@@ -690,13 +709,17 @@ impl CudaRunner {
         self.metadata[rank.device].ptr + 4 * offset as u64
     }
 
-    /// Sums a buffer of every rank's over the ranks (nothing with one rank).
+    /// Sums a buffer of every rank's over the ranks (nothing with one rank, nor when the
+    /// step's sums are peer-to-peer, inside the norms).
     fn all_reduce(
         &self,
         buffer: fn(&Buffers) -> u64,
         count: usize,
         dtype: DType,
     ) -> anyhow::Result<()> {
+        if self.peer_sums().is_some() {
+            return Ok(());
+        }
         let parts: Vec<Part> = self
             .ranks
             .iter()
@@ -708,16 +731,81 @@ impl CudaRunner {
         self.collective.all_reduce_sum(&parts, count, dtype)
     }
 
+    /// The peer-to-peer all-reduces, when they take this step's sums (see collective.rs).
+    fn peer_sums(&self) -> Option<&PeerSums> {
+        self.collective.peer_sums(self.plan.num_tokens)
+    }
+
+    /// Where `rank` writes its partial result for `slot`: `local`, unless the step's sums
+    /// are peer-to-peer, which read it from the rank's exchange slot.
+    fn partial_output(&self, rank: &Rank, slot: Slot, local: u64) -> u64 {
+        self.peer_sums()
+            .map_or(local, |peer| peer.partial(rank.index, slot))
+    }
+
+    /// The residual connection and RMSNorm by `weight` into `normed`, on `rank`: the
+    /// residual plus the ranks' summed partial result `incoming` (the embedding is already
+    /// the residual), written back, for every token; or, with `rows`, for the `rows.1`
+    /// rows listed at metadata word `rows.0`, not written back. With peer-to-peer sums,
+    /// the all-reduce of `incoming` happens here.
+    fn enqueue_residual_norm(
+        &self,
+        rank: &Rank,
+        incoming: Slot,
+        weight: u64,
+        rows: Option<(usize, usize)>,
+    ) -> anyhow::Result<()> {
+        let (gpu, b) = (&self.gpus[rank.device], &rank.buffers);
+        let (row_list, num_rows) = match rows {
+            Some((offset, count)) => (self.metadata_at(rank, offset), count),
+            None => (0, self.plan.num_tokens),
+        };
+        let eps = self.config.rms_norm_eps;
+        if let Some(peer) = self.peer_sums() {
+            return peer.sum_rmsnorm(
+                gpu,
+                rank.index,
+                incoming,
+                b.residual.ptr,
+                weight,
+                b.normed.ptr,
+                row_list,
+                num_rows,
+                eps,
+                rows.is_none(),
+            );
+        }
+        let delta = match incoming {
+            Slot::Embedding => 0u64,
+            Slot::Attention | Slot::Mlp => b.projected.ptr,
+        };
+        gpu.launch(
+            "add_rmsnorm",
+            grid(num_rows, self.norm_threads()),
+            &[
+                &b.residual.ptr,
+                &delta,
+                &weight,
+                &b.normed.ptr,
+                &row_list,
+                &(self.config.hidden_size as i32),
+                &eps,
+                &(rows.is_none() as i32),
+            ],
+        )
+    }
+
     /// The embeddings of the step's tokens in the rank's vocabulary slice (zeros for the
-    /// others) into its residual stream.
+    /// others) into its residual stream (or its exchange slot).
     fn enqueue_embedding(&self, rank: &Rank) -> anyhow::Result<()> {
+        let out = self.partial_output(rank, Slot::Embedding, rank.buffers.residual.ptr);
         self.gpus[rank.device].launch(
             "embed_gather",
             grid(self.plan.num_tokens, 256),
             &[
                 &self.metadata_at(rank, self.plan.offsets.tokens),
                 &rank.weights.embed.ptr,
-                &rank.buffers.residual.ptr,
+                &out,
                 &(self.config.hidden_size as i32),
                 &(rank.first_token as i32),
                 &(self.shard.vocab_size as i32),
@@ -744,21 +832,8 @@ impl CudaRunner {
         let o = self.plan.offsets;
         let t = self.plan.num_tokens;
         let null = 0u64;
-        let delta = if l == 0 { null } else { b.projected.ptr };
-        gpu.launch(
-            "add_rmsnorm",
-            grid(t, self.norm_threads()),
-            &[
-                &b.residual.ptr,
-                &delta,
-                &layer.attn_norm.ptr,
-                &b.normed.ptr,
-                &null,
-                &(d.hidden as i32),
-                &self.config.rms_norm_eps,
-                &1i32,
-            ],
-        )?;
+        let incoming = if l == 0 { Slot::Embedding } else { Slot::Mlp };
+        self.enqueue_residual_norm(rank, incoming, layer.attn_norm.ptr, None)?;
         self.project(
             rank,
             b.qkv.ptr,
@@ -805,7 +880,7 @@ impl CudaRunner {
         )?;
         self.project(
             rank,
-            b.projected.ptr,
+            self.partial_output(rank, Slot::Attention, b.projected.ptr),
             b.attention.ptr,
             &layer.o,
             t,
@@ -824,20 +899,7 @@ impl CudaRunner {
         );
         let d = Dims::of(&self.shard);
         let t = self.plan.num_tokens;
-        gpu.launch(
-            "add_rmsnorm",
-            grid(t, self.norm_threads()),
-            &[
-                &b.residual.ptr,
-                &b.projected.ptr,
-                &layer.ffn_norm.ptr,
-                &b.normed.ptr,
-                &0u64,
-                &(d.hidden as i32),
-                &self.config.rms_norm_eps,
-                &1i32,
-            ],
-        )?;
+        self.enqueue_residual_norm(rank, Slot::Attention, layer.ffn_norm.ptr, None)?;
         self.project(
             rank,
             b.gate_up.ptr,
@@ -855,7 +917,7 @@ impl CudaRunner {
         )?;
         self.project(
             rank,
-            b.projected.ptr,
+            self.partial_output(rank, Slot::Mlp, b.projected.ptr),
             b.activated.ptr,
             &layer.down,
             t,
@@ -893,24 +955,19 @@ impl CudaRunner {
     /// runner's logits buffer: each rank's final norm of the rows and its slice of the LM
     /// head, then the slices gathered on rank 0.
     fn enqueue_logits(&self, row_list: usize, rows: usize) -> anyhow::Result<()> {
+        let parts = self.enqueue_slice_logits(row_list, rows)?;
+        self.collective
+            .gather_columns(&parts, self.logits.ptr, rows, self.shard.vocab_size)
+    }
+
+    /// Each rank's final norm of `rows` rows listed at metadata word `row_list`, and its
+    /// slice of the LM head: where each rank's f32 logits slices are.
+    fn enqueue_slice_logits(&self, row_list: usize, rows: usize) -> anyhow::Result<Vec<Part<'_>>> {
         let hidden = self.config.hidden_size;
         let mut parts = Vec::with_capacity(self.ranks.len());
         for rank in &self.ranks {
             let (gpu, b, w) = (&self.gpus[rank.device], &rank.buffers, &rank.weights);
-            gpu.launch(
-                "add_rmsnorm",
-                grid(rows, self.norm_threads()),
-                &[
-                    &b.residual.ptr,
-                    &b.projected.ptr,
-                    &w.final_norm.ptr,
-                    &b.normed.ptr,
-                    &self.metadata_at(rank, row_list),
-                    &(hidden as i32),
-                    &self.config.rms_norm_eps,
-                    &0i32,
-                ],
-            )?;
+            self.enqueue_residual_norm(rank, Slot::Mlp, w.final_norm.ptr, Some((row_list, rows)))?;
             let out = b.vocab_logits.as_ref().map_or(self.logits.ptr, |l| l.ptr);
             gpu.gemm(
                 out,
@@ -923,8 +980,35 @@ impl CudaRunner {
             )?;
             parts.push(Part { gpu, ptr: out });
         }
-        self.collective
-            .gather_columns(&parts, self.logits.ptr, rows, self.shard.vocab_size)
+        Ok(parts)
+    }
+
+    /// The peer-to-peer sums, when the step samples (`sample`) rows that are all plain
+    /// greedy: each rank then finds the best token of its own logits slices, and rank 0
+    /// picks among the ranks' (see `PeerSums::greedy`), instead of gathering whole rows
+    /// for the sampler.
+    fn greedy_by_slices(&self, sample: bool) -> Option<&PeerSums> {
+        self.peer_sums()
+            .filter(|_| sample && self.plan.plain_greedy())
+    }
+
+    /// Queues the logits slices of the step's sampled rows and greedy sampling over them.
+    fn enqueue_greedy_by_slices(&self, peer: &PeerSums) -> anyhow::Result<()> {
+        let rows = self.plan.sampled_rows;
+        let parts = self.enqueue_slice_logits(self.plan.offsets.logit_rows, rows)?;
+        for (rank, part) in self.ranks.iter().zip(&parts) {
+            let out = if rank.index == 0 { self.sampled.ptr } else { 0 };
+            peer.greedy(
+                part.gpu,
+                rank.index,
+                part.ptr,
+                self.shard.vocab_size,
+                rank.first_token,
+                out,
+                rows,
+            )?;
+        }
+        Ok(())
     }
 
     /// Queues the sampler over the step's logits rows.

@@ -145,8 +145,8 @@ for l in lines:
         print("  " + l[len("RESULT "):])
 runs, single = {}, {}
 for l in lines:
-    m = re.search(r"RESULT model=(llama-3\.1-\d+b\S*) requests.*?seconds=([\d.]+) output_tok_s=([\d.]+).*?mean_decode_step_ms=([\d.]+) \(runner host ([\d.]+)", l)
-    if m: runs[m.group(1)] = (float(m.group(2)), float(m.group(3)), float(m.group(4)), float(m.group(5)))
+    m = re.search(r"RESULT model=(llama-3\.1-\d+b\S*) requests.*?seconds=([\d.]+) output_tok_s=([\d.]+).*?mean_decode_step_ms=([\d.]+) \(runner host ([\d.]+).*?packing ([\d.]+)", l)
+    if m: runs[m.group(1)] = tuple(float(m.group(i)) for i in range(2, 7))
     m = re.search(r"RESULT model=(llama-3\.1-\d+b\S*) single_stream decode_ms_per_token=([\d.]+)", l)
     if m: single[m.group(1)] = float(m.group(2))
 print("timings, random weights, 256 x 512 -> 128 (in process):")
@@ -155,8 +155,8 @@ names = [("llama-3.1-8b", "8B TP=1"), ("llama-3.1-8b+tp2", "8B TP=2 (peer-to-pee
          ("llama-3.1-70b+tp2", "70B TP=2 (peer-to-peer)")]
 for k, name in names:
     if k in runs:
-        s, t, step, host = runs[k]
-        print(f"  {name:32} {s:7.2f} s {t:9.0f} output tok/s  decode step {step:6.2f} ms (host {host:.2f})  single-stream {single.get(k, float('nan')):.2f} ms/token")
+        s, t, step, host, pack = runs[k]
+        print(f"  {name:32} {s:7.2f} s {t:9.0f} output tok/s  decode step {step:6.2f} ms (host {host:.2f}, packing {pack:.2f})  single-stream {single.get(k, float('nan')):.2f} ms/token")
 one = "llama-3.1-8b"
 for k, name in names[1:4]:
     if one in runs and k in runs:

@@ -92,7 +92,7 @@ mod tests {
         );
         assert!(!big.tie_word_embeddings && big.rope_scaling.is_some());
         assert_eq!(big.vocab_size, 128_256);
-        // The 70B shape: the 8B's vocabulary, RoPE and head size, twice as wide and deep.
+        // The 70B shape (141 GB in bf16): the 8B's vocabulary, RoPE and head size.
         let largest = read_config(&root.join("llama-3.1-70b.json")).unwrap();
         assert_eq!(
             (
@@ -103,7 +103,7 @@ mod tests {
                 largest.num_kv_heads,
                 largest.head_dim
             ),
-            (8192, 28672, 64, 64, 8, 128)
+            (8192, 28672, 80, 64, 8, 128)
         );
         assert_eq!(
             (

@@ -118,6 +118,9 @@ impl Default for CudaOptions {
 pub struct StepTimes {
     pub steps: usize,
     pub host_seconds: f64,
+    /// Of the host's time: planning the steps and copying their metadata to the GPUs
+    /// (the rest is queueing the work: launches, or graph launches).
+    pub pack_seconds: f64,
     pub wait_seconds: f64,
 }
 
@@ -217,6 +220,10 @@ unsafe impl Send for DecodeGraph {}
 const INITIAL_METADATA_WORDS: usize = 1 << 20;
 const INITIAL_PENALTIES: usize = 1 << 18;
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+/// Steps of up to this many tokens (or `max_running`, if more) sum peer-to-peer under
+/// tensor parallelism; larger ones through NCCL, which moves large messages at the links'
+/// full rate.
+const PEER_SUM_MIN_TOKENS: usize = 512;
 
 /// Words the sampler writes per row besides the id: log-prob and top (id, log-prob) pairs.
 const SAMPLED_WORDS_PER_ROW: usize = 2 + 2 * MAX_TOP_LOGPROBS;
@@ -322,8 +329,11 @@ impl CudaRunner {
                 let gpus: Vec<&Gpu> = gpus.iter().collect();
                 let mut collective = Collective::nccl(&gpus, gather_bytes)?;
                 if all_reduce == AllReduce::PeerToPeerForSmallSteps {
-                    // Decode steps: at most `rows` tokens.
-                    let peer = PeerSums::new(&gpus, config.hidden_size, rows, options.dtype)?;
+                    // Every decode step (at most `rows` tokens), and small prefill chunks.
+                    let tokens = rows
+                        .max(PEER_SUM_MIN_TOKENS)
+                        .min(options.max_batched_tokens);
+                    let peer = PeerSums::new(&gpus, config.hidden_size, tokens, options.dtype)?;
                     if let Some(peer) = peer {
                         collective.add_peer_sums(peer)?;
                     }
@@ -575,6 +585,7 @@ impl CudaRunner {
         padding: Option<Padding>,
         adjusted: bool,
     ) -> anyhow::Result<()> {
+        let packing = std::time::Instant::now();
         self.plan.build(
             batch,
             history,
@@ -610,6 +621,7 @@ impl CudaRunner {
         for (gpu, metadata) in self.gpus.iter().zip(&self.metadata) {
             gpu.write(metadata, words)?;
         }
+        self.times.pack_seconds += packing.elapsed().as_secs_f64();
         Ok(())
     }
 
@@ -682,10 +694,13 @@ impl CudaRunner {
         }
         self.all_reduce(|b| b.residual.ptr, tokens, DType::F32)?;
         for l in 0..self.config.num_layers {
+            let incoming = if l == 0 { Slot::Embedding } else { Slot::Mlp };
+            self.enqueue_norms(incoming, |w| w.layers[l].attn_norm.ptr, None)?;
             for rank in &self.ranks {
                 self.enqueue_attention(rank, l)?;
             }
             self.all_reduce(|b| b.projected.ptr, tokens, self.options.dtype)?;
+            self.enqueue_norms(Slot::Attention, |w| w.layers[l].ffn_norm.ptr, None)?;
             for rank in &self.ranks {
                 self.enqueue_mlp(rank, l)?;
             }
@@ -700,6 +715,23 @@ impl CudaRunner {
             if sample {
                 self.enqueue_sampler()?;
             }
+        }
+        Ok(())
+    }
+
+    /// Every rank's residual norm (`enqueue_residual_norm`), queued before any rank's next
+    /// work: with peer-to-peer sums each is a barrier across the GPUs, and a host call
+    /// that waits for its GPU to go idle (cuBLAS loading a kernel on its first use does),
+    /// queued between two ranks' barriers, would wait for a barrier that the ranks not yet
+    /// queued never reach.
+    fn enqueue_norms(
+        &self,
+        incoming: Slot,
+        weight: impl Fn(&Weights) -> u64,
+        rows: Option<(usize, usize)>,
+    ) -> anyhow::Result<()> {
+        for rank in &self.ranks {
+            self.enqueue_residual_norm(rank, incoming, weight(&rank.weights), rows)?;
         }
         Ok(())
     }
@@ -819,8 +851,8 @@ impl CudaRunner {
             .max(32) as u32
     }
 
-    /// Layer `l`'s attention block on one rank, up to its (partial) output projection in
-    /// `projected`: residual add and norm, its heads' Q·K·V, RoPE and the cache write of
+    /// Layer `l`'s attention block on one rank, from the normed residual (`enqueue_norms`)
+    /// up to its (partial) output projection: its heads' Q·K·V, RoPE and the cache write of
     /// its KV heads, attention.
     fn enqueue_attention(&self, rank: &Rank, l: usize) -> anyhow::Result<()> {
         let (gpu, b, layer) = (
@@ -832,8 +864,6 @@ impl CudaRunner {
         let o = self.plan.offsets;
         let t = self.plan.num_tokens;
         let null = 0u64;
-        let incoming = if l == 0 { Slot::Embedding } else { Slot::Mlp };
-        self.enqueue_residual_norm(rank, incoming, layer.attn_norm.ptr, None)?;
         self.project(
             rank,
             b.qkv.ptr,
@@ -889,8 +919,8 @@ impl CudaRunner {
         )
     }
 
-    /// Layer `l`'s MLP on one rank, up to its (partial) down projection in `projected`:
-    /// residual add and norm, its slice of gate·up, SiLU.
+    /// Layer `l`'s MLP on one rank, from the normed residual (`enqueue_norms`) up to its
+    /// (partial) down projection: its slice of gate·up, SiLU.
     fn enqueue_mlp(&self, rank: &Rank, l: usize) -> anyhow::Result<()> {
         let (gpu, b, layer) = (
             &self.gpus[rank.device],
@@ -899,7 +929,6 @@ impl CudaRunner {
         );
         let d = Dims::of(&self.shard);
         let t = self.plan.num_tokens;
-        self.enqueue_residual_norm(rank, Slot::Attention, layer.ffn_norm.ptr, None)?;
         self.project(
             rank,
             b.gate_up.ptr,
@@ -964,10 +993,10 @@ impl CudaRunner {
     /// slice of the LM head: where each rank's f32 logits slices are.
     fn enqueue_slice_logits(&self, row_list: usize, rows: usize) -> anyhow::Result<Vec<Part<'_>>> {
         let hidden = self.config.hidden_size;
+        self.enqueue_norms(Slot::Mlp, |w| w.final_norm.ptr, Some((row_list, rows)))?;
         let mut parts = Vec::with_capacity(self.ranks.len());
         for rank in &self.ranks {
             let (gpu, b, w) = (&self.gpus[rank.device], &rank.buffers, &rank.weights);
-            self.enqueue_residual_norm(rank, Slot::Mlp, w.final_norm.ptr, Some((row_list, rows)))?;
             let out = b.vocab_logits.as_ref().map_or(self.logits.ptr, |l| l.ptr);
             gpu.gemm(
                 out,

@@ -40,9 +40,9 @@ impl TensorParallel {
 /// always sums by kernel on its one stream).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AllReduce {
-    /// Steps of up to `max_running` tokens (decode) read the peers' partial results over
-    /// NVLink, summed inside the next norm (peer_sums.rs); larger steps, and GPUs without
-    /// peer access to each other, go through NCCL.
+    /// Steps of up to `max_running` or 512 tokens (decode, small prefill chunks) read the
+    /// peers' partial results over NVLink, summed inside the next norm (peer_sums.rs);
+    /// larger steps, and GPUs without peer access to each other, go through NCCL.
     #[default]
     PeerToPeerForSmallSteps,
     /// Every all-reduce through NCCL.

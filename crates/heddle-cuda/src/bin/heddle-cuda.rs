@@ -632,7 +632,8 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "RESULT model={name} requests={} prompt={} output={} seconds={:.3} \
                  output_tok_s={:.1} total_tok_s={:.1} steps={} mean_ttft_s={:.3} \
-                 mean_decode_step_ms={:.2} (runner host {:.2} + GPU wait {:.2})",
+                 mean_decode_step_ms={:.2} (runner host {:.2} + GPU wait {:.2}; packing {:.2} \
+                 of the host's)",
                 load.requests,
                 load.prompt_len,
                 load.output_len,
@@ -644,6 +645,7 @@ fn main() -> anyhow::Result<()> {
                 m.mean_decode_step * 1e3,
                 m.mean_decode_host * 1e3,
                 m.mean_decode_wait * 1e3,
+                m.mean_decode_pack * 1e3,
             );
             if args.single_stream {
                 let single = bench::run(
@@ -655,11 +657,12 @@ fn main() -> anyhow::Result<()> {
                 )?;
                 println!(
                     "RESULT model={name} single_stream decode_ms_per_token={:.3} seconds={:.3} \
-                     (runner host {:.2} + GPU wait {:.2})",
+                     (runner host {:.2} + GPU wait {:.2}; packing {:.2} of the host's)",
                     single.mean_decode_step * 1e3,
                     single.seconds,
                     single.mean_decode_host * 1e3,
                     single.mean_decode_wait * 1e3,
+                    single.mean_decode_pack * 1e3,
                 );
             }
             Ok(())

@@ -474,20 +474,20 @@ mod tests {
             scratch_block: 50,
         };
         // Padded rows are greedy too.
-        assert!(plan_of(greedy.clone(), None).plain_greedy());
-        assert!(plan_of(greedy.clone(), Some(padding)).plain_greedy());
-        let mut adjusted = plan_of(greedy.clone(), None);
+        assert!(plan_of(greedy, None).plain_greedy());
+        assert!(plan_of(greedy, Some(padding)).plain_greedy());
+        let mut adjusted = plan_of(greedy, None);
         adjusted.mark_adjusted();
         assert!(!adjusted.plain_greedy());
         for not_plain in [
             SamplingParams::default(),
             SamplingParams {
                 logprobs: true,
-                ..greedy.clone()
+                ..greedy
             },
             SamplingParams {
                 top_logprobs: 2,
-                ..greedy.clone()
+                ..greedy
             },
         ] {
             assert!(!plan_of(not_plain, Some(padding)).plain_greedy());

@@ -17,11 +17,12 @@
 #    --tensor-parallel-size 2` answering a completion over HTTP;
 # 3. timings at the 8B shape (the load of docs/PERFORMANCE_GPU.md: 256 requests x 512
 #    random prompt tokens -> 128, and single-stream decode) at TP=1, and at TP=2 when two
-#    GPUs are visible: peer-to-peer sums for decode steps (the default), NCCL for every
-#    step, and no sums at all (wrong tokens: what the collectives cost). Goals: TP=2
-#    throughput >= 1.7x TP=1's, single-stream decode <= 0.6x TP=1's time;
+#    GPUs are visible: peer-to-peer sums for decode steps (the default), for every step,
+#    NCCL for every step, and no sums at all (wrong tokens: what the collectives cost).
+#    Goals: TP=2 throughput >= 1.7x TP=1's, single-stream decode <= 0.6x TP=1's time;
 # 4. with two GPUs of 120 GB or more, the Llama-3.1-70B shape at TP=2 (about 70 GB of
-#    weights a GPU): throughput and single-stream decode.
+#    weights a GPU): throughput and single-stream decode, summed as TP_70B_ALL_REDUCE
+#    says (default peer-to-peer).
 # TP_SKIP="serve checks 70b" leaves those parts out. A summary comes last. Logs go to $OUT
 # (or /tmp/heddle-gpu).
 set -u
@@ -117,7 +118,7 @@ $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stre
   2>"$LOGS/bench-tp1.log" | tee -a "$RESULTS"
 grep -E "CUDA runner ready|ERROR|panicked" "$LOGS/bench-tp1.log" | cut -c1-300
 if [ "$GPUS" -ge 2 ]; then
-  for sums in peer-to-peer nccl skip-for-timing; do
+  for sums in peer-to-peer peer-to-peer-every-step nccl skip-for-timing; do
     $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stream \
       --tensor-parallel-size 2 --all-reduce $sums 2>"$LOGS/bench-tp2-$sums.log" | tee -a "$RESULTS"
     grep -E "CUDA runner ready|NCCL|peer-to-peer|ERROR|WARN|panicked" "$LOGS/bench-tp2-$sums.log" | cut -c1-300
@@ -127,7 +128,8 @@ GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/d
 if [ "$GPUS" -ge 2 ] && [ "${GPU_MIB:-0}" -ge 120000 ] && ! skipped 70b; then
   echo "== timings, Llama-3.1-70B shape: TP=2"
   $T 400 "$BIN/heddle-cuda" bench --config configs/llama-3.1-70b.json --single-stream \
-    --tensor-parallel-size 2 2>"$LOGS/bench-70b-tp2.log" | tee -a "$RESULTS"
+    --tensor-parallel-size 2 --all-reduce "${TP_70B_ALL_REDUCE:-peer-to-peer}" \
+    2>"$LOGS/bench-70b-tp2.log" | tee -a "$RESULTS"
   grep -E "CUDA runner ready|peer-to-peer|ERROR|WARN|panicked" "$LOGS/bench-70b-tp2.log" | cut -c1-300
 fi
 
@@ -151,14 +153,15 @@ for l in lines:
     if m: single[m.group(1)] = float(m.group(2))
 print("timings, random weights, 256 x 512 -> 128 (in process):")
 names = [("llama-3.1-8b", "8B TP=1"), ("llama-3.1-8b+tp2", "8B TP=2 (peer-to-peer)"),
+         ("llama-3.1-8b+tp2+p2pall", "8B TP=2 (peer-to-peer, every step)"),
          ("llama-3.1-8b+tp2+nccl", "8B TP=2 (NCCL)"), ("llama-3.1-8b+tp2+nosums", "8B TP=2 (no sums, timing only)"),
-         ("llama-3.1-70b+tp2", "70B TP=2 (peer-to-peer)")]
+         ("llama-3.1-70b+tp2", "70B TP=2 (peer-to-peer)"), ("llama-3.1-70b+tp2+p2pall", "70B TP=2 (peer-to-peer, every step)")]
 for k, name in names:
     if k in runs:
         s, t, step, host, pack = runs[k]
-        print(f"  {name:32} {s:7.2f} s {t:9.0f} output tok/s  decode step {step:6.2f} ms (host {host:.2f}, packing {pack:.2f})  single-stream {single.get(k, float('nan')):.2f} ms/token")
+        print(f"  {name:36} {s:7.2f} s {t:9.0f} output tok/s  decode step {step:6.2f} ms (host {host:.2f}, packing {pack:.2f})  single-stream {single.get(k, float('nan')):.2f} ms/token")
 one = "llama-3.1-8b"
-for k, name in names[1:4]:
+for k, name in names[1:5]:
     if one in runs and k in runs:
         speedup = runs[k][1] / runs[one][1]
         ratio = single[k] / single[one]

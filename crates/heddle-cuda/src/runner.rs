@@ -328,11 +328,14 @@ impl CudaRunner {
                 let gather_bytes = (ranks - 1) * rows * shard.vocab_size * 4;
                 let gpus: Vec<&Gpu> = gpus.iter().collect();
                 let mut collective = Collective::nccl(&gpus, gather_bytes)?;
-                if all_reduce == AllReduce::PeerToPeerForSmallSteps {
+                let peer_tokens = match all_reduce {
                     // Every decode step (at most `rows` tokens), and small prefill chunks.
-                    let tokens = rows
-                        .max(PEER_SUM_MIN_TOKENS)
-                        .min(options.max_batched_tokens);
+                    AllReduce::PeerToPeerForSmallSteps => Some(rows.max(PEER_SUM_MIN_TOKENS)),
+                    AllReduce::PeerToPeerForEveryStep => Some(options.max_batched_tokens),
+                    AllReduce::Nccl | AllReduce::SkippedForTiming => None,
+                };
+                if let Some(tokens) = peer_tokens {
+                    let tokens = tokens.min(options.max_batched_tokens);
                     let peer = PeerSums::new(&gpus, config.hidden_size, tokens, options.dtype)?;
                     if let Some(peer) = peer {
                         collective.add_peer_sums(peer)?;

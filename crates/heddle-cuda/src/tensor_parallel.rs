@@ -45,6 +45,10 @@ pub enum AllReduce {
     /// larger steps, and GPUs without peer access to each other, go through NCCL.
     #[default]
     PeerToPeerForSmallSteps,
+    /// Every step's sums peer-to-peer, prefill too (exchange buffers for
+    /// `max_batched_tokens` tokens: 16 bytes a token per hidden unit and GPU); NCCL only
+    /// where the GPUs have no peer access.
+    PeerToPeerForEveryStep,
     /// Every all-reduce through NCCL.
     Nccl,
     /// No all-reduce or logits gather at all: wrong results, to time what the collectives

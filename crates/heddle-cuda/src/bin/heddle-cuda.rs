@@ -196,6 +196,8 @@ struct BenchArgs {
 enum AllReduceArg {
     /// Peer-to-peer over NVLink for decode-sized steps, NCCL for the rest.
     PeerToPeer,
+    /// Peer-to-peer over NVLink for every step, prefill too.
+    PeerToPeerEveryStep,
     /// NCCL for every step.
     Nccl,
     /// None (timing only: the results are wrong).
@@ -206,6 +208,7 @@ impl From<AllReduceArg> for AllReduce {
     fn from(a: AllReduceArg) -> Self {
         match a {
             AllReduceArg::PeerToPeer => AllReduce::PeerToPeerForSmallSteps,
+            AllReduceArg::PeerToPeerEveryStep => AllReduce::PeerToPeerForEveryStep,
             AllReduceArg::Nccl => AllReduce::Nccl,
             AllReduceArg::SkipForTiming => AllReduce::SkippedForTiming,
         }
@@ -603,6 +606,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 + match (args.tensor_parallel_size, args.all_reduce) {
                     (1, _) | (_, AllReduceArg::PeerToPeer) => "",
+                    (_, AllReduceArg::PeerToPeerEveryStep) => "+p2pall",
                     (_, AllReduceArg::Nccl) => "+nccl",
                     (_, AllReduceArg::SkipForTiming) => "+nosums",
                 }

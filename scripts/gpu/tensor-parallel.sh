@@ -17,12 +17,12 @@
 #    --tensor-parallel-size 2` answering a completion over HTTP;
 # 3. timings at the 8B shape (the load of docs/PERFORMANCE_GPU.md: 256 requests x 512
 #    random prompt tokens -> 128, and single-stream decode) at TP=1, and at TP=2 when two
-#    GPUs are visible: peer-to-peer sums for decode steps (the default), for every step,
-#    NCCL for every step, and no sums at all (wrong tokens: what the collectives cost).
-#    Goals: TP=2 throughput >= 1.7x TP=1's, single-stream decode <= 0.6x TP=1's time;
+#    GPUs are visible: peer-to-peer sums for every step (the default with two ranks), for
+#    steps of up to 512 tokens only (prefill through NCCL), NCCL for every step, and no
+#    sums at all (wrong tokens: what the collectives cost). Goals: TP=2 throughput >=
+#    1.7x TP=1's, single-stream decode <= 0.6x TP=1's time;
 # 4. with two GPUs of 120 GB or more, the Llama-3.1-70B shape at TP=2 (about 70 GB of
-#    weights a GPU): throughput and single-stream decode, summed as TP_70B_ALL_REDUCE
-#    says (default peer-to-peer).
+#    weights a GPU): throughput and single-stream decode.
 # TP_SKIP="serve checks 70b" leaves those parts out. A summary comes last. Logs go to $OUT
 # (or /tmp/heddle-gpu).
 set -u
@@ -118,7 +118,7 @@ $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stre
   2>"$LOGS/bench-tp1.log" | tee -a "$RESULTS"
 grep -E "CUDA runner ready|ERROR|panicked" "$LOGS/bench-tp1.log" | cut -c1-300
 if [ "$GPUS" -ge 2 ]; then
-  for sums in peer-to-peer peer-to-peer-every-step nccl skip-for-timing; do
+  for sums in peer-to-peer peer-to-peer-small-steps nccl skip-for-timing; do
     $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stream \
       --tensor-parallel-size 2 --all-reduce $sums 2>"$LOGS/bench-tp2-$sums.log" | tee -a "$RESULTS"
     grep -E "CUDA runner ready|NCCL|peer-to-peer|ERROR|WARN|panicked" "$LOGS/bench-tp2-$sums.log" | cut -c1-300
@@ -128,8 +128,7 @@ GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/d
 if [ "$GPUS" -ge 2 ] && [ "${GPU_MIB:-0}" -ge 120000 ] && ! skipped 70b; then
   echo "== timings, Llama-3.1-70B shape: TP=2"
   $T 400 "$BIN/heddle-cuda" bench --config configs/llama-3.1-70b.json --single-stream \
-    --tensor-parallel-size 2 --all-reduce "${TP_70B_ALL_REDUCE:-peer-to-peer}" \
-    2>"$LOGS/bench-70b-tp2.log" | tee -a "$RESULTS"
+    --tensor-parallel-size 2 2>"$LOGS/bench-70b-tp2.log" | tee -a "$RESULTS"
   grep -E "CUDA runner ready|peer-to-peer|ERROR|WARN|panicked" "$LOGS/bench-70b-tp2.log" | cut -c1-300
 fi
 
@@ -153,9 +152,9 @@ for l in lines:
     if m: single[m.group(1)] = float(m.group(2))
 print("timings, random weights, 256 x 512 -> 128 (in process):")
 names = [("llama-3.1-8b", "8B TP=1"), ("llama-3.1-8b+tp2", "8B TP=2 (peer-to-peer)"),
-         ("llama-3.1-8b+tp2+p2pall", "8B TP=2 (peer-to-peer, every step)"),
+         ("llama-3.1-8b+tp2+p2psmall", "8B TP=2 (peer-to-peer <= 512 tokens)"),
          ("llama-3.1-8b+tp2+nccl", "8B TP=2 (NCCL)"), ("llama-3.1-8b+tp2+nosums", "8B TP=2 (no sums, timing only)"),
-         ("llama-3.1-70b+tp2", "70B TP=2 (peer-to-peer)"), ("llama-3.1-70b+tp2+p2pall", "70B TP=2 (peer-to-peer, every step)")]
+         ("llama-3.1-70b+tp2", "70B TP=2 (peer-to-peer)")]
 for k, name in names:
     if k in runs:
         s, t, step, host, pack = runs[k]

@@ -15,8 +15,9 @@
 //!   ranks are grouped (`ncclGroupStart` … `ncclGroupEnd`), as NCCL requires of a thread
 //!   that drives several ranks (each call would otherwise wait for the others'). The
 //!   calls are queued on the ranks' streams like kernels, so CUDA graphs capture them.
-//!   Decode-sized steps leave their all-reduces to peer_sums.rs (NVLink peer-to-peer,
-//!   inside the norms) where the GPUs can reach each other: the runner asks
+//!   Where the GPUs can reach each other, steps that fit the exchange buffers (every step
+//!   with two ranks, decode-sized ones with more: `AllReduce`) leave their all-reduces to
+//!   peer_sums.rs (NVLink peer-to-peer, inside the norms): the runner asks
 //!   [`Collective::peer_sums`] and then calls `all_reduce_sum` for none of that step's;
 //! - none (`AllReduce::SkippedForTiming`): wrong results, to time the rest.
 

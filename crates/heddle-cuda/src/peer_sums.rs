@@ -8,7 +8,10 @@
 //! writes its partial output into its exchange buffer, and the next norm on every rank
 //! reads every rank's buffer, adds them to its residual in rank order and normalises, in
 //! one kernel with one NVLink read, replayable from CUDA graphs. Steps larger than the
-//! exchange buffers (prefill) keep NCCL, which moves large messages at full bandwidth.
+//! exchange buffers keep NCCL (`AllReduce` says which fit: every step with two ranks,
+//! where one read of the peer's message moves what NCCL's ring moves and ran faster at
+//! prefill sizes too; decode-sized ones with more ranks, where each GPU would read N − 1
+//! whole messages).
 //!
 //! The exchange buffers and signal words are allocated with `cuMemAlloc`, not from the
 //! stream-ordered pool the rest of the runner uses: peer access enabled per context

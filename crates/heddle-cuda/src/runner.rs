@@ -221,8 +221,8 @@ const INITIAL_METADATA_WORDS: usize = 1 << 20;
 const INITIAL_PENALTIES: usize = 1 << 18;
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 /// Steps of up to this many tokens (or `max_running`, if more) sum peer-to-peer under
-/// tensor parallelism; larger ones through NCCL, which moves large messages at the links'
-/// full rate.
+/// tensor parallelism over more than two ranks (`AllReduce`); larger ones through NCCL,
+/// whose ring moves fewer bytes for large messages there.
 const PEER_SUM_MIN_TOKENS: usize = 512;
 
 /// Words the sampler writes per row besides the id: log-prob and top (id, log-prob) pairs.
@@ -328,10 +328,12 @@ impl CudaRunner {
                 let gather_bytes = (ranks - 1) * rows * shard.vocab_size * 4;
                 let gpus: Vec<&Gpu> = gpus.iter().collect();
                 let mut collective = Collective::nccl(&gpus, gather_bytes)?;
+                // Every decode step (at most `rows` tokens) and small prefill chunks; with
+                // two ranks, every step (see `AllReduce::PeerToPeer`).
+                let small_steps = rows.max(PEER_SUM_MIN_TOKENS);
                 let peer_tokens = match all_reduce {
-                    // Every decode step (at most `rows` tokens), and small prefill chunks.
-                    AllReduce::PeerToPeerForSmallSteps => Some(rows.max(PEER_SUM_MIN_TOKENS)),
-                    AllReduce::PeerToPeerForEveryStep => Some(options.max_batched_tokens),
+                    AllReduce::PeerToPeer if ranks == 2 => Some(options.max_batched_tokens),
+                    AllReduce::PeerToPeer | AllReduce::PeerToPeerForSmallSteps => Some(small_steps),
                     AllReduce::Nccl | AllReduce::SkippedForTiming => None,
                 };
                 if let Some(tokens) = peer_tokens {

@@ -40,15 +40,18 @@ impl TensorParallel {
 /// always sums by kernel on its one stream).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AllReduce {
-    /// Steps of up to `max_running` or 512 tokens (decode, small prefill chunks) read the
-    /// peers' partial results over NVLink, summed inside the next norm (peer_sums.rs);
-    /// larger steps, and GPUs without peer access to each other, go through NCCL.
+    /// Each rank reads its peers' partial results over NVLink, summed inside the next
+    /// norm (peer_sums.rs): with two ranks for every step (exchange buffers for
+    /// `max_batched_tokens` tokens, 16 bytes a token per hidden unit and GPU), where it
+    /// moves what NCCL's ring moves and was measured faster at prefill sizes too
+    /// (docs/PERFORMANCE_GPU.md); with more, as `PeerToPeerForSmallSteps` (each GPU would
+    /// read N − 1 whole messages, against the ring's 2(N − 1)/N). GPUs without peer access
+    /// to each other go through NCCL.
     #[default]
+    PeerToPeer,
+    /// Steps of up to `max_running` or 512 tokens (decode, small prefill chunks) peer-to-
+    /// peer; larger ones through NCCL.
     PeerToPeerForSmallSteps,
-    /// Every step's sums peer-to-peer, prefill too (exchange buffers for
-    /// `max_batched_tokens` tokens: 16 bytes a token per hidden unit and GPU); NCCL only
-    /// where the GPUs have no peer access.
-    PeerToPeerForEveryStep,
     /// Every all-reduce through NCCL.
     Nccl,
     /// No all-reduce or logits gather at all: wrong results, to time what the collectives

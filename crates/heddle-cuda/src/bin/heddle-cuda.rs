@@ -194,10 +194,10 @@ struct BenchArgs {
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum AllReduceArg {
-    /// Peer-to-peer over NVLink for decode-sized steps, NCCL for the rest.
+    /// Peer-to-peer over NVLink (every step with two ranks; decode-sized steps with more).
     PeerToPeer,
-    /// Peer-to-peer over NVLink for every step, prefill too.
-    PeerToPeerEveryStep,
+    /// Peer-to-peer for steps of up to 512 tokens (or max-running), NCCL for larger ones.
+    PeerToPeerSmallSteps,
     /// NCCL for every step.
     Nccl,
     /// None (timing only: the results are wrong).
@@ -207,8 +207,8 @@ enum AllReduceArg {
 impl From<AllReduceArg> for AllReduce {
     fn from(a: AllReduceArg) -> Self {
         match a {
-            AllReduceArg::PeerToPeer => AllReduce::PeerToPeerForSmallSteps,
-            AllReduceArg::PeerToPeerEveryStep => AllReduce::PeerToPeerForEveryStep,
+            AllReduceArg::PeerToPeer => AllReduce::PeerToPeer,
+            AllReduceArg::PeerToPeerSmallSteps => AllReduce::PeerToPeerForSmallSteps,
             AllReduceArg::Nccl => AllReduce::Nccl,
             AllReduceArg::SkipForTiming => AllReduce::SkippedForTiming,
         }
@@ -606,7 +606,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 + match (args.tensor_parallel_size, args.all_reduce) {
                     (1, _) | (_, AllReduceArg::PeerToPeer) => "",
-                    (_, AllReduceArg::PeerToPeerEveryStep) => "+p2pall",
+                    (_, AllReduceArg::PeerToPeerSmallSteps) => "+p2psmall",
                     (_, AllReduceArg::Nccl) => "+nccl",
                     (_, AllReduceArg::SkipForTiming) => "+nosums",
                 }

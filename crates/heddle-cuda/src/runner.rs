@@ -13,9 +13,12 @@
 //! Under tensor parallelism (tensor_parallel.rs) the model is split over ranks, each with
 //! its slice of the weights and of the KV cache (its KV heads), and each step runs on every
 //! rank: the host queues the part of the step up to the next collective on each rank in
-//! turn, then the collective (collective.rs), and so on through the layers. The logits are
-//! gathered on rank 0, which samples, scores and copies the results back; the scheduler
-//! and the step's metadata are the same for every rank.
+//! turn, then the collective (collective.rs), and so on through the layers; with
+//! peer-to-peer sums (peer_sums.rs) the collective is inside the next norm, queued on every
+//! rank before any rank's next work. The logits are gathered on rank 0, which samples,
+//! scores and copies the results back (plain greedy steps with peer-to-peer sums instead
+//! pick each row's token from the ranks' own slices); the scheduler and the step's metadata
+//! are the same for every rank.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1,13 +1,14 @@
 // ===== Tensor parallelism: peer-to-peer all-reduce fused with the residual add and RMSNorm =====
-// (peer_sums.rs). Appended to kernels.cu by kernels.rs: elem_t, to_f, from_f and block_sum
-// come from there.
+// (peer_sums.rs), and greedy sampling over vocabulary slices. Appended to kernels.cu by
+// kernels.rs: elem_t, to_f, from_f, block_sum and the sampler's ArgBest, better and
+// row_argmax come from there.
 //
 // One process drives every GPU, with peer access enabled between them, so a kernel on one
 // GPU reads another GPU's memory through NVLink directly. Each rank's row-parallel
-// projection writes its partial output into its own exchange buffer (one of three slots:
-// the attention output, the MLP output, the embedding); the next norm, on every rank, reads
-// every rank's slot, adds them in rank order to the residual (so every rank computes the
-// same bits), writes the residual back and normalises it. That is the all-reduce, the
+// projection writes its partial output into its own exchange buffer (a slot: the attention
+// output, the MLP output, the embedding; a fourth holds greedy sampling's bests); the next
+// norm, on every rank, reads every rank's slot, adds them in rank order to the residual
+// (so every rank computes the same bits), writes the residual back and normalises it. That is the all-reduce, the
 // residual add and the norm in one kernel, and one read of the peers' data over NVLink.
 //
 // Synchronisation works unchanged when replayed from CUDA graphs, as nothing in it comes
@@ -17,8 +18,9 @@
 // the same epoch into its own. A peer's block running this call means the peer's earlier
 // kernels (the projection that wrote its slot) are complete. Every rank launches the same
 // calls with the same grid, so the counters agree. No barrier is needed on exit: a rank
-// overwrites a slot only two calls later, after the next call's barrier, which its peers
-// pass only once they have finished reading this call's slot.
+// overwrites a slot only after a later call's barrier, which its peers pass only once
+// they have finished reading this call's slot (the attention and MLP outputs alternate
+// between two slots; the embedding and the greedy bests come once a step).
 
 #define PEER_MAX_RANKS 8
 #define PEER_SLOTS 4
@@ -34,7 +36,7 @@
 // the kernel traps, and the step fails instead of hanging.
 #define PEER_TIMEOUT_NS 10000000000ull
 
-// Laid out by the host (peer_sums.rs: PeerTable), one copy on each rank's GPU.
+// Laid out by the host (PeerSums::new), one copy on each rank's GPU.
 struct PeerTable {
     // The exchange slots of every rank, by slot then rank.
     unsigned long long partials[PEER_SLOTS][PEER_MAX_RANKS];

@@ -7,18 +7,24 @@
 #
 # 1. NCCL on its own (`heddle-cuda nccl`): all-reduces in f32 and bf16, direct and from
 #    CUDA graphs, and the logits gather, checked exactly: one rank per GPU over every GPU
-#    visible; with one GPU, one rank, and two ranks on that GPU, which NCCL is expected to
-#    refuse (reported, not judged);
+#    visible, with the peer-to-peer all-reduce fused with the norm checked exactly too and
+#    both timed on one decode row; with one GPU, one rank, and two ranks on that GPU, which
+#    NCCL is expected to refuse (reported, not judged);
 # 2. the Llama-3.1-8B shape on random weights split over 2 ranks against 1 rank
 #    (`heddle-cuda tensor-parallel`): greedy tokens identical in f32, logits errors in bf16,
 #    CUDA graph replay against direct launches; over NCCL with two GPUs, else both ranks on
 #    the one GPU (the test placement); with two GPUs also `heddle serve
 #    --tensor-parallel-size 2` answering a completion over HTTP;
 # 3. timings at the 8B shape (the load of docs/PERFORMANCE_GPU.md: 256 requests x 512
-#    random prompt tokens -> 128, and single-stream decode) at TP=1, and at TP=2 over NCCL
-#    when two GPUs are visible. Goals: TP=2 throughput >= 1.7x TP=1's, single-stream
-#    decode <= 0.6x TP=1's time.
-# A summary comes last. Logs go to $OUT (or /tmp/heddle-gpu).
+#    random prompt tokens -> 128, and single-stream decode) at TP=1, and at TP=2 when two
+#    GPUs are visible: peer-to-peer sums for every step (the default with two ranks), for
+#    steps of up to 512 tokens only (prefill through NCCL), NCCL for every step, and no
+#    sums at all (wrong tokens: what the collectives cost). Goals: TP=2 throughput >=
+#    1.7x TP=1's, single-stream decode <= 0.6x TP=1's time;
+# 4. with two GPUs of 120 GB or more, the Llama-3.1-70B shape at TP=2 (about 70 GB of
+#    weights a GPU): throughput and single-stream decode.
+# TP_SKIP="serve checks 70b" leaves those parts out. A summary comes last. Logs go to $OUT
+# (or /tmp/heddle-gpu).
 set -u
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-bin}
@@ -59,6 +65,7 @@ else
 fi
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 echo "GPUs visible: $GPUS"
+skipped() { case " ${TP_SKIP:-} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 echo "== NCCL on its own"
 if [ "$GPUS" -ge 2 ]; then
@@ -73,14 +80,16 @@ else
 fi
 grep -h -E "ERROR|panicked|NCCL communicators ready|^Error" "$LOGS/nccl.log" | cut -c1-300
 
-echo "== Llama-3.1-8B shape, random weights: 2 ranks against 1"
 PLACEMENT=
 [ "$GPUS" -ge 2 ] || PLACEMENT=--ranks-on-first-gpu
-$T 400 "$BIN/heddle-cuda" tensor-parallel --config configs/llama-3.1-8b.json --size 2 $PLACEMENT \
-  2>"$LOGS/tensor-parallel.log" | tee -a "$RESULTS" || STATUS=1
-grep -E "ERROR|panicked|^Error" "$LOGS/tensor-parallel.log" | cut -c1-400
+if ! skipped checks; then
+  echo "== Llama-3.1-8B shape, random weights: 2 ranks against 1"
+  $T 400 "$BIN/heddle-cuda" tensor-parallel --config configs/llama-3.1-8b.json --size 2 $PLACEMENT \
+    2>"$LOGS/tensor-parallel.log" | tee -a "$RESULTS" || STATUS=1
+  grep -E "ERROR|panicked|^Error|peer-to-peer" "$LOGS/tensor-parallel.log" | cut -c1-400
+fi
 
-if [ "$GPUS" -ge 2 ]; then
+if [ "$GPUS" -ge 2 ] && ! skipped serve; then
   echo "== heddle serve --device cuda --tensor-parallel-size 2 (random 8B weights) + one completion"
   $T 240 "$BIN/heddle" serve --device cuda --dummy-weights --model-config configs/llama-3.1-8b.json \
     --tensor-parallel-size 2 --port 18082 >"$LOGS/serve-tp2.log" 2>&1 &
@@ -109,9 +118,18 @@ $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stre
   2>"$LOGS/bench-tp1.log" | tee -a "$RESULTS"
 grep -E "CUDA runner ready|ERROR|panicked" "$LOGS/bench-tp1.log" | cut -c1-300
 if [ "$GPUS" -ge 2 ]; then
-  $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stream \
-    --tensor-parallel-size 2 2>"$LOGS/bench-tp2.log" | tee -a "$RESULTS"
-  grep -E "CUDA runner ready|NCCL|ERROR|panicked" "$LOGS/bench-tp2.log" | cut -c1-300
+  for sums in peer-to-peer peer-to-peer-small-steps nccl skip-for-timing; do
+    $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stream \
+      --tensor-parallel-size 2 --all-reduce $sums 2>"$LOGS/bench-tp2-$sums.log" | tee -a "$RESULTS"
+    grep -E "CUDA runner ready|NCCL|peer-to-peer|ERROR|WARN|panicked" "$LOGS/bench-tp2-$sums.log" | cut -c1-300
+  done
+fi
+GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | sort -n | head -1)
+if [ "$GPUS" -ge 2 ] && [ "${GPU_MIB:-0}" -ge 120000 ] && ! skipped 70b; then
+  echo "== timings, Llama-3.1-70B shape: TP=2"
+  $T 400 "$BIN/heddle-cuda" bench --config configs/llama-3.1-70b.json --single-stream \
+    --tensor-parallel-size 2 2>"$LOGS/bench-70b-tp2.log" | tee -a "$RESULTS"
+  grep -E "CUDA runner ready|peer-to-peer|ERROR|WARN|panicked" "$LOGS/bench-70b-tp2.log" | cut -c1-300
 fi
 
 echo
@@ -128,20 +146,26 @@ for l in lines:
         print("  " + l[len("RESULT "):])
 runs, single = {}, {}
 for l in lines:
-    m = re.search(r"RESULT model=llama-3\.1-8b(\S*) requests.*?seconds=([\d.]+) output_tok_s=([\d.]+)", l)
-    if m: runs[m.group(1) or "tp1"] = (float(m.group(2)), float(m.group(3)))
-    m = re.search(r"RESULT model=llama-3\.1-8b(\S*) single_stream decode_ms_per_token=([\d.]+)", l)
-    if m: single[m.group(1) or "tp1"] = float(m.group(2))
-print("timings, Llama-3.1-8B shape, random weights, 256 x 512 -> 128 (in process):")
-for k, name in [("tp1", "TP=1"), ("+tp2", "TP=2 (NCCL)")]:
+    m = re.search(r"RESULT model=(llama-3\.1-\d+b\S*) requests.*?seconds=([\d.]+) output_tok_s=([\d.]+).*?mean_decode_step_ms=([\d.]+) \(runner host ([\d.]+).*?packing ([\d.]+)", l)
+    if m: runs[m.group(1)] = tuple(float(m.group(i)) for i in range(2, 7))
+    m = re.search(r"RESULT model=(llama-3\.1-\d+b\S*) single_stream decode_ms_per_token=([\d.]+)", l)
+    if m: single[m.group(1)] = float(m.group(2))
+print("timings, random weights, 256 x 512 -> 128 (in process):")
+names = [("llama-3.1-8b", "8B TP=1"), ("llama-3.1-8b+tp2", "8B TP=2 (peer-to-peer)"),
+         ("llama-3.1-8b+tp2+p2psmall", "8B TP=2 (peer-to-peer <= 512 tokens)"),
+         ("llama-3.1-8b+tp2+nccl", "8B TP=2 (NCCL)"), ("llama-3.1-8b+tp2+nosums", "8B TP=2 (no sums, timing only)"),
+         ("llama-3.1-70b+tp2", "70B TP=2 (peer-to-peer)")]
+for k, name in names:
     if k in runs:
-        s, t = runs[k]
-        print(f"  {name:12} {s:7.2f} s {t:9.0f} output tok/s   single-stream {single.get(k, float('nan')):.2f} ms/token")
-if "tp1" in runs and "+tp2" in runs:
-    speedup = runs["+tp2"][1] / runs["tp1"][1]
-    ratio = single["+tp2"] / single["tp1"]
-    print(f"  TP=2 / TP=1: throughput {speedup:.2f}x (goal >= 1.7x), single-stream time {ratio:.2f}x (goal <= 0.6x)")
-elif gpus < 2:
+        s, t, step, host, pack = runs[k]
+        print(f"  {name:36} {s:7.2f} s {t:9.0f} output tok/s  decode step {step:6.2f} ms (host {host:.2f}, packing {pack:.2f})  single-stream {single.get(k, float('nan')):.2f} ms/token")
+one = "llama-3.1-8b"
+for k, name in names[1:5]:
+    if one in runs and k in runs:
+        speedup = runs[k][1] / runs[one][1]
+        ratio = single[k] / single[one]
+        print(f"  {name} / TP=1: throughput {speedup:.2f}x (goal >= 1.7x), single-stream time {ratio:.2f}x (goal <= 0.6x)")
+if gpus < 2:
     print("  TP=2 timing not run: one GPU visible (NCCL needs a GPU per rank)")
 PY
 exit $STATUS

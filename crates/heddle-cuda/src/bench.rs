@@ -29,8 +29,9 @@ pub struct Measured {
     /// Mean time per decode step once every request is decoding (no prefill in the step).
     pub mean_decode_step: f64,
     /// Of a decode step: the runner's host work (packing, queueing kernels and GEMMs) and
-    /// its wait for the GPU, means.
+    /// its wait for the GPU, means; and of the host work, the packing.
     pub mean_decode_host: f64,
+    pub mean_decode_pack: f64,
     pub mean_decode_wait: f64,
 }
 
@@ -99,6 +100,7 @@ pub fn run(runner: &mut CudaRunner, load: Load) -> anyhow::Result<Measured> {
             decode_time += step_started.elapsed().as_secs_f64();
             decode_steps += 1;
             decode_times.host_seconds += times.host_seconds;
+            decode_times.pack_seconds += times.pack_seconds;
             decode_times.wait_seconds += times.wait_seconds;
         }
         steps += 1;
@@ -113,6 +115,7 @@ pub fn run(runner: &mut CudaRunner, load: Load) -> anyhow::Result<Measured> {
         mean_ttft: ttfts.iter().sum::<f64>() / ttfts.len().max(1) as f64,
         mean_decode_step: decode_time / decode_steps.max(1) as f64,
         mean_decode_host: decode_times.host_seconds / decode_steps.max(1) as f64,
+        mean_decode_pack: decode_times.pack_seconds / decode_steps.max(1) as f64,
         mean_decode_wait: decode_times.wait_seconds / decode_steps.max(1) as f64,
     })
 }

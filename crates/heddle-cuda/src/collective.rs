@@ -15,6 +15,11 @@
 //!   ranks are grouped (`ncclGroupStart` … `ncclGroupEnd`), as NCCL requires of a thread
 //!   that drives several ranks (each call would otherwise wait for the others'). The
 //!   calls are queued on the ranks' streams like kernels, so CUDA graphs capture them.
+//!   Where the GPUs can reach each other, steps that fit the exchange buffers (every step
+//!   with two ranks, decode-sized ones with more: `AllReduce`) leave their all-reduces to
+//!   peer_sums.rs (NVLink peer-to-peer, inside the norms): the runner asks
+//!   [`Collective::peer_sums`] and then calls `all_reduce_sum` for none of that step's;
+//! - none (`AllReduce::SkippedForTiming`): wrong results, to time the rest.
 
 use std::ffi::CStr;
 
@@ -23,6 +28,7 @@ use cudarc::nccl::{result as nccl, sys as nccl_sys};
 
 use crate::gpu::{grid, DeviceBuffer, Gpu};
 use crate::kernels::DType;
+use crate::peer_sums::PeerSums;
 
 /// One rank's side of a collective: its GPU and the address of its buffer there.
 #[derive(Clone, Copy)]
@@ -39,6 +45,8 @@ pub enum Collective {
     SameStream,
     /// One rank per GPU: NCCL.
     Nccl(NcclRanks),
+    /// Nothing is summed or gathered: for timing only.
+    SkippedForTiming,
 }
 
 /// The NCCL communicators of the ranks, in rank order, and rank 0's landing buffer for
@@ -47,6 +55,8 @@ pub struct NcclRanks {
     communicators: Vec<Communicator>,
     /// [ranks − 1][rows][columns] f32, received from ranks 1.. before they are placed.
     received: DeviceBuffer,
+    /// The peer-to-peer all-reduces of decode-sized steps, where the GPUs allow them.
+    peer_sums: Option<PeerSums>,
 }
 
 /// One rank's NCCL communicator.
@@ -106,7 +116,29 @@ impl Collective {
         Ok(Collective::Nccl(NcclRanks {
             communicators,
             received,
+            peer_sums: None,
         }))
+    }
+
+    /// Hands decode-sized steps' all-reduces to `peer_sums` (over NCCL ranks only).
+    pub fn add_peer_sums(&mut self, peer_sums: PeerSums) -> anyhow::Result<()> {
+        match self {
+            Collective::Nccl(ranks) => {
+                ranks.peer_sums = Some(peer_sums);
+                Ok(())
+            }
+            _ => anyhow::bail!("peer-to-peer all-reduces need one rank per GPU"),
+        }
+    }
+
+    /// The peer-to-peer all-reduces, when a step of `tokens` tokens uses them: its
+    /// row-parallel outputs then go to their exchange slots and are summed by the norms,
+    /// and `all_reduce_sum` is not called for that step.
+    pub fn peer_sums(&self, tokens: usize) -> Option<&PeerSums> {
+        match self {
+            Collective::Nccl(ranks) => ranks.peer_sums.as_ref().filter(|p| p.covers(tokens)),
+            _ => None,
+        }
     }
 
     /// Sums `count` elements of `dtype` over the ranks' buffers, in place: afterwards
@@ -116,7 +148,7 @@ impl Collective {
             return Ok(());
         }
         match self {
-            Collective::Single => Ok(()),
+            Collective::Single | Collective::SkippedForTiming => Ok(()),
             Collective::SameStream => {
                 let (gpu, sum) = (parts[0].gpu, parts[0].ptr);
                 let kernel = match dtype {
@@ -176,7 +208,7 @@ impl Collective {
             gpu.copy_block(at, row_bytes, from, slice_bytes, slice_bytes, rows)
         };
         match self {
-            Collective::Single => Ok(()),
+            Collective::Single | Collective::SkippedForTiming => Ok(()),
             Collective::SameStream => {
                 for (rank, part) in parts.iter().enumerate() {
                     place(rank, part.ptr)?;

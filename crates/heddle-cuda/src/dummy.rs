@@ -92,5 +92,26 @@ mod tests {
         );
         assert!(!big.tie_word_embeddings && big.rope_scaling.is_some());
         assert_eq!(big.vocab_size, 128_256);
+        // The 70B shape (141 GB in bf16): the 8B's vocabulary, RoPE and head size.
+        let largest = read_config(&root.join("llama-3.1-70b.json")).unwrap();
+        assert_eq!(
+            (
+                largest.hidden_size,
+                largest.intermediate_size,
+                largest.num_layers,
+                largest.num_heads,
+                largest.num_kv_heads,
+                largest.head_dim
+            ),
+            (8192, 28672, 80, 64, 8, 128)
+        );
+        assert_eq!(
+            (
+                largest.vocab_size,
+                largest.rope_theta,
+                &largest.rope_scaling
+            ),
+            (big.vocab_size, big.rope_theta, &big.rope_scaling)
+        );
     }
 }

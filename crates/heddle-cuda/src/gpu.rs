@@ -155,6 +155,7 @@ impl Gpu {
         let functions = KERNEL_NAMES
             .iter()
             .filter(|n| shape.has_decode_kernel() || !DECODE_KERNELS.contains(n))
+            .chain(&crate::peer_sums::KERNEL_NAMES)
             .map(|&n| Ok((n, module.load_function(n)?)))
             .collect::<Result<_, cudarc::driver::DriverError>>()
             .context("finding the CUDA kernels")?;

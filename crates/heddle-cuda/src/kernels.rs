@@ -167,7 +167,8 @@ impl KernelShape {
         blocks * splits * self.heads_per_block() * (self.head_dim + 2)
     }
 
-    /// The full source NVRTC compiles: the shape's defines, then [`SOURCE`].
+    /// The full source NVRTC compiles: the shape's defines, then [`SOURCE`] and the
+    /// peer-to-peer all-reduce's kernels ([`crate::peer_sums::SOURCE`]).
     pub fn source(&self) -> String {
         let mut defines = format!(
             "#define HEAD_DIM {}\n#define NUM_HEADS {}\n#define NUM_KV_HEADS {}\n\
@@ -185,7 +186,7 @@ impl KernelShape {
         if self.kv_cache == KvCacheDtype::Fp8 {
             defines.push_str("#define HEDDLE_FP8_KV 1\n");
         }
-        defines + SOURCE
+        defines + SOURCE + crate::peer_sums::SOURCE
     }
 }
 

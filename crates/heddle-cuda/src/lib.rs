@@ -21,6 +21,7 @@ pub mod kernels;
 pub mod lt_matmul;
 pub mod memory;
 pub mod parallel_checks;
+pub mod peer_sums;
 pub mod pinned_gemm;
 pub mod plan;
 pub mod reference;
@@ -32,7 +33,7 @@ pub mod xorshift;
 
 pub use kernels::{DType, KvCacheDtype};
 pub use runner::{CudaOptions, CudaRunner, KvBudget, Quantization, WeightSource};
-pub use tensor_parallel::{RankPlacement, TensorParallel};
+pub use tensor_parallel::{AllReduce, RankPlacement, TensorParallel};
 
 /// Whether a CUDA device can be opened here, or why not.
 pub fn probe_device() -> anyhow::Result<String> {

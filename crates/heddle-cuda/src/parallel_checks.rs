@@ -1,7 +1,7 @@
 //! Checks of tensor parallelism on GPUs: the model split over ranks against the same model
 //! on one rank (teacher-forced logits, greedy tokens through the device sampler, prompt
-//! log-probabilities, CUDA graphs against direct launches), and NCCL's all-reduce and the
-//! logits gather on their own.
+//! log-probabilities, CUDA graphs against direct launches), and NCCL's all-reduce, the
+//! logits gather and the peer-to-peer all-reduce on their own.
 //!
 //! With one GPU the ranks all run on it (`RankPlacement::AllOnFirstGpu`): that checks
 //! every shard's arithmetic and the order of the collectives, not NCCL's transport, which
@@ -9,6 +9,8 @@
 //! shape, on one GPU or over NCCL.
 
 use std::path::Path;
+
+use anyhow::Context;
 
 use half::bf16;
 use heddle_core::TokenId;
@@ -18,6 +20,7 @@ use crate::bench::random_prompt;
 use crate::collective::{Collective, Part};
 use crate::gpu::{DeviceBuffer, Gpu};
 use crate::kernels::{DType, KernelShape, KvCacheDtype};
+use crate::peer_sums::{PeerSums, Slot};
 use crate::reference::{self, Job};
 use crate::runner::{CudaOptions, CudaRunner, KvBudget, WeightSource};
 use crate::selftest::{self, relative_error, Check};
@@ -162,6 +165,7 @@ pub fn same_gpu_ranks(dir: &Path, qwen2: bool) -> anyhow::Result<Vec<Check>> {
     let parallel = TensorParallel {
         size: 2,
         placement: RankPlacement::AllOnFirstGpu,
+        ..TensorParallel::default()
     };
     let model = if qwen2 { "qwen2" } else { "llama" };
     let job = random_job(config.vocab_size, [45, 29, 60], 8);
@@ -266,6 +270,7 @@ pub fn nccl_checks(ranks: usize, placement: RankPlacement) -> anyhow::Result<Vec
     let ordinals = TensorParallel {
         size: ranks,
         placement,
+        ..TensorParallel::default()
     }
     .devices(crate::gpu::device_count()?)?;
     // Any shape compiles the kernels; these checks use none of the model's.
@@ -382,19 +387,412 @@ pub fn nccl_checks(ranks: usize, placement: RankPlacement) -> anyhow::Result<Vec
         error: max_abs_difference(&got, &expected),
         limit: Some(0.0),
     });
+    if ranks > 1 && placement == RankPlacement::OneGpuEach {
+        checks.extend(peer_checks(&gpu_refs)?);
+        checks.extend(all_reduce_timings(&gpu_refs, &collective)?);
+    }
     Ok(checks)
+}
+
+/// The peer-to-peer all-reduce fused with the norm (peer_sums.rs), one rank per GPU of
+/// `gpus`, bf16, at a 70B-wide row (8192: two chunks a thread) and more rows than blocks
+/// (blocks take several rows). Rank r's partials are (r + 1) × small integers, so every
+/// sum is exact: the residual must equal the CPU's sum exactly, every rank's, and the
+/// normed rows must match the CPU's norm of it within bf16 rounding. In turn: a layer sum
+/// launched directly; a CUDA graph of two layer sums (the MLP slot, then the attention
+/// slot) replayed three times, whose block counters must keep agreeing; the embedding's
+/// sum (f32 partials, replacing the residual); and a sum of listed rows, not written back.
+fn peer_checks(gpus: &[&Gpu]) -> anyhow::Result<Vec<Check>> {
+    let (rows, hidden) = (300usize, 8192usize);
+    let n = rows * hidden;
+    let peer = PeerSums::new(gpus, hidden, rows, DType::Bf16)?
+        .context("the peer-to-peer all-reduce is not available between these GPUs")?;
+    let label = format!("peer-to-peer, {} ranks", gpus.len());
+    let ranks = gpus.len();
+    let total = (ranks * (ranks + 1) / 2) as f32;
+    let small =
+        |seed: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7 + seed) % 9) as f32 - 4.0).collect() };
+    let (attention, mlp, embedding) = (small(1), small(2), small(3));
+    let weight: Vec<f32> = (0..hidden).map(|i| 0.5 + (i % 7) as f32 / 8.0).collect();
+    let base: Vec<f32> = (0..n).map(|i| (i % 5) as f32 - 2.0).collect();
+    let mut residuals = Vec::with_capacity(ranks);
+    let (mut weights, mut outs) = (Vec::new(), Vec::new());
+    for (rank, gpu) in gpus.iter().enumerate() {
+        let scaled = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| x * (rank + 1) as f32).collect() };
+        write_at(
+            gpu,
+            peer.partial(rank, Slot::Attention),
+            &bf16_bits(&scaled(&attention)),
+        )?;
+        write_at(
+            gpu,
+            peer.partial(rank, Slot::Mlp),
+            &bf16_bits(&scaled(&mlp)),
+        )?;
+        // The embedding: each row's values on one rank only, as a vocabulary slice gives.
+        let embedded: Vec<f32> = embedding
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if (i / hidden) % ranks == rank { x } else { 0.0 })
+            .collect();
+        write_at(gpu, peer.partial(rank, Slot::Embedding), &embedded)?;
+        residuals.push(gpu.upload(&base)?);
+        weights.push(gpu.upload(&bf16_bits(&weight))?);
+        outs.push(gpu.alloc(n * 2)?);
+    }
+    let eps = 1e-5f32;
+    let call = |slot: Slot, list: &[Option<DeviceBuffer>], count: usize| -> anyhow::Result<()> {
+        for (rank, gpu) in gpus.iter().enumerate() {
+            let rows_ptr = list.get(rank).and_then(|l| l.as_ref()).map_or(0, |l| l.ptr);
+            peer.sum_rmsnorm(
+                gpu,
+                rank,
+                slot,
+                residuals[rank].ptr,
+                weights[rank].ptr,
+                outs[rank].ptr,
+                rows_ptr,
+                count,
+                eps,
+                rows_ptr == 0,
+            )?;
+        }
+        Ok(())
+    };
+    let mut checks = Vec::new();
+    let mut expected = base.clone();
+    let mut check_phase =
+        |what: &str, expected: &[f32], source_rows: &[usize]| -> anyhow::Result<()> {
+            let mut worst_residual = 0f64;
+            let mut worst_norm = 0f64;
+            let reference = rmsnorm_rows(expected, &weight, hidden, source_rows, eps);
+            for (rank, gpu) in gpus.iter().enumerate() {
+                let got = download(gpu, &residuals[rank], n, DType::F32)?;
+                worst_residual = worst_residual.max(max_abs_difference(&got, expected));
+                let normed = download(gpu, &outs[rank], source_rows.len() * hidden, DType::Bf16)?;
+                worst_norm = worst_norm.max(relative_error(&normed, &reference));
+            }
+            checks.push(Check {
+                name: format!("{label}: {what}: residual (the all-reduce) max abs error"),
+                error: worst_residual,
+                limit: Some(0.0),
+            });
+            checks.push(Check {
+                name: format!("{label}: {what}: normed rows relative error"),
+                error: worst_norm,
+                limit: Some(5e-3),
+            });
+            Ok(())
+        };
+    let every_row: Vec<usize> = (0..rows).collect();
+
+    call(Slot::Attention, &[], rows)?;
+    add_scaled(&mut expected, &attention, total);
+    check_phase(
+        &format!("{rows} rows x {hidden}, direct"),
+        &expected,
+        &every_row,
+    )?;
+
+    let mut captured = Vec::new();
+    for gpu in gpus {
+        gpu.stream
+            .begin_capture(crate::gpu::capture_mode(gpus.len()))?;
+    }
+    let queued = call(Slot::Mlp, &[], rows).and_then(|_| call(Slot::Attention, &[], rows));
+    for gpu in gpus {
+        captured.push(
+            gpu.stream
+                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)),
+        );
+    }
+    queued?;
+    let graphs = captured
+        .into_iter()
+        .map(|g| g?.context("an empty capture"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for _ in 0..3 {
+        for graph in &graphs {
+            graph.launch()?;
+        }
+        add_scaled(&mut expected, &mlp, total);
+        add_scaled(&mut expected, &attention, total);
+    }
+    check_phase(
+        "two sums from a CUDA graph, replayed 3 times",
+        &expected,
+        &every_row,
+    )?;
+
+    call(Slot::Embedding, &[], rows)?;
+    expected.clone_from(&embedding);
+    check_phase(
+        "the embedding's sum (f32, replacing the residual)",
+        &expected,
+        &every_row,
+    )?;
+
+    let listed = [299usize, 0, 131, 132, 7];
+    let lists = gpus
+        .iter()
+        .map(|gpu| {
+            let words: Vec<i32> = listed.iter().map(|&r| r as i32).collect();
+            gpu.upload(&words).map(Some)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    call(Slot::Mlp, &lists, listed.len())?;
+    // Not written back: the residual stays, and the listed rows are normed with the sum.
+    let mut with_mlp = expected.clone();
+    add_scaled(&mut with_mlp, &mlp, total);
+    let reference = rmsnorm_rows(&with_mlp, &weight, hidden, &listed, eps);
+    let mut worst_residual = 0f64;
+    let mut worst_norm = 0f64;
+    for (rank, gpu) in gpus.iter().enumerate() {
+        let got = download(gpu, &residuals[rank], n, DType::F32)?;
+        worst_residual = worst_residual.max(max_abs_difference(&got, &expected));
+        let normed = download(gpu, &outs[rank], listed.len() * hidden, DType::Bf16)?;
+        worst_norm = worst_norm.max(relative_error(&normed, &reference));
+    }
+    checks.push(Check {
+        name: format!("{label}: listed rows, not written back: residual unchanged, max abs error"),
+        error: worst_residual,
+        limit: Some(0.0),
+    });
+    checks.push(Check {
+        name: format!("{label}: listed rows, not written back: normed rows relative error"),
+        error: worst_norm,
+        limit: Some(5e-3),
+    });
+    checks.push(greedy_check(gpus, &peer, rows)?);
+    Ok(checks)
+}
+
+/// Greedy sampling over vocabulary slices (`PeerSums::greedy`) against the arg-max of the
+/// whole rows on the CPU, by the sampler's rule (larger value, then lower id; NaN never
+/// wins): `rows` rows of small integers, so that ties within and across slices are common,
+/// plus a row of -inf, one of NaN but for one token, and one all NaN (no token: -1).
+/// Returns the count of rows whose token differs.
+fn greedy_check(gpus: &[&Gpu], peer: &PeerSums, rows: usize) -> anyhow::Result<Check> {
+    let (ranks, slice) = (gpus.len(), 1000usize);
+    let vocab = ranks * slice;
+    let mut whole: Vec<f32> = crate::xorshift::xorshift64(17)
+        .take(rows * vocab)
+        .map(|x| (x % 13) as f32)
+        .collect();
+    whole[..vocab].fill(f32::NEG_INFINITY);
+    whole[vocab..2 * vocab].fill(f32::NAN);
+    whole[vocab + vocab - 3] = -5.0;
+    whole[2 * vocab..3 * vocab].fill(f32::NAN);
+    let expected: Vec<i32> = whole
+        .chunks_exact(vocab)
+        .map(|row| {
+            let mut best: Option<(f32, usize)> = None;
+            for (i, &v) in row.iter().enumerate() {
+                if !v.is_nan() && best.is_none_or(|(b, _)| v > b) {
+                    best = Some((v, i));
+                }
+            }
+            best.map_or(-1, |(_, i)| i as i32)
+        })
+        .collect();
+    let out = gpus[0].alloc(rows * 4)?;
+    let slices = gpus
+        .iter()
+        .enumerate()
+        .map(|(rank, gpu)| {
+            let mine: Vec<f32> = whole
+                .chunks_exact(vocab)
+                .flat_map(|row| &row[rank * slice..(rank + 1) * slice])
+                .copied()
+                .collect();
+            gpu.upload(&mine)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Twice, so that the second call's barrier follows the first's.
+    for _ in 0..2 {
+        for (rank, (gpu, logits)) in gpus.iter().zip(&slices).enumerate() {
+            let to = if rank == 0 { out.ptr } else { 0 };
+            peer.greedy(gpu, rank, logits.ptr, slice, rank * slice, to, rows)?;
+        }
+    }
+    let mut got = vec![0i32; rows];
+    gpus[0].read(&out, &mut got)?;
+    for gpu in &gpus[1..] {
+        gpu.bind()?;
+        gpu.stream.synchronize()?;
+    }
+    let differing = got.iter().zip(&expected).filter(|(a, b)| a != b).count();
+    Ok(Check {
+        name: format!(
+            "peer-to-peer, {ranks} ranks: greedy tokens over {rows} rows of {ranks} x {slice} \
+             logits slices differing from the whole rows' arg-max"
+        ),
+        error: differing as f64,
+        limit: Some(0.0),
+    })
+}
+
+/// Microseconds per all-reduce of one decode row (4096 bf16, the 8B shape's) replayed from
+/// a CUDA graph of 64: NCCL followed by the norm, against the peer-to-peer sum fused with
+/// it. Reported, not judged.
+fn all_reduce_timings(gpus: &[&Gpu], collective: &Collective) -> anyhow::Result<Vec<Check>> {
+    let (hidden, calls, replays) = (4096usize, 64usize, 50usize);
+    let peer = PeerSums::new(gpus, hidden, 1, DType::Bf16)?
+        .context("the peer-to-peer all-reduce is not available between these GPUs")?;
+    let buffers = gpus
+        .iter()
+        .map(|gpu| -> anyhow::Result<[DeviceBuffer; 4]> {
+            Ok([
+                gpu.alloc(hidden * 4)?,
+                gpu.alloc(hidden * 2)?,
+                gpu.upload(&bf16_bits(&vec![1.0; hidden]))?,
+                gpu.alloc(hidden * 2)?,
+            ])
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let time = |queue: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        let mut captured = Vec::new();
+        for gpu in gpus {
+            gpu.stream
+                .begin_capture(crate::gpu::capture_mode(gpus.len()))?;
+        }
+        let queued = (0..calls).try_for_each(|_| queue());
+        for gpu in gpus {
+            captured.push(
+                gpu.stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)),
+            );
+        }
+        queued?;
+        let graphs = captured
+            .into_iter()
+            .map(|g| g?.context("an empty capture"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..replays {
+            let started = std::time::Instant::now();
+            for graph in &graphs {
+                graph.launch()?;
+            }
+            for gpu in gpus {
+                gpu.bind()?;
+                gpu.stream.synchronize()?;
+            }
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        Ok(best * 1e6 / calls as f64)
+    };
+    let nccl = time(&|| {
+        let parts: Vec<Part> = gpus
+            .iter()
+            .zip(&buffers)
+            .map(|(gpu, b)| Part { gpu, ptr: b[1].ptr })
+            .collect();
+        collective.all_reduce_sum(&parts, hidden, DType::Bf16)?;
+        for (gpu, [residual, projected, weight, out]) in gpus.iter().zip(&buffers) {
+            gpu.launch(
+                "add_rmsnorm",
+                crate::gpu::grid(1, 1024),
+                &[
+                    &residual.ptr,
+                    &projected.ptr,
+                    &weight.ptr,
+                    &out.ptr,
+                    &0u64,
+                    &(hidden as i32),
+                    &1e-5f32,
+                    &1i32,
+                ],
+            )?;
+        }
+        Ok(())
+    })?;
+    let peer_to_peer = time(&|| {
+        for (rank, (gpu, [residual, _, weight, out])) in gpus.iter().zip(&buffers).enumerate() {
+            peer.sum_rmsnorm(
+                gpu,
+                rank,
+                Slot::Attention,
+                residual.ptr,
+                weight.ptr,
+                out.ptr,
+                0,
+                1,
+                1e-5,
+                true,
+            )?;
+        }
+        Ok(())
+    })?;
+    Ok(vec![
+        Check {
+            name: format!(
+                "{} ranks: microseconds per all-reduce + norm of one {hidden}-wide bf16 row, NCCL",
+                gpus.len()
+            ),
+            error: nccl,
+            limit: None,
+        },
+        Check {
+            name: format!(
+                "{} ranks: microseconds per all-reduce + norm of one {hidden}-wide bf16 row, \
+                 peer-to-peer fused",
+                gpus.len()
+            ),
+            error: peer_to_peer,
+            limit: None,
+        },
+    ])
+}
+
+/// values += scale × add.
+fn add_scaled(values: &mut [f32], add: &[f32], scale: f32) {
+    for (v, a) in values.iter_mut().zip(add) {
+        *v += scale * a;
+    }
+}
+
+/// RMSNorm (f64) of `source_rows` of `values` ([rows][hidden]) by `weight`.
+fn rmsnorm_rows(
+    values: &[f32],
+    weight: &[f32],
+    hidden: usize,
+    source_rows: &[usize],
+    eps: f32,
+) -> Vec<f32> {
+    source_rows
+        .iter()
+        .flat_map(|&row| {
+            let x = &values[row * hidden..(row + 1) * hidden];
+            let mean_square = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / hidden as f64;
+            let scale = 1.0 / (mean_square + eps as f64).sqrt();
+            x.iter()
+                .zip(weight)
+                .map(move |(&v, &w)| (v as f64 * scale * w as f64) as f32)
+        })
+        .collect()
+}
+
+fn bf16_bits(values: &[f32]) -> Vec<u16> {
+    values
+        .iter()
+        .map(|&v| bf16::from_f32(v).to_bits())
+        .collect()
+}
+
+/// Copies `data` to `ptr` on `gpu` and waits.
+fn write_at<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, ptr: u64, data: &[T]) -> anyhow::Result<()> {
+    gpu.bind()?;
+    // SAFETY: the caller passes an allocation on `gpu` that holds `data`.
+    unsafe { cudarc::driver::result::memcpy_htod_async(ptr, data, gpu.stream.cu_stream()) }?;
+    gpu.stream.synchronize()?;
+    Ok(())
 }
 
 fn upload(gpu: &Gpu, values: &[f32], dtype: DType) -> anyhow::Result<DeviceBuffer> {
     match dtype {
         DType::F32 => gpu.upload(values),
-        DType::Bf16 => {
-            let bits: Vec<u16> = values
-                .iter()
-                .map(|&v| bf16::from_f32(v).to_bits())
-                .collect();
-            gpu.upload(&bits)
-        }
+        DType::Bf16 => gpu.upload(&bf16_bits(values)),
     }
 }
 

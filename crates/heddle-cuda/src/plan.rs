@@ -13,6 +13,8 @@ use rand_chacha::ChaCha8Rng;
 pub const SAMPLE_FIELDS: usize = 15;
 /// The word of a row's parameters that says its logits are adjusted (`SP_ADJUSTED`).
 const SAMPLE_ADJUSTED: usize = 14;
+/// The greedy flag's word (`SP_GREEDY`).
+const SAMPLE_GREEDY: usize = 7;
 
 /// Where each part starts in [`StepPlan::words`], in words.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -353,6 +355,19 @@ impl StepPlan {
     pub fn wants_logprobs(&self) -> bool {
         self.rows.iter().any(|r| r.logprob || r.top_logprobs > 0)
     }
+
+    /// Whether every sampled row (padding included) takes the plain arg-max of its raw
+    /// logits: greedy, with no penalties, log-probabilities, biases or grammar mask. Such
+    /// a row needs only the best of each slice of its logits, not the whole row.
+    pub fn plain_greedy(&self) -> bool {
+        let params = &self.words[self.offsets.sample_params..];
+        self.num_penalties == 0
+            && !self.wants_logprobs()
+            && params
+                .chunks_exact(SAMPLE_FIELDS)
+                .take(self.sampled_rows)
+                .all(|row| row[SAMPLE_GREEDY] == 1 && row[SAMPLE_ADJUSTED] == 0)
+    }
 }
 
 #[cfg(test)]
@@ -432,6 +447,50 @@ mod tests {
         assert_eq!(&plan.words[o.tiles + 12..o.tiles + 16], &[20, 1, 1, 17]);
         for off in [o.positions, o.slots, o.tiles, o.sample_params, o.penalties] {
             assert_eq!(off % 4, 0);
+        }
+    }
+
+    #[test]
+    fn only_greedy_rows_without_extras_are_plain_greedy() {
+        let history = History(HashMap::new());
+        let plan_of = |sampling: SamplingParams, padding: Option<Padding>| {
+            let mut decode = seq(2, vec![5], 17, vec![0, 9]);
+            decode.sampling = sampling;
+            let batch = ScheduledBatch {
+                seqs: vec![decode],
+                preempted: vec![],
+            };
+            let mut plan = StepPlan::default();
+            plan.build(&batch, &history, 16, 8, true, 100, padding);
+            plan
+        };
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let padding = Padding {
+            rows: 4,
+            block_capacity: 64,
+            scratch_block: 50,
+        };
+        // Padded rows are greedy too.
+        assert!(plan_of(greedy, None).plain_greedy());
+        assert!(plan_of(greedy, Some(padding)).plain_greedy());
+        let mut adjusted = plan_of(greedy, None);
+        adjusted.mark_adjusted();
+        assert!(!adjusted.plain_greedy());
+        for not_plain in [
+            SamplingParams::default(),
+            SamplingParams {
+                logprobs: true,
+                ..greedy
+            },
+            SamplingParams {
+                top_logprobs: 2,
+                ..greedy
+            },
+        ] {
+            assert!(!plan_of(not_plain, Some(padding)).plain_greedy());
         }
     }
 

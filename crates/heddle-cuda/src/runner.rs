@@ -13,9 +13,12 @@
 //! Under tensor parallelism (tensor_parallel.rs) the model is split over ranks, each with
 //! its slice of the weights and of the KV cache (its KV heads), and each step runs on every
 //! rank: the host queues the part of the step up to the next collective on each rank in
-//! turn, then the collective (collective.rs), and so on through the layers. The logits are
-//! gathered on rank 0, which samples, scores and copies the results back; the scheduler
-//! and the step's metadata are the same for every rank.
+//! turn, then the collective (collective.rs), and so on through the layers; with
+//! peer-to-peer sums (peer_sums.rs) the collective is inside the next norm, queued on every
+//! rank before any rank's next work. The logits are gathered on rank 0, which samples,
+//! scores and copies the results back (plain greedy steps with peer-to-peer sums instead
+//! pick each row's token from the ranks' own slices); the scheduler and the step's metadata
+//! are the same for every rank.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,8 +37,9 @@ use crate::kernels::{
     SAMPLE_THREADS, SCORE_WORDS,
 };
 use crate::memory::{blocks_for_fraction, kv_bytes_per_block};
+use crate::peer_sums::{PeerSums, Slot};
 use crate::plan::{Padding, StepPlan};
-use crate::tensor_parallel::{Partition, RankPlacement, TensorParallel};
+use crate::tensor_parallel::{AllReduce, Partition, RankPlacement, TensorParallel};
 use crate::weights::{Dims, Matrix, Weights};
 
 /// Where the weights come from.
@@ -120,6 +124,9 @@ impl Default for CudaOptions {
 pub struct StepTimes {
     pub steps: usize,
     pub host_seconds: f64,
+    /// Of the host's time: planning the steps and copying their metadata to the GPUs
+    /// (the rest is queueing the work: launches, or graph launches).
+    pub pack_seconds: f64,
     pub wait_seconds: f64,
 }
 
@@ -146,6 +153,8 @@ struct Buffers {
 /// One rank: its slice of the model, its activations and its slice of the KV cache (its
 /// KV heads of every block).
 struct Rank {
+    /// Its place among the ranks.
+    index: usize,
     /// Its GPU, in `CudaRunner::gpus`.
     device: usize,
     /// The first token id of its vocabulary slice.
@@ -162,7 +171,9 @@ pub struct CudaRunner {
     /// Captured decode steps by layout, one graph per GPU; they bake in the buffers'
     /// addresses, so they are dropped whenever a buffer is reallocated.
     /// The sampler is in a graph unless the step's logits are adjusted first.
-    graphs: HashMap<(Padding, bool), Vec<DecodeGraph>>,
+    /// Keyed by layout, whether the sampler runs, and whether it samples greedily over the
+    /// ranks' logits slices.
+    graphs: HashMap<(Padding, bool, bool), Vec<DecodeGraph>>,
     collective: Collective,
     /// The GPUs the ranks run on, rank 0's first: it samples and holds the step's results.
     gpus: Vec<Gpu>,
@@ -215,6 +226,10 @@ unsafe impl Send for DecodeGraph {}
 const INITIAL_METADATA_WORDS: usize = 1 << 20;
 const INITIAL_PENALTIES: usize = 1 << 18;
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+/// Steps of up to this many tokens (or `max_running`, if more) sum peer-to-peer under
+/// tensor parallelism over more than two ranks (`AllReduce`); larger ones through NCCL,
+/// whose ring moves fewer bytes for large messages there.
+const PEER_SUM_MIN_TOKENS: usize = 512;
 
 /// Words the sampler writes per row besides the id: log-prob and top (id, log-prob) pairs.
 const SAMPLED_WORDS_PER_ROW: usize = 2 + 2 * MAX_TOP_LOGPROBS;
@@ -342,13 +357,31 @@ impl CudaRunner {
             }
             blas_workspaces.push(workspace);
         }
-        let collective = match (parallel.size, parallel.placement) {
-            (1, _) => Collective::Single,
-            (_, RankPlacement::AllOnFirstGpu) => Collective::SameStream,
-            (ranks, RankPlacement::OneGpuEach) => {
+        let collective = match (parallel.size, parallel.placement, parallel.all_reduce) {
+            (1, _, _) => Collective::Single,
+            (_, _, AllReduce::SkippedForTiming) => Collective::SkippedForTiming,
+            (_, RankPlacement::AllOnFirstGpu, _) => Collective::SameStream,
+            (ranks, RankPlacement::OneGpuEach, all_reduce) => {
                 // Rank 0 receives the other ranks' logits slices before placing them.
                 let gather_bytes = (ranks - 1) * rows * shard.vocab_size * 4;
-                Collective::nccl(&gpus.iter().collect::<Vec<_>>(), gather_bytes)?
+                let gpus: Vec<&Gpu> = gpus.iter().collect();
+                let mut collective = Collective::nccl(&gpus, gather_bytes)?;
+                // Every decode step (at most `rows` tokens) and small prefill chunks; with
+                // two ranks, every step (see `AllReduce::PeerToPeer`).
+                let small_steps = rows.max(PEER_SUM_MIN_TOKENS);
+                let peer_tokens = match all_reduce {
+                    AllReduce::PeerToPeer if ranks == 2 => Some(options.max_batched_tokens),
+                    AllReduce::PeerToPeer | AllReduce::PeerToPeerForSmallSteps => Some(small_steps),
+                    AllReduce::Nccl | AllReduce::SkippedForTiming => None,
+                };
+                if let Some(tokens) = peer_tokens {
+                    let tokens = tokens.min(options.max_batched_tokens);
+                    let peer = PeerSums::new(&gpus, config.hidden_size, tokens, options.dtype)?;
+                    if let Some(peer) = peer {
+                        collective.add_peer_sums(peer)?;
+                    }
+                }
+                collective
             }
         };
         // The KV cache: the same number of blocks on every rank, as many as the GPU with
@@ -385,6 +418,7 @@ impl CudaRunner {
         for (index, ((weights, buffers), &device)) in placed.enumerate() {
             let gpu = &gpus[device];
             ranks.push(Rank {
+                index,
                 device,
                 first_token: partition.vocab_rows(index).start,
                 weights,
@@ -595,6 +629,7 @@ impl CudaRunner {
         padding: Option<Padding>,
         adjusted: bool,
     ) -> anyhow::Result<()> {
+        let packing = std::time::Instant::now();
         self.plan.build(
             batch,
             history,
@@ -630,13 +665,14 @@ impl CudaRunner {
         for (gpu, metadata) in self.gpus.iter().zip(&self.metadata) {
             gpu.write(metadata, words)?;
         }
+        self.times.pack_seconds += packing.elapsed().as_secs_f64();
         Ok(())
     }
 
     /// Runs a padded decode step from its graphs (with the sampler when `sample`),
     /// capturing them on first use.
     fn replay(&mut self, padding: Padding, sample: bool) -> anyhow::Result<()> {
-        let key = (padding, sample);
+        let key = (padding, sample, self.greedy_by_slices(sample).is_some());
         if !self.graphs.contains_key(&key) {
             let graphs = self.capture(sample)?;
             tracing::debug!(
@@ -702,10 +738,13 @@ impl CudaRunner {
         }
         self.all_reduce(|b| b.residual.ptr, tokens, DType::F32)?;
         for l in 0..self.config.num_layers {
+            let incoming = if l == 0 { Slot::Embedding } else { Slot::Mlp };
+            self.enqueue_norms(incoming, |w| w.layers[l].attn_norm.ptr, None)?;
             for rank in &self.ranks {
                 self.enqueue_attention(rank, l)?;
             }
             self.all_reduce(|b| b.projected.ptr, tokens, self.options.dtype)?;
+            self.enqueue_norms(Slot::Attention, |w| w.layers[l].ffn_norm.ptr, None)?;
             for rank in &self.ranks {
                 self.enqueue_mlp(rank, l)?;
             }
@@ -713,10 +752,30 @@ impl CudaRunner {
         }
         let rows = self.plan.sampled_rows;
         if rows > 0 {
+            if let Some(peer) = self.greedy_by_slices(sample) {
+                return self.enqueue_greedy_by_slices(peer);
+            }
             self.enqueue_logits(self.plan.offsets.logit_rows, rows)?;
             if sample {
                 self.enqueue_sampler()?;
             }
+        }
+        Ok(())
+    }
+
+    /// Every rank's residual norm (`enqueue_residual_norm`), queued before any rank's next
+    /// work: with peer-to-peer sums each is a barrier across the GPUs, and a host call
+    /// that waits for its GPU to go idle (cuBLAS loading a kernel on its first use does),
+    /// queued between two ranks' barriers, would wait for a barrier that the ranks not yet
+    /// queued never reach.
+    fn enqueue_norms(
+        &self,
+        incoming: Slot,
+        weight: impl Fn(&Weights) -> u64,
+        rows: Option<(usize, usize)>,
+    ) -> anyhow::Result<()> {
+        for rank in &self.ranks {
+            self.enqueue_residual_norm(rank, incoming, weight(&rank.weights), rows)?;
         }
         Ok(())
     }
@@ -726,13 +785,17 @@ impl CudaRunner {
         self.metadata[rank.device].ptr + 4 * offset as u64
     }
 
-    /// Sums a buffer of every rank's over the ranks (nothing with one rank).
+    /// Sums a buffer of every rank's over the ranks (nothing with one rank, nor when the
+    /// step's sums are peer-to-peer, inside the norms).
     fn all_reduce(
         &self,
         buffer: fn(&Buffers) -> u64,
         count: usize,
         dtype: DType,
     ) -> anyhow::Result<()> {
+        if self.peer_sums().is_some() {
+            return Ok(());
+        }
         let parts: Vec<Part> = self
             .ranks
             .iter()
@@ -744,16 +807,81 @@ impl CudaRunner {
         self.collective.all_reduce_sum(&parts, count, dtype)
     }
 
+    /// The peer-to-peer all-reduces, when they take this step's sums (see collective.rs).
+    fn peer_sums(&self) -> Option<&PeerSums> {
+        self.collective.peer_sums(self.plan.num_tokens)
+    }
+
+    /// Where `rank` writes its partial result for `slot`: `local`, unless the step's sums
+    /// are peer-to-peer, which read it from the rank's exchange slot.
+    fn partial_output(&self, rank: &Rank, slot: Slot, local: u64) -> u64 {
+        self.peer_sums()
+            .map_or(local, |peer| peer.partial(rank.index, slot))
+    }
+
+    /// The residual connection and RMSNorm by `weight` into `normed`, on `rank`: the
+    /// residual plus the ranks' summed partial result `incoming` (the embedding is already
+    /// the residual), written back, for every token; or, with `rows`, for the `rows.1`
+    /// rows listed at metadata word `rows.0`, not written back. With peer-to-peer sums,
+    /// the all-reduce of `incoming` happens here.
+    fn enqueue_residual_norm(
+        &self,
+        rank: &Rank,
+        incoming: Slot,
+        weight: u64,
+        rows: Option<(usize, usize)>,
+    ) -> anyhow::Result<()> {
+        let (gpu, b) = (&self.gpus[rank.device], &rank.buffers);
+        let (row_list, num_rows) = match rows {
+            Some((offset, count)) => (self.metadata_at(rank, offset), count),
+            None => (0, self.plan.num_tokens),
+        };
+        let eps = self.config.rms_norm_eps;
+        if let Some(peer) = self.peer_sums() {
+            return peer.sum_rmsnorm(
+                gpu,
+                rank.index,
+                incoming,
+                b.residual.ptr,
+                weight,
+                b.normed.ptr,
+                row_list,
+                num_rows,
+                eps,
+                rows.is_none(),
+            );
+        }
+        let delta = match incoming {
+            Slot::Embedding => 0u64,
+            Slot::Attention | Slot::Mlp => b.projected.ptr,
+        };
+        gpu.launch(
+            "add_rmsnorm",
+            grid(num_rows, self.norm_threads()),
+            &[
+                &b.residual.ptr,
+                &delta,
+                &weight,
+                &b.normed.ptr,
+                &row_list,
+                &(self.config.hidden_size as i32),
+                &eps,
+                &(rows.is_none() as i32),
+            ],
+        )
+    }
+
     /// The embeddings of the step's tokens in the rank's vocabulary slice (zeros for the
-    /// others) into its residual stream.
+    /// others) into its residual stream (or its exchange slot).
     fn enqueue_embedding(&self, rank: &Rank) -> anyhow::Result<()> {
+        let out = self.partial_output(rank, Slot::Embedding, rank.buffers.residual.ptr);
         self.gpus[rank.device].launch(
             "embed_gather",
             grid(self.plan.num_tokens, 256),
             &[
                 &self.metadata_at(rank, self.plan.offsets.tokens),
                 &rank.weights.embed.ptr,
-                &rank.buffers.residual.ptr,
+                &out,
                 &(self.config.hidden_size as i32),
                 &(rank.first_token as i32),
                 &(self.shard.vocab_size as i32),
@@ -767,8 +895,8 @@ impl CudaRunner {
             .max(32) as u32
     }
 
-    /// Layer `l`'s attention block on one rank, up to its (partial) output projection in
-    /// `projected`: residual add and norm, its heads' Q·K·V, RoPE and the cache write of
+    /// Layer `l`'s attention block on one rank, from the normed residual (`enqueue_norms`)
+    /// up to its (partial) output projection: its heads' Q·K·V, RoPE and the cache write of
     /// its KV heads, attention.
     fn enqueue_attention(&self, rank: &Rank, l: usize) -> anyhow::Result<()> {
         let (gpu, b, layer) = (
@@ -780,21 +908,6 @@ impl CudaRunner {
         let o = self.plan.offsets;
         let t = self.plan.num_tokens;
         let null = 0u64;
-        let delta = if l == 0 { null } else { b.projected.ptr };
-        gpu.launch(
-            "add_rmsnorm",
-            grid(t, self.norm_threads()),
-            &[
-                &b.residual.ptr,
-                &delta,
-                &layer.attn_norm.ptr,
-                &b.normed.ptr,
-                &null,
-                &(d.hidden as i32),
-                &self.config.rms_norm_eps,
-                &1i32,
-            ],
-        )?;
         self.project(
             rank,
             b.qkv.ptr,
@@ -841,7 +954,7 @@ impl CudaRunner {
         )?;
         self.project(
             rank,
-            b.projected.ptr,
+            self.partial_output(rank, Slot::Attention, b.projected.ptr),
             b.attention.ptr,
             &layer.o,
             t,
@@ -850,8 +963,8 @@ impl CudaRunner {
         )
     }
 
-    /// Layer `l`'s MLP on one rank, up to its (partial) down projection in `projected`:
-    /// residual add and norm, its slice of gate·up, SiLU.
+    /// Layer `l`'s MLP on one rank, from the normed residual (`enqueue_norms`) up to its
+    /// (partial) down projection: its slice of gate·up, SiLU.
     fn enqueue_mlp(&self, rank: &Rank, l: usize) -> anyhow::Result<()> {
         let (gpu, b, layer) = (
             &self.gpus[rank.device],
@@ -860,20 +973,6 @@ impl CudaRunner {
         );
         let d = Dims::of(&self.shard);
         let t = self.plan.num_tokens;
-        gpu.launch(
-            "add_rmsnorm",
-            grid(t, self.norm_threads()),
-            &[
-                &b.residual.ptr,
-                &b.projected.ptr,
-                &layer.ffn_norm.ptr,
-                &b.normed.ptr,
-                &0u64,
-                &(d.hidden as i32),
-                &self.config.rms_norm_eps,
-                &1i32,
-            ],
-        )?;
         self.project(
             rank,
             b.gate_up.ptr,
@@ -891,7 +990,7 @@ impl CudaRunner {
         )?;
         self.project(
             rank,
-            b.projected.ptr,
+            self.partial_output(rank, Slot::Mlp, b.projected.ptr),
             b.activated.ptr,
             &layer.down,
             t,
@@ -929,24 +1028,19 @@ impl CudaRunner {
     /// runner's logits buffer: each rank's final norm of the rows and its slice of the LM
     /// head, then the slices gathered on rank 0.
     fn enqueue_logits(&self, row_list: usize, rows: usize) -> anyhow::Result<()> {
+        let parts = self.enqueue_slice_logits(row_list, rows)?;
+        self.collective
+            .gather_columns(&parts, self.logits.ptr, rows, self.shard.vocab_size)
+    }
+
+    /// Each rank's final norm of `rows` rows listed at metadata word `row_list`, and its
+    /// slice of the LM head: where each rank's f32 logits slices are.
+    fn enqueue_slice_logits(&self, row_list: usize, rows: usize) -> anyhow::Result<Vec<Part<'_>>> {
         let hidden = self.config.hidden_size;
+        self.enqueue_norms(Slot::Mlp, |w| w.final_norm.ptr, Some((row_list, rows)))?;
         let mut parts = Vec::with_capacity(self.ranks.len());
         for rank in &self.ranks {
             let (gpu, b, w) = (&self.gpus[rank.device], &rank.buffers, &rank.weights);
-            gpu.launch(
-                "add_rmsnorm",
-                grid(rows, self.norm_threads()),
-                &[
-                    &b.residual.ptr,
-                    &b.projected.ptr,
-                    &w.final_norm.ptr,
-                    &b.normed.ptr,
-                    &self.metadata_at(rank, row_list),
-                    &(hidden as i32),
-                    &self.config.rms_norm_eps,
-                    &0i32,
-                ],
-            )?;
             let out = b.vocab_logits.as_ref().map_or(self.logits.ptr, |l| l.ptr);
             gpu.gemm(
                 out,
@@ -959,8 +1053,35 @@ impl CudaRunner {
             )?;
             parts.push(Part { gpu, ptr: out });
         }
-        self.collective
-            .gather_columns(&parts, self.logits.ptr, rows, self.shard.vocab_size)
+        Ok(parts)
+    }
+
+    /// The peer-to-peer sums, when the step samples (`sample`) rows that are all plain
+    /// greedy: each rank then finds the best token of its own logits slices, and rank 0
+    /// picks among the ranks' (see `PeerSums::greedy`), instead of gathering whole rows
+    /// for the sampler.
+    fn greedy_by_slices(&self, sample: bool) -> Option<&PeerSums> {
+        self.peer_sums()
+            .filter(|_| sample && self.plan.plain_greedy())
+    }
+
+    /// Queues the logits slices of the step's sampled rows and greedy sampling over them.
+    fn enqueue_greedy_by_slices(&self, peer: &PeerSums) -> anyhow::Result<()> {
+        let rows = self.plan.sampled_rows;
+        let parts = self.enqueue_slice_logits(self.plan.offsets.logit_rows, rows)?;
+        for (rank, part) in self.ranks.iter().zip(&parts) {
+            let out = if rank.index == 0 { self.sampled.ptr } else { 0 };
+            peer.greedy(
+                part.gpu,
+                rank.index,
+                part.ptr,
+                self.shard.vocab_size,
+                rank.first_token,
+                out,
+                rows,
+            )?;
+        }
+        Ok(())
     }
 
     /// Queues the sampler over the step's logits rows.

@@ -17,21 +17,46 @@ use std::ops::Range;
 
 use heddle_model::ModelConfig;
 
-/// How many ranks, and where they run.
+/// How many ranks, where they run, and how their partial results are summed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TensorParallel {
     pub size: usize,
     pub placement: RankPlacement,
+    pub all_reduce: AllReduce,
 }
 
 impl TensorParallel {
-    /// One rank per GPU, over NCCL: `--tensor-parallel-size size`.
+    /// One rank per GPU: `--tensor-parallel-size size`.
     pub fn across_gpus(size: usize) -> Self {
         TensorParallel {
             size,
             placement: RankPlacement::OneGpuEach,
+            all_reduce: AllReduce::default(),
         }
     }
+}
+
+/// How the ranks' partial sums are added up (with one rank per GPU; the test placement
+/// always sums by kernel on its one stream).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AllReduce {
+    /// Each rank reads its peers' partial results over NVLink, summed inside the next
+    /// norm (peer_sums.rs): with two ranks for every step (exchange buffers for
+    /// `max_batched_tokens` tokens, 16 bytes a token per hidden unit and GPU), where it
+    /// moves what NCCL's ring moves and was measured faster at prefill sizes too
+    /// (docs/PERFORMANCE_GPU.md); with more, as `PeerToPeerForSmallSteps` (each GPU would
+    /// read N − 1 whole messages, against the ring's 2(N − 1)/N). GPUs without peer access
+    /// to each other go through NCCL.
+    #[default]
+    PeerToPeer,
+    /// Steps of up to `max_running` or 512 tokens (decode, small prefill chunks) peer-to-
+    /// peer; larger ones through NCCL.
+    PeerToPeerForSmallSteps,
+    /// Every all-reduce through NCCL.
+    Nccl,
+    /// No all-reduce or logits gather at all: wrong results, to time what the collectives
+    /// cost (`heddle-cuda bench --all-reduce skip-for-timing`), never a way to serve.
+    SkippedForTiming,
 }
 
 impl Default for TensorParallel {
@@ -267,6 +292,7 @@ mod tests {
         let same = TensorParallel {
             size: 2,
             placement: RankPlacement::AllOnFirstGpu,
+            all_reduce: AllReduce::default(),
         };
         assert_eq!(same.devices(1).unwrap(), [0, 0]);
         assert!(same.devices(0).is_err());

@@ -11,8 +11,8 @@ use heddle_cuda::gpu::Gpu;
 use heddle_cuda::kernels::KernelShape;
 use heddle_cuda::{
     decode_case, dummy, fp8_check, gemm_bench, gguf_reference, invariance, parallel_checks,
-    reference, selftest, CudaOptions, CudaRunner, DType, KvBudget, KvCacheDtype, Quantization,
-    RankPlacement, TensorParallel, WeightSource,
+    reference, selftest, AllReduce, CudaOptions, CudaRunner, DType, KvBudget, KvCacheDtype,
+    Quantization, RankPlacement, TensorParallel, WeightSource,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -82,9 +82,13 @@ enum Command {
         size: usize,
         #[command(flatten)]
         placement: PlacementArg,
+        /// How the ranks' partial results are summed.
+        #[arg(long, value_enum, default_value_t = AllReduceArg::PeerToPeer)]
+        all_reduce: AllReduceArg,
     },
     /// NCCL on its own: all-reduces (f32, bf16, direct and from CUDA graphs) and the logits
-    /// gather over `--ranks` communicators, checked exactly.
+    /// gather over `--ranks` communicators, checked exactly; with one rank per GPU, also
+    /// the peer-to-peer all-reduce fused with the norm, against the exact sums.
     Nccl {
         #[arg(long, default_value_t = 1)]
         ranks: usize,
@@ -180,17 +184,44 @@ struct BenchArgs {
     /// The batch-invariant mode (pinned GEMM algorithms, no decode attention kernel).
     #[arg(long)]
     batch_invariant: bool,
-    /// Ranks the model is split over (one per GPU, over NCCL).
+    /// Ranks the model is split over (one per GPU).
     #[arg(long, default_value_t = 1)]
     tensor_parallel_size: usize,
     #[command(flatten)]
     placement: PlacementArg,
+    /// How the ranks' partial results are summed; `skip-for-timing` sums nothing (wrong
+    /// tokens) to show what the collectives cost.
+    #[arg(long, value_enum, default_value_t = AllReduceArg::PeerToPeer)]
+    all_reduce: AllReduceArg,
     /// The layers' projections in FP8 (`fp8`) or as loaded (`none`).
     #[arg(long, value_enum, default_value_t = QuantizationArg::None)]
     quantization: QuantizationArg,
     /// The KV cache in FP8 (`fp8`) or in the runner's dtype (`auto`).
     #[arg(long, value_enum, default_value_t = KvCacheArg::Auto)]
     kv_cache_dtype: KvCacheArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AllReduceArg {
+    /// Peer-to-peer over NVLink (every step with two ranks; decode-sized steps with more).
+    PeerToPeer,
+    /// Peer-to-peer for steps of up to 512 tokens (or max-running), NCCL for larger ones.
+    PeerToPeerSmallSteps,
+    /// NCCL for every step.
+    Nccl,
+    /// None (timing only: the results are wrong).
+    SkipForTiming,
+}
+
+impl From<AllReduceArg> for AllReduce {
+    fn from(a: AllReduceArg) -> Self {
+        match a {
+            AllReduceArg::PeerToPeer => AllReduce::PeerToPeer,
+            AllReduceArg::PeerToPeerSmallSteps => AllReduce::PeerToPeerForSmallSteps,
+            AllReduceArg::Nccl => AllReduce::Nccl,
+            AllReduceArg::SkipForTiming => AllReduce::SkippedForTiming,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -388,12 +419,18 @@ fn main() -> anyhow::Result<()> {
             config,
             size,
             placement,
+            all_reduce,
         } => {
+            anyhow::ensure!(
+                all_reduce != AllReduceArg::SkipForTiming,
+                "the checks need the sums: --all-reduce skip-for-timing is for bench"
+            );
             let config = dummy::read_config(&config)?;
             let source = WeightSource::Dummy { seed: 0 };
             let parallel = TensorParallel {
                 size,
                 placement: placement.placement(),
+                all_reduce: all_reduce.into(),
             };
             let where_ = match parallel.placement {
                 RankPlacement::OneGpuEach => "one-gpu-each",
@@ -583,6 +620,7 @@ fn main() -> anyhow::Result<()> {
                 tensor_parallel: TensorParallel {
                     size: args.tensor_parallel_size,
                     placement: args.placement.placement(),
+                    all_reduce: args.all_reduce.into(),
                 },
                 quantization: args.quantization.into(),
                 kv_cache_dtype: args.kv_cache_dtype.into(),
@@ -604,6 +642,12 @@ fn main() -> anyhow::Result<()> {
                     (1, _) => String::new(),
                     (n, RankPlacement::OneGpuEach) => format!("+tp{n}"),
                     (n, RankPlacement::AllOnFirstGpu) => format!("+tp{n}onegpu"),
+                }
+                + match (args.tensor_parallel_size, args.all_reduce) {
+                    (1, _) | (_, AllReduceArg::PeerToPeer) => "",
+                    (_, AllReduceArg::PeerToPeerSmallSteps) => "+p2psmall",
+                    (_, AllReduceArg::Nccl) => "+nccl",
+                    (_, AllReduceArg::SkipForTiming) => "+nosums",
                 }
                 + if args.quantization == QuantizationArg::Fp8 {
                     "+fp8"
@@ -636,7 +680,8 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "RESULT model={name} requests={} prompt={} output={} seconds={:.3} \
                  output_tok_s={:.1} total_tok_s={:.1} steps={} mean_ttft_s={:.3} \
-                 mean_decode_step_ms={:.2} (runner host {:.2} + GPU wait {:.2})",
+                 mean_decode_step_ms={:.2} (runner host {:.2} + GPU wait {:.2}; packing {:.2} \
+                 of the host's)",
                 load.requests,
                 load.prompt_len,
                 load.output_len,
@@ -648,6 +693,7 @@ fn main() -> anyhow::Result<()> {
                 m.mean_decode_step * 1e3,
                 m.mean_decode_host * 1e3,
                 m.mean_decode_wait * 1e3,
+                m.mean_decode_pack * 1e3,
             );
             if args.single_stream {
                 let single = bench::run(
@@ -659,11 +705,12 @@ fn main() -> anyhow::Result<()> {
                 )?;
                 println!(
                     "RESULT model={name} single_stream decode_ms_per_token={:.3} seconds={:.3} \
-                     (runner host {:.2} + GPU wait {:.2})",
+                     (runner host {:.2} + GPU wait {:.2}; packing {:.2} of the host's)",
                     single.mean_decode_step * 1e3,
                     single.seconds,
                     single.mean_decode_host * 1e3,
                     single.mean_decode_wait * 1e3,
+                    single.mean_decode_pack * 1e3,
                 );
             }
             Ok(())

@@ -64,7 +64,7 @@ pub struct TokenLogprobs {
 
 /// Token counts of a finished request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
+pub struct TokenCounts {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache.
@@ -89,7 +89,7 @@ pub enum EngineEvent {
     Finished {
         reason: FinishReason,
         text: String,
-        usage: Usage,
+        usage: TokenCounts,
     },
 }
 
@@ -313,7 +313,7 @@ struct Live {
     /// `max_tokens: 0` (to score the prompt): nothing is generated. The scheduler runs it
     /// for one token, which is dropped.
     generates_nothing: bool,
-    usage: Usage,
+    usage: TokenCounts,
     arrived: Instant,
     last_token: Option<Instant>,
     /// The request as the scheduler took it, until its first token: a restart after a
@@ -636,9 +636,9 @@ impl Engine {
                         wants_logprobs,
                         prompt_logprobs,
                         generates_nothing,
-                        usage: Usage {
+                        usage: TokenCounts {
                             prompt_tokens,
-                            ..Usage::default()
+                            ..TokenCounts::default()
                         },
                         arrived,
                         last_token: None,

@@ -16,12 +16,12 @@ pub mod loader;
 pub mod logits_processing;
 mod math;
 pub mod membw;
+pub mod qmatmul;
 pub mod rope;
 pub mod runner;
 pub mod sampling;
 pub mod stop_strings;
 pub mod tokenizer;
-pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
 pub use cpu_model::{load_cpu, CpuModel, KvSize};

@@ -22,8 +22,8 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvDtype};
 use crate::loader::{self, OpenedModel, RopeLayout, TensorSource};
 use crate::math::exp;
+use crate::qmatmul::{forward_all, Input, Linear, QuantizedRows, WeightFormat, QK};
 use crate::rope::Rope;
-use crate::weights::{forward_all, Input, Linear, QuantizedRows, WeightFormat, QK};
 
 struct Layer {
     attn_norm: Vec<f32>,

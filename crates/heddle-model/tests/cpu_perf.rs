@@ -158,7 +158,7 @@ fn decode_times_with_an_f32_cache() {
 fn kernel_rates() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
-    use heddle_model::weights::{Input, Linear, QuantizedRows};
+    use heddle_model::qmatmul::{Input, Linear, QuantizedRows};
 
     let shapes: [(usize, usize); 4] = [(576, 576), (1536, 576), (576, 1536), (49_152, 576)];
     for dtype in [

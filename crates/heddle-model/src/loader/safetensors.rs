@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{OpenedModel, RopeLayout, TensorSource};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::weights::Linear;
+use crate::qmatmul::Linear;
 
 fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| ModelError::Io {

@@ -123,7 +123,7 @@ pub(super) mod portable {
 
     /// # Safety
     /// No other thread writes columns `cols` of `out`, which holds `x.rows × n` floats.
-    pub(in crate::weights) unsafe fn run(
+    pub(in crate::qmatmul) unsafe fn run(
         w: &RowMajor,
         x: &QuantizedRows,
         cols: Range<usize>,
@@ -141,7 +141,7 @@ pub(super) mod portable {
 #[allow(clippy::needless_range_loop)]
 pub(super) mod avx2 {
     use super::*;
-    use crate::weights::avx2::{hsum, scale_dot, PANEL};
+    use crate::qmatmul::avx2::{hsum, scale_dot, PANEL};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -209,7 +209,7 @@ pub(super) mod avx2 {
 
     /// # Safety
     /// The CPU has AVX2 and FMA, and no other thread writes columns `cols` of `out`.
-    pub(in crate::weights) unsafe fn run(
+    pub(in crate::qmatmul) unsafe fn run(
         w: &RowMajor,
         x: &QuantizedRows,
         cols: Range<usize>,
@@ -227,7 +227,7 @@ pub(super) mod avx2 {
 #[allow(clippy::needless_range_loop)]
 pub(super) mod vnni {
     use super::*;
-    use crate::weights::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
+    use crate::qmatmul::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -286,7 +286,7 @@ pub(super) mod vnni {
     /// an n × nb·32 matrix; `cols` starts on a group; no other thread writes those
     /// columns.
     #[allow(clippy::too_many_arguments)]
-    pub(in crate::weights) unsafe fn run(
+    pub(in crate::qmatmul) unsafe fn run(
         qs: &[u8],
         d: &[f32],
         m: &[f32],

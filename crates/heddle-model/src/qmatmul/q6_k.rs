@@ -188,7 +188,7 @@ impl Q6K {
 /// Plain Rust: one output at a time, blocks in order, `q8_halves::portable`'s arithmetic.
 mod portable {
     use super::*;
-    use crate::weights::padded_blocks;
+    use crate::qmatmul::padded_blocks;
 
     fn dot(w: &Q6K, nb: usize, c: usize, x: &QuantizedRows, r: usize) -> f32 {
         let mut acc = 0f32;
@@ -232,8 +232,8 @@ mod portable {
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::*;
-    use crate::weights::avx2::{hsum, PANEL};
-    use crate::weights::padded_blocks;
+    use crate::qmatmul::avx2::{hsum, PANEL};
+    use crate::qmatmul::padded_blocks;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -321,7 +321,7 @@ mod avx2 {
 #[allow(clippy::needless_range_loop)]
 mod vnni {
     use super::*;
-    use crate::weights::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
+    use crate::qmatmul::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
     use std::arch::x86_64::*;
 
     /// The 16 lanes' 8-bit factors at `p`, as floats.
@@ -428,7 +428,7 @@ mod vnni {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::weights::{best_family, forward_all_with, Input, Linear, Storage};
+    use crate::qmatmul::{best_family, forward_all_with, Input, Linear, Storage};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
@@ -479,7 +479,7 @@ mod tests {
             let wide = Linear {
                 n,
                 k,
-                storage: crate::weights::q8_halves::storage(
+                storage: crate::qmatmul::q8_halves::storage(
                     n,
                     k,
                     |c, b| q6_k(&bytes[c * row_bytes..][..row_bytes], b),

@@ -95,8 +95,8 @@ pub(super) fn block_values(storage: &Storage, nb: usize, r: usize, b: usize, out
 #[allow(clippy::needless_range_loop)]
 pub(super) mod vnni {
     use super::*;
-    use crate::weights::vnni::{block_dot, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
-    use crate::weights::{OutPtr, QuantizedRows};
+    use crate::qmatmul::vnni::{block_dot, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
+    use crate::qmatmul::{OutPtr, QuantizedRows};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -172,7 +172,7 @@ pub(super) mod vnni {
     /// n × nb·32 matrix ([`check_sizes`]); `cols` starts on a group; no other thread
     /// writes those columns.
     #[allow(clippy::too_many_arguments)]
-    pub(in crate::weights) unsafe fn run(
+    pub(in crate::qmatmul) unsafe fn run(
         qs: &[u8],
         factors: &[u8],
         scales: &[f32],
@@ -204,7 +204,7 @@ pub(super) mod vnni {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::weights::{best_family, forward_all_with, Family, Input, Linear, QuantizedRows};
+    use crate::qmatmul::{best_family, forward_all_with, Family, Input, Linear, QuantizedRows};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 

@@ -65,6 +65,34 @@ impl QuantizedRows {
     }
 }
 
+/// Activation pointers of a tile of rows: values (as 4-byte units), scales, scaled
+/// sums and exact sums.
+pub(super) struct RowPtrs<const R: usize> {
+    pub qs: [*const i32; R],
+    pub d: [*const f32; R],
+    pub s: [*const f32; R],
+    pub sums: [*const i32; R],
+    pub lo_sums: [*const i32; R],
+}
+
+impl<const R: usize> RowPtrs<R> {
+    /// # Safety
+    /// Rows r0..r0 + R exist in `x`.
+    pub(super) unsafe fn new(x: &QuantizedRows, r0: usize) -> Self {
+        let (nb, nbp) = (x.nb, padded_blocks(x.nb));
+        // SAFETY: row starts inside the buffers.
+        unsafe {
+            RowPtrs {
+                qs: std::array::from_fn(|r| x.qs.as_ptr().add((r0 + r) * nb * QK) as *const i32),
+                d: std::array::from_fn(|r| x.d.as_ptr().add((r0 + r) * nbp)),
+                s: std::array::from_fn(|r| x.s.as_ptr().add((r0 + r) * nbp)),
+                sums: std::array::from_fn(|r| x.sums.as_ptr().add((r0 + r) * nbp)),
+                lo_sums: std::array::from_fn(|r| x.lo_sums.as_ptr().add((r0 + r) * nbp)),
+            }
+        }
+    }
+}
+
 /// One quantized activation block's numbers besides its values.
 #[derive(Debug, PartialEq)]
 struct BlockSums {

@@ -20,8 +20,9 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::vnni::{prefetch, PREFETCH_GROUPS_AHEAD};
-use super::{padded_blocks, OutPtr, QuantizedRows, LANES, QK};
+use super::activations::RowPtrs;
+use super::vnni::{GroupedWeights, Q4_1x16, Q8_0x16, PREFETCH_GROUPS_AHEAD};
+use super::{OutPtr, QuantizedRows, LANES};
 
 /// Rows per tile: their 16-bit and f32 accumulators, the block's two unpacked units and
 /// the constants fill the 16 vector registers.
@@ -30,13 +31,28 @@ const ROWS: usize = 4;
 /// Columns per half of a group: one f32 lane each in a 256-bit vector.
 const HALF: usize = LANES / 2;
 
-/// Rows r0..r0 + R of the output, columns 8·h.. of group g, from 4-bit weights.
+/// Grouped weights the AVX2 tiles multiply half a group (8 columns) at a time; they
+/// prefetch as the VNNI kernels do.
+pub(super) trait HalfGroups: GroupedWeights {
+    /// Adds the products of block `b` of half `h` of group `g`, `at` = (g, h, b), with
+    /// block `b` of each of the tile's rows to that row's 8 accumulators.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; group `g`, block `b` and the rows exist.
+    unsafe fn accumulate<const R: usize>(
+        &self,
+        nb: usize,
+        at: (usize, usize, usize),
+        rows: &RowPtrs<R>,
+        acc: &mut [__m256; R],
+    );
+}
+
+/// Rows r0..r0 + R of the output, columns 8·h.. of group g.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-unsafe fn q4_1_tile<const R: usize>(
-    qs: &[u8],
-    d: &[f32],
-    m: &[f32],
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<W: HalfGroups, const R: usize>(
+    w: &W,
     nb: usize,
     x: &QuantizedRows,
     r0: usize,
@@ -45,54 +61,15 @@ unsafe fn q4_1_tile<const R: usize>(
     n: usize,
     out: OutPtr,
 ) {
-    let nbp = padded_blocks(nb);
-    let low = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist; b < nb.
-    let xq: [*const i32; R] =
-        std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) as *const i32 });
-    let xd: [*const f32; R] = std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
-    let xs: [*const f32; R] = std::array::from_fn(|r| unsafe { x.s.as_ptr().add((r0 + r) * nbp) });
+    // SAFETY: the caller's contract: group g and rows r0..r0 + R exist.
+    let rows = unsafe { RowPtrs::<R>::new(x, r0) };
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
-        let gb = g * nb + b;
         if h == 0 {
-            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
-            prefetch(qs, ahead * 256, 256);
-            prefetch(d, ahead * LANES, LANES);
-            prefetch(m, ahead * LANES, LANES);
+            w.prefetch(nb, g + PREFETCH_GROUPS_AHEAD, b);
         }
-        let mut sums = [_mm256_setzero_si256(); R];
-        for j in 0..4 {
-            let chunk = unsafe {
-                _mm256_loadu_si256(qs.as_ptr().add(gb * 256 + j * 64 + h * 32) as *const __m256i)
-            };
-            // Elements 4j.. of the block, and 16 + 4j..
-            let lo = _mm256_and_si256(chunk, low);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), low);
-            for r in 0..R {
-                let (xa, xb) = unsafe {
-                    let p = xq[r].add(b * 8);
-                    (p.add(j).read_unaligned(), p.add(j + 4).read_unaligned())
-                };
-                let pa = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xa));
-                let pb = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb));
-                sums[r] = _mm256_add_epi16(sums[r], _mm256_add_epi16(pa, pb));
-            }
-        }
-        let (dw, mw) = unsafe {
-            let at = gb * LANES + h * HALF;
-            (
-                _mm256_loadu_ps(d.as_ptr().add(at)),
-                _mm256_loadu_ps(m.as_ptr().add(at)),
-            )
-        };
-        for r in 0..R {
-            let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
-            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
-            acc[r] = _mm256_fmadd_ps(sum, scale, acc[r]);
-            acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(unsafe { *xs[r].add(b) }), acc[r]);
-        }
+        // SAFETY: as above; b < nb.
+        unsafe { HalfGroups::accumulate(w, nb, (g, h, b), &rows, &mut acc) };
     }
     // SAFETY: the caller owns these columns of the rows.
     unsafe { store(&acc, r0, g, h, n, out) }
@@ -123,147 +100,126 @@ unsafe fn store<const R: usize>(
     }
 }
 
-/// Rows r0..r0 + R of the output, columns 8·h.. of group g, from Q8_0x16 weights (values
-/// + 128, as the VNNI kernel stores them).
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-unsafe fn q8_0_tile<const R: usize>(
-    qs: &[u8],
-    d: &[f32],
-    nb: usize,
-    x: &QuantizedRows,
-    r0: usize,
-    g: usize,
-    h: usize,
-    n: usize,
-    out: OutPtr,
-) {
-    let nbp = padded_blocks(nb);
-    let bias = _mm256_set1_epi8(-128);
-    let ones = _mm256_set1_epi16(1);
-    // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist; b < nb.
-    let xq: [*const i32; R] =
-        std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) as *const i32 });
-    let xd: [*const f32; R] = std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..nb {
+impl HalfGroups for Q4_1x16<'_> {
+    /// The integer products of the whole block summed in 16-bit lanes (see above).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn accumulate<const R: usize>(
+        &self,
+        nb: usize,
+        (g, h, b): (usize, usize, usize),
+        rows: &RowPtrs<R>,
+        acc: &mut [__m256; R],
+    ) {
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
         let gb = g * nb + b;
-        if h == 0 {
-            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
-            prefetch(qs, ahead * 512, 512);
-            prefetch(d, ahead * LANES, LANES);
+        // SAFETY (all pointer arithmetic below): the caller's contract.
+        let mut sums = [_mm256_setzero_si256(); R];
+        for j in 0..4 {
+            let chunk = unsafe {
+                _mm256_loadu_si256(
+                    self.qs.as_ptr().add(gb * 256 + j * 64 + h * 32) as *const __m256i
+                )
+            };
+            // Elements 4j.. of the block, and 16 + 4j..
+            let lo = _mm256_and_si256(chunk, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), low);
+            for (r, sum) in sums.iter_mut().enumerate() {
+                let (xa, xb) = unsafe {
+                    let p = rows.qs[r].add(b * 8);
+                    (p.add(j).read_unaligned(), p.add(j + 4).read_unaligned())
+                };
+                let pa = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xa));
+                let pb = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb));
+                *sum = _mm256_add_epi16(*sum, _mm256_add_epi16(pa, pb));
+            }
         }
+        let (dw, mw) = unsafe {
+            let at = gb * LANES + h * HALF;
+            (
+                _mm256_loadu_ps(self.d.as_ptr().add(at)),
+                _mm256_loadu_ps(self.m.as_ptr().add(at)),
+            )
+        };
+        for r in 0..R {
+            let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *rows.d[r].add(b) }));
+            acc[r] = _mm256_fmadd_ps(sum, scale, acc[r]);
+            acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(unsafe { *rows.s[r].add(b) }), acc[r]);
+        }
+    }
+}
+
+impl HalfGroups for Q8_0x16<'_> {
+    /// The values + 128 back to signed bytes, then `maddubs`' sign trick and a `madd`
+    /// to 32 bits per unit.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn accumulate<const R: usize>(
+        &self,
+        nb: usize,
+        (g, h, b): (usize, usize, usize),
+        rows: &RowPtrs<R>,
+        acc: &mut [__m256; R],
+    ) {
+        let bias = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        let gb = g * nb + b;
+        // SAFETY (all pointer arithmetic below): the caller's contract.
         let mut sums = [_mm256_setzero_si256(); R];
         for i in 0..8 {
             let unit = unsafe {
-                _mm256_loadu_si256(qs.as_ptr().add(gb * 512 + i * 64 + h * 32) as *const __m256i)
+                _mm256_loadu_si256(
+                    self.qs.as_ptr().add(gb * 512 + i * 64 + h * 32) as *const __m256i
+                )
             };
             // Back to the signed values, then maddubs' unsigned |w| and w's sign on x.
             let w = _mm256_xor_si256(unit, bias);
             let magnitude = _mm256_abs_epi8(w);
-            for r in 0..R {
-                let xv = _mm256_set1_epi32(unsafe { xq[r].add(b * 8 + i).read_unaligned() });
+            for (r, sum) in sums.iter_mut().enumerate() {
+                let xv = _mm256_set1_epi32(unsafe { rows.qs[r].add(b * 8 + i).read_unaligned() });
                 let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, w));
-                sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(pairs, ones));
+                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
             }
         }
-        let dw = unsafe { _mm256_loadu_ps(d.as_ptr().add(gb * LANES + h * HALF)) };
+        let dw = unsafe { _mm256_loadu_ps(self.d.as_ptr().add(gb * LANES + h * HALF)) };
         for r in 0..R {
-            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *rows.d[r].add(b) }));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), scale, acc[r]);
         }
     }
-    // SAFETY: the caller owns these columns of the rows.
-    unsafe { store(&acc, r0, g, h, n, out) }
 }
 
-/// Runs `tile::<R>(r0, g, h)` over every half-group of `cols` that holds a real column
-/// and every tile of up to [`ROWS`] rows.
-macro_rules! halves_and_rows {
-    ($tile:ident, $rows:expr, $cols:expr, $n:expr, |$r:ident, $g:ident, $h:ident| $($args:tt)*) => {{
-        let (rows, cols, n): (usize, Range<usize>, usize) = ($rows, $cols, $n);
-        for $g in cols.start / LANES..cols.end.div_ceil(LANES) {
-            // A last group of 8 or fewer real columns has nothing in its second half.
-            for $h in 0..(n - $g * LANES).div_ceil(HALF).min(2) {
-                let mut $r = 0;
-                while $r < rows {
-                    let left = (rows - $r).min(ROWS);
+/// Computes columns `cols` of every row of `x`·Wᵀ into `out` (row stride n): every
+/// half-group of `cols` that holds a real column, and every tile of up to [`ROWS`] rows.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `w` holds its layout of an n × nb·32 matrix; `cols` starts
+/// on a group of 16; no other thread writes those columns.
+pub(super) unsafe fn run<W: HalfGroups>(
+    w: &W,
+    nb: usize,
+    x: &QuantizedRows,
+    cols: Range<usize>,
+    n: usize,
+    out: OutPtr,
+) {
+    for g in cols.start / LANES..cols.end.div_ceil(LANES) {
+        // A last group of 8 or fewer real columns has nothing in its second half.
+        for h in 0..(n - g * LANES).div_ceil(HALF).min(2) {
+            let mut r = 0;
+            while r < x.rows {
+                let left = (x.rows - r).min(ROWS);
+                // SAFETY: the caller's contract.
+                unsafe {
                     match left {
-                        4 => $tile::<4>($($args)*),
-                        3 => $tile::<3>($($args)*),
-                        2 => $tile::<2>($($args)*),
-                        _ => $tile::<1>($($args)*),
+                        4 => tile::<W, 4>(w, nb, x, r, g, h, n, out),
+                        3 => tile::<W, 3>(w, nb, x, r, g, h, n, out),
+                        2 => tile::<W, 2>(w, nb, x, r, g, h, n, out),
+                        _ => tile::<W, 1>(w, nb, x, r, g, h, n, out),
                     }
-                    $r += left;
                 }
+                r += left;
             }
         }
-    }};
-}
-
-/// # Safety
-/// The CPU has AVX2 and FMA; the buffers hold the Q4_1x16 layout of an n × nb·32 matrix;
-/// `cols` starts on a group of 16; no other thread writes those columns.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn q4_1x16(
-    qs: &[u8],
-    d: &[f32],
-    m: &[f32],
-    nb: usize,
-    x: &QuantizedRows,
-    cols: Range<usize>,
-    n: usize,
-    out: OutPtr,
-) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        halves_and_rows!(
-            q4_1_tile,
-            x.rows,
-            cols,
-            n,
-            |r, g, h| qs,
-            d,
-            m,
-            nb,
-            x,
-            r,
-            g,
-            h,
-            n,
-            out
-        )
-    }
-}
-
-/// # Safety
-/// As for [`q4_1x16`], with the Q8_0x16 layout.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn q8_0x16(
-    qs: &[u8],
-    d: &[f32],
-    nb: usize,
-    x: &QuantizedRows,
-    cols: Range<usize>,
-    n: usize,
-    out: OutPtr,
-) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        halves_and_rows!(
-            q8_0_tile,
-            x.rows,
-            cols,
-            n,
-            |r, g, h| qs,
-            d,
-            nb,
-            x,
-            r,
-            g,
-            h,
-            n,
-            out
-        )
     }
 }

@@ -150,11 +150,7 @@ enum Storage {
     },
     /// Q4_K for the VNNI kernel: Q4_1x16's nibbles, each block's 6-bit scale and minimum
     /// factors, each super-block's scales (see [`q4_k`]).
-    Q4Kx16 {
-        qs: Vec<u8>,
-        factors: Vec<u8>,
-        scales: Vec<f32>,
-    },
+    Q4Kx16(q4_k::Q4Kx16),
     /// [`Storage::Q8Halves`] for the VNNI kernel, in groups of 16 rows of W (see
     /// [`q8_halves`]).
     Q8Halvesx16 {
@@ -252,7 +248,7 @@ impl Linear {
         let storage = match (dtype, decoder) {
             (GgmlDType::Q8_0, _) if k % QK == 0 => Self::q8_0_storage(n, k, &t.data()?, family),
             (GgmlDType::Q4K, Some(_)) if family == Family::Vnni => {
-                q4_k::vnni_storage(n, k, &t.data()?, row_bytes)
+                Storage::Q4Kx16(q4_k::Q4Kx16::new(n, k, &t.data()?, row_bytes))
             }
             (GgmlDType::Q6K, Some(_)) => {
                 Storage::Q6K(q6_k::Q6K::new(n, k, &t.data()?, row_bytes, family))
@@ -375,7 +371,7 @@ impl Linear {
     /// The form its products run in.
     pub fn format(&self) -> WeightFormat {
         match self.storage {
-            Storage::Q4_1 { .. } | Storage::Q4_1x16 { .. } | Storage::Q4Kx16 { .. } => {
+            Storage::Q4_1 { .. } | Storage::Q4_1x16 { .. } | Storage::Q4Kx16(_) => {
                 WeightFormat::Nibbles
             }
             Storage::Q8Halves { .. } | Storage::Q8Halvesx16 { .. } => WeightFormat::Q8Halves,
@@ -396,11 +392,7 @@ impl Linear {
             | Storage::Q8Halvesx16 { qs, d, m } => size(qs) + size(d) + size(m),
             Storage::Q8Halves { qs, d, m } => size(qs) + size(d) + size(m),
             Storage::Q8_0 { qs, d } => size(qs) + size(d),
-            Storage::Q4Kx16 {
-                qs,
-                factors,
-                scales,
-            } => size(qs) + size(factors) + size(scales),
+            Storage::Q4Kx16(w) => w.bytes(),
             Storage::Q8_0x16 { qs, d } => size(qs) + size(d),
             Storage::Q6K(w) => w.bytes(),
             Storage::F32(w) => size(w),
@@ -471,7 +463,7 @@ impl Linear {
                 Storage::Q8Halves { .. } | Storage::Q8Halvesx16 { .. } => {
                     q8_halves::block_values(&self.storage, nb, r, b, o)
                 }
-                Storage::Q4Kx16 { .. } => q4_k::block_values(&self.storage, nb, r, b, o),
+                Storage::Q4Kx16(w) => w.block_values(nb, r, b, o),
                 Storage::Q6K(w) => w.block_values(nb, r, b, o),
             }
         }
@@ -514,7 +506,7 @@ impl Linear {
             Storage::Q8Halves { qs, d, m } => {
                 assert!(qs.len() == n * k && d.len() == n * nb * 2 && m.len() == n * nbp)
             }
-            Storage::Q4Kx16 { .. } => assert!(q4_k::check_sizes(&self.storage, n, nb)),
+            Storage::Q4Kx16(w) => assert!(w.fits(n, nb)),
             Storage::Q6K(w) => assert!(w.fits(n, nb)),
             Storage::Q8Halvesx16 { qs, d, m } => assert!(
                 qs.len() == groups * nb * 512
@@ -560,19 +552,21 @@ impl Linear {
                     portable::q8_0(&w, q.unwrap(), cols, n, out)
                 }
                 #[cfg(target_arch = "x86_64")]
-                (Storage::Q4_1x16 { qs, d, m: mins }, Family::Avx2) => {
-                    grouped_avx2::q4_1x16(qs, d, mins, nb, q.unwrap(), cols, n, out)
+                (Storage::Q4_1x16 { qs, d, m: mins }, f) => {
+                    let w = vnni::Q4_1x16 { qs, d, m: mins };
+                    match f {
+                        Family::Avx2 => grouped_avx2::run(&w, nb, q.unwrap(), cols, n, out),
+                        _ => vnni::run(&w, nb, q.unwrap(), cols, n, out),
+                    }
                 }
                 #[cfg(target_arch = "x86_64")]
-                (Storage::Q4_1x16 { qs, d, m: mins }, _) => {
-                    vnni::q4_1(qs, d, mins, nb, q.unwrap(), cols, n, out)
+                (Storage::Q8_0x16 { qs, d }, f) => {
+                    let w = vnni::Q8_0x16 { qs, d };
+                    match f {
+                        Family::Avx2 => grouped_avx2::run(&w, nb, q.unwrap(), cols, n, out),
+                        _ => vnni::run(&w, nb, q.unwrap(), cols, n, out),
+                    }
                 }
-                #[cfg(target_arch = "x86_64")]
-                (Storage::Q8_0x16 { qs, d }, Family::Avx2) => {
-                    grouped_avx2::q8_0x16(qs, d, nb, q.unwrap(), cols, n, out)
-                }
-                #[cfg(target_arch = "x86_64")]
-                (Storage::Q8_0x16 { qs, d }, _) => vnni::q8_0(qs, d, nb, q.unwrap(), cols, n, out),
                 (Storage::Q8Halves { qs, d, m: mins }, f) => {
                     let w = q8_halves::RowMajor { nb, qs, d, m: mins };
                     match f {
@@ -582,17 +576,11 @@ impl Linear {
                     }
                 }
                 #[cfg(target_arch = "x86_64")]
-                (
-                    Storage::Q4Kx16 {
-                        qs,
-                        factors,
-                        scales,
-                    },
-                    _,
-                ) => q4_k::vnni::run(qs, factors, scales, nb, q.unwrap(), cols, n, out),
+                (Storage::Q4Kx16(w), _) => w.run(nb, q.unwrap(), cols, n, out),
                 #[cfg(target_arch = "x86_64")]
                 (Storage::Q8Halvesx16 { qs, d, m: mins }, _) => {
-                    q8_halves::vnni::run(qs, d, mins, nb, q.unwrap(), cols, n, out)
+                    let w = q8_halves::vnni::Grouped { qs, d, m: mins };
+                    vnni::run(&w, nb, q.unwrap(), cols, n, out)
                 }
                 (Storage::Q6K(w), f) => w.run(f, nb, q.unwrap(), cols, n, out),
                 #[cfg(target_arch = "x86_64")]

@@ -13,92 +13,114 @@
 //! lanes' mn); per super-block s, at g·nb/8 + s, 32 floats (16 lanes' d, then 16 lanes'
 //! −dmin).
 
+use std::ops::Range;
+
 use super::ggml_blocks::{q4_k, q4_k_scales};
-use super::{put_q4_1x16_nibbles, Storage, LANES, QK};
+use super::{put_q4_1x16_nibbles, OutPtr, QuantizedRows, LANES, QK};
 
 /// Blocks of 32 per super-block of 256.
 const SUPER: usize = 8;
 
-/// The storage of the n × k Q4_K matrix whose rows are `row_bytes` long in `bytes`.
-pub(super) fn vnni_storage(n: usize, k: usize, bytes: &[u8], row_bytes: usize) -> Storage {
-    let nb = k / QK;
-    let nsb = nb / SUPER;
-    let groups = n.div_ceil(LANES);
-    let mut qs = vec![0u8; groups * nb * 256];
-    let mut factors = vec![0u8; groups * nb * 2 * LANES];
-    let mut scales = vec![0f32; groups * nsb * 2 * LANES];
-    for c in 0..n {
-        let (g, l) = (c / LANES, c % LANES);
-        let row = &bytes[c * row_bytes..][..row_bytes];
-        for b in 0..nb {
-            let gb = g * nb + b;
-            put_q4_1x16_nibbles(&mut qs, gb, l, &q4_k(row, b).qs);
-            let s = q4_k_scales(row, b);
-            factors[gb * 2 * LANES + l] = s.sc;
-            factors[gb * 2 * LANES + LANES + l] = s.mn;
-            let at = (g * nsb + b / SUPER) * 2 * LANES;
-            scales[at + l] = s.d;
-            scales[at + LANES + l] = -s.dmin;
+/// A Q4_K matrix in the layout above.
+#[derive(Debug)]
+pub(super) struct Q4Kx16 {
+    qs: Vec<u8>,
+    factors: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+impl Q4Kx16 {
+    /// The n × k Q4_K matrix whose rows are `row_bytes` long in `bytes`.
+    pub(super) fn new(n: usize, k: usize, bytes: &[u8], row_bytes: usize) -> Self {
+        let nb = k / QK;
+        let nsb = nb / SUPER;
+        let groups = n.div_ceil(LANES);
+        let mut w = Q4Kx16 {
+            qs: vec![0u8; groups * nb * 256],
+            factors: vec![0u8; groups * nb * 2 * LANES],
+            scales: vec![0f32; groups * nsb * 2 * LANES],
+        };
+        for c in 0..n {
+            let (g, l) = (c / LANES, c % LANES);
+            let row = &bytes[c * row_bytes..][..row_bytes];
+            for b in 0..nb {
+                let gb = g * nb + b;
+                put_q4_1x16_nibbles(&mut w.qs, gb, l, &q4_k(row, b).qs);
+                let s = q4_k_scales(row, b);
+                w.factors[gb * 2 * LANES + l] = s.sc;
+                w.factors[gb * 2 * LANES + LANES + l] = s.mn;
+                let at = w.super_at(nb, g, b);
+                w.scales[at + l] = s.d;
+                w.scales[at + LANES + l] = -s.dmin;
+            }
+        }
+        w
+    }
+
+    /// Where the scales of block `b` of group `g`'s super-block start.
+    fn super_at(&self, nb: usize, g: usize, b: usize) -> usize {
+        (g * (nb / SUPER) + b / SUPER) * 2 * LANES
+    }
+
+    /// Bytes of memory its weights take.
+    pub(super) fn bytes(&self) -> usize {
+        self.qs.len() + self.factors.len() + std::mem::size_of_val(&self.scales[..])
+    }
+
+    /// Whether the buffers fit an n × nb·32 matrix, so the kernel may walk raw pointers.
+    pub(super) fn fits(&self, n: usize, nb: usize) -> bool {
+        let groups = n.div_ceil(LANES);
+        nb.is_multiple_of(SUPER)
+            && self.qs.len() == groups * nb * 256
+            && self.factors.len() == groups * nb * 2 * LANES
+            && self.scales.len() == groups * (nb / SUPER) * 2 * LANES
+    }
+
+    /// Block `b` of row `r` in f32, computed as ggml dequantizes it.
+    pub(super) fn block_values(&self, nb: usize, r: usize, b: usize, out: &mut [f32]) {
+        let (g, l) = (r / LANES, r % LANES);
+        let gb = g * nb + b;
+        let at = self.super_at(nb, g, b);
+        let d = self.scales[at + l] * self.factors[gb * 2 * LANES + l] as f32;
+        let m = self.scales[at + LANES + l] * self.factors[gb * 2 * LANES + LANES + l] as f32;
+        for (e, o) in out.iter_mut().enumerate() {
+            let (j, shift) = if e < 16 {
+                (e / 4, 0)
+            } else {
+                ((e - 16) / 4, 4)
+            };
+            let q = self.qs[gb * 256 + j * 64 + 4 * l + e % 4] >> shift & 0x0F;
+            *o = d * q as f32 + m;
         }
     }
-    Storage::Q4Kx16 {
-        qs,
-        factors,
-        scales,
-    }
-}
 
-/// The sizes a Q4Kx16 storage of n × nb blocks has.
-pub(super) fn check_sizes(storage: &Storage, n: usize, nb: usize) -> bool {
-    let Storage::Q4Kx16 {
-        qs,
-        factors,
-        scales,
-    } = storage
-    else {
-        return false;
-    };
-    let groups = n.div_ceil(LANES);
-    nb.is_multiple_of(SUPER)
-        && qs.len() == groups * nb * 256
-        && factors.len() == groups * nb * 2 * LANES
-        && scales.len() == groups * (nb / SUPER) * 2 * LANES
-}
-
-/// Block `b` of row `r` in f32, computed as ggml dequantizes it.
-pub(super) fn block_values(storage: &Storage, nb: usize, r: usize, b: usize, out: &mut [f32]) {
-    let Storage::Q4Kx16 {
-        qs,
-        factors,
-        scales,
-    } = storage
-    else {
-        unreachable!("not a Q4Kx16 storage")
-    };
-    let (g, l) = (r / LANES, r % LANES);
-    let gb = g * nb + b;
-    let at = (g * (nb / SUPER) + b / SUPER) * 2 * LANES;
-    let d = scales[at + l] * factors[gb * 2 * LANES + l] as f32;
-    let m = scales[at + LANES + l] * factors[gb * 2 * LANES + LANES + l] as f32;
-    for (e, o) in out.iter_mut().enumerate() {
-        let (j, shift) = if e < 16 {
-            (e / 4, 0)
-        } else {
-            ((e - 16) / 4, 4)
-        };
-        let q = qs[gb * 256 + j * 64 + 4 * l + e % 4] >> shift & 0x0F;
-        *o = d * q as f32 + m;
+    /// Computes columns `cols` of every row of `x`·Wᵀ into `out` (row stride n).
+    ///
+    /// # Safety
+    /// [`Q4Kx16::fits`] holds for n × nb; the CPU has AVX-512 F/BW/VL and VNNI; `cols`
+    /// starts on a group; no other thread writes those columns.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn run(
+        &self,
+        nb: usize,
+        x: &QuantizedRows,
+        cols: Range<usize>,
+        n: usize,
+        out: OutPtr,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { super::vnni::run(self, nb, x, cols, n, out) }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::needless_range_loop)]
-pub(super) mod vnni {
+mod vnni {
     use super::*;
-    use crate::qmatmul::vnni::{block_dot, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
-    use crate::qmatmul::{OutPtr, QuantizedRows};
+    use crate::qmatmul::activations::RowPtrs;
+    use crate::qmatmul::vnni::{
+        add_block_products, add_mins, nibble_units, prefetch, GroupedWeights,
+    };
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// The 16 lanes' factors at `p`, as floats.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -109,94 +131,41 @@ pub(super) mod vnni {
         }))
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const R: usize>(
-        qs: &[u8],
-        factors: &[u8],
-        scales: &[f32],
-        nb: usize,
-        x: &QuantizedRows,
-        r0: usize,
-        g: usize,
-        n: usize,
-        out: OutPtr,
-    ) {
-        let low = _mm512_set1_epi8(0x0F);
-        // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist;
-        // b < nb.
-        let rows = unsafe { RowPtrs::<R>::new(x, r0) };
-        let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..nb {
+    impl GroupedWeights for Q4Kx16 {
+        #[inline(always)]
+        fn prefetch(&self, nb: usize, g: usize, b: usize) {
             let gb = g * nb + b;
-            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
-            prefetch(qs, ahead * 256, 256);
-            prefetch(factors, ahead * 2 * LANES, 2 * LANES);
-            let ahead_super = ((g + PREFETCH_GROUPS_AHEAD) * (nb / SUPER) + b / SUPER) * 2 * LANES;
-            prefetch(scales, ahead_super, 2 * LANES);
-            let mut units = [_mm512_setzero_si512(); 8];
-            for j in 0..4 {
-                let v = unsafe {
-                    _mm512_loadu_si512(qs.as_ptr().add(gb * 256 + j * 64) as *const __m512i)
-                };
-                units[j] = _mm512_and_si512(v, low);
-                units[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            }
-            let at = (g * (nb / SUPER) + b / SUPER) * 2 * LANES;
-            let (dw, mw) = unsafe {
-                let f = factors.as_ptr().add(gb * 2 * LANES);
-                (
-                    _mm512_mul_ps(_mm512_loadu_ps(scales.as_ptr().add(at)), factors16(f)),
-                    _mm512_mul_ps(
-                        _mm512_loadu_ps(scales.as_ptr().add(at + LANES)),
-                        factors16(f.add(LANES)),
-                    ),
-                )
-            };
-            for r in 0..R {
-                let sum =
-                    unsafe { block_dot(&units, rows.qs[r].add(b * 8), _mm512_setzero_si512()) };
-                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(unsafe { *rows.d[r].add(b) }));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
-                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(unsafe { *rows.s[r].add(b) }), acc[r]);
-            }
+            prefetch(&self.qs, gb * 256, 256);
+            prefetch(&self.factors, gb * 2 * LANES, 2 * LANES);
+            prefetch(&self.scales, self.super_at(nb, g, b), 2 * LANES);
         }
-        let lanes = LANES.min(n - g * LANES);
-        for r in 0..R {
-            unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
-        }
-    }
 
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL and VNNI; the buffers hold the Q4Kx16 layout of an
-    /// n × nb·32 matrix ([`check_sizes`]); `cols` starts on a group; no other thread
-    /// writes those columns.
-    #[allow(clippy::too_many_arguments)]
-    pub(in crate::qmatmul) unsafe fn run(
-        qs: &[u8],
-        factors: &[u8],
-        scales: &[f32],
-        nb: usize,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe {
-            groups_and_rows!(
-                tile,
-                x.rows,
-                cols,
-                |r, g| qs,
-                factors,
-                scales,
-                nb,
-                x,
-                r,
-                g,
-                n,
-                out
-            )
+        /// Q4_1x16's arithmetic, each block's scale and minimum rebuilt from its factors
+        /// and its super-block's scales.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn accumulate<const R: usize>(
+            &self,
+            nb: usize,
+            g: usize,
+            b: usize,
+            rows: &RowPtrs<R>,
+            acc: &mut [__m512; R],
+        ) {
+            let gb = g * nb + b;
+            let at = self.super_at(nb, g, b);
+            // SAFETY: the caller's contract.
+            unsafe {
+                let units = nibble_units(&self.qs, gb);
+                let f = self.factors.as_ptr().add(gb * 2 * LANES);
+                let scales = self.scales.as_ptr();
+                let dw = _mm512_mul_ps(_mm512_loadu_ps(scales.add(at)), factors16(f));
+                let mw = _mm512_mul_ps(
+                    _mm512_loadu_ps(scales.add(at + LANES)),
+                    factors16(f.add(LANES)),
+                );
+                add_block_products::<R, 0>(acc, &units, rows, b, dw);
+                add_mins(acc, rows, b, mw);
+            }
         }
     }
 }
@@ -204,7 +173,7 @@ pub(super) mod vnni {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::qmatmul::{best_family, forward_all_with, Family, Input, Linear, QuantizedRows};
+    use crate::qmatmul::{best_family, forward_all_with, Family, Input, Linear, Storage};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
@@ -225,7 +194,7 @@ mod tests {
         )
         .unwrap();
         let compact = Linear::from_qtensor_for("w", &t, Family::Vnni).unwrap();
-        assert!(matches!(compact.storage, Storage::Q4Kx16 { .. }));
+        assert!(matches!(compact.storage, Storage::Q4Kx16(_)));
         let bytes = t.data().unwrap();
         let row_bytes = k / 256 * 144;
         let wide = Linear {

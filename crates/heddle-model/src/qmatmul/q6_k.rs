@@ -176,7 +176,7 @@ impl Q6K {
         unsafe {
             match family {
                 #[cfg(target_arch = "x86_64")]
-                Family::Vnni => vnni::run(self, nb, x, cols, n, out),
+                Family::Vnni => super::vnni::run(self, nb, x, cols, n, out),
                 #[cfg(target_arch = "x86_64")]
                 Family::Avx2 => avx2::run(self, nb, x, cols, n, out),
                 _ => portable::run(self, nb, x, cols, n, out),
@@ -321,7 +321,8 @@ mod avx2 {
 #[allow(clippy::needless_range_loop)]
 mod vnni {
     use super::*;
-    use crate::qmatmul::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
+    use crate::qmatmul::activations::RowPtrs;
+    use crate::qmatmul::vnni::{add_half_products, prefetch, GroupedWeights};
     use std::arch::x86_64::*;
 
     /// The 16 lanes' 8-bit factors at `p`, as floats.
@@ -345,83 +346,54 @@ mod vnni {
         _mm512_and_si512(at_4, _mm512_set1_epi8(0x30))
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const R: usize>(
-        w: &Q6K,
-        nb: usize,
-        x: &QuantizedRows,
-        r0: usize,
-        g: usize,
-        n: usize,
-        out: OutPtr,
-    ) {
-        let low = _mm512_set1_epi8(0x0F);
-        let nsb = nb / SUPER;
-        // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist;
-        // b < nb.
-        let rows = unsafe { RowPtrs::<R>::new(x, r0) };
-        let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..nb {
+    impl GroupedWeights for Q6K {
+        #[inline(always)]
+        fn prefetch(&self, nb: usize, g: usize, b: usize) {
             let gb = g * nb + b;
-            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
-            prefetch(&w.nibbles, ahead * 256, 256);
-            prefetch(&w.highs, ahead * 128, 128);
-            prefetch(&w.factors, ahead * 2 * LANES, 2 * LANES);
-            let ahead_super = ((g + PREFETCH_GROUPS_AHEAD) * nsb + b / SUPER) * LANES;
-            prefetch(&w.scales, ahead_super, LANES);
+            prefetch(&self.nibbles, gb * 256, 256);
+            prefetch(&self.highs, gb * 128, 128);
+            prefetch(&self.factors, gb * 2 * LANES, 2 * LANES);
+            prefetch(&self.scales, (g * (nb / SUPER) + b / SUPER) * LANES, LANES);
+        }
+
+        /// Rebuilds the block's 6-bit values from nibbles and high bits, then multiplies
+        /// as `q8_halves::vnni` does, each half's scale d·sc.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn accumulate<const R: usize>(
+            &self,
+            nb: usize,
+            g: usize,
+            b: usize,
+            rows: &RowPtrs<R>,
+            acc: &mut [__m512; R],
+        ) {
+            let low = _mm512_set1_epi8(0x0F);
+            let gb = g * nb + b;
             let load = |p: *const u8| unsafe { _mm512_loadu_si512(p as *const __m512i) };
-            let highs: [__m512i; 2] =
-                std::array::from_fn(|h| load(unsafe { w.highs.as_ptr().add(gb * 128 + h * 64) }));
+            // SAFETY (all pointer arithmetic below): the caller's contract.
+            let highs: [__m512i; 2] = std::array::from_fn(|h| {
+                load(unsafe { self.highs.as_ptr().add(gb * 128 + h * 64) })
+            });
             let mut units = [_mm512_setzero_si512(); 8];
             for j in 0..4 {
-                let v = load(unsafe { w.nibbles.as_ptr().add(gb * 256 + j * 64) });
+                let v = load(unsafe { self.nibbles.as_ptr().add(gb * 256 + j * 64) });
                 let lo = _mm512_and_si512(v, low);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
                 units[j] = _mm512_or_si512(lo, high_bits(highs[0], j));
                 units[j + 4] = _mm512_or_si512(hi, high_bits(highs[1], j));
             }
-            let (d_lo, d_hi) = unsafe {
-                let d = _mm512_loadu_ps(w.scales.as_ptr().add((g * nsb + b / SUPER) * LANES));
-                let f = w.factors.as_ptr().add(gb * 2 * LANES);
+            let halves = unsafe {
+                let at = (g * (nb / SUPER) + b / SUPER) * LANES;
+                let d = _mm512_loadu_ps(self.scales.as_ptr().add(at));
+                let f = self.factors.as_ptr().add(gb * 2 * LANES);
                 (
                     _mm512_mul_ps(d, factors16(f)),
                     _mm512_mul_ps(d, factors16(f.add(LANES))),
                 )
             };
-            for r in 0..R {
-                let (sum, lo) = unsafe { (*rows.sums[r].add(b), *rows.lo_sums[r].add(b)) };
-                let (a, h) = unsafe {
-                    half_dots(
-                        &units,
-                        rows.qs[r].add(b * 8),
-                        _mm512_set1_epi32(-32 * lo),
-                        _mm512_set1_epi32(-32 * (sum - lo)),
-                    )
-                };
-                let dx = _mm512_set1_ps(unsafe { *rows.d[r].add(b) });
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(d_lo, dx), acc[r]);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_mul_ps(d_hi, dx), acc[r]);
-            }
+            // SAFETY: the caller's contract.
+            unsafe { add_half_products::<R, 32>(acc, &units, rows, b, halves) }
         }
-        let lanes = LANES.min(n - g * LANES);
-        for r in 0..R {
-            unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
-        }
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL and VNNI; `w` is grouped and fits n × nb; `cols`
-    /// starts on a group; no other thread writes those columns.
-    pub(super) unsafe fn run(
-        w: &Q6K,
-        nb: usize,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { groups_and_rows!(tile, x.rows, cols, |r, g| w, nb, x, r, g, n, out) }
     }
 }
 

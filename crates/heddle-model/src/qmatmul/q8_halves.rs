@@ -224,78 +224,47 @@ pub(super) mod avx2 {
 /// column, `vpdpbusd` on four broadcast activation bytes. The values carry +128, so each
 /// half's integer sum starts from −128 times the sum of its 16 activations.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::needless_range_loop)]
 pub(super) mod vnni {
     use super::*;
-    use crate::qmatmul::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
+    use crate::qmatmul::activations::RowPtrs;
+    use crate::qmatmul::vnni::{add_half_products, add_mins, byte_units, prefetch, GroupedWeights};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const R: usize>(
-        qs: &[u8],
-        d: &[f32],
-        m: &[f32],
-        nb: usize,
-        x: &QuantizedRows,
-        r0: usize,
-        g: usize,
-        n: usize,
-        out: OutPtr,
-    ) {
-        // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist;
-        // b < nb.
-        let rows = unsafe { RowPtrs::<R>::new(x, r0) };
-        let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..nb {
-            let gb = g * nb + b;
-            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
-            prefetch(qs, ahead * 512, 512);
-            prefetch(d, ahead * 2 * LANES, 2 * LANES);
-            prefetch(m, ahead * LANES, LANES);
-            let units: [__m512i; 8] = std::array::from_fn(|i| unsafe {
-                _mm512_loadu_si512(qs.as_ptr().add(gb * 512 + i * 64) as *const __m512i)
-            });
-            let d_lo = unsafe { _mm512_loadu_ps(d.as_ptr().add(gb * 2 * LANES)) };
-            let d_hi = unsafe { _mm512_loadu_ps(d.as_ptr().add(gb * 2 * LANES + LANES)) };
-            let mw = unsafe { _mm512_loadu_ps(m.as_ptr().add(gb * LANES)) };
-            for r in 0..R {
-                let (sum, lo) = unsafe { (*rows.sums[r].add(b), *rows.lo_sums[r].add(b)) };
-                let (a, h) = unsafe {
-                    half_dots(
-                        &units,
-                        rows.qs[r].add(b * 8),
-                        _mm512_set1_epi32(-128 * lo),
-                        _mm512_set1_epi32(-128 * (sum - lo)),
-                    )
-                };
-                let dx = _mm512_set1_ps(unsafe { *rows.d[r].add(b) });
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(d_lo, dx), acc[r]);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_mul_ps(d_hi, dx), acc[r]);
-                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(unsafe { *rows.s[r].add(b) }), acc[r]);
-            }
-        }
-        let lanes = LANES.min(n - g * LANES);
-        for r in 0..R {
-            unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
-        }
+    /// A [`Storage::Q8Halvesx16`]'s buffers.
+    pub(in crate::qmatmul) struct Grouped<'a> {
+        pub qs: &'a [u8],
+        pub d: &'a [f32],
+        pub m: &'a [f32],
     }
 
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL and VNNI; the buffers hold the Q8Halvesx16 layout of
-    /// an n × nb·32 matrix; `cols` starts on a group; no other thread writes those
-    /// columns.
-    #[allow(clippy::too_many_arguments)]
-    pub(in crate::qmatmul) unsafe fn run(
-        qs: &[u8],
-        d: &[f32],
-        m: &[f32],
-        nb: usize,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { groups_and_rows!(tile, x.rows, cols, |r, g| qs, d, m, nb, x, r, g, n, out) }
+    impl GroupedWeights for Grouped<'_> {
+        #[inline(always)]
+        fn prefetch(&self, nb: usize, g: usize, b: usize) {
+            let gb = g * nb + b;
+            prefetch(self.qs, gb * 512, 512);
+            prefetch(self.d, gb * 2 * LANES, 2 * LANES);
+            prefetch(self.m, gb * LANES, LANES);
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn accumulate<const R: usize>(
+            &self,
+            nb: usize,
+            g: usize,
+            b: usize,
+            rows: &RowPtrs<R>,
+            acc: &mut [__m512; R],
+        ) {
+            let gb = g * nb + b;
+            // SAFETY: the caller's contract.
+            unsafe {
+                let units = byte_units(self.qs, gb);
+                let d = self.d.as_ptr().add(gb * 2 * LANES);
+                let halves = (_mm512_loadu_ps(d), _mm512_loadu_ps(d.add(LANES)));
+                let mw = _mm512_loadu_ps(self.m.as_ptr().add(gb * LANES));
+                add_half_products::<R, 128>(acc, &units, rows, b, halves);
+                add_mins(acc, rows, b, mw);
+            }
+        }
     }
 }

@@ -19,39 +19,12 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{padded_blocks, OutPtr, QuantizedRows, LANES, QK};
+use super::activations::RowPtrs;
+use super::{OutPtr, QuantizedRows, LANES};
 
 /// Rows per tile: each row's accumulators stay in registers beside the group's 8
 /// vectors of weights.
 pub(super) const ROWS: usize = 8;
-
-/// Activation pointers of a tile of rows: values (as 4-byte units), scales, scaled
-/// sums and exact sums.
-pub(super) struct RowPtrs<const R: usize> {
-    pub qs: [*const i32; R],
-    pub d: [*const f32; R],
-    pub s: [*const f32; R],
-    pub sums: [*const i32; R],
-    pub lo_sums: [*const i32; R],
-}
-
-impl<const R: usize> RowPtrs<R> {
-    /// # Safety
-    /// Rows r0..r0 + R exist in `x`.
-    pub(super) unsafe fn new(x: &QuantizedRows, r0: usize) -> Self {
-        let (nb, nbp) = (x.nb, padded_blocks(x.nb));
-        // SAFETY: row starts inside the buffers.
-        unsafe {
-            RowPtrs {
-                qs: std::array::from_fn(|r| x.qs.as_ptr().add((r0 + r) * nb * QK) as *const i32),
-                d: std::array::from_fn(|r| x.d.as_ptr().add((r0 + r) * nbp)),
-                s: std::array::from_fn(|r| x.s.as_ptr().add((r0 + r) * nbp)),
-                sums: std::array::from_fn(|r| x.sums.as_ptr().add((r0 + r) * nbp)),
-                lo_sums: std::array::from_fn(|r| x.lo_sums.as_ptr().add((r0 + r) * nbp)),
-            }
-        }
-    }
-}
 
 /// Σ over 8 units of dpbusd(units[i], four bytes of x), in two chains for
 /// instruction-level parallelism, starting from `init` (exact in integers).
@@ -94,91 +67,6 @@ pub(super) unsafe fn store(out: OutPtr, at: usize, lanes: usize, v: __m512) {
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q4_1_tile<const R: usize>(
-    qs: &[u8],
-    d: &[f32],
-    m: &[f32],
-    nb: usize,
-    x: &QuantizedRows,
-    r0: usize,
-    g: usize,
-    n: usize,
-    out: OutPtr,
-) {
-    let low = _mm512_set1_epi8(0x0F);
-    // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist;
-    // b < nb.
-    let rows = unsafe { RowPtrs::<R>::new(x, r0) };
-    let mut acc = [_mm512_setzero_ps(); R];
-    for b in 0..nb {
-        let gb = g * nb + b;
-        let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
-        prefetch(qs, ahead * 256, 256);
-        prefetch(d, ahead * LANES, LANES);
-        prefetch(m, ahead * LANES, LANES);
-        let mut units = [_mm512_setzero_si512(); 8];
-        for j in 0..4 {
-            let v =
-                unsafe { _mm512_loadu_si512(qs.as_ptr().add(gb * 256 + j * 64) as *const __m512i) };
-            units[j] = _mm512_and_si512(v, low);
-            units[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        }
-        let dw = unsafe { _mm512_loadu_ps(d.as_ptr().add(gb * LANES)) };
-        let mw = unsafe { _mm512_loadu_ps(m.as_ptr().add(gb * LANES)) };
-        for r in 0..R {
-            let sum = unsafe { block_dot(&units, rows.qs[r].add(b * 8), _mm512_setzero_si512()) };
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(unsafe { *rows.d[r].add(b) }));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
-            acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(unsafe { *rows.s[r].add(b) }), acc[r]);
-        }
-    }
-    let lanes = LANES.min(n - g * LANES);
-    for r in 0..R {
-        unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q8_0_tile<const R: usize>(
-    qs: &[u8],
-    d: &[f32],
-    nb: usize,
-    x: &QuantizedRows,
-    r0: usize,
-    g: usize,
-    n: usize,
-    out: OutPtr,
-) {
-    // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist;
-    // b < nb.
-    let rows = unsafe { RowPtrs::<R>::new(x, r0) };
-    let mut acc = [_mm512_setzero_ps(); R];
-    for b in 0..nb {
-        let gb = g * nb + b;
-        let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
-        prefetch(qs, ahead * 512, 512);
-        prefetch(d, ahead * LANES, LANES);
-        let units: [__m512i; 8] = std::array::from_fn(|i| unsafe {
-            _mm512_loadu_si512(qs.as_ptr().add(gb * 512 + i * 64) as *const __m512i)
-        });
-        let dw = unsafe { _mm512_loadu_ps(d.as_ptr().add(gb * LANES)) };
-        for r in 0..R {
-            // The weights carry +128: start from −128·Σx.
-            let init = _mm512_set1_epi32(-128 * unsafe { *rows.sums[r].add(b) });
-            let sum = unsafe { block_dot(&units, rows.qs[r].add(b * 8), init) };
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(unsafe { *rows.d[r].add(b) }));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
-        }
-    }
-    let lanes = LANES.min(n - g * LANES);
-    for r in 0..R {
-        unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
-    }
-}
-
 /// How far ahead of the block being multiplied the kernels prefetch weights: the same
 /// block of the group this many groups further on. Without it a tile waits for memory
 /// at every new group: at 16 rows a Q4_1 matrix streamed from memory ran at half the
@@ -200,75 +88,248 @@ pub(super) fn prefetch<T>(v: &[T], at: usize, len: usize) {
     }
 }
 
-/// Runs `tile::<R>(r0, g)` over every group of `cols` and every tile of rows: groups
-/// outside, so a group's weights stay in L1 while all rows pass over them.
-macro_rules! groups_and_rows {
-    ($tile:ident, $rows:expr, $cols:expr, |$r:ident, $g:ident| $($args:tt)*) => {{
-        let rows = $rows;
-        let cols: Range<usize> = $cols;
-        for $g in cols.start / LANES..cols.end.div_ceil(LANES) {
-            let mut $r = 0;
-            while $r < rows {
-                let left = (rows - $r).min(ROWS);
-                match left {
-                    8 => $tile::<8>($($args)*),
-                    7 => $tile::<7>($($args)*),
-                    6 => $tile::<6>($($args)*),
-                    5 => $tile::<5>($($args)*),
-                    4 => $tile::<4>($($args)*),
-                    3 => $tile::<3>($($args)*),
-                    2 => $tile::<2>($($args)*),
-                    _ => $tile::<1>($($args)*),
-                }
-                $r += left;
-            }
-        }
-    }};
+/// Weights in groups of 16 rows of W, one output column per lane, which [`run`]
+/// multiplies a block of 32 at a time.
+pub(super) trait GroupedWeights {
+    /// Asks for block `b` of group `g` (where it exists) of a matrix of `nb` blocks a
+    /// row to be brought into L1.
+    fn prefetch(&self, nb: usize, g: usize, b: usize);
+
+    /// Adds the products of block `b` of group `g` with block `b` of each of the tile's
+    /// rows to that row's 16 accumulators.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and VNNI; group `g`, block `b` and the rows exist.
+    unsafe fn accumulate<const R: usize>(
+        &self,
+        nb: usize,
+        g: usize,
+        b: usize,
+        rows: &RowPtrs<R>,
+        acc: &mut [__m512; R],
+    );
 }
 
-/// # Safety
-/// The CPU has AVX-512 F/BW/VL and VNNI; the buffers hold the Q4_1x16 layout of an
-/// n × nb·32 matrix; `cols` starts on a group; no other thread writes those columns.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn q4_1(
-    qs: &[u8],
-    d: &[f32],
-    m: &[f32],
+/// Rows r0..r0 + R of the output, the 16 columns of group g.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile<W: GroupedWeights, const R: usize>(
+    w: &W,
     nb: usize,
     x: &QuantizedRows,
-    cols: Range<usize>,
+    r0: usize,
+    g: usize,
     n: usize,
     out: OutPtr,
 ) {
-    unsafe {
-        groups_and_rows!(
-            q4_1_tile,
-            x.rows,
-            cols,
-            |r, g| qs,
-            d,
-            m,
-            nb,
-            x,
-            r,
-            g,
-            n,
-            out
-        )
+    // SAFETY: the caller's contract: group g and rows r0..r0 + R exist.
+    let rows = unsafe { RowPtrs::<R>::new(x, r0) };
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        w.prefetch(nb, g + PREFETCH_GROUPS_AHEAD, b);
+        // SAFETY: as above; b < nb.
+        unsafe { w.accumulate(nb, g, b, &rows, &mut acc) };
+    }
+    let lanes = LANES.min(n - g * LANES);
+    for (r, &v) in acc.iter().enumerate() {
+        // SAFETY: the caller owns these columns.
+        unsafe { store(out, (r0 + r) * n + g * LANES, lanes, v) }
     }
 }
 
+/// Computes columns `cols` of every row of `x`·Wᵀ into `out` (row stride n): groups
+/// outside, so a group's weights stay in L1 while all tiles of rows pass over them.
+///
 /// # Safety
-/// As for [`q4_1`], with the Q8_0x16 layout.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn q8_0(
-    qs: &[u8],
-    d: &[f32],
+/// The CPU has AVX-512 F/BW/VL and VNNI; `w` holds its layout of an n × nb·32 matrix;
+/// `cols` starts on a group; no other thread writes those columns.
+pub(super) unsafe fn run<W: GroupedWeights>(
+    w: &W,
     nb: usize,
     x: &QuantizedRows,
     cols: Range<usize>,
     n: usize,
     out: OutPtr,
 ) {
-    unsafe { groups_and_rows!(q8_0_tile, x.rows, cols, |r, g| qs, d, nb, x, r, g, n, out) }
+    for g in cols.start / LANES..cols.end.div_ceil(LANES) {
+        let mut r = 0;
+        while r < x.rows {
+            let left = (x.rows - r).min(ROWS);
+            // SAFETY: the caller's contract.
+            unsafe {
+                match left {
+                    8 => tile::<W, 8>(w, nb, x, r, g, n, out),
+                    7 => tile::<W, 7>(w, nb, x, r, g, n, out),
+                    6 => tile::<W, 6>(w, nb, x, r, g, n, out),
+                    5 => tile::<W, 5>(w, nb, x, r, g, n, out),
+                    4 => tile::<W, 4>(w, nb, x, r, g, n, out),
+                    3 => tile::<W, 3>(w, nb, x, r, g, n, out),
+                    2 => tile::<W, 2>(w, nb, x, r, g, n, out),
+                    _ => tile::<W, 1>(w, nb, x, r, g, n, out),
+                }
+            }
+            r += left;
+        }
+    }
+}
+
+/// Block `gb`'s 256 bytes of nibbles (the Q4_1x16 layout) as 8 units of 64 bytes, one
+/// per four elements: the low nibbles (elements 0..16), then the high ones.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn nibble_units(qs: &[u8], gb: usize) -> [__m512i; 8] {
+    let low = _mm512_set1_epi8(0x0F);
+    let mut units = [_mm512_setzero_si512(); 8];
+    for j in 0..4 {
+        // SAFETY: the caller's block exists.
+        let v = unsafe { _mm512_loadu_si512(qs.as_ptr().add(gb * 256 + j * 64) as *const __m512i) };
+        units[j] = _mm512_and_si512(v, low);
+        units[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    units
+}
+
+/// Block `gb`'s 512 bytes (the Q8_0x16 layout) as its 8 units.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn byte_units(qs: &[u8], gb: usize) -> [__m512i; 8] {
+    // SAFETY: the caller's block exists.
+    std::array::from_fn(|i| unsafe {
+        _mm512_loadu_si512(qs.as_ptr().add(gb * 512 + i * 64) as *const __m512i)
+    })
+}
+
+/// acc[r] += (Σ units·x[r] − OFFSET·Σx[r]) · (dw · d[r]) for block `b` of each row: the
+/// integer sum starts from −OFFSET times the row's block sum, undoing weights stored
+/// OFFSET above their values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn add_block_products<const R: usize, const OFFSET: i32>(
+    acc: &mut [__m512; R],
+    units: &[__m512i; 8],
+    rows: &RowPtrs<R>,
+    b: usize,
+    dw: __m512,
+) {
+    for r in 0..R {
+        // SAFETY: the caller's rows and block exist.
+        unsafe {
+            let init = if OFFSET == 0 {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_set1_epi32(-OFFSET * *rows.sums[r].add(b))
+            };
+            let sum = block_dot(units, rows.qs[r].add(b * 8), init);
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*rows.d[r].add(b)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
+        }
+    }
+}
+
+/// [`add_block_products`] with a scale per half-block: each half's integer sum starts
+/// from −OFFSET times the sum of its 16 activations.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn add_half_products<const R: usize, const OFFSET: i32>(
+    acc: &mut [__m512; R],
+    units: &[__m512i; 8],
+    rows: &RowPtrs<R>,
+    b: usize,
+    (d_lo, d_hi): (__m512, __m512),
+) {
+    for r in 0..R {
+        // SAFETY: the caller's rows and block exist.
+        unsafe {
+            let (sum, lo) = (*rows.sums[r].add(b), *rows.lo_sums[r].add(b));
+            let (a, h) = half_dots(
+                units,
+                rows.qs[r].add(b * 8),
+                _mm512_set1_epi32(-OFFSET * lo),
+                _mm512_set1_epi32(-OFFSET * (sum - lo)),
+            );
+            let dx = _mm512_set1_ps(*rows.d[r].add(b));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(d_lo, dx), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_mul_ps(d_hi, dx), acc[r]);
+        }
+    }
+}
+
+/// acc[r] += mw · s[r] for block `b` of each row: the minimums times the activations'
+/// scaled block sums.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn add_mins<const R: usize>(
+    acc: &mut [__m512; R],
+    rows: &RowPtrs<R>,
+    b: usize,
+    mw: __m512,
+) {
+    for r in 0..R {
+        // SAFETY: the caller's rows and block exist.
+        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(unsafe { *rows.s[r].add(b) }), acc[r]);
+    }
+}
+
+/// Q4_1x16: 4-bit weights with a scale and a minimum per block.
+pub(super) struct Q4_1x16<'a> {
+    pub qs: &'a [u8],
+    pub d: &'a [f32],
+    pub m: &'a [f32],
+}
+
+impl GroupedWeights for Q4_1x16<'_> {
+    #[inline(always)]
+    fn prefetch(&self, nb: usize, g: usize, b: usize) {
+        let gb = g * nb + b;
+        prefetch(self.qs, gb * 256, 256);
+        prefetch(self.d, gb * LANES, LANES);
+        prefetch(self.m, gb * LANES, LANES);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn accumulate<const R: usize>(
+        &self,
+        nb: usize,
+        g: usize,
+        b: usize,
+        rows: &RowPtrs<R>,
+        acc: &mut [__m512; R],
+    ) {
+        let gb = g * nb + b;
+        // SAFETY: the caller's contract.
+        unsafe {
+            let units = nibble_units(self.qs, gb);
+            let dw = _mm512_loadu_ps(self.d.as_ptr().add(gb * LANES));
+            let mw = _mm512_loadu_ps(self.m.as_ptr().add(gb * LANES));
+            add_block_products::<R, 0>(acc, &units, rows, b, dw);
+            add_mins(acc, rows, b, mw);
+        }
+    }
+}
+
+/// Q8_0x16: 8-bit weights stored +128, with a scale per block.
+pub(super) struct Q8_0x16<'a> {
+    pub qs: &'a [u8],
+    pub d: &'a [f32],
+}
+
+impl GroupedWeights for Q8_0x16<'_> {
+    #[inline(always)]
+    fn prefetch(&self, nb: usize, g: usize, b: usize) {
+        let gb = g * nb + b;
+        prefetch(self.qs, gb * 512, 512);
+        prefetch(self.d, gb * LANES, LANES);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn accumulate<const R: usize>(
+        &self,
+        nb: usize,
+        g: usize,
+        b: usize,
+        rows: &RowPtrs<R>,
+        acc: &mut [__m512; R],
+    ) {
+        let gb = g * nb + b;
+        // SAFETY: the caller's contract.
+        unsafe {
+            let units = byte_units(self.qs, gb);
+            let dw = _mm512_loadu_ps(self.d.as_ptr().add(gb * LANES));
+            add_block_products::<R, 128>(acc, &units, rows, b, dw);
+        }
+    }
 }

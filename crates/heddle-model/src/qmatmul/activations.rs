@@ -93,6 +93,12 @@ impl<const R: usize> RowPtrs<R> {
     }
 }
 
+/// A tile of activation rows and each row's accumulator, one vector `V` of outputs.
+pub(super) struct Tile<V, const R: usize> {
+    pub rows: RowPtrs<R>,
+    pub acc: [V; R],
+}
+
 /// One quantized activation block's numbers besides its values.
 #[derive(Debug, PartialEq)]
 struct BlockSums {

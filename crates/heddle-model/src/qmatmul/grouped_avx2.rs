@@ -20,8 +20,8 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::activations::RowPtrs;
-use super::vnni::{GroupedWeights, Q4_1x16, Q8_0x16, PREFETCH_GROUPS_AHEAD};
+use super::activations::{RowPtrs, Tile};
+use super::vnni::{GroupBlock, GroupedWeights, Q4_1x16, Q8_0x16, PREFETCH_GROUPS_AHEAD};
 use super::{OutPtr, QuantizedRows, LANES};
 
 /// Rows per tile: their 16-bit and f32 accumulators, the block's two unpacked units and
@@ -34,17 +34,16 @@ const HALF: usize = LANES / 2;
 /// Grouped weights the AVX2 tiles multiply half a group (8 columns) at a time; they
 /// prefetch as the VNNI kernels do.
 pub(super) trait HalfGroups: GroupedWeights {
-    /// Adds the products of block `b` of half `h` of group `g`, `at` = (g, h, b), with
-    /// block `b` of each of the tile's rows to that row's 8 accumulators.
+    /// Adds the products of half `h` of the block `at` with the same block of each of
+    /// the tile's rows to that row's 8 accumulators.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; group `g`, block `b` and the rows exist.
-    unsafe fn accumulate<const R: usize>(
+    /// The CPU has AVX2 and FMA; the block and the tile's rows exist.
+    unsafe fn accumulate_half<const R: usize>(
         &self,
-        nb: usize,
-        at: (usize, usize, usize),
-        rows: &RowPtrs<R>,
-        acc: &mut [__m256; R],
+        at: GroupBlock,
+        h: usize,
+        tile: &mut Tile<__m256, R>,
     );
 }
 
@@ -61,18 +60,24 @@ unsafe fn tile<W: HalfGroups, const R: usize>(
     n: usize,
     out: OutPtr,
 ) {
-    // SAFETY: the caller's contract: group g and rows r0..r0 + R exist.
-    let rows = unsafe { RowPtrs::<R>::new(x, r0) };
-    let mut acc = [_mm256_setzero_ps(); R];
+    let mut tile = Tile {
+        // SAFETY: the caller's contract: group g and rows r0..r0 + R exist.
+        rows: unsafe { RowPtrs::<R>::new(x, r0) },
+        acc: [_mm256_setzero_ps(); R],
+    };
     for b in 0..nb {
         if h == 0 {
-            w.prefetch(nb, g + PREFETCH_GROUPS_AHEAD, b);
+            w.prefetch(GroupBlock {
+                nb,
+                g: g + PREFETCH_GROUPS_AHEAD,
+                b,
+            });
         }
         // SAFETY: as above; b < nb.
-        unsafe { HalfGroups::accumulate(w, nb, (g, h, b), &rows, &mut acc) };
+        unsafe { w.accumulate_half(GroupBlock { nb, g, b }, h, &mut tile) };
     }
     // SAFETY: the caller owns these columns of the rows.
-    unsafe { store(&acc, r0, g, h, n, out) }
+    unsafe { store(&tile.acc, r0, g, h, n, out) }
 }
 
 /// Stores `acc[r]` as columns 8·h.. of group g of row r0 + r (fewer in a partial group).
@@ -103,16 +108,15 @@ unsafe fn store<const R: usize>(
 impl HalfGroups for Q4_1x16<'_> {
     /// The integer products of the whole block summed in 16-bit lanes (see above).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate<const R: usize>(
+    unsafe fn accumulate_half<const R: usize>(
         &self,
-        nb: usize,
-        (g, h, b): (usize, usize, usize),
-        rows: &RowPtrs<R>,
-        acc: &mut [__m256; R],
+        at: GroupBlock,
+        h: usize,
+        Tile { rows, acc }: &mut Tile<__m256, R>,
     ) {
+        let (b, gb) = (at.b, at.index());
         let low = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let gb = g * nb + b;
         // SAFETY (all pointer arithmetic below): the caller's contract.
         let mut sums = [_mm256_setzero_si256(); R];
         for j in 0..4 {
@@ -154,16 +158,15 @@ impl HalfGroups for Q8_0x16<'_> {
     /// The values + 128 back to signed bytes, then `maddubs`' sign trick and a `madd`
     /// to 32 bits per unit.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate<const R: usize>(
+    unsafe fn accumulate_half<const R: usize>(
         &self,
-        nb: usize,
-        (g, h, b): (usize, usize, usize),
-        rows: &RowPtrs<R>,
-        acc: &mut [__m256; R],
+        at: GroupBlock,
+        h: usize,
+        Tile { rows, acc }: &mut Tile<__m256, R>,
     ) {
+        let (b, gb) = (at.b, at.index());
         let bias = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
-        let gb = g * nb + b;
         // SAFETY (all pointer arithmetic below): the caller's contract.
         let mut sums = [_mm256_setzero_si256(); R];
         for i in 0..8 {

@@ -116,9 +116,9 @@ impl Q4Kx16 {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::*;
-    use crate::qmatmul::activations::RowPtrs;
+    use crate::qmatmul::activations::Tile;
     use crate::qmatmul::vnni::{
-        add_block_products, add_mins, nibble_units, prefetch, GroupedWeights,
+        add_block_products, add_mins, nibble_units, prefetch, GroupBlock, GroupedWeights,
     };
     use std::arch::x86_64::*;
 
@@ -133,38 +133,31 @@ mod vnni {
 
     impl GroupedWeights for Q4Kx16 {
         #[inline(always)]
-        fn prefetch(&self, nb: usize, g: usize, b: usize) {
-            let gb = g * nb + b;
+        fn prefetch(&self, at: GroupBlock) {
+            let gb = at.index();
             prefetch(&self.qs, gb * 256, 256);
             prefetch(&self.factors, gb * 2 * LANES, 2 * LANES);
-            prefetch(&self.scales, self.super_at(nb, g, b), 2 * LANES);
+            prefetch(&self.scales, self.super_at(at.nb, at.g, at.b), 2 * LANES);
         }
 
         /// Q4_1x16's arithmetic, each block's scale and minimum rebuilt from its factors
         /// and its super-block's scales.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-        unsafe fn accumulate<const R: usize>(
-            &self,
-            nb: usize,
-            g: usize,
-            b: usize,
-            rows: &RowPtrs<R>,
-            acc: &mut [__m512; R],
-        ) {
-            let gb = g * nb + b;
-            let at = self.super_at(nb, g, b);
+        unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
+            let gb = at.index();
+            let sb = self.super_at(at.nb, at.g, at.b);
             // SAFETY: the caller's contract.
             unsafe {
                 let units = nibble_units(&self.qs, gb);
                 let f = self.factors.as_ptr().add(gb * 2 * LANES);
                 let scales = self.scales.as_ptr();
-                let dw = _mm512_mul_ps(_mm512_loadu_ps(scales.add(at)), factors16(f));
+                let dw = _mm512_mul_ps(_mm512_loadu_ps(scales.add(sb)), factors16(f));
                 let mw = _mm512_mul_ps(
-                    _mm512_loadu_ps(scales.add(at + LANES)),
+                    _mm512_loadu_ps(scales.add(sb + LANES)),
                     factors16(f.add(LANES)),
                 );
-                add_block_products::<R, 0>(acc, &units, rows, b, dw);
-                add_mins(acc, rows, b, mw);
+                add_block_products::<R, 0>(tile, &units, at.b, dw);
+                add_mins(tile, at.b, mw);
             }
         }
     }

@@ -321,8 +321,8 @@ mod avx2 {
 #[allow(clippy::needless_range_loop)]
 mod vnni {
     use super::*;
-    use crate::qmatmul::activations::RowPtrs;
-    use crate::qmatmul::vnni::{add_half_products, prefetch, GroupedWeights};
+    use crate::qmatmul::activations::Tile;
+    use crate::qmatmul::vnni::{add_half_products, prefetch, GroupBlock, GroupedWeights};
     use std::arch::x86_64::*;
 
     /// The 16 lanes' 8-bit factors at `p`, as floats.
@@ -348,27 +348,24 @@ mod vnni {
 
     impl GroupedWeights for Q6K {
         #[inline(always)]
-        fn prefetch(&self, nb: usize, g: usize, b: usize) {
-            let gb = g * nb + b;
+        fn prefetch(&self, at: GroupBlock) {
+            let gb = at.index();
             prefetch(&self.nibbles, gb * 256, 256);
             prefetch(&self.highs, gb * 128, 128);
             prefetch(&self.factors, gb * 2 * LANES, 2 * LANES);
-            prefetch(&self.scales, (g * (nb / SUPER) + b / SUPER) * LANES, LANES);
+            prefetch(
+                &self.scales,
+                (at.g * (at.nb / SUPER) + at.b / SUPER) * LANES,
+                LANES,
+            );
         }
 
         /// Rebuilds the block's 6-bit values from nibbles and high bits, then multiplies
         /// as `q8_halves::vnni` does, each half's scale d·sc.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-        unsafe fn accumulate<const R: usize>(
-            &self,
-            nb: usize,
-            g: usize,
-            b: usize,
-            rows: &RowPtrs<R>,
-            acc: &mut [__m512; R],
-        ) {
+        unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
             let low = _mm512_set1_epi8(0x0F);
-            let gb = g * nb + b;
+            let gb = at.index();
             let load = |p: *const u8| unsafe { _mm512_loadu_si512(p as *const __m512i) };
             // SAFETY (all pointer arithmetic below): the caller's contract.
             let highs: [__m512i; 2] = std::array::from_fn(|h| {
@@ -383,7 +380,7 @@ mod vnni {
                 units[j + 4] = _mm512_or_si512(hi, high_bits(highs[1], j));
             }
             let halves = unsafe {
-                let at = (g * (nb / SUPER) + b / SUPER) * LANES;
+                let at = (at.g * (at.nb / SUPER) + at.b / SUPER) * LANES;
                 let d = _mm512_loadu_ps(self.scales.as_ptr().add(at));
                 let f = self.factors.as_ptr().add(gb * 2 * LANES);
                 (
@@ -392,7 +389,7 @@ mod vnni {
                 )
             };
             // SAFETY: the caller's contract.
-            unsafe { add_half_products::<R, 32>(acc, &units, rows, b, halves) }
+            unsafe { add_half_products::<R, 32>(tile, &units, at.b, halves) }
         }
     }
 }

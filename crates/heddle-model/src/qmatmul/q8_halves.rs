@@ -226,8 +226,10 @@ pub(super) mod avx2 {
 #[cfg(target_arch = "x86_64")]
 pub(super) mod vnni {
     use super::*;
-    use crate::qmatmul::activations::RowPtrs;
-    use crate::qmatmul::vnni::{add_half_products, add_mins, byte_units, prefetch, GroupedWeights};
+    use crate::qmatmul::activations::Tile;
+    use crate::qmatmul::vnni::{
+        add_half_products, add_mins, byte_units, prefetch, GroupBlock, GroupedWeights,
+    };
     use std::arch::x86_64::*;
 
     /// A [`Storage::Q8Halvesx16`]'s buffers.
@@ -239,31 +241,24 @@ pub(super) mod vnni {
 
     impl GroupedWeights for Grouped<'_> {
         #[inline(always)]
-        fn prefetch(&self, nb: usize, g: usize, b: usize) {
-            let gb = g * nb + b;
+        fn prefetch(&self, at: GroupBlock) {
+            let gb = at.index();
             prefetch(self.qs, gb * 512, 512);
             prefetch(self.d, gb * 2 * LANES, 2 * LANES);
             prefetch(self.m, gb * LANES, LANES);
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-        unsafe fn accumulate<const R: usize>(
-            &self,
-            nb: usize,
-            g: usize,
-            b: usize,
-            rows: &RowPtrs<R>,
-            acc: &mut [__m512; R],
-        ) {
-            let gb = g * nb + b;
+        unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
+            let gb = at.index();
             // SAFETY: the caller's contract.
             unsafe {
                 let units = byte_units(self.qs, gb);
                 let d = self.d.as_ptr().add(gb * 2 * LANES);
                 let halves = (_mm512_loadu_ps(d), _mm512_loadu_ps(d.add(LANES)));
                 let mw = _mm512_loadu_ps(self.m.as_ptr().add(gb * LANES));
-                add_half_products::<R, 128>(acc, &units, rows, b, halves);
-                add_mins(acc, rows, b, mw);
+                add_half_products::<R, 128>(tile, &units, at.b, halves);
+                add_mins(tile, at.b, mw);
             }
         }
     }

@@ -19,7 +19,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::activations::RowPtrs;
+use super::activations::{RowPtrs, Tile};
 use super::{OutPtr, QuantizedRows, LANES};
 
 /// Rows per tile: each row's accumulators stay in registers beside the group's 8
@@ -90,24 +90,32 @@ pub(super) fn prefetch<T>(v: &[T], at: usize, len: usize) {
 
 /// Weights in groups of 16 rows of W, one output column per lane, which [`run`]
 /// multiplies a block of 32 at a time.
-pub(super) trait GroupedWeights {
-    /// Asks for block `b` of group `g` (where it exists) of a matrix of `nb` blocks a
-    /// row to be brought into L1.
-    fn prefetch(&self, nb: usize, g: usize, b: usize);
+/// Block `b` of group `g` of a grouped matrix of `nb` blocks a row.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct GroupBlock {
+    pub nb: usize,
+    pub g: usize,
+    pub b: usize,
+}
 
-    /// Adds the products of block `b` of group `g` with block `b` of each of the tile's
+impl GroupBlock {
+    /// Its index among the grouped blocks: g·nb + b.
+    #[inline(always)]
+    pub(super) fn index(self) -> usize {
+        self.g * self.nb + self.b
+    }
+}
+
+pub(super) trait GroupedWeights {
+    /// Asks for the block `at` (where it exists) to be brought into L1.
+    fn prefetch(&self, at: GroupBlock);
+
+    /// Adds the products of the block `at` with the same block of each of the tile's
     /// rows to that row's 16 accumulators.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F/BW/VL and VNNI; group `g`, block `b` and the rows exist.
-    unsafe fn accumulate<const R: usize>(
-        &self,
-        nb: usize,
-        g: usize,
-        b: usize,
-        rows: &RowPtrs<R>,
-        acc: &mut [__m512; R],
-    );
+    /// The CPU has AVX-512 F/BW/VL and VNNI; the block and the tile's rows exist.
+    unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>);
 }
 
 /// Rows r0..r0 + R of the output, the 16 columns of group g.
@@ -121,16 +129,22 @@ unsafe fn tile<W: GroupedWeights, const R: usize>(
     n: usize,
     out: OutPtr,
 ) {
-    // SAFETY: the caller's contract: group g and rows r0..r0 + R exist.
-    let rows = unsafe { RowPtrs::<R>::new(x, r0) };
-    let mut acc = [_mm512_setzero_ps(); R];
+    let mut tile = Tile {
+        // SAFETY: the caller's contract: group g and rows r0..r0 + R exist.
+        rows: unsafe { RowPtrs::<R>::new(x, r0) },
+        acc: [_mm512_setzero_ps(); R],
+    };
     for b in 0..nb {
-        w.prefetch(nb, g + PREFETCH_GROUPS_AHEAD, b);
+        w.prefetch(GroupBlock {
+            nb,
+            g: g + PREFETCH_GROUPS_AHEAD,
+            b,
+        });
         // SAFETY: as above; b < nb.
-        unsafe { w.accumulate(nb, g, b, &rows, &mut acc) };
+        unsafe { w.accumulate(GroupBlock { nb, g, b }, &mut tile) };
     }
     let lanes = LANES.min(n - g * LANES);
-    for (r, &v) in acc.iter().enumerate() {
+    for (r, &v) in tile.acc.iter().enumerate() {
         // SAFETY: the caller owns these columns.
         unsafe { store(out, (r0 + r) * n + g * LANES, lanes, v) }
     }
@@ -201,9 +215,8 @@ pub(super) unsafe fn byte_units(qs: &[u8], gb: usize) -> [__m512i; 8] {
 /// OFFSET above their values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn add_block_products<const R: usize, const OFFSET: i32>(
-    acc: &mut [__m512; R],
+    Tile { rows, acc }: &mut Tile<__m512, R>,
     units: &[__m512i; 8],
-    rows: &RowPtrs<R>,
     b: usize,
     dw: __m512,
 ) {
@@ -226,9 +239,8 @@ pub(super) unsafe fn add_block_products<const R: usize, const OFFSET: i32>(
 /// from −OFFSET times the sum of its 16 activations.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn add_half_products<const R: usize, const OFFSET: i32>(
-    acc: &mut [__m512; R],
+    Tile { rows, acc }: &mut Tile<__m512, R>,
     units: &[__m512i; 8],
-    rows: &RowPtrs<R>,
     b: usize,
     (d_lo, d_hi): (__m512, __m512),
 ) {
@@ -253,8 +265,7 @@ pub(super) unsafe fn add_half_products<const R: usize, const OFFSET: i32>(
 /// scaled block sums.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn add_mins<const R: usize>(
-    acc: &mut [__m512; R],
-    rows: &RowPtrs<R>,
+    Tile { rows, acc }: &mut Tile<__m512, R>,
     b: usize,
     mw: __m512,
 ) {
@@ -273,30 +284,23 @@ pub(super) struct Q4_1x16<'a> {
 
 impl GroupedWeights for Q4_1x16<'_> {
     #[inline(always)]
-    fn prefetch(&self, nb: usize, g: usize, b: usize) {
-        let gb = g * nb + b;
+    fn prefetch(&self, at: GroupBlock) {
+        let gb = at.index();
         prefetch(self.qs, gb * 256, 256);
         prefetch(self.d, gb * LANES, LANES);
         prefetch(self.m, gb * LANES, LANES);
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn accumulate<const R: usize>(
-        &self,
-        nb: usize,
-        g: usize,
-        b: usize,
-        rows: &RowPtrs<R>,
-        acc: &mut [__m512; R],
-    ) {
-        let gb = g * nb + b;
+    unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
+        let (b, gb) = (at.b, at.index());
         // SAFETY: the caller's contract.
         unsafe {
             let units = nibble_units(self.qs, gb);
             let dw = _mm512_loadu_ps(self.d.as_ptr().add(gb * LANES));
             let mw = _mm512_loadu_ps(self.m.as_ptr().add(gb * LANES));
-            add_block_products::<R, 0>(acc, &units, rows, b, dw);
-            add_mins(acc, rows, b, mw);
+            add_block_products::<R, 0>(tile, &units, b, dw);
+            add_mins(tile, b, mw);
         }
     }
 }
@@ -309,27 +313,20 @@ pub(super) struct Q8_0x16<'a> {
 
 impl GroupedWeights for Q8_0x16<'_> {
     #[inline(always)]
-    fn prefetch(&self, nb: usize, g: usize, b: usize) {
-        let gb = g * nb + b;
+    fn prefetch(&self, at: GroupBlock) {
+        let gb = at.index();
         prefetch(self.qs, gb * 512, 512);
         prefetch(self.d, gb * LANES, LANES);
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn accumulate<const R: usize>(
-        &self,
-        nb: usize,
-        g: usize,
-        b: usize,
-        rows: &RowPtrs<R>,
-        acc: &mut [__m512; R],
-    ) {
-        let gb = g * nb + b;
+    unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
+        let (b, gb) = (at.b, at.index());
         // SAFETY: the caller's contract.
         unsafe {
             let units = byte_units(self.qs, gb);
             let dw = _mm512_loadu_ps(self.d.as_ptr().add(gb * LANES));
-            add_block_products::<R, 128>(acc, &units, rows, b, dw);
+            add_block_products::<R, 128>(tile, &units, b, dw);
         }
     }
 }

@@ -11,42 +11,102 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::OutPtr;
+use super::{padded_blocks, OutPtr, QuantizedRows, QK};
 
 pub(super) const PANEL: usize = 64;
 
-/// Walks a column range in panels, and each panel in tiles: 4 rows at a time then
-/// the remaining 1–3, 2 columns at a time then a last odd one.
-macro_rules! tiled {
-    ($tile:ident, $rows:expr, $cols:expr, |$r:ident, $c:ident| $($args:tt)*) => {{
-        let rows = $rows;
-        let cols: Range<usize> = $cols;
-        let mut panel = cols.start;
-        while panel < cols.end {
-            let panel_end = cols.end.min(panel + PANEL);
-            let mut $r = 0;
-            while $r < rows {
-                let left = (rows - $r).min(4);
-                let mut $c = panel;
-                while $c < panel_end {
-                    let two = panel_end - $c >= 2;
+/// Where a tile's outputs go: rows r0.., columns c0.. of an output `n` columns wide.
+#[derive(Clone, Copy)]
+pub(super) struct TileAt {
+    pub r0: usize,
+    pub c0: usize,
+    pub n: usize,
+    pub out: OutPtr,
+}
+
+/// Row-major weights the AVX2 kernels multiply by activations `X` a tile of up to
+/// 4 rows × 2 columns at a time.
+pub(super) trait Tiles<X: ?Sized> {
+    /// Rows r0..r0 + R, columns c0..c0 + C of the output.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; those rows and columns exist, and no other thread
+    /// writes them.
+    unsafe fn tile<const R: usize, const C: usize>(&self, x: &X, at: TileAt);
+}
+
+/// Computes columns `cols` of `rows` rows of `x`·Wᵀ into `out` (row stride n): the
+/// columns in panels, each panel in tiles of 4 rows at a time then the remaining 1–3,
+/// 2 columns at a time then a last odd one.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `w` and `x` fit n × k and rows × k; no other thread
+/// writes columns `cols` of `out`.
+pub(super) unsafe fn run<X: ?Sized, W: Tiles<X>>(
+    w: &W,
+    x: &X,
+    rows: usize,
+    cols: Range<usize>,
+    n: usize,
+    out: OutPtr,
+) {
+    let mut panel = cols.start;
+    while panel < cols.end {
+        let panel_end = cols.end.min(panel + PANEL);
+        let mut r0 = 0;
+        while r0 < rows {
+            let left = (rows - r0).min(4);
+            let mut c0 = panel;
+            while c0 < panel_end {
+                let two = panel_end - c0 >= 2;
+                let at = TileAt { r0, c0, n, out };
+                // SAFETY: the caller's contract.
+                unsafe {
                     match (left, two) {
-                        (4, true) => $tile::<4, 2>($($args)*),
-                        (3, true) => $tile::<3, 2>($($args)*),
-                        (2, true) => $tile::<2, 2>($($args)*),
-                        (1, true) => $tile::<1, 2>($($args)*),
-                        (4, false) => $tile::<4, 1>($($args)*),
-                        (3, false) => $tile::<3, 1>($($args)*),
-                        (2, false) => $tile::<2, 1>($($args)*),
-                        _ => $tile::<1, 1>($($args)*),
+                        (4, true) => w.tile::<4, 2>(x, at),
+                        (3, true) => w.tile::<3, 2>(x, at),
+                        (2, true) => w.tile::<2, 2>(x, at),
+                        (1, true) => w.tile::<1, 2>(x, at),
+                        (4, false) => w.tile::<4, 1>(x, at),
+                        (3, false) => w.tile::<3, 1>(x, at),
+                        (2, false) => w.tile::<2, 1>(x, at),
+                        _ => w.tile::<1, 1>(x, at),
                     }
-                    $c += if two { 2 } else { 1 };
                 }
-                $r += left;
+                c0 += if two { 2 } else { 1 };
             }
-            panel = panel_end;
+            r0 += left;
         }
-    }};
+        panel = panel_end;
+    }
+}
+
+/// The values and scales of rows r0..r0 + R of `x`.
+///
+/// # Safety
+/// Those rows exist.
+pub(super) unsafe fn row_starts<const R: usize>(
+    x: &QuantizedRows,
+    r0: usize,
+) -> ([*const i8; R], [*const f32; R]) {
+    let (nb, nbp) = (x.nb, padded_blocks(x.nb));
+    // SAFETY: row starts inside the buffers.
+    unsafe {
+        (
+            std::array::from_fn(|r| x.qs.as_ptr().add((r0 + r) * nb * QK)),
+            std::array::from_fn(|r| x.d.as_ptr().add((r0 + r) * nbp)),
+        )
+    }
+}
+
+/// Block `b` of each of the rows at `xq`.
+///
+/// # Safety
+/// The CPU has AVX2; the rows hold block `b`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn row_blocks<const R: usize>(xq: &[*const i8; R], b: usize) -> [__m256i; R] {
+    // SAFETY: the caller's contract.
+    std::array::from_fn(|r| unsafe { _mm256_loadu_si256(xq[r].add(b * QK) as *const __m256i) })
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -69,57 +129,44 @@ pub(super) unsafe fn scale_dot(a: *const f32, b: *const f32, len: usize) -> f32 
     hsum(acc)
 }
 
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn f32_tile<const R: usize, const C: usize>(
-    w: &[f32],
-    k: usize,
-    x: &[f32],
-    r0: usize,
-    c0: usize,
-    n: usize,
-    out: OutPtr,
-) {
-    let k8 = k - k % 8;
-    // SAFETY (all pointer arithmetic below): rows r0..r0 + R of x and c0..c0 + C of
-    // w exist, and j < k.
-    let xr: [*const f32; R] = std::array::from_fn(|r| unsafe { x.as_ptr().add((r0 + r) * k) });
-    let wr: [*const f32; C] = std::array::from_fn(|c| unsafe { w.as_ptr().add((c0 + c) * k) });
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    for j in (0..k8).step_by(8) {
-        let mut xv = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            xv[r] = unsafe { _mm256_loadu_ps(xr[r].add(j)) };
-        }
-        for c in 0..C {
-            let wv = unsafe { _mm256_loadu_ps(wr[c].add(j)) };
-            for r in 0..R {
-                acc[r][c] = _mm256_fmadd_ps(wv, xv[r], acc[r][c]);
-            }
-        }
-    }
-    for r in 0..R {
-        for c in 0..C {
-            let mut sum = hsum(acc[r][c]);
-            for j in k8..k {
-                sum += unsafe { *wr[c].add(j) * *xr[r].add(j) };
-            }
-            // SAFETY: the caller owns columns c0..c0 + C of these rows.
-            unsafe { out.write((r0 + r) * n + c0 + c, sum) }
-        }
-    }
+/// Row-major f32 weights, `k` columns.
+#[derive(Clone, Copy)]
+pub(super) struct F32Rows<'a> {
+    pub w: &'a [f32],
+    pub k: usize,
 }
 
-/// # Safety
-/// The CPU has AVX2 and FMA, and no other thread writes columns `cols` of `out`.
-pub(super) unsafe fn f32(
-    w: &[f32],
-    k: usize,
-    x: &[f32],
-    m: usize,
-    cols: Range<usize>,
-    n: usize,
-    out: OutPtr,
-) {
-    unsafe { tiled!(f32_tile, m, cols, |r, c| w, k, x, r, c, n, out) }
+impl Tiles<[f32]> for F32Rows<'_> {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize, const C: usize>(&self, x: &[f32], at: TileAt) {
+        let (F32Rows { w, k }, TileAt { r0, c0, n, out }) = (*self, at);
+        let k8 = k - k % 8;
+        // SAFETY (all pointer arithmetic below): rows r0..r0 + R of x and c0..c0 + C of
+        // w exist, and j < k.
+        let xr: [*const f32; R] = std::array::from_fn(|r| unsafe { x.as_ptr().add((r0 + r) * k) });
+        let wr: [*const f32; C] = std::array::from_fn(|c| unsafe { w.as_ptr().add((c0 + c) * k) });
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for j in (0..k8).step_by(8) {
+            let mut xv = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                xv[r] = unsafe { _mm256_loadu_ps(xr[r].add(j)) };
+            }
+            for c in 0..C {
+                let wv = unsafe { _mm256_loadu_ps(wr[c].add(j)) };
+                for r in 0..R {
+                    acc[r][c] = _mm256_fmadd_ps(wv, xv[r], acc[r][c]);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                let mut sum = hsum(acc[r][c]);
+                for j in k8..k {
+                    sum += unsafe { *wr[c].add(j) * *xr[r].add(j) };
+                }
+                // SAFETY: the caller owns columns c0..c0 + C of these rows.
+                unsafe { out.write((r0 + r) * n + c0 + c, sum) }
+            }
+        }
+    }
 }

@@ -545,11 +545,11 @@ impl Linear {
             match (&self.storage, family) {
                 (Storage::Q4_1 { qs, d, m: mins }, _) => {
                     let w = portable::Q4_1Ref { nb, qs, d, m: mins };
-                    portable::q4_1(&w, q.unwrap(), cols, n, out)
+                    portable::run(&w, q.unwrap(), cols, n, out)
                 }
                 (Storage::Q8_0 { qs, d }, _) => {
                     let w = portable::Q8_0Ref { nb, qs, d };
-                    portable::q8_0(&w, q.unwrap(), cols, n, out)
+                    portable::run(&w, q.unwrap(), cols, n, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Storage::Q4_1x16 { qs, d, m: mins }, f) => {
@@ -571,8 +571,8 @@ impl Linear {
                     let w = q8_halves::RowMajor { nb, qs, d, m: mins };
                     match f {
                         #[cfg(target_arch = "x86_64")]
-                        Family::Avx2 => q8_halves::avx2::run(&w, q.unwrap(), cols, n, out),
-                        _ => q8_halves::portable::run(&w, q.unwrap(), cols, n, out),
+                        Family::Avx2 => avx2::run(&w, q.unwrap(), x.rows, cols, n, out),
+                        _ => portable::run(&w, q.unwrap(), cols, n, out),
                     }
                 }
                 #[cfg(target_arch = "x86_64")]
@@ -585,7 +585,7 @@ impl Linear {
                 (Storage::Q6K(w), f) => w.run(f, nb, q.unwrap(), cols, n, out),
                 #[cfg(target_arch = "x86_64")]
                 (Storage::F32(w), Family::Avx2 | Family::Vnni) => {
-                    avx2::f32(w, k, x.x, m, cols, n, out)
+                    avx2::run(&avx2::F32Rows { w, k }, x.x, m, cols, n, out)
                 }
                 (Storage::F32(w), _) => portable::f32(w, k, x.x, m, cols, n, out),
                 #[cfg(not(target_arch = "x86_64"))]
@@ -655,25 +655,6 @@ impl OutPtr {
     /// `i` is in bounds and no other thread writes element `i`.
     unsafe fn write(self, i: usize, v: f32) {
         unsafe { *self.0.add(i) = v }
-    }
-
-    /// Writes `dot(c, r)` for every row `r < rows` and column `c` of `cols` of an output
-    /// `n` columns wide: the portable kernels' loop.
-    ///
-    /// # Safety
-    /// As for [`Self::write`], for every element written.
-    unsafe fn write_each(
-        self,
-        rows: usize,
-        cols: Range<usize>,
-        n: usize,
-        dot: impl Fn(usize, usize) -> f32,
-    ) {
-        for r in 0..rows {
-            for c in cols.clone() {
-                unsafe { self.write(r * n + c, dot(c, r)) }
-            }
-        }
     }
 }
 

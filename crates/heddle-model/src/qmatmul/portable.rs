@@ -4,12 +4,60 @@ use std::ops::Range;
 
 use super::{padded_blocks, OutPtr, QuantizedRows, QK};
 
+/// Weights whose outputs the portable kernels compute one at a time.
+pub(super) trait Dot {
+    /// Output `c` of activation row `r`: row `c` of W dotted with row `r` of `x`.
+    fn dot(&self, c: usize, x: &QuantizedRows, r: usize) -> f32;
+}
+
+/// Computes columns `cols` of every row of `x`·Wᵀ into `out` (row stride n).
+///
+/// # Safety
+/// No other thread writes columns `cols` of `out`, which holds `x.rows × n` floats.
+pub(super) unsafe fn run<W: Dot>(
+    w: &W,
+    x: &QuantizedRows,
+    cols: Range<usize>,
+    n: usize,
+    out: OutPtr,
+) {
+    for r in 0..x.rows {
+        for c in cols.clone() {
+            // SAFETY: the caller's contract.
+            unsafe { out.write(r * n + c, w.dot(c, x, r)) }
+        }
+    }
+}
+
 /// Row-major Q4_1 weights (scales padded per row).
 pub(super) struct Q4_1Ref<'a> {
     pub nb: usize,
     pub qs: &'a [u8],
     pub d: &'a [f32],
     pub m: &'a [f32],
+}
+
+impl Dot for Q4_1Ref<'_> {
+    fn dot(&self, c: usize, x: &QuantizedRows, r: usize) -> f32 {
+        let w = self;
+
+        let nb = w.nb;
+        let nbp = padded_blocks(nb);
+        let mut acc = 0f32;
+        let mut mins = 0f32;
+        for b in 0..nb {
+            let wq = &w.qs[(c * nb + b) * 16..][..16];
+            let xq = &x.qs[(r * nb + b) * QK..][..QK];
+            let mut sum = 0i32;
+            for j in 0..16 {
+                sum += (wq[j] & 0x0F) as i32 * xq[j] as i32;
+                sum += (wq[j] >> 4) as i32 * xq[j + 16] as i32;
+            }
+            acc += sum as f32 * (w.d[c * nbp + b] * x.d[r * nbp + b]);
+            mins += w.m[c * nbp + b] * x.s[r * nbp + b];
+        }
+        acc + mins
+    }
 }
 
 /// Row-major Q8_0 weights.
@@ -19,64 +67,27 @@ pub(super) struct Q8_0Ref<'a> {
     pub d: &'a [f32],
 }
 
-fn q4_1_dot(w: &Q4_1Ref, c: usize, x: &QuantizedRows, r: usize) -> f32 {
-    let nb = w.nb;
-    let nbp = padded_blocks(nb);
-    let mut acc = 0f32;
-    let mut mins = 0f32;
-    for b in 0..nb {
-        let wq = &w.qs[(c * nb + b) * 16..][..16];
-        let xq = &x.qs[(r * nb + b) * QK..][..QK];
-        let mut sum = 0i32;
-        for j in 0..16 {
-            sum += (wq[j] & 0x0F) as i32 * xq[j] as i32;
-            sum += (wq[j] >> 4) as i32 * xq[j + 16] as i32;
+impl Dot for Q8_0Ref<'_> {
+    fn dot(&self, c: usize, x: &QuantizedRows, r: usize) -> f32 {
+        let w = self;
+
+        let nb = w.nb;
+        let nbp = padded_blocks(nb);
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let wq = &w.qs[(c * nb + b) * QK..][..QK];
+            let xq = &x.qs[(r * nb + b) * QK..][..QK];
+            let sum: i32 = wq.iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
+            acc += sum as f32 * (w.d[c * nb + b] * x.d[r * nbp + b]);
         }
-        acc += sum as f32 * (w.d[c * nbp + b] * x.d[r * nbp + b]);
-        mins += w.m[c * nbp + b] * x.s[r * nbp + b];
+        acc
     }
-    acc + mins
 }
 
-fn q8_0_dot(w: &Q8_0Ref, c: usize, x: &QuantizedRows, r: usize) -> f32 {
-    let nb = w.nb;
-    let nbp = padded_blocks(nb);
-    let mut acc = 0f32;
-    for b in 0..nb {
-        let wq = &w.qs[(c * nb + b) * QK..][..QK];
-        let xq = &x.qs[(r * nb + b) * QK..][..QK];
-        let sum: i32 = wq.iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
-        acc += sum as f32 * (w.d[c * nb + b] * x.d[r * nbp + b]);
-    }
-    acc
-}
-
+/// Row-major f32 weights times f32 activations.
+///
 /// # Safety
-/// No other thread writes columns `cols` of `out`, which holds `x.rows × n` floats.
-pub(super) unsafe fn q4_1(
-    w: &Q4_1Ref,
-    x: &QuantizedRows,
-    cols: Range<usize>,
-    n: usize,
-    out: OutPtr,
-) {
-    unsafe { out.write_each(x.rows, cols, n, |c, r| q4_1_dot(w, c, x, r)) }
-}
-
-/// # Safety
-/// As for [`q4_1`].
-pub(super) unsafe fn q8_0(
-    w: &Q8_0Ref,
-    x: &QuantizedRows,
-    cols: Range<usize>,
-    n: usize,
-    out: OutPtr,
-) {
-    unsafe { out.write_each(x.rows, cols, n, |c, r| q8_0_dot(w, c, x, r)) }
-}
-
-/// # Safety
-/// As for [`q4_1`].
+/// As for [`run`].
 pub(super) unsafe fn f32(
     w: &[f32],
     k: usize,

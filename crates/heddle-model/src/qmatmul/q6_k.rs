@@ -28,7 +28,8 @@
 use std::ops::Range;
 
 use super::ggml_blocks::{q6_k, q6_k_factors};
-use super::{put_q4_1x16_nibbles, Family, OutPtr, QuantizedRows, LANES, QK};
+use super::portable::Dot;
+use super::{padded_blocks, put_q4_1x16_nibbles, Family, OutPtr, QuantizedRows, LANES, QK};
 
 /// Blocks of 32 per super-block of 256.
 const SUPER: usize = 8;
@@ -178,19 +179,18 @@ impl Q6K {
                 #[cfg(target_arch = "x86_64")]
                 Family::Vnni => super::vnni::run(self, nb, x, cols, n, out),
                 #[cfg(target_arch = "x86_64")]
-                Family::Avx2 => avx2::run(self, nb, x, cols, n, out),
-                _ => portable::run(self, nb, x, cols, n, out),
+                Family::Avx2 => super::avx2::run(self, x, x.rows, cols, n, out),
+                _ => super::portable::run(self, x, cols, n, out),
             }
         }
     }
 }
 
-/// Plain Rust: one output at a time, blocks in order, `q8_halves::portable`'s arithmetic.
-mod portable {
-    use super::*;
-    use crate::qmatmul::padded_blocks;
-
-    fn dot(w: &Q6K, nb: usize, c: usize, x: &QuantizedRows, r: usize) -> f32 {
+/// Plain Rust: one output at a time, blocks in order, the arithmetic of `q8_halves`'
+/// portable kernel.
+impl Dot for Q6K {
+    fn dot(&self, c: usize, x: &QuantizedRows, r: usize) -> f32 {
+        let (w, nb) = (self, x.nb);
         let mut acc = 0f32;
         for b in 0..nb {
             let (u, d, sc) = w.block(nb, c, b);
@@ -209,19 +209,6 @@ mod portable {
         }
         acc
     }
-
-    /// # Safety
-    /// No other thread writes columns `cols` of `out`, which holds `x.rows × n` floats.
-    pub(super) unsafe fn run(
-        w: &Q6K,
-        nb: usize,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { out.write_each(x.rows, cols, n, |c, r| dot(w, nb, c, x, r)) }
-    }
 }
 
 /// AVX2 + FMA, tiled and computed as `q8_halves::avx2` once the weights are signed
@@ -232,85 +219,61 @@ mod portable {
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::*;
-    use crate::qmatmul::avx2::{hsum, PANEL};
-    use crate::qmatmul::padded_blocks;
+    use crate::qmatmul::avx2::{hsum, row_blocks, row_starts, TileAt, Tiles};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize, const C: usize>(
-        w: &Q6K,
-        nb: usize,
-        x: &QuantizedRows,
-        r0: usize,
-        c0: usize,
-        n: usize,
-        out: OutPtr,
-    ) {
-        let nbp = padded_blocks(nb);
-        let nsb = nb / SUPER;
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        let top = _mm256_set1_epi8(0x30);
-        let offset = _mm256_set1_epi8(32);
-        let quarters = _mm256_setr_epi64x(0, 2, 4, 6);
-        // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
-        // exist, and b < nb stays inside each row's blocks.
-        let xq: [*const i8; R] =
-            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) });
-        let xd: [*const f32; R] =
-            std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        for b in 0..nb {
-            let mut xv = [_mm256_setzero_si256(); R];
-            for r in 0..R {
-                xv[r] = unsafe { _mm256_loadu_si256(xq[r].add(b * QK) as *const __m256i) };
+    impl Tiles<QuantizedRows> for Q6K {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn tile<const R: usize, const C: usize>(&self, x: &QuantizedRows, at: TileAt) {
+            let (w, nb, TileAt { r0, c0, n, out }) = (self, x.nb, at);
+            let nsb = nb / SUPER;
+            let ones = _mm256_set1_epi16(1);
+            let low = _mm256_set1_epi8(0x0F);
+            let top = _mm256_set1_epi8(0x30);
+            let offset = _mm256_set1_epi8(32);
+            let quarters = _mm256_setr_epi64x(0, 2, 4, 6);
+            // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
+            // exist, and b < nb stays inside each row's blocks.
+            let (xq, xd) = unsafe { row_starts::<R>(x, r0) };
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            for b in 0..nb {
+                let xv = unsafe { row_blocks(&xq, b) };
+                for c in 0..C {
+                    let i = (c0 + c) * nb + b;
+                    let (raw, high, sc, d) = unsafe {
+                        (
+                            _mm_loadu_si128(w.nibbles.as_ptr().add(i * 16) as *const __m128i),
+                            (w.highs.as_ptr().add(i * 8) as *const i64).read_unaligned(),
+                            *(w.factors.as_ptr().add(i * 2) as *const [i8; 2]),
+                            *w.scales.get_unchecked((c0 + c) * nsb + b / SUPER),
+                        )
+                    };
+                    let nibbles =
+                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+                    let highs = _mm256_srlv_epi64(_mm256_set1_epi64x(high), quarters);
+                    let highs = _mm256_and_si256(_mm256_slli_epi64(highs, 4), top);
+                    let wv = _mm256_sub_epi8(_mm256_or_si256(nibbles, highs), offset);
+                    // maddubs multiplies unsigned by signed: move w's sign onto x.
+                    let wabs = _mm256_sign_epi8(wv, wv);
+                    let dw = _mm256_set_m128(
+                        _mm_set1_ps(d * sc[1] as f32),
+                        _mm_set1_ps(d * sc[0] as f32),
+                    );
+                    for r in 0..R {
+                        let xs = _mm256_sign_epi8(xv[r], wv);
+                        let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
+                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
+                        acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
+                    }
+                }
             }
-            for c in 0..C {
-                let i = (c0 + c) * nb + b;
-                let (raw, high, sc, d) = unsafe {
-                    (
-                        _mm_loadu_si128(w.nibbles.as_ptr().add(i * 16) as *const __m128i),
-                        (w.highs.as_ptr().add(i * 8) as *const i64).read_unaligned(),
-                        *(w.factors.as_ptr().add(i * 2) as *const [i8; 2]),
-                        *w.scales.get_unchecked((c0 + c) * nsb + b / SUPER),
-                    )
-                };
-                let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
-                let highs = _mm256_srlv_epi64(_mm256_set1_epi64x(high), quarters);
-                let highs = _mm256_and_si256(_mm256_slli_epi64(highs, 4), top);
-                let wv = _mm256_sub_epi8(_mm256_or_si256(nibbles, highs), offset);
-                // maddubs multiplies unsigned by signed: move w's sign onto x.
-                let wabs = _mm256_sign_epi8(wv, wv);
-                let dw =
-                    _mm256_set_m128(_mm_set1_ps(d * sc[1] as f32), _mm_set1_ps(d * sc[0] as f32));
-                for r in 0..R {
-                    let xs = _mm256_sign_epi8(xv[r], wv);
-                    let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
-                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
-                    acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
+            for r in 0..R {
+                for c in 0..C {
+                    // SAFETY: the caller owns columns c0..c0 + C of these rows.
+                    unsafe { out.write((r0 + r) * n + c0 + c, hsum(acc[r][c])) }
                 }
             }
         }
-        for r in 0..R {
-            for c in 0..C {
-                // SAFETY: the caller owns columns c0..c0 + C of these rows.
-                unsafe { out.write((r0 + r) * n + c0 + c, hsum(acc[r][c])) }
-            }
-        }
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `w` is row-major and fits n × nb; no other thread writes
-    /// columns `cols` of `out`.
-    pub(super) unsafe fn run(
-        w: &Q6K,
-        nb: usize,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { tiled!(tile, x.rows, cols, |r, c| w, nb, x, r, c, n, out) }
     }
 }
 

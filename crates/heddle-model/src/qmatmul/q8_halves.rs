@@ -14,10 +14,9 @@
 //! Values are at most 32 in magnitude (Q6_K's q − 32), so AVX2's `maddubs` pairs
 //! (|w|·|x| ≤ 32·127, twice) never saturate.
 
-use std::ops::Range;
-
 use super::ggml_blocks::Bytes;
-use super::{padded_blocks, Family, OutPtr, QuantizedRows, Storage, LANES, QK};
+use super::portable::Dot;
+use super::{padded_blocks, Family, QuantizedRows, Storage, LANES, QK};
 
 /// The storage of an n × k matrix whose block `b` of row `c` is `block(c, b)`, laid out
 /// for `family`: row-major, or for VNNI in groups of 16 rows like Q8_0x16 (values + 128
@@ -95,10 +94,9 @@ pub(super) struct RowMajor<'a> {
 }
 
 /// Plain Rust: one output at a time, blocks in order.
-pub(super) mod portable {
-    use super::*;
-
-    fn dot(w: &RowMajor, c: usize, x: &QuantizedRows, r: usize) -> f32 {
+impl Dot for RowMajor<'_> {
+    fn dot(&self, c: usize, x: &QuantizedRows, r: usize) -> f32 {
+        let w = self;
         let (nb, nbp) = (w.nb, padded_blocks(w.nb));
         let mut acc = 0f32;
         let mut mins = 0f32;
@@ -120,18 +118,6 @@ pub(super) mod portable {
         }
         acc + mins
     }
-
-    /// # Safety
-    /// No other thread writes columns `cols` of `out`, which holds `x.rows × n` floats.
-    pub(in crate::qmatmul) unsafe fn run(
-        w: &RowMajor,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { out.write_each(x.rows, cols, n, |c, r| dot(w, c, x, r)) }
-    }
 }
 
 /// AVX2 + FMA, tiled like Q8_0's kernel (up to 4 rows × 2 columns per tile). After
@@ -139,84 +125,62 @@ pub(super) mod portable {
 /// the second's, so one vector of the two scales applies both.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
-pub(super) mod avx2 {
+mod avx2 {
     use super::*;
-    use crate::qmatmul::avx2::{hsum, scale_dot, PANEL};
+    use crate::qmatmul::avx2::{hsum, row_blocks, row_starts, scale_dot, TileAt, Tiles};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize, const C: usize>(
-        w: &RowMajor,
-        x: &QuantizedRows,
-        r0: usize,
-        c0: usize,
-        n: usize,
-        out: OutPtr,
-    ) {
-        let nb = w.nb;
-        let nbp = padded_blocks(nb);
-        let ones = _mm256_set1_epi16(1);
-        // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
-        // exist, and b < nb stays inside each row's blocks.
-        let xq: [*const i8; R] =
-            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) });
-        let xd: [*const f32; R] =
-            std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
-        let wq: [*const i8; C] =
-            std::array::from_fn(|c| unsafe { w.qs.as_ptr().add((c0 + c) * nb * QK) });
-        let wd: [*const f32; C] =
-            std::array::from_fn(|c| unsafe { w.d.as_ptr().add((c0 + c) * nb * 2) });
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        for b in 0..nb {
-            let mut xv = [_mm256_setzero_si256(); R];
-            for r in 0..R {
-                xv[r] = unsafe { _mm256_loadu_si256(xq[r].add(b * QK) as *const __m256i) };
+    impl Tiles<QuantizedRows> for RowMajor<'_> {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn tile<const R: usize, const C: usize>(&self, x: &QuantizedRows, at: TileAt) {
+            let (w, TileAt { r0, c0, n, out }) = (self, at);
+            let nb = w.nb;
+            let nbp = padded_blocks(nb);
+            let ones = _mm256_set1_epi16(1);
+            // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
+            // exist, and b < nb stays inside each row's blocks.
+            let (xq, xd) = unsafe { row_starts::<R>(x, r0) };
+            let wq: [*const i8; C] =
+                std::array::from_fn(|c| unsafe { w.qs.as_ptr().add((c0 + c) * nb * QK) });
+            let wd: [*const f32; C] =
+                std::array::from_fn(|c| unsafe { w.d.as_ptr().add((c0 + c) * nb * 2) });
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            for b in 0..nb {
+                let xv = unsafe { row_blocks(&xq, b) };
+                for c in 0..C {
+                    let wv = unsafe { _mm256_loadu_si256(wq[c].add(b * QK) as *const __m256i) };
+                    // maddubs multiplies unsigned by signed: move w's sign onto x.
+                    let wabs = _mm256_sign_epi8(wv, wv);
+                    let dw = unsafe {
+                        _mm256_set_m128(
+                            _mm_set1_ps(*wd[c].add(2 * b + 1)),
+                            _mm_set1_ps(*wd[c].add(2 * b)),
+                        )
+                    };
+                    for r in 0..R {
+                        let xs = _mm256_sign_epi8(xv[r], wv);
+                        let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
+                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
+                        acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
+                    }
+                }
             }
-            for c in 0..C {
-                let wv = unsafe { _mm256_loadu_si256(wq[c].add(b * QK) as *const __m256i) };
-                // maddubs multiplies unsigned by signed: move w's sign onto x.
-                let wabs = _mm256_sign_epi8(wv, wv);
-                let dw = unsafe {
-                    _mm256_set_m128(
-                        _mm_set1_ps(*wd[c].add(2 * b + 1)),
-                        _mm_set1_ps(*wd[c].add(2 * b)),
-                    )
-                };
-                for r in 0..R {
-                    let xs = _mm256_sign_epi8(xv[r], wv);
-                    let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
-                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
-                    acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
+            for r in 0..R {
+                let row = r0 + r;
+                for c in 0..C {
+                    let col = c0 + c;
+                    let mins = unsafe {
+                        scale_dot(
+                            w.m.as_ptr().add(col * nbp),
+                            x.s.as_ptr().add(row * nbp),
+                            nbp,
+                        )
+                    };
+                    // SAFETY: the caller owns columns c0..c0 + C of these rows.
+                    unsafe { out.write(row * n + col, hsum(acc[r][c]) + mins) }
                 }
             }
         }
-        for r in 0..R {
-            let row = r0 + r;
-            for c in 0..C {
-                let col = c0 + c;
-                let mins = unsafe {
-                    scale_dot(
-                        w.m.as_ptr().add(col * nbp),
-                        x.s.as_ptr().add(row * nbp),
-                        nbp,
-                    )
-                };
-                // SAFETY: the caller owns columns c0..c0 + C of these rows.
-                unsafe { out.write(row * n + col, hsum(acc[r][c]) + mins) }
-            }
-        }
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA, and no other thread writes columns `cols` of `out`.
-    pub(in crate::qmatmul) unsafe fn run(
-        w: &RowMajor,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { tiled!(tile, x.rows, cols, |r, c| w, x, r, c, n, out) }
     }
 }
 

@@ -99,6 +99,21 @@ pub(super) struct Tile<V, const R: usize> {
     pub acc: [V; R],
 }
 
+impl<V: Copy, const R: usize> Tile<V, R> {
+    /// Rows r0..r0 + R of `x`, every accumulator `zero`.
+    ///
+    /// # Safety
+    /// Those rows exist in `x`.
+    #[inline(always)]
+    pub(super) unsafe fn new(x: &QuantizedRows, r0: usize, zero: V) -> Self {
+        Tile {
+            // SAFETY: the caller's contract.
+            rows: unsafe { RowPtrs::new(x, r0) },
+            acc: [zero; R],
+        }
+    }
+}
+
 /// One quantized activation block's numbers besides its values.
 #[derive(Debug, PartialEq)]
 struct BlockSums {

@@ -109,6 +109,32 @@ pub(super) unsafe fn row_blocks<const R: usize>(xq: &[*const i8; R], b: usize) -
     std::array::from_fn(|r| unsafe { _mm256_loadu_si256(xq[r].add(b * QK) as *const __m256i) })
 }
 
+/// acc[r][c] += Σ w·x[r] · (dw · d[r]) over a block, for each row of the tile: the
+/// integer products in i32 lanes (lanes 0..4 the first half's, 4..8 the second's, as
+/// `dw` holds the halves' scales). `maddubs` multiplies unsigned by signed bytes, so
+/// w's sign moves onto x.
+///
+/// # Safety
+/// `xd` points at each row's block scales, which hold block `b`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn add_signed_products<const R: usize, const C: usize>(
+    acc: &mut [[__m256; C]; R],
+    c: usize,
+    (wv, dw): (__m256i, __m256),
+    (xv, xd): (&[__m256i; R], &[*const f32; R]),
+    b: usize,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let wabs = _mm256_sign_epi8(wv, wv);
+    for r in 0..R {
+        let xs = _mm256_sign_epi8(xv[r], wv);
+        let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
+        // SAFETY: the caller's contract.
+        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
+        acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
+    }
+}
+
 #[target_feature(enable = "avx2,fma")]
 pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -20,8 +20,8 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::activations::{RowPtrs, Tile};
-use super::vnni::{GroupBlock, GroupedWeights, Q4_1x16, Q8_0x16, PREFETCH_GROUPS_AHEAD};
+use super::activations::Tile;
+use super::vnni::{GroupBlock, GroupedWeights, Q4_1x16, Q8_0x16};
 use super::{OutPtr, QuantizedRows, LANES};
 
 /// Rows per tile: their 16-bit and f32 accumulators, the block's two unpacked units and
@@ -31,6 +31,9 @@ const ROWS: usize = 4;
 /// Columns per half of a group: one f32 lane each in a 256-bit vector.
 const HALF: usize = LANES / 2;
 
+/// A tile of rows and their accumulators for half a group: 8 columns.
+type HalfTile<const R: usize> = Tile<__m256, R>;
+
 /// Grouped weights the AVX2 tiles multiply half a group (8 columns) at a time; they
 /// prefetch as the VNNI kernels do.
 pub(super) trait HalfGroups: GroupedWeights {
@@ -39,12 +42,7 @@ pub(super) trait HalfGroups: GroupedWeights {
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; the block and the tile's rows exist.
-    unsafe fn accumulate_half<const R: usize>(
-        &self,
-        at: GroupBlock,
-        h: usize,
-        tile: &mut Tile<__m256, R>,
-    );
+    unsafe fn add_half<const R: usize>(&self, at: GroupBlock, h: usize, tile: &mut HalfTile<R>);
 }
 
 /// Rows r0..r0 + R of the output, columns 8·h.. of group g.
@@ -60,21 +58,15 @@ unsafe fn tile<W: HalfGroups, const R: usize>(
     n: usize,
     out: OutPtr,
 ) {
-    let mut tile = Tile {
-        // SAFETY: the caller's contract: group g and rows r0..r0 + R exist.
-        rows: unsafe { RowPtrs::<R>::new(x, r0) },
-        acc: [_mm256_setzero_ps(); R],
-    };
+    // SAFETY: the caller's contract: group g and rows r0..r0 + R exist.
+    let mut tile = unsafe { Tile::<_, R>::new(x, r0, _mm256_setzero_ps()) };
     for b in 0..nb {
+        let at = GroupBlock::new(nb, g, b);
         if h == 0 {
-            w.prefetch(GroupBlock {
-                nb,
-                g: g + PREFETCH_GROUPS_AHEAD,
-                b,
-            });
+            w.prefetch(at.ahead());
         }
         // SAFETY: as above; b < nb.
-        unsafe { w.accumulate_half(GroupBlock { nb, g, b }, h, &mut tile) };
+        unsafe { w.add_half(at, h, &mut tile) };
     }
     // SAFETY: the caller owns these columns of the rows.
     unsafe { store(&tile.acc, r0, g, h, n, out) }
@@ -108,12 +100,8 @@ unsafe fn store<const R: usize>(
 impl HalfGroups for Q4_1x16<'_> {
     /// The integer products of the whole block summed in 16-bit lanes (see above).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate_half<const R: usize>(
-        &self,
-        at: GroupBlock,
-        h: usize,
-        Tile { rows, acc }: &mut Tile<__m256, R>,
-    ) {
+    unsafe fn add_half<const R: usize>(&self, at: GroupBlock, h: usize, tile: &mut HalfTile<R>) {
+        let Tile { rows, acc } = tile;
         let (b, gb) = (at.b, at.index());
         let low = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
@@ -158,12 +146,8 @@ impl HalfGroups for Q8_0x16<'_> {
     /// The values + 128 back to signed bytes, then `maddubs`' sign trick and a `madd`
     /// to 32 bits per unit.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate_half<const R: usize>(
-        &self,
-        at: GroupBlock,
-        h: usize,
-        Tile { rows, acc }: &mut Tile<__m256, R>,
-    ) {
+    unsafe fn add_half<const R: usize>(&self, at: GroupBlock, h: usize, tile: &mut HalfTile<R>) {
+        let Tile { rows, acc } = tile;
         let (b, gb) = (at.b, at.index());
         let bias = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);

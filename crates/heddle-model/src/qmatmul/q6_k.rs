@@ -219,7 +219,7 @@ impl Dot for Q6K {
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::*;
-    use crate::qmatmul::avx2::{hsum, row_blocks, row_starts, TileAt, Tiles};
+    use crate::qmatmul::avx2::{add_signed_products, hsum, row_blocks, row_starts, TileAt, Tiles};
     use std::arch::x86_64::*;
 
     impl Tiles<QuantizedRows> for Q6K {
@@ -227,7 +227,6 @@ mod avx2 {
         unsafe fn tile<const R: usize, const C: usize>(&self, x: &QuantizedRows, at: TileAt) {
             let (w, nb, TileAt { r0, c0, n, out }) = (self, x.nb, at);
             let nsb = nb / SUPER;
-            let ones = _mm256_set1_epi16(1);
             let low = _mm256_set1_epi8(0x0F);
             let top = _mm256_set1_epi8(0x30);
             let offset = _mm256_set1_epi8(32);
@@ -253,18 +252,11 @@ mod avx2 {
                     let highs = _mm256_srlv_epi64(_mm256_set1_epi64x(high), quarters);
                     let highs = _mm256_and_si256(_mm256_slli_epi64(highs, 4), top);
                     let wv = _mm256_sub_epi8(_mm256_or_si256(nibbles, highs), offset);
-                    // maddubs multiplies unsigned by signed: move w's sign onto x.
-                    let wabs = _mm256_sign_epi8(wv, wv);
                     let dw = _mm256_set_m128(
                         _mm_set1_ps(d * sc[1] as f32),
                         _mm_set1_ps(d * sc[0] as f32),
                     );
-                    for r in 0..R {
-                        let xs = _mm256_sign_epi8(xv[r], wv);
-                        let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
-                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
-                        acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
-                    }
+                    unsafe { add_signed_products(&mut acc, c, (wv, dw), (&xv, &xd), b) };
                 }
             }
             for r in 0..R {

@@ -127,7 +127,9 @@ impl Dot for RowMajor<'_> {
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::*;
-    use crate::qmatmul::avx2::{hsum, row_blocks, row_starts, scale_dot, TileAt, Tiles};
+    use crate::qmatmul::avx2::{
+        add_signed_products, hsum, row_blocks, row_starts, scale_dot, TileAt, Tiles,
+    };
     use std::arch::x86_64::*;
 
     impl Tiles<QuantizedRows> for RowMajor<'_> {
@@ -136,7 +138,6 @@ mod avx2 {
             let (w, TileAt { r0, c0, n, out }) = (self, at);
             let nb = w.nb;
             let nbp = padded_blocks(nb);
-            let ones = _mm256_set1_epi16(1);
             // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
             // exist, and b < nb stays inside each row's blocks.
             let (xq, xd) = unsafe { row_starts::<R>(x, r0) };
@@ -149,20 +150,13 @@ mod avx2 {
                 let xv = unsafe { row_blocks(&xq, b) };
                 for c in 0..C {
                     let wv = unsafe { _mm256_loadu_si256(wq[c].add(b * QK) as *const __m256i) };
-                    // maddubs multiplies unsigned by signed: move w's sign onto x.
-                    let wabs = _mm256_sign_epi8(wv, wv);
                     let dw = unsafe {
                         _mm256_set_m128(
                             _mm_set1_ps(*wd[c].add(2 * b + 1)),
                             _mm_set1_ps(*wd[c].add(2 * b)),
                         )
                     };
-                    for r in 0..R {
-                        let xs = _mm256_sign_epi8(xv[r], wv);
-                        let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
-                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
-                        acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
-                    }
+                    unsafe { add_signed_products(&mut acc, c, (wv, dw), (&xv, &xd), b) };
                 }
             }
             for r in 0..R {

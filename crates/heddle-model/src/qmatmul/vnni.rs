@@ -19,7 +19,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::activations::{RowPtrs, Tile};
+use super::activations::Tile;
 use super::{OutPtr, QuantizedRows, LANES};
 
 /// Rows per tile: each row's accumulators stay in registers beside the group's 8
@@ -99,10 +99,21 @@ pub(super) struct GroupBlock {
 }
 
 impl GroupBlock {
+    #[inline(always)]
+    pub(super) fn new(nb: usize, g: usize, b: usize) -> Self {
+        GroupBlock { nb, g, b }
+    }
+
     /// Its index among the grouped blocks: g·nb + b.
     #[inline(always)]
     pub(super) fn index(self) -> usize {
         self.g * self.nb + self.b
+    }
+
+    /// The same block [`PREFETCH_GROUPS_AHEAD`] groups further on: the one to prefetch.
+    #[inline(always)]
+    pub(super) fn ahead(self) -> Self {
+        GroupBlock::new(self.nb, self.g + PREFETCH_GROUPS_AHEAD, self.b)
     }
 }
 
@@ -129,19 +140,13 @@ unsafe fn tile<W: GroupedWeights, const R: usize>(
     n: usize,
     out: OutPtr,
 ) {
-    let mut tile = Tile {
-        // SAFETY: the caller's contract: group g and rows r0..r0 + R exist.
-        rows: unsafe { RowPtrs::<R>::new(x, r0) },
-        acc: [_mm512_setzero_ps(); R],
-    };
+    // SAFETY: the caller's contract: group g and rows r0..r0 + R exist.
+    let mut tile = unsafe { Tile::<_, R>::new(x, r0, _mm512_setzero_ps()) };
     for b in 0..nb {
-        w.prefetch(GroupBlock {
-            nb,
-            g: g + PREFETCH_GROUPS_AHEAD,
-            b,
-        });
+        let at = GroupBlock::new(nb, g, b);
+        w.prefetch(at.ahead());
         // SAFETY: as above; b < nb.
-        unsafe { w.accumulate(GroupBlock { nb, g, b }, &mut tile) };
+        unsafe { w.accumulate(at, &mut tile) };
     }
     let lanes = LANES.min(n - g * LANES);
     for (r, &v) in tile.acc.iter().enumerate() {

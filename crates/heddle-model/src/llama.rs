@@ -490,11 +490,7 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(x, &layer.attn_norm, c.rms_norm_eps, xn);
             let has_q = quantize(xq, xn, t);
-            let input = Input {
-                x: xn,
-                rows: t,
-                q: has_q.then_some(&*xq),
-            };
+            let input = Input::new(xn, t, has_q.then_some(&*xq));
             forward_all(&mut [(&layer.q, q), (&layer.k, k), (&layer.v, v)], &input);
             add_bias(q, &layer.q_bias);
             add_bias(k, &layer.k_bias);
@@ -514,29 +510,17 @@ impl Llama {
             attention(c, l, cache, q, attn, positions, token_seq, seqs);
 
             let has_q = quantize(xq, attn, t);
-            let input = Input {
-                x: attn,
-                rows: t,
-                q: has_q.then_some(&*xq),
-            };
+            let input = Input::new(attn, t, has_q.then_some(&*xq));
             layer.o.forward(&input, tmp);
             add_assign(x, tmp);
 
             rms_norm(x, &layer.ffn_norm, c.rms_norm_eps, xn);
             let has_q = quantize(xq, xn, t);
-            let input = Input {
-                x: xn,
-                rows: t,
-                q: has_q.then_some(&*xq),
-            };
+            let input = Input::new(xn, t, has_q.then_some(&*xq));
             forward_all(&mut [(&layer.gate, gate), (&layer.up, up)], &input);
             silu_mul(gate, up);
             let has_q = quantize(xq, gate, t);
-            let input = Input {
-                x: gate,
-                rows: t,
-                q: has_q.then_some(&*xq),
-            };
+            let input = Input::new(gate, t, has_q.then_some(&*xq));
             layer.down.forward(&input, tmp);
             add_assign(x, tmp);
         }
@@ -550,11 +534,7 @@ impl Llama {
         resize(logits, rows * c.vocab_size);
         if rows > 0 {
             let has_q = quantize(xq, xn, rows);
-            let input = Input {
-                x: xn,
-                rows,
-                q: has_q.then_some(&*xq),
-            };
+            let input = Input::new(xn, rows, has_q.then_some(&*xq));
             self.head
                 .as_ref()
                 .unwrap_or(&self.embed)

@@ -187,11 +187,7 @@ fn kernel_rates() {
                         .collect();
                     let mut q = QuantizedRows::default();
                     q.quantize(&x, rows);
-                    let input = Input {
-                        x: &x,
-                        rows,
-                        q: Some(&q),
-                    };
+                    let input = Input::new(&x, rows, Some(&q));
                     let mut out = vec![0f32; rows * n];
                     let macs = (rows * n * k) as f64;
                     let reps = ((2e9 / macs) as usize).clamp(cycle.max(3), 2000);

@@ -245,6 +245,7 @@ pub(super) fn q6_k_factors(row: &[u8], b: usize) -> (f32, [i8; 2]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmatmul::test_support::ggml_values;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
@@ -270,13 +271,7 @@ mod tests {
             GgmlDType::Q6K,
         ] {
             let q = QTensor::quantize(&tensor, dtype).unwrap();
-            let want: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let want = ggml_values(&q);
             let data = q.data().unwrap();
             let row_bytes = k / dtype.block_size() * dtype.type_size();
             let decode = decoder(dtype).unwrap();

@@ -643,6 +643,12 @@ pub struct Input<'a> {
     pub q: Option<&'a QuantizedRows>,
 }
 
+impl<'a> Input<'a> {
+    pub fn new(x: &'a [f32], rows: usize, q: Option<&'a QuantizedRows>) -> Self {
+        Input { x, rows, q }
+    }
+}
+
 /// Raw pointer to a matmul output shared by the threads that fill disjoint columns of it.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -660,7 +666,7 @@ impl OutPtr {
 
 #[cfg(test)]
 mod tests {
-    use super::test_support::{noise, qtensor};
+    use super::test_support::{families, ggml_values, noise, product, qtensor};
     use super::*;
 
     fn dequantized(lin: &Linear) -> Vec<f32> {
@@ -671,16 +677,7 @@ mod tests {
     }
 
     fn run(lin: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
-        let mut q = QuantizedRows::default();
-        q.quantize(x, rows);
-        let mut out = vec![0f32; rows * lin.out_features()];
-        let input = Input {
-            x,
-            rows,
-            q: Some(&q),
-        };
-        lin.forward(&input, &mut out);
-        out
+        product(family(), lin, x, rows)
     }
 
     fn reference(w: &[f32], x: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {
@@ -724,13 +721,7 @@ mod tests {
                 "{dtype:?}"
             );
             // The repacked weights are ggml's, value for value.
-            let ggml: Vec<f32> = t
-                .dequantize(&candle_core::Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let ggml = ggml_values(&t);
             assert_eq!(dequantized(&lin), ggml, "{dtype:?}");
         }
         let other = Linear::from_qtensor("w", &qtensor(GgmlDType::Q3K, 20, 256, 1)).unwrap();
@@ -773,12 +764,7 @@ mod tests {
             assert!(!exact.wants_quantized_input());
             let x = noise(rows * k, 6);
             let mut got = vec![0f32; rows * n];
-            let input = Input {
-                x: &x,
-                rows,
-                q: None,
-            };
-            exact.forward(&input, &mut got);
+            exact.forward(&Input::new(&x, rows, None), &mut got);
             let want = reference(&dequantized(&lin), &x, rows, n, k);
             for (g, w) in got.iter().zip(&want) {
                 // f32 sums of 256 products of size ~1: rounding alone, ~1e-6.
@@ -809,11 +795,7 @@ mod tests {
         let x = noise(rows * k, 8);
         let mut q = QuantizedRows::default();
         q.quantize(&x, rows);
-        let input = Input {
-            x: &x,
-            rows,
-            q: Some(&q),
-        };
+        let input = Input::new(&x, rows, Some(&q));
         let mats: Vec<Linear> = [
             (400, GgmlDType::Q4_1),
             (48, GgmlDType::Q4_0),
@@ -839,16 +821,6 @@ mod tests {
     /// portable kernels (up to float rounding order) and dequantizes the same rows.
     #[test]
     fn kernel_families_agree() {
-        let mut families = vec![Family::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if best_family() != Family::Portable {
-                families.push(Family::Avx2);
-            }
-            if best_family() == Family::Vnni {
-                families.push(Family::Vnni);
-            }
-        }
         // Odd shapes: a partial last group of 16 columns, an odd number of blocks.
         for (n, k, rows) in [(34, 192, 5), (67, 160, 9)] {
             for dtype in DTYPES {
@@ -856,21 +828,12 @@ mod tests {
                 let k = if dtype.block_size() > QK { 768 } else { k };
                 let t = qtensor(dtype, n, k, 5);
                 let x = noise(rows * k, 6);
-                let mut q = QuantizedRows::default();
-                q.quantize(&x, rows);
-                let input = Input {
-                    x: &x,
-                    rows,
-                    q: Some(&q),
-                };
                 let portable = Linear::from_qtensor_for("w", &t, Family::Portable).unwrap();
-                let mut want = vec![0f32; rows * n];
-                forward_all_with(Family::Portable, &mut [(&portable, &mut want)], &input);
-                for &f in &families {
+                let want = product(Family::Portable, &portable, &x, rows);
+                for f in families() {
                     let lin = Linear::from_qtensor_for("w", &t, f).unwrap();
                     assert_eq!(dequantized(&lin), dequantized(&portable), "{f:?} {dtype:?}");
-                    let mut got = vec![0f32; rows * n];
-                    forward_all_with(f, &mut [(&lin, &mut got)], &input);
+                    let got = product(f, &lin, &x, rows);
                     for (a, b) in got.iter().zip(&want) {
                         assert!(
                             (a - b).abs() < 1e-4 * (1.0 + b.abs()),

@@ -166,9 +166,9 @@ mod vnni {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::qmatmul::{best_family, forward_all_with, Family, Input, Linear, Storage};
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use crate::qmatmul::test_support::{noise, product, qtensor};
+    use crate::qmatmul::{best_family, Family, Linear, Storage};
+    use candle_core::quantized::GgmlDType;
 
     /// On a VNNI CPU, the compact layout computes exactly what Q4_1x16 computes from the
     /// same decoded blocks, in 4.75 bits a weight instead of 6.
@@ -178,14 +178,7 @@ mod tests {
             return;
         }
         let (n, k, rows) = (37, 768, 5);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
-        let t = QTensor::quantize(
-            &Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(),
-            GgmlDType::Q4K,
-        )
-        .unwrap();
+        let t = qtensor(GgmlDType::Q4K, n, k, 1);
         let compact = Linear::from_qtensor_for("w", &t, Family::Vnni).unwrap();
         assert!(matches!(compact.storage, Storage::Q4Kx16(_)));
         let bytes = t.data().unwrap();
@@ -208,22 +201,11 @@ mod tests {
         );
         assert!(compact.bytes() * 6 < wide.bytes() * 5);
 
-        let x: Vec<f32> = (0..rows * k)
-            .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0)
-            .collect();
-        let mut q = QuantizedRows::default();
-        q.quantize(&x, rows);
-        let input = Input {
-            x: &x,
-            rows,
-            q: Some(&q),
-        };
-        let run = |lin: &Linear| {
-            let mut out = vec![0f32; rows * n];
-            forward_all_with(Family::Vnni, &mut [(lin, &mut out)], &input);
-            out
-        };
-        assert_eq!(run(&compact), run(&wide));
+        let x = noise(rows * k, 2);
+        assert_eq!(
+            product(Family::Vnni, &compact, &x, rows),
+            product(Family::Vnni, &wide, &x, rows)
+        );
         let mut a = vec![0f32; k];
         let mut b = vec![0f32; k];
         for r in 0..n {

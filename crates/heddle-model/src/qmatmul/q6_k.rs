@@ -352,52 +352,23 @@ mod vnni {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmatmul::{best_family, forward_all_with, Input, Linear, Storage};
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use crate::qmatmul::test_support::{families, ggml_values, noise, product, qtensor};
+    use crate::qmatmul::{Linear, Storage};
+    use candle_core::quantized::GgmlDType;
 
     /// In every family this CPU runs, the 6-bit form holds ggml's weights and computes
     /// exactly what the widened 8-bit form computes from the same blocks, in 6.625 bits a
     /// weight instead of 11.
     #[test]
     fn six_bit_q6_k_equals_the_widened_form_bit_for_bit() {
-        let mut families = vec![Family::Portable];
-        if best_family() != Family::Portable {
-            families.push(Family::Avx2);
-        }
-        if best_family() == Family::Vnni {
-            families.push(Family::Vnni);
-        }
         // A partial last group of 16 rows; 3 super-blocks; a tile of 8 rows and one of 3.
         let (n, k, rows) = (37, 768, 11);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
-        let t = QTensor::quantize(
-            &Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(),
-            GgmlDType::Q6K,
-        )
-        .unwrap();
-        let ggml: Vec<f32> = t
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let t = qtensor(GgmlDType::Q6K, n, k, 1);
+        let ggml = ggml_values(&t);
         let bytes = t.data().unwrap();
         let row_bytes = k / 256 * 210;
-        let x: Vec<f32> = (0..rows * k)
-            .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0)
-            .collect();
-        let mut q = QuantizedRows::default();
-        q.quantize(&x, rows);
-        let input = Input {
-            x: &x,
-            rows,
-            q: Some(&q),
-        };
-        for family in families {
+        let x = noise(rows * k, 2);
+        for family in families() {
             let six = Linear::from_qtensor_for("w", &t, family).unwrap();
             assert!(matches!(six.storage, Storage::Q6K(_)), "{family:?}");
             let wide = Linear {
@@ -420,12 +391,11 @@ mod tests {
                 unreachable!("dequantized matrices are f32")
             };
             assert_eq!(values, ggml, "{family:?}");
-            let run = |lin: &Linear| {
-                let mut out = vec![0f32; rows * n];
-                forward_all_with(family, &mut [(lin, &mut out)], &input);
-                out
-            };
-            assert_eq!(run(&six), run(&wide), "{family:?}");
+            assert_eq!(
+                product(family, &six, &x, rows),
+                product(family, &wide, &x, rows),
+                "{family:?}"
+            );
         }
     }
 }

@@ -159,22 +159,17 @@ impl AttentionTask<'_> {
     /// Writes the group's outputs (laid out like `q`).
     fn run(&self, scratch: &mut AttentionScratch, out: &mut [f32]) {
         self.convert_context(scratch);
-        let AttentionScratch {
-            scores,
-            keys,
-            values,
-        } = scratch;
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has the features.
-                return unsafe { self.run_avx512(scores, keys, values, out) };
+                return unsafe { self.run_avx512(scratch, out) };
             }
             // SAFETY: the CPU has the features.
-            return unsafe { self.run_avx2(scores, keys, values, out) };
+            return unsafe { self.run_avx2(scratch, out) };
         }
-        self.run_generic(scores, keys, values, out, false)
+        self.run_generic(scratch, out, false)
     }
 
     /// Reads the context's keys and values out of the cache as f32, whole blocks in the
@@ -204,42 +199,28 @@ impl AttentionTask<'_> {
     /// Compiled for AVX-512: the score and soft-max loops become 16-wide.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn run_avx512(
-        &self,
-        scores: &mut Vec<f32>,
-        keys: &[f32],
-        values: &[f32],
-        out: &mut [f32],
-    ) {
-        self.run_generic(scores, keys, values, out, true)
+    unsafe fn run_avx512(&self, scratch: &mut AttentionScratch, out: &mut [f32]) {
+        self.run_generic(scratch, out, true)
     }
 
     /// The same code compiled for AVX2 and FMA: the loops below become 8-wide fused
     /// multiply-adds (baseline x86-64 has neither).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(
-        &self,
-        scores: &mut Vec<f32>,
-        keys: &[f32],
-        values: &[f32],
-        out: &mut [f32],
-    ) {
-        self.run_generic(scores, keys, values, out, true)
+    unsafe fn run_avx2(&self, scratch: &mut AttentionScratch, out: &mut [f32]) {
+        self.run_generic(scratch, out, true)
     }
 
     /// Scores are scaled by 1/√d and soft-maxed in f32; the weighted sums of values are
     /// divided by the totals at the end. `keys` and `values` are the converted context;
     /// `avx2`: the caller has checked for AVX2 and FMA.
     #[inline(always)]
-    fn run_generic(
-        &self,
-        scores: &mut Vec<f32>,
-        keys: &[f32],
-        values: &[f32],
-        out: &mut [f32],
-        avx2: bool,
-    ) {
+    fn run_generic(&self, scratch: &mut AttentionScratch, out: &mut [f32], avx2: bool) {
+        let AttentionScratch {
+            scores,
+            keys,
+            values,
+        } = scratch;
         let hd = self.head_dim;
         let heads = self.q.len() / hd;
         let n = self.n_ctx;

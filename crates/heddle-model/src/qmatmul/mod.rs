@@ -666,7 +666,7 @@ impl OutPtr {
 
 #[cfg(test)]
 mod tests {
-    use super::test_support::{families, ggml_values, noise, product, qtensor};
+    use super::test_support::{families, ggml_values, noise, product, qtensor, DECODED_DTYPES};
     use super::*;
 
     fn dequantized(lin: &Linear) -> Vec<f32> {
@@ -693,17 +693,21 @@ mod tests {
     }
 
     /// Every type with a native kernel, and f32.
-    const DTYPES: [GgmlDType; 9] = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q4K,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::Q8_0,
-        GgmlDType::F32,
-    ];
+    fn dtypes() -> Vec<GgmlDType> {
+        let mut dtypes = DECODED_DTYPES.to_vec();
+        dtypes.extend([GgmlDType::Q8_0, GgmlDType::F32]);
+        dtypes
+    }
+
+    /// A 37 × 256 matrix of `dtype` (from seed `seed`), `rows` rows of activations (from
+    /// seed `seed + 1`), and their exact product with the dequantized matrix.
+    fn exact_case(dtype: GgmlDType, rows: usize, seed: u64) -> (Linear, Vec<f32>, Vec<f32>) {
+        let (n, k) = (37, 256);
+        let lin = Linear::from_qtensor("w", &qtensor(dtype, n, k, seed)).unwrap();
+        let x = noise(rows * k, seed + 1);
+        let want = reference(&dequantized(&lin), &x, rows, n, k);
+        (lin, x, want)
+    }
 
     /// `k` rounded up to whole blocks of `dtype` (the K-quants' super-blocks hold 256).
     fn fit(dtype: GgmlDType, k: usize) -> usize {
@@ -712,7 +716,7 @@ mod tests {
 
     #[test]
     fn native_types_load_without_dequantizing() {
-        for dtype in DTYPES {
+        for dtype in dtypes() {
             let t = qtensor(dtype, 20, 256, 1);
             let lin = Linear::from_qtensor("w", &t).unwrap();
             assert_eq!(
@@ -733,12 +737,9 @@ mod tests {
 
     #[test]
     fn quantized_matmuls_match_the_dequantized_product() {
-        for dtype in DTYPES {
-            let (n, k, rows) = (37, 256, 6);
-            let lin = Linear::from_qtensor("w", &qtensor(dtype, n, k, 1)).unwrap();
-            let x = noise(rows * k, 2);
-            let got = run(&lin, &x, rows);
-            let want = reference(&dequantized(&lin), &x, rows, n, k);
+        for dtype in dtypes() {
+            let (lin, x, want) = exact_case(dtype, 6, 1);
+            let got = run(&lin, &x, 6);
             // Rounding x to 8 bits errs by up to max|x|/254 per value (uniform, σ ≈ 0.0023
             // for x in [-1, 1)); times w (σ ≈ 0.58) and summed over k = 256 terms that is
             // σ ≈ 0.02 on each output. 0.15 is 7σ; a kernel bug (a wrong nibble, scale
@@ -757,15 +758,12 @@ mod tests {
 
     #[test]
     fn a_dequantized_matrix_computes_the_exact_product() {
-        for dtype in DTYPES {
-            let (n, k, rows) = (37, 256, 3);
-            let lin = Linear::from_qtensor("w", &qtensor(dtype, n, k, 5)).unwrap();
+        for dtype in dtypes() {
+            let (lin, x, want) = exact_case(dtype, 3, 5);
             let exact = lin.dequantized();
             assert!(!exact.wants_quantized_input());
-            let x = noise(rows * k, 6);
-            let mut got = vec![0f32; rows * n];
-            exact.forward(&Input::new(&x, rows, None), &mut got);
-            let want = reference(&dequantized(&lin), &x, rows, n, k);
+            let mut got = vec![0f32; want.len()];
+            exact.forward(&Input::new(&x, 3, None), &mut got);
             for (g, w) in got.iter().zip(&want) {
                 // f32 sums of 256 products of size ~1: rounding alone, ~1e-6.
                 assert!((g - w).abs() < 1e-4, "{dtype:?}: {g} vs {w}");
@@ -775,7 +773,7 @@ mod tests {
 
     #[test]
     fn every_row_is_independent_of_the_others() {
-        for dtype in DTYPES {
+        for dtype in dtypes() {
             let (n, k) = (1000, fit(dtype, 576));
             let lin = Linear::from_qtensor("w", &qtensor(dtype, n, k, 3)).unwrap();
             let x = noise(11 * k, 4);
@@ -823,7 +821,7 @@ mod tests {
     fn kernel_families_agree() {
         // Odd shapes: a partial last group of 16 columns, an odd number of blocks.
         for (n, k, rows) in [(34, 192, 5), (67, 160, 9)] {
-            for dtype in DTYPES {
+            for dtype in dtypes() {
                 // K-quants: 3 super-blocks, 24 blocks.
                 let k = if dtype.block_size() > QK { 768 } else { k };
                 let t = qtensor(dtype, n, k, 5);

@@ -5,6 +5,17 @@ use candle_core::Device;
 
 use super::{best_family, forward_all_with, Family, Input, Linear, QuantizedRows};
 
+/// The GGUF types decoded into the kernels' block forms ([`super::ggml_blocks`]).
+pub(crate) const DECODED_DTYPES: [GgmlDType; 7] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q4K,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
 /// A deterministic pseudo-random sequence in [-1, 1).
 pub(crate) fn noise(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -187,6 +187,18 @@ pub struct Linear {
     storage: Storage,
 }
 
+/// Calls `put(c, b, gb, l)` for block `b` of every row `c` of an n × nb·32 matrix laid
+/// out in groups of 16 rows: `gb` = g·nb + b indexes the group's block, `l` is the row's
+/// lane in it.
+fn for_each_grouped_block(n: usize, nb: usize, mut put: impl FnMut(usize, usize, usize, usize)) {
+    for c in 0..n {
+        let (g, l) = (c / LANES, c % LANES);
+        for b in 0..nb {
+            put(c, b, g * nb + b, l);
+        }
+    }
+}
+
 /// The value of element `e` (0..32) of a ggml Q4_1 block's 16 bytes of nibbles.
 fn q4_1_nibble(qs: &[u8], e: usize) -> u8 {
     if e < 16 {
@@ -194,6 +206,22 @@ fn q4_1_nibble(qs: &[u8], e: usize) -> u8 {
     } else {
         qs[e - 16] >> 4
     }
+}
+
+/// Where element `e` of lane `l`'s block `gb` is in a Q8_0x16 layout's values (see
+/// [`vnni`]).
+fn q8x16_at(gb: usize, l: usize, e: usize) -> usize {
+    gb * 512 + (e / 4) * 64 + 4 * l + e % 4
+}
+
+/// Element `e` of lane `l`'s block `gb` in a Q4_1x16 layout's nibbles (see [`vnni`]).
+fn q4_1x16_nibble(qs: &[u8], gb: usize, l: usize, e: usize) -> u8 {
+    let (j, shift) = if e < 16 {
+        (e / 4, 0)
+    } else {
+        ((e - 16) / 4, 4)
+    };
+    qs[gb * 256 + j * 64 + 4 * l + e % 4] >> shift & 0x0F
 }
 
 /// Stores a ggml Q4_1 block's 16 bytes of nibbles as lane `l` of block `gb` of the
@@ -295,16 +323,12 @@ impl Linear {
             let mut qs = vec![0u8; groups * nb * 256];
             let mut d = vec![0f32; groups * nb * LANES];
             let mut m = vec![0f32; groups * nb * LANES];
-            for c in 0..n {
-                let (g, l) = (c / LANES, c % LANES);
-                for b in 0..nb {
-                    let src = block(c, b);
-                    let gb = g * nb + b;
-                    d[gb * LANES + l] = src.d;
-                    m[gb * LANES + l] = src.m;
-                    put_q4_1x16_nibbles(&mut qs, gb, l, &src.qs);
-                }
-            }
+            for_each_grouped_block(n, nb, |c, b, gb, l| {
+                let src = block(c, b);
+                d[gb * LANES + l] = src.d;
+                m[gb * LANES + l] = src.m;
+                put_q4_1x16_nibbles(&mut qs, gb, l, &src.qs);
+            });
             return Storage::Q4_1x16 { qs, d, m };
         }
         let nbp = padded_blocks(nb);
@@ -332,18 +356,13 @@ impl Linear {
             let groups = n.div_ceil(LANES);
             let mut qs = vec![128u8; groups * nb * 512];
             let mut d = vec![0f32; groups * nb * LANES];
-            for c in 0..n {
-                let (g, l) = (c / LANES, c % LANES);
-                for b in 0..nb {
-                    let src = block(c, b);
-                    let gb = g * nb + b;
-                    d[gb * LANES + l] = half(&src[0..2]);
-                    for (e, &v) in src[2..].iter().enumerate() {
-                        let (i, t) = (e / 4, e % 4);
-                        qs[gb * 512 + i * 64 + 4 * l + t] = (v as i8 as i16 + 128) as u8;
-                    }
+            for_each_grouped_block(n, nb, |c, b, gb, l| {
+                let src = block(c, b);
+                d[gb * LANES + l] = half(&src[0..2]);
+                for (e, &v) in src[2..].iter().enumerate() {
+                    qs[q8x16_at(gb, l, e)] = (v as i8 as i16 + 128) as u8;
                 }
-            }
+            });
             return Storage::Q8_0x16 { qs, d };
         }
         let mut qs = Vec::with_capacity(n * k);
@@ -444,19 +463,14 @@ impl Linear {
                 Storage::Q8_0x16 { qs, d } => {
                     let gb = g * nb + b;
                     for (e, o) in o.iter_mut().enumerate() {
-                        let v = qs[gb * 512 + (e / 4) * 64 + 4 * l + e % 4] as i32 - 128;
+                        let v = qs[q8x16_at(gb, l, e)] as i32 - 128;
                         *o = d[gb * LANES + l] * v as f32;
                     }
                 }
                 Storage::Q4_1x16 { qs, d, m } => {
                     let gb = g * nb + b;
                     for (e, o) in o.iter_mut().enumerate() {
-                        let (j, shift) = if e < 16 {
-                            (e / 4, 0)
-                        } else {
-                            ((e - 16) / 4, 4)
-                        };
-                        let v = qs[gb * 256 + j * 64 + 4 * l + e % 4] >> shift & 0x0F;
+                        let v = q4_1x16_nibble(qs, gb, l, e);
                         *o = d[gb * LANES + l] * v as f32 + m[gb * LANES + l];
                     }
                 }

@@ -16,7 +16,9 @@
 use std::ops::Range;
 
 use super::ggml_blocks::{q4_k, q4_k_scales};
-use super::{put_q4_1x16_nibbles, OutPtr, QuantizedRows, LANES, QK};
+use super::{
+    for_each_grouped_block, put_q4_1x16_nibbles, q4_1x16_nibble, OutPtr, QuantizedRows, LANES, QK,
+};
 
 /// Blocks of 32 per super-block of 256.
 const SUPER: usize = 8;
@@ -40,20 +42,16 @@ impl Q4Kx16 {
             factors: vec![0u8; groups * nb * 2 * LANES],
             scales: vec![0f32; groups * nsb * 2 * LANES],
         };
-        for c in 0..n {
-            let (g, l) = (c / LANES, c % LANES);
+        for_each_grouped_block(n, nb, |c, b, gb, l| {
             let row = &bytes[c * row_bytes..][..row_bytes];
-            for b in 0..nb {
-                let gb = g * nb + b;
-                put_q4_1x16_nibbles(&mut w.qs, gb, l, &q4_k(row, b).qs);
-                let s = q4_k_scales(row, b);
-                w.factors[gb * 2 * LANES + l] = s.sc;
-                w.factors[gb * 2 * LANES + LANES + l] = s.mn;
-                let at = w.super_at(nb, g, b);
-                w.scales[at + l] = s.d;
-                w.scales[at + LANES + l] = -s.dmin;
-            }
-        }
+            put_q4_1x16_nibbles(&mut w.qs, gb, l, &q4_k(row, b).qs);
+            let s = q4_k_scales(row, b);
+            w.factors[gb * 2 * LANES + l] = s.sc;
+            w.factors[gb * 2 * LANES + LANES + l] = s.mn;
+            let at = w.super_at(nb, c / LANES, b);
+            w.scales[at + l] = s.d;
+            w.scales[at + LANES + l] = -s.dmin;
+        });
         w
     }
 
@@ -84,13 +82,7 @@ impl Q4Kx16 {
         let d = self.scales[at + l] * self.factors[gb * 2 * LANES + l] as f32;
         let m = self.scales[at + LANES + l] * self.factors[gb * 2 * LANES + LANES + l] as f32;
         for (e, o) in out.iter_mut().enumerate() {
-            let (j, shift) = if e < 16 {
-                (e / 4, 0)
-            } else {
-                ((e - 16) / 4, 4)
-            };
-            let q = self.qs[gb * 256 + j * 64 + 4 * l + e % 4] >> shift & 0x0F;
-            *o = d * q as f32 + m;
+            *o = d * q4_1x16_nibble(&self.qs, gb, l, e) as f32 + m;
         }
     }
 

@@ -16,7 +16,9 @@
 
 use super::ggml_blocks::Bytes;
 use super::portable::Dot;
-use super::{padded_blocks, Family, QuantizedRows, Storage, LANES, QK};
+use super::{
+    for_each_grouped_block, padded_blocks, q8x16_at, Family, QuantizedRows, Storage, LANES, QK,
+};
 
 /// The storage of an n × k matrix whose block `b` of row `c` is `block(c, b)`, laid out
 /// for `family`: row-major, or for VNNI in groups of 16 rows like Q8_0x16 (values + 128
@@ -34,19 +36,15 @@ pub(super) fn storage(
         let mut qs = vec![128u8; groups * nb * 512];
         let mut d = vec![0f32; groups * nb * 2 * LANES];
         let mut m = vec![0f32; groups * nb * LANES];
-        for c in 0..n {
-            let (g, l) = (c / LANES, c % LANES);
-            for b in 0..nb {
-                let src = block(c, b);
-                let gb = g * nb + b;
-                d[gb * 2 * LANES + l] = src.d[0];
-                d[gb * 2 * LANES + LANES + l] = src.d[1];
-                m[gb * LANES + l] = src.m;
-                for (e, &v) in src.qs.iter().enumerate() {
-                    qs[gb * 512 + (e / 4) * 64 + 4 * l + e % 4] = (v as i16 + 128) as u8;
-                }
+        for_each_grouped_block(n, nb, |c, b, gb, l| {
+            let src = block(c, b);
+            d[gb * 2 * LANES + l] = src.d[0];
+            d[gb * 2 * LANES + LANES + l] = src.d[1];
+            m[gb * LANES + l] = src.m;
+            for (e, &v) in src.qs.iter().enumerate() {
+                qs[q8x16_at(gb, l, e)] = (v as i16 + 128) as u8;
             }
-        }
+        });
         return Storage::Q8Halvesx16 { qs, d, m };
     }
     let nbp = padded_blocks(nb);
@@ -77,7 +75,7 @@ pub(super) fn block_values(storage: &Storage, nb: usize, r: usize, b: usize, out
         Storage::Q8Halvesx16 { qs, d, m } => {
             let (gb, l) = ((r / LANES) * nb + b, r % LANES);
             for (e, o) in out.iter_mut().enumerate() {
-                let q = qs[gb * 512 + (e / 4) * 64 + 4 * l + e % 4] as i32 - 128;
+                let q = qs[q8x16_at(gb, l, e)] as i32 - 128;
                 *o = d[gb * 2 * LANES + (e / 16) * LANES + l] * q as f32 + m[gb * LANES + l];
             }
         }

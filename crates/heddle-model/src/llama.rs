@@ -24,6 +24,7 @@ use crate::loader::{self, OpenedModel, RopeLayout, TensorSource};
 use crate::math::exp;
 use crate::qmatmul::{forward_all, Input, Linear, QuantizedRows, WeightFormat, QK};
 use crate::rope::Rope;
+use crate::runner::BatchLimits;
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -365,46 +366,9 @@ impl Llama {
     }
 
     fn check(&self, seqs: &[SeqInput], cache: &KvCache) -> Result<()> {
-        let bs = cache.block_size();
+        let limits = BatchLimits::new(&self.config, cache.block_size(), cache.num_blocks());
         for (i, s) in seqs.iter().enumerate() {
-            let bad = |why: String| Err(ModelError::InvalidBatch(format!("sequence {i}: {why}")));
-            if s.tokens.is_empty() {
-                return bad("no tokens".into());
-            }
-            let end = s.start_position + s.tokens.len();
-            if end > self.config.max_position_embeddings {
-                return bad(format!(
-                    "position {} is past the context length {}",
-                    end - 1,
-                    self.config.max_position_embeddings
-                ));
-            }
-            let needed = end.div_ceil(bs);
-            if s.block_table.len() < needed {
-                return bad(format!(
-                    "{end} positions need {needed} blocks of {bs}, the block table has {}",
-                    s.block_table.len()
-                ));
-            }
-            if let Some(b) = s.block_table[..needed]
-                .iter()
-                .find(|&&b| b as usize >= cache.num_blocks())
-            {
-                return bad(format!(
-                    "block {b} is beyond the cache's {} blocks",
-                    cache.num_blocks()
-                ));
-            }
-            if let Some(t) = s
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.config.vocab_size)
-            {
-                return bad(format!(
-                    "token {t} is outside the vocabulary of {}",
-                    self.config.vocab_size
-                ));
-            }
+            limits.check_sequence(i, s.tokens, s.start_position, s.block_table)?;
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod cpu_model;
 pub mod cpu_runner;
 pub mod detokenizer;
+pub mod driver;
 pub mod embedded;
 pub mod error;
 pub mod grammar;

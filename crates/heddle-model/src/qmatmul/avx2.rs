@@ -103,7 +103,7 @@ pub(super) unsafe fn row_starts<const R: usize>(
 ///
 /// # Safety
 /// The CPU has AVX2; the rows hold block `b`.
-#[target_feature(enable = "avx2,fma")]
+#[inline(always)]
 pub(super) unsafe fn row_blocks<const R: usize>(xq: &[*const i8; R], b: usize) -> [__m256i; R] {
     // SAFETY: the caller's contract.
     std::array::from_fn(|r| unsafe { _mm256_loadu_si256(xq[r].add(b * QK) as *const __m256i) })
@@ -116,7 +116,7 @@ pub(super) unsafe fn row_blocks<const R: usize>(xq: &[*const i8; R], b: usize) -
 ///
 /// # Safety
 /// `xd` points at each row's block scales, which hold block `b`.
-#[target_feature(enable = "avx2,fma")]
+#[inline(always)]
 pub(super) unsafe fn add_signed_products<const R: usize, const C: usize>(
     acc: &mut [[__m256; C]; R],
     c: usize,

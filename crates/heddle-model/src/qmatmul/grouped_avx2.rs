@@ -99,7 +99,7 @@ unsafe fn store<const R: usize>(
 
 impl HalfGroups for Q4_1x16<'_> {
     /// The integer products of the whole block summed in 16-bit lanes (see above).
-    #[target_feature(enable = "avx2,fma")]
+    #[inline(always)]
     unsafe fn add_half<const R: usize>(&self, at: GroupBlock, h: usize, tile: &mut HalfTile<R>) {
         let Tile { rows, acc } = tile;
         let (b, gb) = (at.b, at.index());
@@ -145,7 +145,7 @@ impl HalfGroups for Q4_1x16<'_> {
 impl HalfGroups for Q8_0x16<'_> {
     /// The values + 128 back to signed bytes, then `maddubs`' sign trick and a `madd`
     /// to 32 bits per unit.
-    #[target_feature(enable = "avx2,fma")]
+    #[inline(always)]
     unsafe fn add_half<const R: usize>(&self, at: GroupBlock, h: usize, tile: &mut HalfTile<R>) {
         let Tile { rows, acc } = tile;
         let (b, gb) = (at.b, at.index());

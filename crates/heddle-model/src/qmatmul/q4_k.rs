@@ -134,7 +134,7 @@ mod vnni {
 
         /// Q4_1x16's arithmetic, each block's scale and minimum rebuilt from its factors
         /// and its super-block's scales.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        #[inline(always)]
         unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
             let gb = at.index();
             let sb = self.super_at(at.nb, at.g, at.b);

@@ -317,7 +317,7 @@ mod vnni {
 
         /// Rebuilds the block's 6-bit values from nibbles and high bits, then multiplies
         /// as `q8_halves::vnni` does, each half's scale d·sc.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        #[inline(always)]
         unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
             let low = _mm512_set1_epi8(0x0F);
             let gb = at.index();

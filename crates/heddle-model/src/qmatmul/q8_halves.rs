@@ -204,7 +204,7 @@ pub(super) mod vnni {
             prefetch(self.m, gb * LANES, LANES);
         }
 
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        #[inline(always)]
         unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
             let gb = at.index();
             // SAFETY: the caller's contract.

@@ -193,7 +193,7 @@ pub(super) unsafe fn run<W: GroupedWeights>(
 
 /// Block `gb`'s 256 bytes of nibbles (the Q4_1x16 layout) as 8 units of 64 bytes, one
 /// per four elements: the low nibbles (elements 0..16), then the high ones.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline(always)]
 pub(super) unsafe fn nibble_units(qs: &[u8], gb: usize) -> [__m512i; 8] {
     let low = _mm512_set1_epi8(0x0F);
     let mut units = [_mm512_setzero_si512(); 8];
@@ -207,7 +207,7 @@ pub(super) unsafe fn nibble_units(qs: &[u8], gb: usize) -> [__m512i; 8] {
 }
 
 /// Block `gb`'s 512 bytes (the Q8_0x16 layout) as its 8 units.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline(always)]
 pub(super) unsafe fn byte_units(qs: &[u8], gb: usize) -> [__m512i; 8] {
     // SAFETY: the caller's block exists.
     std::array::from_fn(|i| unsafe {
@@ -218,7 +218,7 @@ pub(super) unsafe fn byte_units(qs: &[u8], gb: usize) -> [__m512i; 8] {
 /// acc[r] += (Σ units·x[r] − OFFSET·Σx[r]) · (dw · d[r]) for block `b` of each row: the
 /// integer sum starts from −OFFSET times the row's block sum, undoing weights stored
 /// OFFSET above their values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline(always)]
 pub(super) unsafe fn add_block_products<const R: usize, const OFFSET: i32>(
     Tile { rows, acc }: &mut Tile<__m512, R>,
     units: &[__m512i; 8],
@@ -242,7 +242,7 @@ pub(super) unsafe fn add_block_products<const R: usize, const OFFSET: i32>(
 
 /// [`add_block_products`] with a scale per half-block: each half's integer sum starts
 /// from −OFFSET times the sum of its 16 activations.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline(always)]
 pub(super) unsafe fn add_half_products<const R: usize, const OFFSET: i32>(
     Tile { rows, acc }: &mut Tile<__m512, R>,
     units: &[__m512i; 8],
@@ -268,7 +268,7 @@ pub(super) unsafe fn add_half_products<const R: usize, const OFFSET: i32>(
 
 /// acc[r] += mw · s[r] for block `b` of each row: the minimums times the activations'
 /// scaled block sums.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline(always)]
 pub(super) unsafe fn add_mins<const R: usize>(
     Tile { rows, acc }: &mut Tile<__m512, R>,
     b: usize,
@@ -296,7 +296,7 @@ impl GroupedWeights for Q4_1x16<'_> {
         prefetch(self.m, gb * LANES, LANES);
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline(always)]
     unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
         let (b, gb) = (at.b, at.index());
         // SAFETY: the caller's contract.
@@ -324,7 +324,7 @@ impl GroupedWeights for Q8_0x16<'_> {
         prefetch(self.d, gb * LANES, LANES);
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline(always)]
     unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
         let (b, gb) = (at.b, at.index());
         // SAFETY: the caller's contract.

@@ -25,8 +25,10 @@ pub struct StepResult {
 }
 
 /// A step the runner failed: its error, and the requests the abandoned step ended.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("the step failed ({} requests ended): {error}", ended.len())]
 pub struct StepFailed {
+    #[source]
     pub error: ModelError,
     pub ended: Vec<RequestId>,
 }

@@ -73,6 +73,7 @@ fn a_failed_step_ends_the_requests_it_held() {
     let failed = driver.step(&mut scheduler, &mut runner).unwrap_err();
     assert_eq!(failed.ended, [0, 1]);
     assert!(failed.error.to_string().contains("refused"));
+    assert!(failed.to_string().contains("2 requests ended"), "{failed}");
     assert!(!scheduler.has_work());
     assert!(driver.step(&mut scheduler, &mut runner).unwrap().is_none());
 }

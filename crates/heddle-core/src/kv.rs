@@ -62,7 +62,8 @@ struct Block {
 
 /// The blocks of one sequence, in order, with the hashes of those registered in the
 /// prefix cache. Not `Clone`, and only [`BlockPool::free_table`] ends it, by value: a
-/// table cannot be released twice.
+/// table cannot be released twice, and one dropped still holding blocks (leaking them)
+/// fails a debug assertion.
 #[derive(Debug, Default)]
 pub struct BlockTable {
     blocks: Vec<BlockId>,
@@ -81,6 +82,17 @@ impl BlockTable {
 
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty()
+    }
+}
+
+impl Drop for BlockTable {
+    fn drop(&mut self) {
+        // During a panic the leak is a consequence, not the bug; asserting would abort.
+        debug_assert!(
+            self.blocks.is_empty() || std::thread::panicking(),
+            "a block table holding {} blocks was dropped without BlockPool::free_table",
+            self.blocks.len()
+        );
     }
 }
 
@@ -279,8 +291,8 @@ impl BlockPool {
 
     /// Releases every block of a table. Tail blocks are released first so that they are
     /// evicted before the shared head of the prefix.
-    pub fn free_table(&mut self, table: BlockTable) -> Result<(), CoreError> {
-        for &block in table.blocks.iter().rev() {
+    pub fn free_table(&mut self, mut table: BlockTable) -> Result<(), CoreError> {
+        for block in std::mem::take(&mut table.blocks).into_iter().rev() {
             self.release(block)?;
         }
         Ok(())
@@ -518,6 +530,16 @@ mod tests {
             "the tail of the chain is evicted first"
         );
         pool.free_table(grab).unwrap();
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "dropped without BlockPool::free_table")]
+    fn a_table_dropped_holding_blocks_fails_in_debug_builds() {
+        let mut pool = BlockPool::new(2, 4);
+        let mut table = BlockTable::default();
+        assert!(pool.grow(&mut table, 4));
+        drop(table);
     }
 
     #[test]

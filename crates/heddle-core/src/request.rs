@@ -128,9 +128,9 @@ impl RequestStatus {
     pub fn can_become(self, to: RequestStatus) -> bool {
         use RequestStatus::*;
         match (self, to) {
+            // Admission always prefills, even a prompt found whole in the prefix cache:
+            // its last token is recomputed for the logits.
             (Waiting | Preempted, Prefilling) => true,
-            // A preempted request whose prompt and output are all cached resumes decoding directly.
-            (Waiting | Preempted, Running) => true,
             (Prefilling, Running) => true,
             (Prefilling | Running, Preempted) => true,
             (Prefilling | Running, Finished(_)) => true,
@@ -443,6 +443,10 @@ mod tests {
         assert!(done.transition(RequestStatus::Cancelled).is_err());
         let mut cancelled = RequestStatus::Cancelled;
         assert!(cancelled.transition(RequestStatus::Cancelled).is_err());
+        let mut waiting = RequestStatus::Waiting;
+        assert!(waiting.transition(RequestStatus::Running).is_err());
+        let mut preempted = RequestStatus::Preempted;
+        assert!(preempted.transition(RequestStatus::Running).is_err());
         let mut running = RequestStatus::Running;
         assert!(running.transition(RequestStatus::Prefilling).is_err());
         assert!(running.transition(RequestStatus::Waiting).is_err());

@@ -496,7 +496,7 @@ impl CudaRunner {
         let (t, e) = (options.max_batched_tokens, options.dtype.size_in_bytes());
         let rows = options.max_running.min(t);
         let inv_freq =
-            heddle_model::llama::rope_frequencies(shard, weights.rope_freq_factors.as_deref());
+            heddle_model::rope::rope_frequencies(shard, weights.rope_freq_factors.as_deref());
         Ok(Buffers {
             residual: gpu.alloc(t * d.hidden * 4)?,
             normed: gpu.alloc(t * d.hidden * e)?,

@@ -1,5 +1,6 @@
 //! The interface the engine drives: one call per scheduler step.
 
+use heddle_core::kv::BlockId;
 use heddle_core::{RequestId, SampledToken, ScheduledBatch, SequenceTokens, TokenId};
 
 use crate::config::ModelConfig;
@@ -58,6 +59,85 @@ pub trait ModelRunner: Send {
     }
 }
 
+/// What a runner's model and KV cache hold. Every runner checks each scheduled sequence
+/// against them before a step touches memory, so that its kernels may index the
+/// embeddings by token and the cache through the block table unchecked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Positions the model can attend over.
+    pub max_positions: usize,
+    pub vocab_size: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+impl BatchLimits {
+    pub fn new(config: &ModelConfig, block_size: usize, num_blocks: usize) -> Self {
+        BatchLimits {
+            max_positions: config.max_position_embeddings,
+            vocab_size: config.vocab_size,
+            block_size,
+            num_blocks,
+        }
+    }
+
+    /// Checks sequence `i` of a step: some tokens, all inside the vocabulary, at
+    /// positions inside the context, and a block table covering them with blocks inside
+    /// the cache.
+    pub fn check_sequence(
+        &self,
+        i: usize,
+        tokens: &[TokenId],
+        start_position: usize,
+        block_table: &[BlockId],
+    ) -> Result<(), ModelError> {
+        let bad = |why: String| Err(ModelError::InvalidBatch(format!("sequence {i}: {why}")));
+        if tokens.is_empty() {
+            return bad("no tokens".into());
+        }
+        let end = start_position + tokens.len();
+        if end > self.max_positions {
+            return bad(format!(
+                "position {} is past the context length {}",
+                end - 1,
+                self.max_positions
+            ));
+        }
+        let bs = self.block_size;
+        let needed = end.div_ceil(bs);
+        if block_table.len() < needed {
+            return bad(format!(
+                "{end} positions need {needed} blocks of {bs}, the block table has {}",
+                block_table.len()
+            ));
+        }
+        if let Some(b) = block_table[..needed]
+            .iter()
+            .find(|&&b| b as usize >= self.num_blocks)
+        {
+            return bad(format!(
+                "block {b} is beyond the cache's {} blocks",
+                self.num_blocks
+            ));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return bad(format!(
+                "token {t} is outside the vocabulary of {}",
+                self.vocab_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Self::check_sequence`] for every sequence of `batch`.
+    pub fn check_batch(&self, batch: &ScheduledBatch) -> Result<(), ModelError> {
+        for (i, s) in batch.seqs.iter().enumerate() {
+            self.check_sequence(i, &s.tokens, s.start_position, &s.block_table)?;
+        }
+        Ok(())
+    }
+}
+
 /// The log-probability of one prompt token given the tokens before it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptTokenLogprobs {
@@ -88,5 +168,56 @@ impl From<&SampledOutput> for SampledToken {
             id: o.id,
             token: o.token,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use heddle_core::{SamplingParams, ScheduledSeq};
+
+    use super::*;
+
+    const LIMITS: BatchLimits = BatchLimits {
+        max_positions: 64,
+        vocab_size: 100,
+        block_size: 16,
+        num_blocks: 4,
+    };
+
+    fn batch(tokens: Vec<TokenId>, start_position: usize, table: Vec<BlockId>) -> ScheduledBatch {
+        ScheduledBatch {
+            seqs: vec![ScheduledSeq {
+                id: 1,
+                tokens,
+                start_position,
+                block_table: table,
+                needs_logits: true,
+                sampling: SamplingParams::greedy(),
+                prompt_logprobs: None,
+                num_generated: 0,
+            }],
+            ..ScheduledBatch::default()
+        }
+    }
+
+    fn refusal(batch: &ScheduledBatch) -> String {
+        LIMITS.check_batch(batch).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_sequence_inside_every_limit_passes() {
+        assert!(LIMITS
+            .check_batch(&batch(vec![1, 99], 30, vec![3, 0]))
+            .is_ok());
+        assert!(LIMITS.check_batch(&ScheduledBatch::default()).is_ok());
+    }
+
+    #[test]
+    fn each_limit_refuses_with_its_reason() {
+        assert!(refusal(&batch(vec![], 0, vec![0])).contains("no tokens"));
+        assert!(refusal(&batch(vec![1], 64, vec![0, 1, 2, 3, 3])).contains("context length"));
+        assert!(refusal(&batch(vec![1, 2], 15, vec![0])).contains("block table has 1"));
+        assert!(refusal(&batch(vec![1], 0, vec![4])).contains("block 4 is beyond"));
+        assert!(refusal(&batch(vec![100], 0, vec![0])).contains("token 100"));
     }
 }

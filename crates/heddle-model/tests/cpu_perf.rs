@@ -158,7 +158,7 @@ fn decode_times_with_an_f32_cache() {
 fn kernel_rates() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
-    use heddle_model::weights::{Input, Linear, QuantizedRows};
+    use heddle_model::qmatmul::{Input, Linear, QuantizedRows};
 
     let shapes: [(usize, usize); 4] = [(576, 576), (1536, 576), (576, 1536), (49_152, 576)];
     for dtype in [
@@ -187,11 +187,7 @@ fn kernel_rates() {
                         .collect();
                     let mut q = QuantizedRows::default();
                     q.quantize(&x, rows);
-                    let input = Input {
-                        x: &x,
-                        rows,
-                        q: Some(&q),
-                    };
+                    let input = Input::new(&x, rows, Some(&q));
                     let mut out = vec![0f32; rows * n];
                     let macs = (rows * n * k) as f64;
                     let reps = ((2e9 / macs) as usize).clamp(cycle.max(3), 2000);

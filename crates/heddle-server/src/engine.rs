@@ -24,10 +24,11 @@ use anyhow::Context;
 
 use heddle_core::scheduler::AddError;
 use heddle_core::{
-    FinishReason, Priority, Request, RequestId, SampledToken, SamplingParams, ScheduledBatch,
-    Scheduler, SchedulerConfig, SchedulerStats, StepEvent, StopCriteria, TokenId,
+    FinishReason, Priority, Request, RequestId, SamplingParams, Scheduler, SchedulerConfig,
+    SchedulerStats, StepEvent, StopCriteria, TokenId,
 };
 use heddle_model::detokenizer::IncrementalDetokenizer;
+use heddle_model::driver::StepDriver;
 use heddle_model::grammar::{GrammarCompiler, GrammarError};
 use heddle_model::runner::{ModelRunner, SampledOutput};
 use heddle_model::stop_strings::StopStringMatcher;
@@ -64,7 +65,7 @@ pub struct TokenLogprobs {
 
 /// Token counts of a finished request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
+pub struct TokenCounts {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache.
@@ -89,7 +90,7 @@ pub enum EngineEvent {
     Finished {
         reason: FinishReason,
         text: String,
-        usage: Usage,
+        usage: TokenCounts,
     },
 }
 
@@ -313,7 +314,7 @@ struct Live {
     /// `max_tokens: 0` (to score the prompt): nothing is generated. The scheduler runs it
     /// for one token, which is dropped.
     generates_nothing: bool,
-    usage: Usage,
+    usage: TokenCounts,
     arrived: Instant,
     last_token: Option<Instant>,
     /// The request as the scheduler took it, until its first token: a restart after a
@@ -362,9 +363,8 @@ pub struct Engine {
     runner: Box<dyn ModelRunner>,
     tokenizer: Arc<Tokenizer>,
     live: HashMap<RequestId, Live>,
-    /// The step's batch and sampled tokens, reused from step to step.
-    batch: ScheduledBatch,
-    sampled: Vec<SampledToken>,
+    /// Schedules each step and applies its outputs, its buffers reused from step to step.
+    driver: StepDriver,
     shared: Arc<Shared>,
     metrics: Arc<ModelMetrics>,
     faults: Arc<FaultInjection>,
@@ -454,8 +454,7 @@ impl Engine {
             runner,
             tokenizer,
             live: HashMap::new(),
-            batch: ScheduledBatch::default(),
-            sampled: Vec::new(),
+            driver: StepDriver::default(),
             shared,
             metrics,
             faults,
@@ -636,9 +635,9 @@ impl Engine {
                         wants_logprobs,
                         prompt_logprobs,
                         generates_nothing,
-                        usage: Usage {
+                        usage: TokenCounts {
                             prompt_tokens,
-                            ..Usage::default()
+                            ..TokenCounts::default()
                         },
                         arrived,
                         last_token: None,
@@ -681,8 +680,7 @@ impl Engine {
 
     fn compute_step(&mut self) {
         let started = Instant::now();
-        self.scheduler.schedule_into(&mut self.batch);
-        let batch = &self.batch;
+        let batch = self.driver.schedule(&mut self.scheduler);
         if batch.is_empty() {
             self.publish_stats();
             return;
@@ -728,9 +726,7 @@ impl Engine {
                 });
             }
         }
-        self.sampled.clear();
-        self.sampled.extend(outputs.iter().map(SampledToken::from));
-        let events = self.scheduler.update(&self.sampled);
+        let events = self.driver.update(&mut self.scheduler, &outputs);
         let mut grammars = self.advance_grammars(&events);
         // `update` reports at most one event per sampled token, in the same order, so
         // each event's output is found by walking the outputs once.
@@ -787,7 +783,7 @@ impl Engine {
         &mut self,
         failed_grammars: &mut Vec<(RequestId, String)>,
     ) -> Result<Vec<SampledOutput>, String> {
-        let batch = &self.batch;
+        let batch = self.driver.batch();
         let adjusted: Vec<(RequestId, &mut SequenceLogits)> =
             if self.live.values().all(|live| live.logits.is_unchanged()) {
                 Vec::new()
@@ -955,7 +951,8 @@ impl Engine {
     /// that makes the engine panic cannot do it forever); every other request ends with an
     /// error. The scheduler is not consulted: the panic may have left it half-updated.
     fn fail_after_panic(&mut self) {
-        let in_failed_step: HashSet<RequestId> = self.batch.seqs.iter().map(|s| s.id).collect();
+        let in_failed_step: HashSet<RequestId> =
+            self.driver.batch().seqs.iter().map(|s| s.id).collect();
         let failed: Vec<RequestId> = self
             .live
             .iter()

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use heddle_core::{RequestId, SchedulerConfig};
 use heddle_model::chat_template::ChatTemplate;
-use heddle_model::loaded::kv_bytes_per_block;
+use heddle_model::cpu_model::kv_bytes_per_block;
 use heddle_model::tokenizer::TokenizerBundle;
 use heddle_model::{load_cpu, KvSize, ModelRunner};
 
@@ -104,8 +104,8 @@ pub enum PoolError {
     LoadFailed { model: String, reason: String },
 }
 
-/// A loaded model: its engine, chat template and bookkeeping.
-pub struct LoadedModel {
+/// A model the pool serves: its engine, chat template and bookkeeping.
+pub struct ServedModel {
     pub id: String,
     pub engine: EngineHandle,
     pub chat_template: ChatTemplate,
@@ -122,7 +122,7 @@ pub struct LoadedModel {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl LoadedModel {
+impl ServedModel {
     /// Registers an accepted request, so that unloading and shutdown can cancel it and
     /// dropping the returned guard (a client that left) cancels it at once.
     pub fn track(self: &Arc<Self>, id: RequestId) -> InFlight {
@@ -171,7 +171,7 @@ impl LoadedModel {
 /// handler's future or the response stream was dropped — cancels the request in the
 /// engine right away, rather than when the engine next notices the closed channel.
 pub struct InFlight {
-    model: Arc<LoadedModel>,
+    model: Arc<ServedModel>,
     id: RequestId,
     finished: bool,
 }
@@ -213,7 +213,7 @@ pub struct ModelPool {
     scheduler: SchedulerConfig,
     device: Device,
     memory_budget: Option<u64>,
-    loaded: Mutex<HashMap<String, Arc<LoadedModel>>>,
+    loaded: Mutex<HashMap<String, Arc<ServedModel>>>,
     /// Serializes loads and evictions, so the budget is checked against a stable set.
     load_lock: tokio::sync::Mutex<()>,
     loads: Mutex<HashMap<String, u64>>,
@@ -302,12 +302,12 @@ impl ModelPool {
     }
 
     /// The loaded models, in no particular order.
-    pub fn loaded_models(&self) -> Vec<Arc<LoadedModel>> {
+    pub fn loaded_models(&self) -> Vec<Arc<ServedModel>> {
         self.loaded_map().values().cloned().collect()
     }
 
     /// The model's engine, loading the model first if needed.
-    pub async fn acquire(&self, id: &str) -> Result<Arc<LoadedModel>, PoolError> {
+    pub async fn acquire(&self, id: &str) -> Result<Arc<ServedModel>, PoolError> {
         if self.is_shutting_down() {
             return Err(PoolError::ShuttingDown);
         }
@@ -406,7 +406,7 @@ impl ModelPool {
     }
 
     /// The loaded model `id`, unless its engine has stopped.
-    fn serving(&self, id: &str) -> Option<Arc<LoadedModel>> {
+    fn serving(&self, id: &str) -> Option<Arc<ServedModel>> {
         let model = self.loaded_map().get(id)?.clone();
         if model.engine.health() == EngineHealth::Stopped {
             return None;
@@ -415,11 +415,11 @@ impl ModelPool {
         Some(model)
     }
 
-    fn loaded_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LoadedModel>>> {
+    fn loaded_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ServedModel>>> {
         self.loaded.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn load_locked(&self, spec: &ModelSpec) -> Result<Arc<LoadedModel>, PoolError> {
+    async fn load_locked(&self, spec: &ModelSpec) -> Result<Arc<ServedModel>, PoolError> {
         let load_failed = |error: anyhow::Error| PoolError::LoadFailed {
             model: spec.id.clone(),
             reason: format!("{error:#}"),
@@ -637,7 +637,7 @@ fn load_model(
     device: Device,
     memory_bytes: u64,
     options: EngineOptions,
-) -> anyhow::Result<LoadedModel> {
+) -> anyhow::Result<ServedModel> {
     let loaded = load_runner(spec, base, device)?;
     let model_config = loaded.runner.config();
     let scheduler = SchedulerConfig {
@@ -654,7 +654,7 @@ fn load_model(
         scheduler,
         options,
     )?;
-    Ok(LoadedModel {
+    Ok(ServedModel {
         id: spec.id.clone(),
         engine,
         chat_template: loaded.text.chat_template,

@@ -12,7 +12,7 @@ use candle_core::Device;
 use super::{OpenedModel, RopeLayout, TensorSource};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::weights::Linear;
+use crate::qmatmul::Linear;
 
 /// Reads a GGUF header: metadata (tokenizer, chat template, hyper-parameters) and the
 /// tensor directory, without the tensor data.

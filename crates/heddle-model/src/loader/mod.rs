@@ -14,7 +14,7 @@ pub use safetensors::{hf_name, weight_files};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::weights::Linear;
+use crate::qmatmul::Linear;
 
 /// How a checkpoint lays out the two halves that RoPE rotates together.
 ///

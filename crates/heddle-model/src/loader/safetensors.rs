@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{fp8_scales, OpenedModel, RopeLayout, TensorSource};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::weights::Linear;
+use crate::qmatmul::Linear;
 
 fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| ModelError::Io {

@@ -18,13 +18,13 @@ use super::openai::{
     ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TokenLogprobMap, TopLogprob, Usage,
 };
 use crate::engine::{
-    EngineEvent, GenerationRequest, SubmitError, Submitted, TokenLogprobs, Usage as EngineUsage,
+    EngineEvent, GenerationRequest, SubmitError, Submitted, TokenCounts, TokenLogprobs,
 };
 use crate::metrics::ModelMetrics;
-use crate::pool::{InFlight, LoadedModel};
+use crate::pool::{InFlight, ServedModel};
 
 /// One submitted sequence: choice `index` of prompt `prompt_index`.
-struct Sequence {
+struct SubmittedSequence {
     index: usize,
     prompt_index: usize,
     events: UnboundedReceiver<EngineEvent>,
@@ -41,7 +41,7 @@ pub struct SequenceEvent {
 
 /// The events of all of a request's sequences, in arrival order.
 pub struct EventMux {
-    sequences: Vec<Option<Sequence>>,
+    sequences: Vec<Option<SubmittedSequence>>,
     /// Where the next poll starts, so that no sequence is always served last.
     cursor: usize,
 }
@@ -49,7 +49,7 @@ pub struct EventMux {
 /// Submits `requests` (each with its prompt's index), in order; choice indices follow
 /// that order. If one is refused, the ones already accepted are cancelled.
 pub async fn submit(
-    model: &Arc<LoadedModel>,
+    model: &Arc<ServedModel>,
     requests: Vec<(usize, GenerationRequest)>,
     metrics: &ModelMetrics,
 ) -> Result<EventMux, ApiError> {
@@ -69,7 +69,7 @@ pub async fn submit(
             }
             Err(SubmitError::Stopped) => return Err(unloaded(&model.id)),
         };
-        sequences.push(Some(Sequence {
+        sequences.push(Some(SubmittedSequence {
             index,
             prompt_index,
             events,
@@ -97,7 +97,7 @@ fn unloaded(model: &str) -> ApiError {
 /// (429, like a refusal at the door).
 pub fn finish_error(
     reason: FinishReason,
-    model: &LoadedModel,
+    model: &ServedModel,
     shutting_down: bool,
 ) -> Option<ApiError> {
     match reason {
@@ -152,7 +152,7 @@ impl EventMux {
                 let event = event.unwrap_or(EngineEvent::Finished {
                     reason: FinishReason::Error,
                     text: String::new(),
-                    usage: EngineUsage::default(),
+                    usage: TokenCounts::default(),
                 });
                 return Poll::Ready(Some(self.account(slot, event)));
             }
@@ -345,7 +345,7 @@ impl UsageTally {
         }
     }
 
-    pub fn add(&mut self, prompt_index: usize, usage: &EngineUsage) {
+    pub fn add(&mut self, prompt_index: usize, usage: &TokenCounts) {
         self.completion_tokens += usage.completion_tokens;
         if let Some(slot) = self.prompts.get_mut(prompt_index) {
             slot.get_or_insert((usage.prompt_tokens, usage.cached_tokens));
@@ -444,7 +444,7 @@ mod tests {
     #[test]
     fn usage_counts_each_prompt_once_and_every_choice() {
         let mut tally = UsageTally::new(2);
-        let usage = |prompt_tokens, completion_tokens, cached_tokens| EngineUsage {
+        let usage = |prompt_tokens, completion_tokens, cached_tokens| TokenCounts {
             prompt_tokens,
             completion_tokens,
             cached_tokens,

@@ -57,7 +57,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::batch::runner::BatchRunner;
 use crate::batch::{batches_api, files_api};
 use crate::metrics::Metrics;
-use crate::pool::{LoadedModel, ModelPool, PoolError};
+use crate::pool::{ModelPool, PoolError, ServedModel};
 use auth::AccessControl;
 use errors::ApiError;
 
@@ -103,7 +103,7 @@ impl AppState {
     }
 
     /// The model's engine, loading it if needed, with pool errors as API errors.
-    pub async fn model(&self, id: &str) -> Result<Arc<LoadedModel>, ApiError> {
+    pub async fn model(&self, id: &str) -> Result<Arc<ServedModel>, ApiError> {
         self.pool.acquire(id).await.map_err(|error| match error {
             PoolError::UnknownModel(model) => ApiError::model_not_found(&model),
             PoolError::ShuttingDown => {

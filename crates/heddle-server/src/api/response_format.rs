@@ -21,7 +21,7 @@ use heddle_model::grammar::{GrammarSpec, TokenConstraint};
 
 use super::errors::ApiError;
 use super::openai::CommonFields;
-use crate::pool::LoadedModel;
+use crate::pool::ServedModel;
 
 /// How long compiling one request's grammar may take before the request is refused. The
 /// compiler's own fuel limits end it soon after; this bounds what a client waits.
@@ -186,7 +186,7 @@ fn schema_value(param: &str, schema: &Value) -> Result<Value, ApiError> {
 /// Compiles the grammar for `model`, off the async threads and within
 /// [`COMPILE_TIME_LIMIT`].
 pub async fn compile(
-    model: &Arc<LoadedModel>,
+    model: &Arc<ServedModel>,
     grammar: RequestedGrammar,
 ) -> Result<TokenConstraint, ApiError> {
     let RequestedGrammar { field, spec } = grammar;
@@ -215,7 +215,7 @@ pub async fn compile(
 }
 
 /// A 400 naming `field` when the model's runner cannot apply masks and biases.
-pub fn refuse_unless_supported(model: &LoadedModel, field: &str) -> Result<(), ApiError> {
+pub fn refuse_unless_supported(model: &ServedModel, field: &str) -> Result<(), ApiError> {
     if model.engine.applies_logits_adjustments() {
         return Ok(());
     }

@@ -33,7 +33,7 @@ use super::tools::{self, ToolRequest};
 use super::{unix_now, AppState, JsonBody};
 use crate::engine::GenerationRequest;
 use crate::metrics::EngineReport;
-use crate::pool::LoadedModel;
+use crate::pool::ServedModel;
 use crate::sequence_logits::SequenceLogits;
 
 /// OpenAI's default `max_tokens` for completions; chat defaults to the rest of the context.
@@ -200,7 +200,7 @@ fn check_common(
 
 /// The request's logit biases and compiled grammar, for `model`.
 async fn sequence_logits(
-    model: &Arc<LoadedModel>,
+    model: &Arc<ServedModel>,
     common: &CommonFields,
     grammar: Option<RequestedGrammar>,
 ) -> Result<SequenceLogits, ApiError> {
@@ -262,7 +262,7 @@ struct Started<F> {
 /// Submits the requests of one API call (prompts × n) to the model's engine.
 async fn start(
     state: &AppState,
-    model: &Arc<LoadedModel>,
+    model: &Arc<ServedModel>,
     requests: Vec<(usize, GenerationRequest)>,
     id_prefix: &str,
 ) -> Result<Started<impl Fn(FinishReason) -> Option<ApiError> + Send + 'static>, ApiError> {
@@ -432,7 +432,7 @@ pub async fn chat(
 /// threads (a long conversation takes a while). Tools go to a template that reads them,
 /// or else into the system prompt (see [`tools`]).
 async fn tokenize_chat(
-    model: &Arc<LoadedModel>,
+    model: &Arc<ServedModel>,
     mut messages: Vec<ChatMessage>,
     tools: Option<Arc<ToolRequest>>,
 ) -> Result<Vec<TokenId>, ApiError> {
@@ -470,7 +470,7 @@ async fn tokenize_chat(
 }
 
 async fn tokenize_prompts(
-    model: &Arc<LoadedModel>,
+    model: &Arc<ServedModel>,
     prompts: Vec<PromptInput>,
 ) -> Result<Vec<Vec<TokenId>>, ApiError> {
     let model = model.clone();

@@ -31,7 +31,7 @@ impl Endpoint {
 
 /// What the server reported in a stream's `usage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Usage {
+pub struct ReportedUsage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
 }
@@ -47,7 +47,7 @@ pub struct StreamTiming {
     pub chunk_gaps: Vec<Duration>,
     /// Chunks with generated text.
     pub content_chunks: usize,
-    pub usage: Option<Usage>,
+    pub usage: Option<ReportedUsage>,
 }
 
 /// Why a request failed.
@@ -284,7 +284,7 @@ struct ChunkTimer {
     last_content: Option<Instant>,
     chunk_gaps: Vec<Duration>,
     content_chunks: usize,
-    usage: Option<Usage>,
+    usage: Option<ReportedUsage>,
 }
 
 impl ChunkTimer {
@@ -318,7 +318,7 @@ impl ChunkTimer {
             if let (Some(prompt_tokens), Some(completion_tokens)) =
                 (count("prompt_tokens"), count("completion_tokens"))
             {
-                self.usage = Some(Usage {
+                self.usage = Some(ReportedUsage {
                     prompt_tokens,
                     completion_tokens,
                 });
@@ -453,7 +453,7 @@ mod tests {
         assert_eq!(timing.content_chunks, 3);
         assert_eq!(
             timing.usage,
-            Some(Usage {
+            Some(ReportedUsage {
                 prompt_tokens: 9,
                 completion_tokens: 3
             })

@@ -254,7 +254,7 @@ fn latency_table(out: &mut String, latency: &LatencyFigures) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::client::{StreamTiming, Usage};
+    use crate::bench::client::{ReportedUsage, StreamTiming};
     use crate::bench::stats::RequestRecord;
     use clap::Parser;
     use std::time::Duration;
@@ -281,7 +281,7 @@ mod tests {
                 latency: Duration::from_millis(100),
                 chunk_gaps: vec![Duration::from_millis(10); 9],
                 content_chunks: 10,
-                usage: Some(Usage {
+                usage: Some(ReportedUsage {
                     prompt_tokens: 4,
                     completion_tokens: 10,
                 }),

@@ -287,7 +287,7 @@ fn detail(record: &RequestRecord) -> RequestDetail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::client::Usage;
+    use crate::bench::client::ReportedUsage;
 
     fn ms(millis: u64) -> Duration {
         Duration::from_millis(millis)
@@ -330,7 +330,7 @@ mod tests {
         priority: Option<Priority>,
         ttft: u64,
         gaps: &[u64],
-        usage: Option<Usage>,
+        usage: Option<ReportedUsage>,
     ) -> RequestRecord {
         let chunk_gaps: Vec<Duration> = gaps.iter().copied().map(ms).collect();
         let latency = ms(ttft + gaps.iter().sum::<u64>());
@@ -351,7 +351,7 @@ mod tests {
     #[test]
     fn run_metrics_add_up_tokens_errors_and_latencies() {
         let usage = |prompt_tokens, completion_tokens| {
-            Some(Usage {
+            Some(ReportedUsage {
                 prompt_tokens,
                 completion_tokens,
             })

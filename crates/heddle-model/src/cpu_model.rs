@@ -19,14 +19,14 @@ pub enum KvSize {
 }
 
 /// A model ready to serve on CPU.
-pub struct LoadedModel {
+pub struct CpuModel {
     pub runner: CpuRunner,
     pub text: TokenizerBundle,
     pub num_blocks: usize,
     pub block_size: usize,
 }
 
-impl LoadedModel {
+impl CpuModel {
     pub fn config(&self) -> &ModelConfig {
         self.runner.model().config()
     }
@@ -43,7 +43,7 @@ pub fn kv_bytes_per_block(config: &ModelConfig, block_size: usize) -> usize {
 
 /// Loads a GGUF file or a Hugging Face model directory (config.json, safetensors,
 /// tokenizer.json) for the CPU runner.
-pub fn load_cpu(path: &Path, kv: KvSize, block_size: usize) -> anyhow::Result<LoadedModel> {
+pub fn load_cpu(path: &Path, kv: KvSize, block_size: usize) -> anyhow::Result<CpuModel> {
     let started = std::time::Instant::now();
     tracing::info!(path = %path.display(), "loading model");
     let (model, gguf) = Llama::load(path)?;
@@ -67,7 +67,7 @@ pub fn load_cpu(path: &Path, kv: KvSize, block_size: usize) -> anyhow::Result<Lo
         kv_mib = runner.kv_cache().size_in_bytes() >> 20,
         "model loaded"
     );
-    Ok(LoadedModel {
+    Ok(CpuModel {
         runner,
         text,
         num_blocks,

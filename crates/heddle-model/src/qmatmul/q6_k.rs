@@ -28,7 +28,8 @@
 use std::ops::Range;
 
 use super::ggml_blocks::{q6_k, q6_k_factors};
-use super::{put_q4_1x16_nibbles, Family, OutPtr, QuantizedRows, LANES, QK};
+use super::portable::Dot;
+use super::{padded_blocks, put_q4_1x16_nibbles, Family, OutPtr, QuantizedRows, LANES, QK};
 
 /// Blocks of 32 per super-block of 256.
 const SUPER: usize = 8;
@@ -176,21 +177,20 @@ impl Q6K {
         unsafe {
             match family {
                 #[cfg(target_arch = "x86_64")]
-                Family::Vnni => vnni::run(self, nb, x, cols, n, out),
+                Family::Vnni => super::vnni::run(self, nb, x, cols, n, out),
                 #[cfg(target_arch = "x86_64")]
-                Family::Avx2 => avx2::run(self, nb, x, cols, n, out),
-                _ => portable::run(self, nb, x, cols, n, out),
+                Family::Avx2 => super::avx2::run(self, x, x.rows, cols, n, out),
+                _ => super::portable::run(self, x, cols, n, out),
             }
         }
     }
 }
 
-/// Plain Rust: one output at a time, blocks in order, `q8_halves::portable`'s arithmetic.
-mod portable {
-    use super::*;
-    use crate::weights::padded_blocks;
-
-    fn dot(w: &Q6K, nb: usize, c: usize, x: &QuantizedRows, r: usize) -> f32 {
+/// Plain Rust: one output at a time, blocks in order, the arithmetic of `q8_halves`'
+/// portable kernel.
+impl Dot for Q6K {
+    fn dot(&self, c: usize, x: &QuantizedRows, r: usize) -> f32 {
+        let (w, nb) = (self, x.nb);
         let mut acc = 0f32;
         for b in 0..nb {
             let (u, d, sc) = w.block(nb, c, b);
@@ -209,19 +209,6 @@ mod portable {
         }
         acc
     }
-
-    /// # Safety
-    /// No other thread writes columns `cols` of `out`, which holds `x.rows × n` floats.
-    pub(super) unsafe fn run(
-        w: &Q6K,
-        nb: usize,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { out.write_each(x.rows, cols, n, |c, r| dot(w, nb, c, x, r)) }
-    }
 }
 
 /// AVX2 + FMA, tiled and computed as `q8_halves::avx2` once the weights are signed
@@ -232,85 +219,53 @@ mod portable {
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::*;
-    use crate::weights::avx2::{hsum, PANEL};
-    use crate::weights::padded_blocks;
+    use crate::qmatmul::avx2::{add_signed_products, hsum, row_blocks, row_starts, TileAt, Tiles};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize, const C: usize>(
-        w: &Q6K,
-        nb: usize,
-        x: &QuantizedRows,
-        r0: usize,
-        c0: usize,
-        n: usize,
-        out: OutPtr,
-    ) {
-        let nbp = padded_blocks(nb);
-        let nsb = nb / SUPER;
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        let top = _mm256_set1_epi8(0x30);
-        let offset = _mm256_set1_epi8(32);
-        let quarters = _mm256_setr_epi64x(0, 2, 4, 6);
-        // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
-        // exist, and b < nb stays inside each row's blocks.
-        let xq: [*const i8; R] =
-            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((r0 + r) * nb * QK) });
-        let xd: [*const f32; R] =
-            std::array::from_fn(|r| unsafe { x.d.as_ptr().add((r0 + r) * nbp) });
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        for b in 0..nb {
-            let mut xv = [_mm256_setzero_si256(); R];
-            for r in 0..R {
-                xv[r] = unsafe { _mm256_loadu_si256(xq[r].add(b * QK) as *const __m256i) };
+    impl Tiles<QuantizedRows> for Q6K {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn tile<const R: usize, const C: usize>(&self, x: &QuantizedRows, at: TileAt) {
+            let (w, nb, TileAt { r0, c0, n, out }) = (self, x.nb, at);
+            let nsb = nb / SUPER;
+            let low = _mm256_set1_epi8(0x0F);
+            let top = _mm256_set1_epi8(0x30);
+            let offset = _mm256_set1_epi8(32);
+            let quarters = _mm256_setr_epi64x(0, 2, 4, 6);
+            // SAFETY (all pointer arithmetic below): rows r0..r0 + R and columns c0..c0 + C
+            // exist, and b < nb stays inside each row's blocks.
+            let (xq, xd) = unsafe { row_starts::<R>(x, r0) };
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            for b in 0..nb {
+                let xv = unsafe { row_blocks(&xq, b) };
+                for c in 0..C {
+                    let i = (c0 + c) * nb + b;
+                    let (raw, high, sc, d) = unsafe {
+                        (
+                            _mm_loadu_si128(w.nibbles.as_ptr().add(i * 16) as *const __m128i),
+                            (w.highs.as_ptr().add(i * 8) as *const i64).read_unaligned(),
+                            *(w.factors.as_ptr().add(i * 2) as *const [i8; 2]),
+                            *w.scales.get_unchecked((c0 + c) * nsb + b / SUPER),
+                        )
+                    };
+                    let nibbles =
+                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+                    let highs = _mm256_srlv_epi64(_mm256_set1_epi64x(high), quarters);
+                    let highs = _mm256_and_si256(_mm256_slli_epi64(highs, 4), top);
+                    let wv = _mm256_sub_epi8(_mm256_or_si256(nibbles, highs), offset);
+                    let dw = _mm256_set_m128(
+                        _mm_set1_ps(d * sc[1] as f32),
+                        _mm_set1_ps(d * sc[0] as f32),
+                    );
+                    unsafe { add_signed_products(&mut acc, c, (wv, dw), (&xv, &xd), b) };
+                }
             }
-            for c in 0..C {
-                let i = (c0 + c) * nb + b;
-                let (raw, high, sc, d) = unsafe {
-                    (
-                        _mm_loadu_si128(w.nibbles.as_ptr().add(i * 16) as *const __m128i),
-                        (w.highs.as_ptr().add(i * 8) as *const i64).read_unaligned(),
-                        *(w.factors.as_ptr().add(i * 2) as *const [i8; 2]),
-                        *w.scales.get_unchecked((c0 + c) * nsb + b / SUPER),
-                    )
-                };
-                let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
-                let highs = _mm256_srlv_epi64(_mm256_set1_epi64x(high), quarters);
-                let highs = _mm256_and_si256(_mm256_slli_epi64(highs, 4), top);
-                let wv = _mm256_sub_epi8(_mm256_or_si256(nibbles, highs), offset);
-                // maddubs multiplies unsigned by signed: move w's sign onto x.
-                let wabs = _mm256_sign_epi8(wv, wv);
-                let dw =
-                    _mm256_set_m128(_mm_set1_ps(d * sc[1] as f32), _mm_set1_ps(d * sc[0] as f32));
-                for r in 0..R {
-                    let xs = _mm256_sign_epi8(xv[r], wv);
-                    let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones);
-                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *xd[r].add(b) }));
-                    acc[r][c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r][c]);
+            for r in 0..R {
+                for c in 0..C {
+                    // SAFETY: the caller owns columns c0..c0 + C of these rows.
+                    unsafe { out.write((r0 + r) * n + c0 + c, hsum(acc[r][c])) }
                 }
             }
         }
-        for r in 0..R {
-            for c in 0..C {
-                // SAFETY: the caller owns columns c0..c0 + C of these rows.
-                unsafe { out.write((r0 + r) * n + c0 + c, hsum(acc[r][c])) }
-            }
-        }
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `w` is row-major and fits n × nb; no other thread writes
-    /// columns `cols` of `out`.
-    pub(super) unsafe fn run(
-        w: &Q6K,
-        nb: usize,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { tiled!(tile, x.rows, cols, |r, c| w, nb, x, r, c, n, out) }
     }
 }
 
@@ -321,7 +276,8 @@ mod avx2 {
 #[allow(clippy::needless_range_loop)]
 mod vnni {
     use super::*;
-    use crate::weights::vnni::{half_dots, prefetch, store, RowPtrs, PREFETCH_GROUPS_AHEAD, ROWS};
+    use crate::qmatmul::activations::Tile;
+    use crate::qmatmul::vnni::{add_half_products, prefetch, GroupBlock, GroupedWeights};
     use std::arch::x86_64::*;
 
     /// The 16 lanes' 8-bit factors at `p`, as floats.
@@ -345,141 +301,80 @@ mod vnni {
         _mm512_and_si512(at_4, _mm512_set1_epi8(0x30))
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const R: usize>(
-        w: &Q6K,
-        nb: usize,
-        x: &QuantizedRows,
-        r0: usize,
-        g: usize,
-        n: usize,
-        out: OutPtr,
-    ) {
-        let low = _mm512_set1_epi8(0x0F);
-        let nsb = nb / SUPER;
-        // SAFETY (all pointer arithmetic below): group g and rows r0..r0 + R exist;
-        // b < nb.
-        let rows = unsafe { RowPtrs::<R>::new(x, r0) };
-        let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..nb {
-            let gb = g * nb + b;
-            let ahead = gb + PREFETCH_GROUPS_AHEAD * nb;
-            prefetch(&w.nibbles, ahead * 256, 256);
-            prefetch(&w.highs, ahead * 128, 128);
-            prefetch(&w.factors, ahead * 2 * LANES, 2 * LANES);
-            let ahead_super = ((g + PREFETCH_GROUPS_AHEAD) * nsb + b / SUPER) * LANES;
-            prefetch(&w.scales, ahead_super, LANES);
+    impl GroupedWeights for Q6K {
+        #[inline(always)]
+        fn prefetch(&self, at: GroupBlock) {
+            let gb = at.index();
+            prefetch(&self.nibbles, gb * 256, 256);
+            prefetch(&self.highs, gb * 128, 128);
+            prefetch(&self.factors, gb * 2 * LANES, 2 * LANES);
+            prefetch(
+                &self.scales,
+                (at.g * (at.nb / SUPER) + at.b / SUPER) * LANES,
+                LANES,
+            );
+        }
+
+        /// Rebuilds the block's 6-bit values from nibbles and high bits, then multiplies
+        /// as `q8_halves::vnni` does, each half's scale d·sc.
+        #[inline(always)]
+        unsafe fn accumulate<const R: usize>(&self, at: GroupBlock, tile: &mut Tile<__m512, R>) {
+            let low = _mm512_set1_epi8(0x0F);
+            let gb = at.index();
             let load = |p: *const u8| unsafe { _mm512_loadu_si512(p as *const __m512i) };
-            let highs: [__m512i; 2] =
-                std::array::from_fn(|h| load(unsafe { w.highs.as_ptr().add(gb * 128 + h * 64) }));
+            // SAFETY (all pointer arithmetic below): the caller's contract.
+            let highs: [__m512i; 2] = std::array::from_fn(|h| {
+                load(unsafe { self.highs.as_ptr().add(gb * 128 + h * 64) })
+            });
             let mut units = [_mm512_setzero_si512(); 8];
             for j in 0..4 {
-                let v = load(unsafe { w.nibbles.as_ptr().add(gb * 256 + j * 64) });
+                let v = load(unsafe { self.nibbles.as_ptr().add(gb * 256 + j * 64) });
                 let lo = _mm512_and_si512(v, low);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
                 units[j] = _mm512_or_si512(lo, high_bits(highs[0], j));
                 units[j + 4] = _mm512_or_si512(hi, high_bits(highs[1], j));
             }
-            let (d_lo, d_hi) = unsafe {
-                let d = _mm512_loadu_ps(w.scales.as_ptr().add((g * nsb + b / SUPER) * LANES));
-                let f = w.factors.as_ptr().add(gb * 2 * LANES);
+            let halves = unsafe {
+                let at = (at.g * (at.nb / SUPER) + at.b / SUPER) * LANES;
+                let d = _mm512_loadu_ps(self.scales.as_ptr().add(at));
+                let f = self.factors.as_ptr().add(gb * 2 * LANES);
                 (
                     _mm512_mul_ps(d, factors16(f)),
                     _mm512_mul_ps(d, factors16(f.add(LANES))),
                 )
             };
-            for r in 0..R {
-                let (sum, lo) = unsafe { (*rows.sums[r].add(b), *rows.lo_sums[r].add(b)) };
-                let (a, h) = unsafe {
-                    half_dots(
-                        &units,
-                        rows.qs[r].add(b * 8),
-                        _mm512_set1_epi32(-32 * lo),
-                        _mm512_set1_epi32(-32 * (sum - lo)),
-                    )
-                };
-                let dx = _mm512_set1_ps(unsafe { *rows.d[r].add(b) });
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(d_lo, dx), acc[r]);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_mul_ps(d_hi, dx), acc[r]);
-            }
+            // SAFETY: the caller's contract.
+            unsafe { add_half_products::<R, 32>(tile, &units, at.b, halves) }
         }
-        let lanes = LANES.min(n - g * LANES);
-        for r in 0..R {
-            unsafe { store(out, (r0 + r) * n + g * LANES, lanes, acc[r]) }
-        }
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL and VNNI; `w` is grouped and fits n × nb; `cols`
-    /// starts on a group; no other thread writes those columns.
-    pub(super) unsafe fn run(
-        w: &Q6K,
-        nb: usize,
-        x: &QuantizedRows,
-        cols: Range<usize>,
-        n: usize,
-        out: OutPtr,
-    ) {
-        unsafe { groups_and_rows!(tile, x.rows, cols, |r, g| w, nb, x, r, g, n, out) }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::weights::{best_family, forward_all_with, Input, Linear, Storage};
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use crate::qmatmul::test_support::{families, ggml_values, noise, product, qtensor};
+    use crate::qmatmul::{Linear, Storage};
+    use candle_core::quantized::GgmlDType;
 
     /// In every family this CPU runs, the 6-bit form holds ggml's weights and computes
     /// exactly what the widened 8-bit form computes from the same blocks, in 6.625 bits a
     /// weight instead of 11.
     #[test]
     fn six_bit_q6_k_equals_the_widened_form_bit_for_bit() {
-        let mut families = vec![Family::Portable];
-        if best_family() != Family::Portable {
-            families.push(Family::Avx2);
-        }
-        if best_family() == Family::Vnni {
-            families.push(Family::Vnni);
-        }
         // A partial last group of 16 rows; 3 super-blocks; a tile of 8 rows and one of 3.
         let (n, k, rows) = (37, 768, 11);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
-        let t = QTensor::quantize(
-            &Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(),
-            GgmlDType::Q6K,
-        )
-        .unwrap();
-        let ggml: Vec<f32> = t
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let t = qtensor(GgmlDType::Q6K, n, k, 1);
+        let ggml = ggml_values(&t);
         let bytes = t.data().unwrap();
         let row_bytes = k / 256 * 210;
-        let x: Vec<f32> = (0..rows * k)
-            .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0)
-            .collect();
-        let mut q = QuantizedRows::default();
-        q.quantize(&x, rows);
-        let input = Input {
-            x: &x,
-            rows,
-            q: Some(&q),
-        };
-        for family in families {
+        let x = noise(rows * k, 2);
+        for family in families() {
             let six = Linear::from_qtensor_for("w", &t, family).unwrap();
             assert!(matches!(six.storage, Storage::Q6K(_)), "{family:?}");
             let wide = Linear {
                 n,
                 k,
-                storage: crate::weights::q8_halves::storage(
+                storage: crate::qmatmul::q8_halves::storage(
                     n,
                     k,
                     |c, b| q6_k(&bytes[c * row_bytes..][..row_bytes], b),
@@ -496,12 +391,11 @@ mod tests {
                 unreachable!("dequantized matrices are f32")
             };
             assert_eq!(values, ggml, "{family:?}");
-            let run = |lin: &Linear| {
-                let mut out = vec![0f32; rows * n];
-                forward_all_with(family, &mut [(lin, &mut out)], &input);
-                out
-            };
-            assert_eq!(run(&six), run(&wide), "{family:?}");
+            assert_eq!(
+                product(family, &six, &x, rows),
+                product(family, &wide, &x, rows),
+                "{family:?}"
+            );
         }
     }
 }

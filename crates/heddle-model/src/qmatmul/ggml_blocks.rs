@@ -245,6 +245,7 @@ pub(super) fn q6_k_factors(row: &[u8], b: usize) -> (f32, [i8; 2]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmatmul::test_support::{ggml_values, DECODED_DTYPES};
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
@@ -260,23 +261,9 @@ mod tests {
             })
             .collect();
         let tensor = Tensor::from_vec(values, (rows, k), &Device::Cpu).unwrap();
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q4K,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
+        for dtype in DECODED_DTYPES {
             let q = QTensor::quantize(&tensor, dtype).unwrap();
-            let want: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let want = ggml_values(&q);
             let data = q.data().unwrap();
             let row_bytes = k / dtype.block_size() * dtype.type_size();
             let decode = decoder(dtype).unwrap();

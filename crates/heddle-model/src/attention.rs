@@ -1,0 +1,380 @@
+//! Causal attention over the paged KV cache: each new token attends to its own
+//! sequence's cached positions through the sequence's block table, one task per (token,
+//! KV head), the query heads sharing that KV head together. Each task's arithmetic
+//! depends on nothing but its own token and context, so results do not depend on the
+//! batch.
+
+use std::cell::RefCell;
+
+use heddle_core::kv::BlockId;
+use rayon::prelude::*;
+
+use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
+use crate::llama::SeqInput;
+use crate::math::{exp, lanes};
+
+/// Below this many query·key products per layer, attention stays on the calling thread.
+const PAR_MIN_ATTENTION: usize = 1 << 14;
+
+/// Scores this far below a row's maximum get a soft-max weight of exactly 0 instead of
+/// e^-60 ≈ 9e-27 or less. Together such weights move the row's sum, which holds the
+/// maximum's weight of 1, by far less than f32's rounding; skipping their exponentials
+/// and keeping their tiny products out of the weighted sums of values took 10–20% off
+/// attention at batch 16 (in a trained model the first positions draw most of the
+/// attention, leaving many scores 60–90 below the maximum).
+const NEGLIGIBLE_SCORE: f32 = -60.0;
+
+/// How many blocks ahead of the one it converts an attention task prefetches its
+/// context: a block of 16 positions converts in about as long as one trip to memory.
+const CONTEXT_PREFETCH_BLOCKS: usize = 4;
+
+/// Per-thread scratch of one attention task, reused across calls.
+#[derive(Default)]
+struct AttentionScratch {
+    /// The query heads' scores, then one block's raw scores and partial sums.
+    scores: Vec<f32>,
+    /// The task's context converted from the f16 cache, in the cache's block layouts.
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+thread_local! {
+    static ATTENTION_SCRATCH: RefCell<AttentionScratch> = RefCell::new(AttentionScratch::default());
+}
+
+/// Causal attention of every new token over its own sequence's cached positions
+/// `0..=position`, one task per (token, KV head) covering the query heads that share
+/// that KV head.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    config: &ModelConfig,
+    layer: usize,
+    cache: &KvCache,
+    q: &[f32],
+    out: &mut [f32],
+    positions: &[usize],
+    token_seq: &[usize],
+    seqs: &[SeqInput],
+) {
+    let c = config;
+    let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
+    let group = nh / nkv;
+    let bs = cache.block_size();
+    let task = |idx: usize, out: &mut [f32]| {
+        let (t, g) = (idx / nkv, idx % nkv);
+        let n_ctx = positions[t] + 1;
+        let task = AttentionTask {
+            cache,
+            layer,
+            kv_head: g,
+            head_dim: hd,
+            table: &seqs[token_seq[t]].block_table[..n_ctx.div_ceil(bs)],
+            n_ctx,
+            q: &q[(t * nh + g * group) * hd..][..group * hd],
+        };
+        ATTENTION_SCRATCH.with_borrow_mut(|scratch| task.run(scratch, out));
+    };
+    let work: usize = positions.iter().map(|p| p + 1).sum::<usize>() * nh * hd;
+    // With one thread in the pool, handing the work to it only adds a wake-up.
+    if work < PAR_MIN_ATTENTION || rayon::current_num_threads() == 1 {
+        out.chunks_exact_mut(group * hd)
+            .enumerate()
+            .for_each(|(i, o)| task(i, o));
+    } else {
+        out.par_chunks_exact_mut(group * hd)
+            .enumerate()
+            .for_each(|(i, o)| task(i, o));
+    }
+}
+
+/// One query head's scores against a block of keys stored transposed (`head_dim × BS`):
+/// a dimension at a time, that query value times the dimension's keys across the slots,
+/// so the work runs in whole vectors with no horizontal sums. Four partial sums (over
+/// dimensions mod 4) keep four independent chains of fused multiply-adds in flight.
+#[inline(always)]
+fn block_scores_fixed<const BS: usize>(q: &[f32], keys: &[f32], out: &mut [f32]) {
+    let mut acc = [[0f32; BS]; 4];
+    let mut qs = q.chunks_exact(4);
+    let mut ks = keys.chunks_exact(4 * BS);
+    for (q4, k4) in (&mut qs).zip(&mut ks) {
+        for (p, acc) in acc.iter_mut().enumerate() {
+            let kd = &k4[p * BS..(p + 1) * BS];
+            for (a, &k) in acc.iter_mut().zip(kd) {
+                *a = q4[p].mul_add(k, *a);
+            }
+        }
+    }
+    for (&qd, kd) in qs.remainder().iter().zip(ks.remainder().chunks_exact(BS)) {
+        for (a, &k) in acc[0].iter_mut().zip(kd) {
+            *a = qd.mul_add(k, *a);
+        }
+    }
+    for (s, o) in out[..BS].iter_mut().enumerate() {
+        *o = (acc[0][s] + acc[1][s]) + (acc[2][s] + acc[3][s]);
+    }
+}
+
+/// [`block_scores_fixed`] for any block size, with the same arithmetic (so every block
+/// size gives the same scores); `acc` is scratch for the 4 partial sums of
+/// `out.len()` slots.
+#[inline(always)]
+fn block_scores_any(q: &[f32], keys: &[f32], acc: &mut [f32], out: &mut [f32]) {
+    let bs = out.len();
+    acc.fill(0.0);
+    let mut qs = q.chunks_exact(4);
+    let mut ks = keys.chunks_exact(4 * bs);
+    for (q4, k4) in (&mut qs).zip(&mut ks) {
+        for (p, acc) in acc.chunks_exact_mut(bs).enumerate() {
+            for (a, &k) in acc.iter_mut().zip(&k4[p * bs..(p + 1) * bs]) {
+                *a = q4[p].mul_add(k, *a);
+            }
+        }
+    }
+    for (&qd, kd) in qs.remainder().iter().zip(ks.remainder().chunks_exact(bs)) {
+        for (a, &k) in acc[..bs].iter_mut().zip(kd) {
+            *a = qd.mul_add(k, *a);
+        }
+    }
+    for (s, o) in out.iter_mut().enumerate() {
+        *o = (acc[s] + acc[bs + s]) + (acc[2 * bs + s] + acc[3 * bs + s]);
+    }
+}
+
+/// One query group's attention: the query heads that share KV head `kv_head`, for one
+/// token whose context is the first `n_ctx` positions of its sequence.
+struct AttentionTask<'a> {
+    cache: &'a KvCache,
+    layer: usize,
+    kv_head: usize,
+    head_dim: usize,
+    /// The blocks holding positions 0..n_ctx.
+    table: &'a [BlockId],
+    n_ctx: usize,
+    /// The group's query heads, one after the other.
+    q: &'a [f32],
+}
+
+impl AttentionTask<'_> {
+    /// Writes the group's outputs (laid out like `q`).
+    fn run(&self, scratch: &mut AttentionScratch, out: &mut [f32]) {
+        self.convert_context(scratch);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has the features.
+                return unsafe { self.run_avx512(scratch, out) };
+            }
+            // SAFETY: the CPU has the features.
+            return unsafe { self.run_avx2(scratch, out) };
+        }
+        self.run_generic(scratch, out, false)
+    }
+
+    /// Reads the context's keys and values out of the cache as f32, whole blocks in the
+    /// cache's layouts, so the loops below read each converted value from L1/L2
+    /// however many query heads and dimension slices pass over it.
+    fn convert_context(&self, scratch: &mut AttentionScratch) {
+        let block_len = self.cache.block_size() * self.head_dim;
+        let len = self.table.len() * block_len;
+        scratch.keys.resize(len, 0.0);
+        scratch.values.resize(len, 0.0);
+        let (layer, head) = (self.layer, self.kv_head);
+        for &block in &self.table[..self.table.len().min(CONTEXT_PREFETCH_BLOCKS)] {
+            self.cache.prefetch(layer, block, head);
+        }
+        for (bi, &block) in self.table.iter().enumerate() {
+            if let Some(&ahead) = self.table.get(bi + CONTEXT_PREFETCH_BLOCKS) {
+                self.cache.prefetch(layer, ahead, head);
+            }
+            let at = bi * block_len..(bi + 1) * block_len;
+            self.cache
+                .read_keys(layer, block, head, &mut scratch.keys[at.clone()]);
+            self.cache
+                .read_values(layer, block, head, &mut scratch.values[at]);
+        }
+    }
+
+    /// Compiled for AVX-512: the score and soft-max loops become 16-wide.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn run_avx512(&self, scratch: &mut AttentionScratch, out: &mut [f32]) {
+        self.run_generic(scratch, out, true)
+    }
+
+    /// The same code compiled for AVX2 and FMA: the loops below become 8-wide fused
+    /// multiply-adds (baseline x86-64 has neither).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, scratch: &mut AttentionScratch, out: &mut [f32]) {
+        self.run_generic(scratch, out, true)
+    }
+
+    /// Scores are scaled by 1/√d and soft-maxed in f32; the weighted sums of values are
+    /// divided by the totals at the end. `keys` and `values` are the converted context;
+    /// `avx2`: the caller has checked for AVX2 and FMA.
+    #[inline(always)]
+    fn run_generic(&self, scratch: &mut AttentionScratch, out: &mut [f32], avx2: bool) {
+        let AttentionScratch {
+            scores,
+            keys,
+            values,
+        } = scratch;
+        let hd = self.head_dim;
+        let heads = self.q.len() / hd;
+        let n = self.n_ctx;
+        let bs = self.cache.block_size();
+        let scale = 1.0 / (hd as f32).sqrt();
+        // Each head's n scores, one block's raw scores, partial sums for odd block sizes.
+        scores.resize(heads * n + 5 * bs, 0.0);
+        let (scores, rest) = scores.split_at_mut(heads * n);
+        let (block_scores, partials) = rest.split_at_mut(bs);
+        for (bi, keys) in keys.chunks_exact(bs * hd).enumerate() {
+            let start = bi * bs;
+            let len = bs.min(n - start);
+            for (h, qh) in self.q.chunks_exact(hd).enumerate() {
+                // The usual block sizes get fixed-size accumulators held in registers.
+                match bs {
+                    16 => block_scores_fixed::<16>(qh, keys, block_scores),
+                    32 => block_scores_fixed::<32>(qh, keys, block_scores),
+                    _ => block_scores_any(qh, keys, partials, block_scores),
+                }
+                for (s, &b) in scores[h * n + start..][..len]
+                    .iter_mut()
+                    .zip(block_scores.iter())
+                {
+                    *s = b * scale;
+                }
+            }
+        }
+        for (row, oh) in scores.chunks_exact_mut(n).zip(out.chunks_exact_mut(hd)) {
+            let max = lanes(row, f32::NEG_INFINITY, f32::max);
+            for s in row.iter_mut() {
+                let d = *s - max;
+                *s = if d < NEGLIGIBLE_SCORE { 0.0 } else { exp(d) };
+            }
+            let inv = 1.0 / lanes(row, 0.0, |a, b| a + b);
+            // The head's dimensions in slices of 32 (then 16, then single ones), each
+            // summed over all positions in registers.
+            let mut off = 0;
+            while off < hd {
+                let width = match hd - off {
+                    32.. => 32,
+                    16.. => 16,
+                    _ => 1,
+                };
+                let slice = &mut oh[off..off + width];
+                match width {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the caller checked the features.
+                    32 if avx2 => unsafe {
+                        self.weighted_values_avx2(values, row, off, inv, slice)
+                    },
+                    32 => self.weighted_values::<32>(values, row, off, inv, slice),
+                    16 => self.weighted_values::<16>(values, row, off, inv, slice),
+                    _ => self.weighted_values::<1>(values, row, off, inv, slice),
+                }
+                off += width;
+            }
+        }
+    }
+
+    /// [`Self::weighted_values`] for 32 dimensions with AVX2 intrinsics: LLVM keeps the
+    /// generic version's accumulator arrays in memory, a store-to-load round trip per
+    /// position. Same sums in the same order: partial sums over even and odd slots.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_values_avx2(
+        &self,
+        values: &[f32],
+        w: &[f32],
+        off: usize,
+        inv: f32,
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let hd = self.head_dim;
+        let bs = self.cache.block_size();
+        let mut even = [_mm256_setzero_ps(); 4];
+        let mut odd = [_mm256_setzero_ps(); 4];
+        for (bi, values) in values.chunks_exact(bs * hd).enumerate() {
+            let start = bi * bs;
+            let len = bs.min(self.n_ctx - start);
+            let ws = &w[start..start + len];
+            let mut pairs = ws.chunks_exact(2);
+            for (p, w2) in (&mut pairs).enumerate() {
+                let v0 = values[2 * p * hd + off..][..32].as_ptr();
+                let v1 = values[(2 * p + 1) * hd + off..][..32].as_ptr();
+                let (w0, w1) = (_mm256_set1_ps(w2[0]), _mm256_set1_ps(w2[1]));
+                for i in 0..4 {
+                    // SAFETY: v0 and v1 point at 32 floats.
+                    let (a, b) = unsafe {
+                        (
+                            _mm256_loadu_ps(v0.add(8 * i)),
+                            _mm256_loadu_ps(v1.add(8 * i)),
+                        )
+                    };
+                    even[i] = _mm256_fmadd_ps(w0, a, even[i]);
+                    odd[i] = _mm256_fmadd_ps(w1, b, odd[i]);
+                }
+            }
+            if let [wl] = pairs.remainder() {
+                let v = values[(len - 1) * hd + off..][..32].as_ptr();
+                let wl = _mm256_set1_ps(*wl);
+                for (i, even) in even.iter_mut().enumerate() {
+                    // SAFETY: v points at 32 floats.
+                    *even = _mm256_fmadd_ps(wl, unsafe { _mm256_loadu_ps(v.add(8 * i)) }, *even);
+                }
+            }
+        }
+        let inv = _mm256_set1_ps(inv);
+        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+            let sum = _mm256_mul_ps(_mm256_add_ps(even[i], odd[i]), inv);
+            // SAFETY: `chunk` holds 8 floats.
+            unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), sum) };
+        }
+    }
+
+    /// `out = inv · Σ_j w[j] · V[j][off..off + W]` over the context's positions, in two
+    /// partial sums (even and odd slots of each block) for two chains in flight. With an
+    /// even block size these are the even and odd positions, whatever the size, so the
+    /// block size changes no result.
+    #[inline(always)]
+    fn weighted_values<const W: usize>(
+        &self,
+        values: &[f32],
+        w: &[f32],
+        off: usize,
+        inv: f32,
+        out: &mut [f32],
+    ) {
+        let hd = self.head_dim;
+        let bs = self.cache.block_size();
+        let mut even = [0f32; W];
+        let mut odd = [0f32; W];
+        for (bi, values) in values.chunks_exact(bs * hd).enumerate() {
+            let start = bi * bs;
+            let len = bs.min(self.n_ctx - start);
+            let ws = &w[start..start + len];
+            let mut pairs = ws.chunks_exact(2);
+            for (p, w2) in (&mut pairs).enumerate() {
+                let v0 = &values[2 * p * hd + off..][..W];
+                let v1 = &values[(2 * p + 1) * hd + off..][..W];
+                for l in 0..W {
+                    even[l] = w2[0].mul_add(v0[l], even[l]);
+                    odd[l] = w2[1].mul_add(v1[l], odd[l]);
+                }
+            }
+            if let [wl] = pairs.remainder() {
+                let v = &values[(len - 1) * hd + off..][..W];
+                for l in 0..W {
+                    even[l] = wl.mul_add(v[l], even[l]);
+                }
+            }
+        }
+        for l in 0..W {
+            out[l] = (even[l] + odd[l]) * inv;
+        }
+    }
+}

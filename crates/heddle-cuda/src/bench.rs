@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
+use anyhow::Context;
 use heddle_core::{Request, RequestId, SamplingParams, Scheduler, SchedulerConfig, TokenId};
+use heddle_model::driver::StepDriver;
 use heddle_model::runner::ModelRunner;
 
 use crate::runner::CudaRunner;
@@ -80,17 +82,14 @@ pub fn run(runner: &mut CudaRunner, load: Load) -> anyhow::Result<Measured> {
     let (mut decode_time, mut decode_steps) = (0f64, 0usize);
     let mut decode_times = crate::runner::StepTimes::default();
     runner.take_step_times();
+    let mut driver = StepDriver::default();
     while finished < load.requests {
         let step_started = Instant::now();
-        let batch = scheduler.schedule();
-        anyhow::ensure!(!batch.is_empty(), "the scheduler stalled");
-        let decode_only = batch.seqs.iter().all(|s| s.tokens.len() == 1);
-        let sampled = runner.step(&batch, &scheduler)?;
-        let tokens: Vec<_> = sampled
-            .iter()
-            .map(heddle_core::SampledToken::from)
-            .collect();
-        for event in scheduler.update(&tokens) {
+        let step = driver
+            .step(&mut scheduler, runner)?
+            .context("the scheduler stalled")?;
+        let decode_only = driver.batch().seqs.iter().all(|s| s.tokens.len() == 1);
+        for event in step.events {
             output_tokens += 1;
             first_token[event.id as usize].get_or_insert(started.elapsed().as_secs_f64());
             finished += event.finish.is_some() as usize;

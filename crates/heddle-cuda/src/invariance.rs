@@ -6,8 +6,9 @@
 //! Llama-3.1-8B shape one sequence splits decode attention 16 ways, 7 sequences 5 ways and
 //! 64 or more not at all, and cuBLAS picks its GEMM kernels by the number of rows.
 
-use anyhow::ensure;
+use anyhow::{ensure, Context};
 use heddle_core::{Request, RequestId, SamplingParams, Scheduler, SchedulerConfig, TokenId};
+use heddle_model::driver::StepDriver;
 use heddle_model::runner::ModelRunner;
 
 use crate::bench::random_prompt;
@@ -84,11 +85,12 @@ pub fn watched_outputs(runner: &mut CudaRunner, batch: usize) -> anyhow::Result<
     let mut produced = Vec::new();
     let mut finished = 0;
     let mut steps = 0;
+    let mut driver = StepDriver::default();
     while finished < batch {
-        let step = scheduler.schedule();
-        ensure!(!step.is_empty(), "the scheduler stalled");
-        let sampled = runner.step(&step, &scheduler)?;
-        for s in &sampled {
+        let step = driver
+            .step(&mut scheduler, runner)?
+            .context("the scheduler stalled")?;
+        for s in &step.outputs {
             if s.id == watched {
                 produced.push(Produced {
                     token: s.token,
@@ -97,15 +99,7 @@ pub fn watched_outputs(runner: &mut CudaRunner, batch: usize) -> anyhow::Result<
                 });
             }
         }
-        let tokens: Vec<_> = sampled
-            .iter()
-            .map(heddle_core::SampledToken::from)
-            .collect();
-        finished += scheduler
-            .update(&tokens)
-            .iter()
-            .filter(|e| e.finish.is_some())
-            .count();
+        finished += step.events.iter().filter(|e| e.finish.is_some()).count();
         steps += 1;
         ensure!(steps < 100_000, "generation did not finish");
     }

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use heddle_core::{ScheduledBatch, SequenceTokens};
 use heddle_model::logits_processing::{PendingAdjustments, StepAdjustments};
-use heddle_model::runner::{ModelRunner, PromptTokenLogprobs, SampledOutput};
+use heddle_model::runner::{BatchLimits, ModelRunner, PromptTokenLogprobs, SampledOutput};
 use heddle_model::{ModelConfig, ModelError};
 
 use crate::collective::{Collective, Part};
@@ -540,7 +540,6 @@ impl CudaRunner {
     }
 
     fn check(&self, batch: &ScheduledBatch) -> Result<(), ModelError> {
-        let bs = self.options.block_size;
         let bad = |why: String| Err(ModelError::InvalidBatch(why));
         let tokens = batch.num_tokens();
         if tokens > self.options.max_batched_tokens {
@@ -558,35 +557,8 @@ impl CudaRunner {
         {
             return bad(format!("{rows} sampled sequences in one step is too many"));
         }
-        for (i, s) in batch.seqs.iter().enumerate() {
-            if s.tokens.is_empty() {
-                return bad(format!("sequence {i}: no tokens"));
-            }
-            let end = s.end_position();
-            if end > self.config.max_position_embeddings {
-                return bad(format!(
-                    "sequence {i}: position {} is past the context",
-                    end - 1
-                ));
-            }
-            let needed = end.div_ceil(bs);
-            if s.block_table.len() < needed
-                || s.block_table[..needed]
-                    .iter()
-                    .any(|&b| b as usize >= self.num_blocks)
-            {
-                return bad(format!(
-                    "sequence {i}: block table does not cover {end} positions"
-                ));
-            }
-            if s.tokens
-                .iter()
-                .any(|&t| t as usize >= self.config.vocab_size)
-            {
-                return bad(format!("sequence {i}: token outside the vocabulary"));
-            }
-        }
-        Ok(())
+        // Each sequence as every runner checks it.
+        BatchLimits::new(&self.config, self.options.block_size, self.num_blocks).check_batch(batch)
     }
 
     /// Whether single-token tiles go to the decode attention kernel.

@@ -40,14 +40,9 @@ pub(crate) fn drive(
     }
     // The company's prompts are computed before the request arrives: it then decodes.
     let warm_up_steps = if company > 0 { 2 } else { 0 };
+    let mut driver = StepDriver::default();
     for _ in 0..warm_up_steps {
-        let batch = scheduler.schedule();
-        let sampled = runner.step(&batch, &scheduler)?;
-        let tokens: Vec<_> = sampled
-            .iter()
-            .map(heddle_core::SampledToken::from)
-            .collect();
-        scheduler.update(&tokens);
+        driver.step(&mut scheduler, runner)?;
     }
     let id: RequestId = 0;
     // Scoring alone is a request for one token whose output is ignored, as the engine
@@ -66,8 +61,9 @@ pub(crate) fn drive(
         scored: Vec::new(),
     };
     for _ in 0..1000 {
-        let batch = scheduler.schedule();
-        let sampled = runner.step(&batch, &scheduler)?;
+        let step = driver
+            .step(&mut scheduler, runner)?
+            .context("the scheduler stalled")?;
         driven.scored.extend(
             runner
                 .take_prompt_logprobs()
@@ -76,16 +72,8 @@ pub(crate) fn drive(
         );
         driven
             .generated
-            .extend(sampled.iter().filter(|s| s.id == id).cloned());
-        let tokens: Vec<_> = sampled
-            .iter()
-            .map(heddle_core::SampledToken::from)
-            .collect();
-        if scheduler
-            .update(&tokens)
-            .iter()
-            .any(|e| e.id == id && e.finish.is_some())
-        {
+            .extend(step.outputs.iter().filter(|s| s.id == id).cloned());
+        if step.events.iter().any(|e| e.id == id && e.finish.is_some()) {
             for i in 0..company {
                 scheduler.cancel(i as RequestId + 1);
             }
@@ -112,6 +100,7 @@ pub fn generate(
         ..SchedulerConfig::default()
     })?;
     let mut outputs = vec![Vec::new(); prompts.len()];
+    let mut driver = StepDriver::default();
     let mut step = 0;
     let mut done = 0;
     while done < prompts.len() {
@@ -130,13 +119,11 @@ pub fn generate(
                     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             }
         }
-        let batch = scheduler.schedule();
-        let sampled = runner.step(&batch, &scheduler)?;
-        let tokens: Vec<_> = sampled
-            .iter()
-            .map(heddle_core::SampledToken::from)
-            .collect();
-        for event in scheduler.update(&tokens) {
+        let events = match driver.step(&mut scheduler, runner)? {
+            Some(step) => step.events,
+            None => Vec::new(),
+        };
+        for event in events {
             outputs[event.id as usize].push(event.token);
             done += event.finish.is_some() as usize;
         }

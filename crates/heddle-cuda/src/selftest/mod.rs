@@ -25,6 +25,7 @@ use heddle_core::{
     RequestId, SamplingParams, ScheduledBatch, ScheduledSeq, Scheduler, SchedulerConfig,
     SequenceTokens, TokenId,
 };
+use heddle_model::driver::StepDriver;
 use heddle_model::grammar::TokenMask;
 use heddle_model::kv_cache::{KvCache, KvDtype};
 use heddle_model::llama::{Llama, Logits, Scratch, SeqInput};

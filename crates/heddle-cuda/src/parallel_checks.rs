@@ -472,16 +472,12 @@ fn peer_checks(gpus: &[&Gpu]) -> anyhow::Result<Vec<Check>> {
                 let normed = download(gpu, &outs[rank], source_rows.len() * hidden, DType::Bf16)?;
                 worst_norm = worst_norm.max(relative_error(&normed, &reference));
             }
-            checks.push(Check {
-                name: format!("{label}: {what}: residual (the all-reduce) max abs error"),
-                error: worst_residual,
-                limit: Some(0.0),
-            });
-            checks.push(Check {
-                name: format!("{label}: {what}: normed rows relative error"),
-                error: worst_norm,
-                limit: Some(5e-3),
-            });
+            checks.extend(sum_checks(
+                &format!("{label}: {what}: residual (the all-reduce)"),
+                worst_residual,
+                &format!("{label}: {what}"),
+                worst_norm,
+            ));
             Ok(())
         };
     let every_row: Vec<usize> = (0..rows).collect();
@@ -553,16 +549,12 @@ fn peer_checks(gpus: &[&Gpu]) -> anyhow::Result<Vec<Check>> {
         let normed = download(gpu, &outs[rank], listed.len() * hidden, DType::Bf16)?;
         worst_norm = worst_norm.max(relative_error(&normed, &reference));
     }
-    checks.push(Check {
-        name: format!("{label}: listed rows, not written back: residual unchanged, max abs error"),
-        error: worst_residual,
-        limit: Some(0.0),
-    });
-    checks.push(Check {
-        name: format!("{label}: listed rows, not written back: normed rows relative error"),
-        error: worst_norm,
-        limit: Some(5e-3),
-    });
+    checks.extend(sum_checks(
+        &format!("{label}: listed rows, not written back: residual unchanged"),
+        worst_residual,
+        &format!("{label}: listed rows, not written back"),
+        worst_norm,
+    ));
     checks.push(greedy_check(gpus, &peer, rows)?);
     Ok(checks)
 }
@@ -825,4 +817,21 @@ fn max_abs_difference(a: &[f32], b: &[f32]) -> f64 {
                 worst.max(d)
             }
         })
+}
+
+/// The two checks of a fused sum: the residual exact (`residual`: what it is, its worst
+/// absolute error), the normed rows within bf16 rounding (`normed`: whose rows).
+fn sum_checks(residual: &str, residual_error: f64, normed: &str, norm_error: f64) -> [Check; 2] {
+    [
+        Check {
+            name: format!("{residual} max abs error"),
+            error: residual_error,
+            limit: Some(0.0),
+        },
+        Check {
+            name: format!("{normed}: normed rows relative error"),
+            error: norm_error,
+            limit: Some(5e-3),
+        },
+    ]
 }

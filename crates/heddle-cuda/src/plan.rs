@@ -375,16 +375,7 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    struct History(HashMap<RequestId, (Vec<TokenId>, usize)>);
-
-    impl SequenceTokens for History {
-        fn sequence_tokens(&self, id: RequestId) -> &[TokenId] {
-            self.0.get(&id).map_or(&[], |h| &h.0)
-        }
-        fn prompt_len(&self, id: RequestId) -> usize {
-            self.0.get(&id).map_or(0, |h| h.1)
-        }
-    }
+    use crate::selftest::History;
 
     fn seq(id: RequestId, tokens: Vec<TokenId>, start: usize, table: Vec<u32>) -> ScheduledSeq {
         ScheduledSeq {

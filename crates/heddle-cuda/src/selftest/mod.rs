@@ -105,34 +105,20 @@ pub fn run_all() -> anyhow::Result<Vec<Check>> {
         checks.extend(decode_attention_checks(DType::Bf16, KvCacheDtype::Fp8)?);
     }
     let dir = std::env::temp_dir().join(format!("heddle-cuda-selftest-{}", std::process::id()));
+    // The runner in f32 and bf16, then (on GPUs with FP8) with the FP8 KV cache and with
+    // FP8 projections.
+    let mut variants = vec![
+        (DType::F32, Quantization::None, KvCacheDtype::Auto),
+        (DType::Bf16, Quantization::None, KvCacheDtype::Auto),
+    ];
+    if fp8 {
+        variants.push((DType::Bf16, Quantization::None, KvCacheDtype::Fp8));
+        variants.push((DType::Bf16, Quantization::Fp8, KvCacheDtype::Auto));
+    }
     for qwen2 in [false, true] {
         write_tiny_model(&dir, qwen2)?;
-        for dtype in [DType::F32, DType::Bf16] {
-            checks.extend(runner_vs_cpu(
-                &dir,
-                dtype,
-                qwen2,
-                Quantization::None,
-                KvCacheDtype::Auto,
-            )?);
-        }
-        if fp8 {
-            checks.extend(runner_vs_cpu(
-                &dir,
-                DType::Bf16,
-                qwen2,
-                Quantization::None,
-                KvCacheDtype::Fp8,
-            )?);
-        }
-        if fp8 {
-            checks.extend(runner_vs_cpu(
-                &dir,
-                DType::Bf16,
-                qwen2,
-                Quantization::Fp8,
-                KvCacheDtype::Auto,
-            )?);
+        for &(dtype, quantization, kv_cache) in &variants {
+            checks.extend(runner_vs_cpu(&dir, dtype, qwen2, quantization, kv_cache)?);
         }
     }
     checks.extend(graph_replay(&dir)?);
@@ -198,7 +184,8 @@ impl KernelBench<'_> {
     }
 }
 
-struct History(HashMap<RequestId, (Vec<TokenId>, usize)>);
+/// Each sequence's tokens and prompt length, as the scheduler would give them.
+pub(crate) struct History(pub(crate) HashMap<RequestId, (Vec<TokenId>, usize)>);
 
 impl SequenceTokens for History {
     fn sequence_tokens(&self, id: RequestId) -> &[TokenId] {

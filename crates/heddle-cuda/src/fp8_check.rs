@@ -28,13 +28,13 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 /// Runs the checks and timings at `config`'s layer shapes.
 pub fn run(config: &ModelConfig) -> anyhow::Result<Vec<Finding>> {
     let gpu = Gpu::new(&KernelShape::new(config, 16, DType::Bf16)?)?;
-    let (major, minor) = gpu.ctx.compute_capability()?;
+    let (major, minor) = gpu.compute_capability;
     let mut findings = vec![Finding {
         what: "GPU".into(),
         value: format!("{} (compute capability {major}.{minor})", gpu.name),
         passed: None,
     }];
-    if (major, minor) < (8, 9) {
+    if !gpu.has_fp8() {
         findings.push(Finding {
             what: "FP8 tensor cores".into(),
             value: "none (compute capability 8.9 or newer needed)".into(),

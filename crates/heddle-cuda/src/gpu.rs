@@ -70,6 +70,8 @@ pub struct Gpu {
     pub dtype: DType,
     pub name: String,
     pub multiprocessors: usize,
+    /// (major, minor).
+    pub compute_capability: (i32, i32),
 }
 
 /// Compiles the kernels for `shape` with NVRTC into PTX for `arch` (e.g. "sm_90"). Needs
@@ -177,7 +179,26 @@ impl Gpu {
             dtype: shape.dtype,
             name,
             multiprocessors,
+            compute_capability: (major, minor),
         })
+    }
+
+    /// Whether the GPU converts to and multiplies FP8 (E4M3): compute capability 8.9 (Ada)
+    /// or newer.
+    pub fn has_fp8(&self) -> bool {
+        self.compute_capability >= (8, 9)
+    }
+
+    /// Refuses `what` (a flag) unless the GPU has FP8.
+    pub fn ensure_fp8(&self, what: &str) -> anyhow::Result<()> {
+        let (major, minor) = self.compute_capability;
+        anyhow::ensure!(
+            self.has_fp8(),
+            "{} (compute capability {major}.{minor}) has no FP8: {what} needs compute \
+             capability 8.9 (Ada) or newer",
+            self.name
+        );
+        Ok(())
     }
 
     /// Zeroed device memory.
@@ -374,13 +395,7 @@ impl Gpu {
     /// From now on, FP8 projections (`Matrix::Fp8`) can be multiplied here; refused on GPUs
     /// without FP8 tensor cores. `workspace` must outlive the GPU's use.
     pub fn enable_fp8(&mut self, workspace: &DeviceBuffer) -> anyhow::Result<()> {
-        let (major, minor) = self.ctx.compute_capability()?;
-        anyhow::ensure!(
-            (major, minor) >= (8, 9),
-            "{} (compute capability {major}.{minor}) has no FP8 tensor cores: --quantization \
-             fp8 needs compute capability 8.9 (Ada) or newer",
-            self.name
-        );
+        self.ensure_fp8("--quantization fp8")?;
         self.bind()?;
         self.fp8 = Some(Fp8Gemms::new(
             ScaleMode::PerTensor,
@@ -527,13 +542,47 @@ impl Gpu {
 /// others still capture. Those are captured in relaxed mode. What they capture is the same
 /// step code that one stream captures in thread-local mode (one GPU, or every rank on one),
 /// so an unsafe call in it is still caught there.
-pub fn capture_mode(streams: usize) -> cudarc::driver::sys::CUstreamCaptureMode {
+fn capture_mode(streams: usize) -> cudarc::driver::sys::CUstreamCaptureMode {
     use cudarc::driver::sys::CUstreamCaptureMode;
     if streams > 1 {
         CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED
     } else {
         CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
     }
+}
+
+/// Captures what `queue` puts on the GPUs' streams as one graph per GPU. Every stream
+/// captures at once (with NCCL a collective queues every rank's part together), and every
+/// capture begun is ended whatever happened, so that no stream is left capturing. A
+/// GPU's graph is None when its capture holds nothing.
+pub fn capture_graphs(
+    gpus: &[&Gpu],
+    queue: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<Option<cudarc::driver::CudaGraph>>> {
+    let mut capturing = 0;
+    let mut queued = Ok(());
+    for gpu in gpus {
+        if let Err(e) = gpu.stream.begin_capture(capture_mode(gpus.len())) {
+            queued = Err(anyhow::Error::new(e).context("starting a CUDA graph capture"));
+            break;
+        }
+        capturing += 1;
+    }
+    if queued.is_ok() {
+        queued = queue();
+    }
+    let graphs: Vec<_> = gpus[..capturing]
+        .iter()
+        .map(|gpu| {
+            gpu.stream
+                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+        })
+        .collect();
+    queued?;
+    graphs
+        .into_iter()
+        .map(|graph| graph.context("capturing a CUDA graph"))
+        .collect()
 }
 
 /// A kernel argument: plain values (pointers as u64) pushed by reference.

@@ -18,7 +18,7 @@ use heddle_model::ModelConfig;
 
 use crate::bench::random_prompt;
 use crate::collective::{Collective, Part};
-use crate::gpu::{DeviceBuffer, Gpu};
+use crate::gpu::{capture_graphs, DeviceBuffer, Gpu};
 use crate::kernels::{DType, KernelShape, KvCacheDtype};
 use crate::peer_sums::{PeerSums, Slot};
 use crate::reference::{self, Job};
@@ -312,22 +312,11 @@ pub fn nccl_checks(ranks: usize, placement: RankPlacement) -> anyhow::Result<Vec
                 .map(|(gpu, b)| Part { gpu, ptr: b.ptr })
                 .collect();
             if graph {
-                let mut captured = Vec::new();
-                for gpu in &gpus {
-                    gpu.stream
-                        .begin_capture(crate::gpu::capture_mode(gpus.len()))?;
-                }
-                let queued = collective.all_reduce_sum(&parts, n, dtype);
-                for gpu in &gpus {
-                    captured.push(
-                        gpu.stream
-                            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)),
-                    );
-                }
-                queued?;
+                let graphs =
+                    capture_graphs(&gpu_refs, || collective.all_reduce_sum(&parts, n, dtype))?;
                 // One rank's in-place sum is nothing to do, and its capture is empty.
-                for graph in captured.into_iter().filter_map(Result::transpose) {
-                    graph?.launch()?;
+                for graph in graphs.into_iter().flatten() {
+                    graph.launch()?;
                 }
             } else {
                 collective.all_reduce_sum(&parts, n, dtype)?;
@@ -490,23 +479,12 @@ fn peer_checks(gpus: &[&Gpu]) -> anyhow::Result<Vec<Check>> {
         &every_row,
     )?;
 
-    let mut captured = Vec::new();
-    for gpu in gpus {
-        gpu.stream
-            .begin_capture(crate::gpu::capture_mode(gpus.len()))?;
-    }
-    let queued = call(Slot::Mlp, &[], rows).and_then(|_| call(Slot::Attention, &[], rows));
-    for gpu in gpus {
-        captured.push(
-            gpu.stream
-                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)),
-        );
-    }
-    queued?;
-    let graphs = captured
-        .into_iter()
-        .map(|g| g?.context("an empty capture"))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let graphs = capture_graphs(gpus, || {
+        call(Slot::Mlp, &[], rows).and_then(|_| call(Slot::Attention, &[], rows))
+    })?
+    .into_iter()
+    .map(|g| g.context("an empty capture"))
+    .collect::<anyhow::Result<Vec<_>>>()?;
     for _ in 0..3 {
         for graph in &graphs {
             graph.launch()?;
@@ -643,22 +621,9 @@ fn all_reduce_timings(gpus: &[&Gpu], collective: &Collective) -> anyhow::Result<
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let time = |queue: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
-        let mut captured = Vec::new();
-        for gpu in gpus {
-            gpu.stream
-                .begin_capture(crate::gpu::capture_mode(gpus.len()))?;
-        }
-        let queued = (0..calls).try_for_each(|_| queue());
-        for gpu in gpus {
-            captured.push(
-                gpu.stream
-                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)),
-            );
-        }
-        queued?;
-        let graphs = captured
+        let graphs = capture_graphs(gpus, || (0..calls).try_for_each(|_| queue()))?
             .into_iter()
-            .map(|g| g?.context("an empty capture"))
+            .map(|g| g.context("an empty capture"))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut best = f64::INFINITY;
         for _ in 0..replays {

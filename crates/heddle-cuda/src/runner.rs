@@ -277,12 +277,7 @@ impl CudaRunner {
         // fused Q·K·V and gate·up take one scale for what the file scaled apart);
         // elsewhere its widened values run in the runner's dtype.
         if config.fp8_checkpoint && options.quantization == Quantization::None {
-            let fp8_capable = gpus
-                .iter()
-                .map(|gpu| Ok(gpu.ctx.compute_capability()? >= (8, 9)))
-                .collect::<anyhow::Result<Vec<bool>>>()?
-                .into_iter()
-                .all(|capable| capable);
+            let fp8_capable = gpus.iter().all(Gpu::has_fp8);
             if fp8_capable && options.dtype == DType::Bf16 && !options.batch_invariant {
                 tracing::info!("an FP8 checkpoint: its projections run in FP8");
                 options.quantization = Quantization::Fp8;
@@ -301,13 +296,7 @@ impl CudaRunner {
         );
         if options.kv_cache_dtype == KvCacheDtype::Fp8 {
             for gpu in &gpus {
-                let (major, minor) = gpu.ctx.compute_capability()?;
-                anyhow::ensure!(
-                    (major, minor) >= (8, 9),
-                    "{} (compute capability {major}.{minor}) cannot write FP8: \
-                     --kv-cache-dtype fp8 needs compute capability 8.9 (Ada) or newer",
-                    gpu.name
-                );
+                gpu.ensure_fp8("--kv-cache-dtype fp8")?;
             }
         }
         let mut weights = match source {
@@ -668,35 +657,14 @@ impl CudaRunner {
     /// stream captured at once (with NCCL, a collective's calls for every rank are queued
     /// together, so every stream must be capturing).
     fn capture(&self, sample: bool) -> anyhow::Result<Vec<DecodeGraph>> {
-        use cudarc::driver::sys::CUgraphInstantiate_flags;
-        let mut capturing = 0;
-        let mut queued = Ok(());
-        for gpu in &self.gpus {
-            let begun = gpu
-                .stream
-                .begin_capture(crate::gpu::capture_mode(self.gpus.len()));
-            if let Err(e) = begun {
-                queued = Err(anyhow::Error::new(e).context("starting a CUDA graph capture"));
-                break;
-            }
-            capturing += 1;
-        }
-        if queued.is_ok() {
-            queued = self.enqueue(sample);
-        }
-        // Every capture begun is ended, whatever happened, so that no stream stays captured.
-        let graphs: Vec<_> = self.gpus[..capturing]
-            .iter()
-            .map(|gpu| gpu.stream.end_capture(CUgraphInstantiate_flags(0)))
-            .collect();
-        queued?;
-        graphs
+        let gpus: Vec<&Gpu> = self.gpus.iter().collect();
+        crate::gpu::capture_graphs(&gpus, || self.enqueue(sample))
+            .context("capturing a decode step")?
             .into_iter()
             .map(|graph| {
-                let graph = graph
-                    .context("capturing a decode step")?
-                    .context("the decode step's capture is empty")?;
-                Ok(DecodeGraph(graph))
+                Ok(DecodeGraph(
+                    graph.context("the decode step's capture is empty")?,
+                ))
             })
             .collect()
     }
@@ -765,7 +733,8 @@ impl CudaRunner {
         count: usize,
         dtype: DType,
     ) -> anyhow::Result<()> {
-        if self.peer_sums().is_some() {
+        // One rank has nothing to sum (and no list to build, 65 times a step).
+        if self.ranks.len() == 1 || self.peer_sums().is_some() {
             return Ok(());
         }
         let parts: Vec<Part> = self

@@ -137,7 +137,6 @@ pub(super) fn runner_vs_cpu(
         } else {
             vec![*cpu_tokens.last().unwrap()]
         };
-        let gpu_chunk = chunk.clone();
         let is_last = start + chunk.len() >= prompt.len();
         let input = SeqInput {
             tokens: &chunk,
@@ -146,7 +145,7 @@ pub(super) fn runner_vs_cpu(
             logits: if is_last { Logits::Last } else { Logits::None },
         };
         let cpu_logits = cpu.forward(&[input], &mut cache, &mut scratch)?.to_vec();
-        let mut s = seq(1, gpu_chunk.clone(), start, &table);
+        let mut s = seq(1, chunk.clone(), start, &table);
         s.needs_logits = is_last;
         s.num_generated = step;
         let batch = ScheduledBatch {

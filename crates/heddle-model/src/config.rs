@@ -89,48 +89,66 @@ struct HfConfig {
     sliding_window: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
-    quantization_config: Option<serde_json::Value>,
+    quantization_config: Option<HfQuantization>,
 }
 
-/// Whether `quantization_config` describes FP8 E4M3 weights with scales (the only
-/// quantized checkpoints heddle reads; any other scheme is refused by name rather than
-/// misread).
-fn fp8_checkpoint(quantization: &serde_json::Value) -> Result<bool> {
-    let text =
-        |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_str()).map(str::to_owned);
-    let method = text(quantization, "quant_method").unwrap_or_default();
+/// The fields of `quantization_config` that tell FP8 checkpoints from the others.
+#[derive(Debug, Deserialize)]
+struct HfQuantization {
+    #[serde(default)]
+    quant_method: String,
+    /// `quant_method: "fp8"`: the FP8 format (E4M3 when absent).
+    fmt: Option<String>,
+    /// compressed-tensors: how the weights are stored, and each group's scheme.
+    #[serde(default)]
+    format: String,
+    #[serde(default)]
+    config_groups: HashMap<String, HfQuantizationGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HfQuantizationGroup {
+    weights: Option<HfQuantizationScheme>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HfQuantizationScheme {
+    num_bits: Option<u32>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+/// Accepts a `quantization_config` of FP8 E4M3 weights with scales (the only quantized
+/// checkpoints heddle reads); any other scheme is refused by name rather than misread.
+fn check_fp8_checkpoint(q: &HfQuantization) -> Result<()> {
     let refuse = |why: String| {
         Err(ModelError::Config(format!(
             "config.json: quantization_config {why}; heddle reads FP8 (E4M3) checkpoints \
              (quant_method \"fp8\", or \"compressed-tensors\" in its float-quantized format)"
         )))
     };
-    match method.as_str() {
-        "fp8" => match text(quantization, "fmt").as_deref() {
-            None | Some("e4m3") => Ok(true),
+    match q.quant_method.as_str() {
+        "fp8" => match q.fmt.as_deref() {
+            None | Some("e4m3") => Ok(()),
             Some(other) => refuse(format!("fmt {other:?}")),
         },
         "compressed-tensors" => {
-            let format = text(quantization, "format").unwrap_or_default();
-            let groups = quantization
-                .get("config_groups")
-                .and_then(|g| g.as_object())
-                .filter(|g| !g.is_empty());
-            let fp8_weights = |group: &serde_json::Value| {
-                let weights = group.get("weights");
-                weights.and_then(|w| w.get("type")).and_then(|t| t.as_str()) == Some("float")
-                    && weights
-                        .and_then(|w| w.get("num_bits"))
-                        .and_then(|b| b.as_u64())
-                        == Some(8)
+            let fp8_weights = |group: &HfQuantizationGroup| {
+                group
+                    .weights
+                    .as_ref()
+                    .is_some_and(|w| w.kind.as_deref() == Some("float") && w.num_bits == Some(8))
             };
-            match groups {
-                Some(groups) if format == "float-quantized" && groups.values().all(fp8_weights) => {
-                    Ok(true)
-                }
-                _ => refuse(format!(
-                    "compressed-tensors format {format:?} with weights other than 8-bit floats"
-                )),
+            if q.format == "float-quantized"
+                && !q.config_groups.is_empty()
+                && q.config_groups.values().all(fp8_weights)
+            {
+                Ok(())
+            } else {
+                refuse(format!(
+                    "compressed-tensors format {:?} with weights other than 8-bit floats",
+                    q.format
+                ))
             }
         }
         other => refuse(format!("quant_method {other:?}")),
@@ -190,12 +208,10 @@ impl ModelConfig {
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
             attention_bias: architecture == Architecture::Qwen2
                 || hf.attention_bias.unwrap_or(false),
-            fp8_checkpoint: hf
-                .quantization_config
-                .as_ref()
-                .map(fp8_checkpoint)
-                .transpose()?
-                .unwrap_or(false),
+            fp8_checkpoint: match &hf.quantization_config {
+                Some(q) => check_fp8_checkpoint(q).map(|()| true)?,
+                None => false,
+            },
         };
         config.validate()?;
         Ok(config)

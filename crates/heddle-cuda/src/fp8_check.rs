@@ -8,7 +8,7 @@ use std::time::Instant;
 use half::bf16;
 use heddle_model::ModelConfig;
 
-use crate::fp8::{quantize_row, Fp8Gemms, Fp8Tensor, ScaleMode};
+use crate::fp8::{quantize_row, Accumulation, Fp8Gemms, Fp8Tensor, ScaleMode};
 use crate::gpu::{DeviceBuffer, Gpu};
 use crate::kernels::{DType, KernelShape};
 use crate::selftest::{random_values, relative_error};
@@ -48,7 +48,7 @@ pub fn run(config: &ModelConfig) -> anyhow::Result<Vec<Finding>> {
     // runner uses per-tensor scales. Both are tried, and only the refusal of the runner's
     // own form fails the check.
     for mode in [ScaleMode::PerRow, ScaleMode::PerTensor] {
-        let gemms = Fp8Gemms::new(mode, workspace.ptr, WORKSPACE_BYTES)?;
+        let gemms = Fp8Gemms::new(mode, Accumulation::Fast, workspace.ptr, WORKSPACE_BYTES)?;
         let runner_form = mode == ScaleMode::PerTensor;
         match gemm_check(&gpu, &gemms) {
             Ok(error) => {
@@ -149,7 +149,7 @@ fn gemm_check(gpu: &Gpu, gemms: &Fp8Gemms) -> anyhow::Result<f64> {
     let y = gpu.alloc(rows * n * 4)?;
     let [xq_buf, xs_buf, wq_buf, ws_buf] = &buffers;
     gemms.gemm(
-        gpu.stream.cu_stream(),
+        &gpu.stream,
         y.ptr,
         true,
         xq_buf.ptr,
@@ -197,7 +197,7 @@ fn timings(gpu: &Gpu, gemms: &Fp8Gemms, config: &ModelConfig) -> anyhow::Result<
             let fp8_us = time(&|| {
                 x8.quantize(gpu, x16.ptr, rows * k)?;
                 gemms.gemm(
-                    gpu.stream.cu_stream(),
+                    &gpu.stream,
                     y.ptr,
                     false,
                     x8.codes.ptr,

@@ -1,12 +1,16 @@
-//! The weight GEMMs of a model's layer (and its LM head) timed alone at decode-sized row
-//! counts, with the weight-read bandwidth and the arithmetic rate each reaches: where a
-//! decode step's GEMM time goes, and how far each GEMM is from its floor (the weight read
-//! at a few rows, the tensor cores at many).
+//! The weight GEMMs of a model's layer (and its LM head) timed alone at decode- and
+//! prefill-sized row counts, with the weight-read bandwidth and the arithmetic rate each
+//! reaches: where a step's GEMM time goes, and how far each GEMM is from its floor (the
+//! weight read at a few rows, the tensor cores at many). On GPUs with FP8 tensor cores the
+//! projections are also timed in FP8 three ways: cuBLASLt's first choice with f32
+//! promotion of the sums, with fast accumulation, and the fastest timed candidate with
+//! fast accumulation.
 
 use std::time::Instant;
 
 use heddle_model::ModelConfig;
 
+use crate::fp8::{Accumulation, Fp8Gemms, Fp8Tensor, ScaleMode};
 use crate::gpu::{DeviceBuffer, Gpu};
 use crate::kernels::{DType, KernelShape};
 use crate::weights::Dims;
@@ -20,6 +24,20 @@ pub struct GemmTiming {
     pub k: usize,
     /// Microseconds per GEMM.
     pub us: f64,
+    /// The FP8 timings of a projection, where the GPU has FP8 tensor cores.
+    pub fp8: Option<Fp8Timing>,
+}
+
+/// Microseconds per FP8 GEMM (activations already quantized), by how it is run.
+#[derive(Debug, Clone, Copy)]
+pub struct Fp8Timing {
+    /// cuBLASLt's first choice, sums promoted to f32 every few steps.
+    pub first: f64,
+    /// cuBLASLt's first choice with fast accumulation.
+    pub first_fast: f64,
+    /// The fastest of the timed candidates, fast accumulation (the runner's way from
+    /// 1,024 rows on).
+    pub timed: f64,
 }
 
 impl GemmTiming {
@@ -38,6 +56,7 @@ impl GemmTiming {
 /// each shape gets at least this many bytes of copies.
 const ROTATION_BYTES: usize = 1 << 30;
 const REPEATS: usize = 40;
+const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Times the layer's and the head's GEMMs (the runner's `Gpu::gemm`) at each of
 /// `row_counts` rows, in `dtype`.
@@ -56,6 +75,24 @@ pub fn run(
         ("lm_head", config.vocab_size, d.hidden, true),
     ];
     let max_rows = row_counts.iter().copied().max().unwrap_or(1);
+    let workspace = gpu.alloc(WORKSPACE_BYTES)?;
+    let fp8_ways = if gpu.has_fp8() && dtype == DType::Bf16 {
+        let way = |accumulation| {
+            Fp8Gemms::new(
+                ScaleMode::PerTensor,
+                accumulation,
+                workspace.ptr,
+                WORKSPACE_BYTES,
+            )
+        };
+        Some([
+            way(Accumulation::PromotedToF32)?,
+            way(Accumulation::Fast)?,
+            way(Accumulation::Fast)?,
+        ])
+    } else {
+        None
+    };
     let mut timings = Vec::new();
     for (name, n, k, f32_out) in shapes {
         let copies = ROTATION_BYTES
@@ -66,28 +103,95 @@ pub fn run(
             .collect::<anyhow::Result<Vec<_>>>()?;
         let x = random_buffer(&gpu, max_rows * k, 99)?;
         let y = gpu.alloc(max_rows * n * 4)?;
+        // The LM head stays in the runner's dtype under FP8.
+        let fp8 = match &fp8_ways {
+            Some(ways) if !f32_out => {
+                let codes = weights
+                    .iter()
+                    .map(|w| Fp8Tensor::of_weight(&gpu, w, n * k))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let activations = Fp8Tensor::alloc(&gpu, max_rows * k)?;
+                activations.quantize(&gpu, x.ptr, max_rows * k)?;
+                Some((ways, codes, activations))
+            }
+            _ => None,
+        };
         for &rows in row_counts {
-            // One pass first: cuBLAS loads its kernels on first use.
-            for w in weights.iter().take(REPEATS) {
-                gpu.gemm(y.ptr, f32_out, x.ptr, w.ptr, rows, n, k)?;
-            }
-            gpu.stream.synchronize()?;
-            let started = Instant::now();
-            for i in 0..REPEATS {
-                let w = &weights[i % copies];
-                gpu.gemm(y.ptr, f32_out, x.ptr, w.ptr, rows, n, k)?;
-            }
-            gpu.stream.synchronize()?;
+            let us = time(&gpu, copies, |i| {
+                gpu.gemm(y.ptr, f32_out, x.ptr, weights[i].ptr, rows, n, k)
+            })?;
+            let fp8 = match &fp8 {
+                Some((ways, codes, activations)) => {
+                    let [first, first_fast, timed] = ways;
+                    // SAFETY: the buffers are live and of the problem's shapes; nothing
+                    // captures this stream.
+                    unsafe {
+                        timed.time_choice(
+                            &gpu.stream,
+                            y.ptr,
+                            activations.codes.ptr,
+                            activations.scale.ptr,
+                            codes[0].codes.ptr,
+                            codes[0].scale.ptr,
+                            rows,
+                            n,
+                            k,
+                        )?;
+                    }
+                    let [first, first_fast, timed] = [first, first_fast, timed].map(|gemms| {
+                        time(&gpu, copies, |i| {
+                            gemms.gemm(
+                                &gpu.stream,
+                                y.ptr,
+                                false,
+                                activations.codes.ptr,
+                                activations.scale.ptr,
+                                codes[i].codes.ptr,
+                                codes[i].scale.ptr,
+                                rows,
+                                n,
+                                k,
+                            )
+                        })
+                    });
+                    Some(Fp8Timing {
+                        first: first?,
+                        first_fast: first_fast?,
+                        timed: timed?,
+                    })
+                }
+                None => None,
+            };
             timings.push(GemmTiming {
                 name,
                 rows,
                 n,
                 k,
-                us: started.elapsed().as_secs_f64() * 1e6 / REPEATS as f64,
+                us,
+                fp8,
             });
         }
     }
     Ok(timings)
+}
+
+/// Microseconds per call of `gemm` (given the weight copy to use), over the copies in
+/// turn, after one untimed pass (cuBLAS loads its kernels, and chooses, on first use).
+fn time(
+    gpu: &Gpu,
+    copies: usize,
+    gemm: impl Fn(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    for i in 0..REPEATS.min(copies) {
+        gemm(i)?;
+    }
+    gpu.stream.synchronize()?;
+    let started = Instant::now();
+    for i in 0..REPEATS {
+        gemm(i % copies)?;
+    }
+    gpu.stream.synchronize()?;
+    Ok(started.elapsed().as_secs_f64() * 1e6 / REPEATS as f64)
 }
 
 fn random_buffer(gpu: &Gpu, len: usize, seed: u64) -> anyhow::Result<DeviceBuffer> {

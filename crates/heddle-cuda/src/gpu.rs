@@ -10,7 +10,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
-use crate::fp8::{Fp8Gemms, Fp8Tensor, ScaleMode};
+use crate::fp8::{Accumulation, Fp8Gemms, Fp8Tensor, ScaleMode};
 use crate::kernels::{DType, KernelShape, DECODE_KERNELS, KERNEL_NAMES};
 use crate::pinned_gemm::PinnedGemms;
 
@@ -399,10 +399,49 @@ impl Gpu {
         self.bind()?;
         self.fp8 = Some(Fp8Gemms::new(
             ScaleMode::PerTensor,
+            Accumulation::Fast,
             workspace.ptr,
             workspace.bytes,
         )?);
         Ok(())
+    }
+
+    /// Times the FP8 GEMM's candidates for `w` at `rows` rows (see
+    /// [`Fp8Gemms::time_choice`]); `activations` holds at least `rows` × `k` codes and `y`
+    /// room for `rows` × `n` outputs. Waits for the stream.
+    pub fn time_fp8_choice(
+        &self,
+        y: &DeviceBuffer,
+        activations: &Fp8Tensor,
+        w: &Fp8Tensor,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> anyhow::Result<()> {
+        let gemms = self
+            .fp8
+            .as_ref()
+            .context("timing FP8 GEMMs on a GPU whose FP8 GEMMs were not enabled")?;
+        anyhow::ensure!(
+            rows * k <= activations.codes.bytes && rows * n * 2 <= y.bytes,
+            "FP8 GEMM timing: {rows} rows of {n}x{k} do not fit the buffers"
+        );
+        self.bind()?;
+        // SAFETY: the buffers are live and large enough (checked); the runner times its
+        // choices before it captures or runs any step.
+        unsafe {
+            gemms.time_choice(
+                &self.stream,
+                y.ptr,
+                activations.codes.ptr,
+                activations.scale.ptr,
+                w.codes.ptr,
+                w.scale.ptr,
+                rows,
+                n,
+                k,
+            )
+        }
     }
 
     /// y[rows, n] = x[rows, k] · w[n, k]ᵀ for an FP8 weight: x (the runner's dtype) is
@@ -428,7 +467,7 @@ impl Gpu {
         activations.quantize(self, x, rows * k)?;
         self.bind()?;
         gemms.gemm(
-            self.stream.cu_stream(),
+            &self.stream,
             y,
             false,
             activations.codes.ptr,

@@ -606,6 +606,7 @@ attention(const elem_t* qkv, const elem_t* k_cache, const elem_t* v_cache, elem_
 // in gridDim.z ranges; each block then writes its (max, sum, weighted values) per head to
 // `partials` and attention_merge combines them.
 #define PARTIAL_STRIDE (HEAD_DIM + 2)
+#define LAZY_RESCALE_LOG2 8.0f
 #define KEY_CHUNK 16
 // 16-byte loads per key row and lane for Q·Kᵀ: lane c of a row group reads dimensions
 // [i * 32 + c * 8, +8) for i < K_LOADS, two k-steps of 16 each.
@@ -722,11 +723,6 @@ attention_decode(const elem_t* qkv, const cache_t* k_cache, const cache_t* v_cac
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     int g = lane / 4, c = lane % 4;
     const int* table = block_tables + table_offsets[seq];
-    // Element offset of key `key`'s row for this KV head.
-    auto row_of = [&](int key) {
-        long long slot = (long long)table[key / BLOCK_SIZE] * BLOCK_SIZE + key % BLOCK_SIZE;
-        return (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM;
-    };
 
     // Q as the A operand, row g = head g of the block: k-step 2i takes words x, y of load
     // i, k-step 2i + 1 words z, w (the order K's loads give). Kept in shared memory, in
@@ -753,6 +749,30 @@ attention_decode(const elem_t* qkv, const cache_t* k_cache, const cache_t* v_cac
 
     typedef DecodeLoad<8> KeyLoad;
     typedef DecodeLoad<V_SPAN> ValueLoad;
+#if BLOCK_SIZE % KEY_CHUNK == 0
+    // A turn's keys lie in one cache block: its table entry is read once, and a loop ahead,
+    // so that no cache load waits on a table read (per key, those reads set the FP8
+    // cache's speed, whose keys are half the bytes).
+    int turn_block[DECODE_TURNS];
+    auto read_turn_blocks = [&](int kb0) {
+#pragma unroll
+        for (int turn = 0; turn < DECODE_TURNS; turn++) {
+            int kb = kb0 + turn * ATTN_WARPS * KEY_CHUNK;
+            turn_block[turn] = kb < end ? table[kb / BLOCK_SIZE] : 0;
+        }
+    };
+    read_turn_blocks(begin + warp * KEY_CHUNK);
+    // Element offset of key `key`'s row (in turn `turn`) for this KV head.
+    auto key_row = [&](int turn, int key) {
+        long long slot = (long long)turn_block[turn] * BLOCK_SIZE + key % BLOCK_SIZE;
+        return (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM;
+    };
+#else
+    auto key_row = [&](int, int key) {
+        long long slot = (long long)table[key / BLOCK_SIZE] * BLOCK_SIZE + key % BLOCK_SIZE;
+        return (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM;
+    };
+#endif
     for (int kb0 = begin + warp * KEY_CHUNK; kb0 < end;
          kb0 += DECODE_TURNS * ATTN_WARPS * KEY_CHUNK) {
         // Every load of the loop's turns first. Keys: n-tile j's column g is key kb + 8j + g;
@@ -765,7 +785,7 @@ attention_decode(const elem_t* qkv, const cache_t* k_cache, const cache_t* v_cac
 #pragma unroll
             for (int j = 0; j < 2; j++) {
                 int key = kb + 8 * j + g;
-                const cache_t* k = k_cache + (key < end ? row_of(key) : 0) + c * 8;
+                const cache_t* k = k_cache + (key < end ? key_row(turn, key) : 0) + c * 8;
 #pragma unroll
                 for (int i = 0; i < K_LOADS; i++)
                     k_raw[turn][j][i] = key < end ? KeyLoad::load(k + i * 32) : KeyLoad::zero();
@@ -773,13 +793,16 @@ attention_decode(const elem_t* qkv, const cache_t* k_cache, const cache_t* v_cac
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 int key = kb + 2 * c + (r & 1) + (r >> 1) * 8;
-                const cache_t* v = v_cache + (key < end ? row_of(key) : 0) + g * V_SPAN;
+                const cache_t* v = v_cache + (key < end ? key_row(turn, key) : 0) + g * V_SPAN;
 #pragma unroll
                 for (int u = 0; u < V_LOADS; u++)
                     v_raw[turn][r][u] =
                         key < end ? ValueLoad::load(v + u * 8 * V_SPAN) : ValueLoad::zero();
             }
         }
+#if BLOCK_SIZE % KEY_CHUNK == 0
+        read_turn_blocks(kb0 + DECODE_TURNS * ATTN_WARPS * KEY_CHUNK);
+#endif
 #pragma unroll
         for (int turn = 0; turn < DECODE_TURNS; turn++) {
             int kb = kb0 + turn * ATTN_WARPS * KEY_CHUNK;
@@ -823,18 +846,25 @@ attention_decode(const elem_t* qkv, const cache_t* k_cache, const cache_t* v_cac
             float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float m_new = fmaxf(m, mx);
-            float correction = exp2f(m - m_new);
+            // m moves only when a score passes it by more than 2^LAZY_RESCALE_LOG2, so the
+            // rescaling of l and the accumulators (a multiply per accumulator) is skipped
+            // on most turns: the sums stay exact relative to whichever m they share, and
+            // the weights stay below 2^LAZY_RESCALE_LOG2 (P's f16 and bf16 hold that).
+            if (__any_sync(0xffffffffu, mx > m + LAZY_RESCALE_LOG2)) {
+                float m_new = mx > m + LAZY_RESCALE_LOG2 ? mx : m;
+                float correction = exp2f(m - m_new);
+                l *= correction;
+                m = m_new;
+#pragma unroll
+                for (int n = 0; n < PV_TILES; n++) {
+                    acc[n][0] *= correction;
+                    acc[n][1] *= correction;
+                }
+            }
             float p[4];
 #pragma unroll
-            for (int e = 0; e < 4; e++) p[e] = exp2f(x[e] - m_new);
-            l = l * correction + (p[0] + p[1]) + (p[2] + p[3]);
-            m = m_new;
-#pragma unroll
-            for (int n = 0; n < PV_TILES; n++) {
-                acc[n][0] *= correction;
-                acc[n][1] *= correction;
-            }
+            for (int e = 0; e < 4; e++) p[e] = exp2f(x[e] - m);
+            l += (p[0] + p[1]) + (p[2] + p[3]);
             // O += P·V. P as the A operand: row g, k = 2c, 2c+1 are n-tile 0's scores of this
             // lane, k = 2c+8, 2c+9 n-tile 1's. V's column g of n-tile u * V_SPAN + e is
             // dimension u * 8 * V_SPAN + g * V_SPAN + e: element e of this lane's load u.

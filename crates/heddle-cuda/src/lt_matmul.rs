@@ -1,6 +1,6 @@
 //! cuBLASLt plumbing shared by the pinned GEMMs (batch-invariant mode) and the FP8 GEMMs:
 //! a handle with one matmul descriptor for y = x · wᵀ, the matrix layouts, the heuristic's
-//! first choice, and the call.
+//! candidates, their timing, and the call.
 //!
 //! In cuBLAS's column-major view a row-major weight [n, k] is a k × n matrix used
 //! transposed (A), the activations [rows, k] are k × rows (B), and the output [rows, n] is
@@ -8,6 +8,7 @@
 
 use anyhow::Context;
 use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::{sys::CUevent_flags, CudaStream};
 
 /// A matrix layout, destroyed when dropped.
 pub(crate) struct Layout(pub(crate) sys::cublasLtMatrixLayout_t);
@@ -127,13 +128,32 @@ impl LtMatmul {
         layouts: &[Layout; 3],
         without_split_k: bool,
     ) -> anyhow::Result<sys::cublasLtMatmulAlgo_t> {
+        self.candidates(layouts, without_split_k, 1)?
+            .into_iter()
+            .next()
+            .context("cuBLASLt's heuristic returned no algorithm")
+    }
+
+    /// Up to `max` algorithms for `layouts` within the workspace, in the order cuBLASLt's
+    /// heuristic ranks them (without a split-K reduction when `without_split_k`).
+    pub(crate) fn candidates(
+        &self,
+        layouts: &[Layout; 3],
+        without_split_k: bool,
+        max: usize,
+    ) -> anyhow::Result<Vec<sys::cublasLtMatmulAlgo_t>> {
         let [a, b, c] = layouts;
         let pref = lt::create_matmul_pref().map_err(|e| anyhow::anyhow!("{e}"))?;
         let workspace = self.workspace_bytes as u64;
         let no_reduction = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_NONE as u32;
+        // SAFETY: all zeros is a valid bit pattern of this plain C struct; the heuristic
+        // overwrites the entries it returns.
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+            vec![unsafe { std::mem::zeroed() }; max.max(1)];
+        let mut returned = 0i32;
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
         // SAFETY: the preference and layouts are live; the values have the attributes'
-        // types.
+        // types; `results` has room for the count asked for.
         let found = unsafe {
             lt::set_matmul_pref_attribute(
                 pref,
@@ -154,14 +174,82 @@ impl LtMatmul {
                 }
             })
             .and_then(|()| {
-                lt::get_matmul_algo_heuristic(self.handle, self.desc, a.0, b.0, c.0, c.0, pref)
+                sys::cublasLtMatmulAlgoGetHeuristic(
+                    self.handle,
+                    self.desc,
+                    a.0,
+                    b.0,
+                    c.0,
+                    c.0,
+                    pref,
+                    results.len() as i32,
+                    results.as_mut_ptr(),
+                    &mut returned,
+                )
+                .result()
             })
         };
         // SAFETY: created above, destroyed once.
         unsafe {
             let _ = lt::destroy_matmul_pref(pref);
         }
-        Ok(found.map_err(|e| anyhow::anyhow!("{e:?}"))?.algo)
+        found.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok(results
+            .iter()
+            .take(returned.max(0) as usize)
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect())
+    }
+
+    /// Whether `algo` (chosen for another row count) runs the problem of `layouts`.
+    pub(crate) fn supports(&self, algo: &sys::cublasLtMatmulAlgo_t, layouts: &[Layout; 3]) -> bool {
+        let [a, b, c] = layouts;
+        // SAFETY: zeroed plain C struct, written by the check.
+        let mut result: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the handle, descriptor and layouts are live.
+        let status = unsafe {
+            sys::cublasLtMatmulAlgoCheck(
+                self.handle,
+                self.desc,
+                a.0,
+                b.0,
+                c.0,
+                c.0,
+                algo,
+                &mut result,
+            )
+        };
+        status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && result.workspaceSize <= self.workspace_bytes
+    }
+
+    /// Microseconds `algo` takes for one GEMM of `layouts`, timed on the GPU with events
+    /// over `repeats` runs after one untimed run (which loads its kernel); waits for the
+    /// stream. The output buffer is overwritten.
+    ///
+    /// # Safety
+    /// As for [`Self::run`]; the stream must not be capturing.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn time(
+        &self,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        layouts: &[Layout; 3],
+        w: u64,
+        x: u64,
+        y: u64,
+        stream: &CudaStream,
+        repeats: usize,
+    ) -> anyhow::Result<f64> {
+        let raw = stream.cu_stream() as sys::cudaStream_t;
+        self.run(algo, layouts, w, x, y, raw)?;
+        let timed = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = stream.record_event(timed)?;
+        for _ in 0..repeats {
+            self.run(algo, layouts, w, x, y, raw)?;
+        }
+        let end = stream.record_event(timed)?;
+        Ok(start.elapsed_ms(&end)? as f64 * 1e3 / repeats as f64)
     }
 
     /// y = x · wᵀ with `algo`, on `stream`.

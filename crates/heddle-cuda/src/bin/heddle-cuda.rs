@@ -97,12 +97,20 @@ enum Command {
     },
     /// Throughput on random weights: N requests at once, greedy, ignore_eos.
     Bench(BenchArgs),
-    /// The weight GEMMs of one layer and the LM head alone at decode-sized row counts:
-    /// microseconds, weight-read bandwidth and TFLOP/s.
+    /// The weight GEMMs of one layer and the LM head alone: microseconds, weight-read
+    /// bandwidth and TFLOP/s in bf16, and the projections in FP8 (first choice, fast
+    /// accumulation, the fastest timed candidate) where the GPU has FP8 tensor cores.
     Gemm {
         /// An HF config.json-format file giving the model's shape.
         #[arg(long)]
         config: PathBuf,
+        /// Row counts to time (comma-separated).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1,16,64,256,512,1024,2048,8192"
+        )]
+        rows: Vec<usize>,
     },
     /// Whether this GPU runs heddle's FP8 path: device quantization against the CPU's,
     /// FP8 GEMMs (per-row and per-tensor scales) against f64, and FP8 against bf16 timings
@@ -514,17 +522,37 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Gemm { config: path } => {
+        Command::Gemm { config: path, rows } => {
             let config = dummy::read_config(&path)?;
             let name = path.file_stem().unwrap_or_default().to_string_lossy();
             println!(
-                "{:<8} {:>5} {:>7} {:>6} {:>8} {:>9} {:>8}",
-                "weight", "rows", "n", "k", "us", "GB/s", "TFLOP/s"
+                "{:<8} {:>5} {:>7} {:>6} {:>8} {:>7} {:>7} | FP8 us: {:>7} {:>7} {:>7} {:>7}",
+                "weight",
+                "rows",
+                "n",
+                "k",
+                "bf16 us",
+                "GB/s",
+                "TFLOP/s",
+                "first",
+                "fast",
+                "timed",
+                "TFLOP/s"
             );
             let dtype = DType::Bf16;
-            for t in gemm_bench::run(&config, dtype, &[1, 2, 4, 8, 16, 64, 256])? {
+            for t in gemm_bench::run(&config, dtype, &rows)? {
+                let fp8 = match t.fp8 {
+                    Some(f) => format!(
+                        "{:>7.1} {:>7.1} {:>7.1} {:>7.0}",
+                        f.first,
+                        f.first_fast,
+                        f.timed,
+                        t.tflop_per_s() * t.us / f.timed
+                    ),
+                    None => "-".into(),
+                };
                 println!(
-                    "{:<8} {:>5} {:>7} {:>6} {:>8.1} {:>9.0} {:>8.1}",
+                    "{:<8} {:>5} {:>7} {:>6} {:>8.1} {:>7.0} {:>7.1} | {fp8}",
                     t.name,
                     t.rows,
                     t.n,
@@ -533,10 +561,17 @@ fn main() -> anyhow::Result<()> {
                     t.weight_gb_per_s(dtype),
                     t.tflop_per_s()
                 );
-                println!(
+                print!(
                     "RESULT gemm model={name} weight={} rows={} us={:.2}",
                     t.name, t.rows, t.us
                 );
+                match t.fp8 {
+                    Some(f) => println!(
+                        " fp8_first_us={:.2} fp8_fast_us={:.2} fp8_timed_us={:.2}",
+                        f.first, f.first_fast, f.timed
+                    ),
+                    None => println!(),
+                }
             }
             Ok(())
         }

@@ -10,6 +10,7 @@
 //! on the CPU, the reference the checks compare the device's bytes with.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use anyhow::Context;
@@ -85,34 +86,45 @@ pub fn quantize_row(row: &[f32]) -> (Vec<u8>, f32) {
 
 /// A tensor of the runner's dtype quantized to E4M3 on the device with one scale: the
 /// form the runner's FP8 projections take (weights once, at load; activations before each
-/// projection), since cuBLASLt on Hopper applies scalar scales only (per-row scales are
-/// refused: `heddle-cuda fp8` checks it).
+/// projection). cuBLASLt applies the scale in the GEMM's epilogue. (It also runs per-row
+/// scales, slower at decode sizes: `heddle-cuda gemm`.)
 pub struct Fp8Tensor {
     /// The codes, a byte each.
     pub codes: DeviceBuffer,
-    /// Two words: the scale (f32), then the running maximum's bits that the scale is made
-    /// from. The GEMM reads the first.
+    /// Three words: the scale (f32), which the GEMM reads, then two slots for the running
+    /// maximum's bits that a scale is made from (see `quantize`).
     pub scale: DeviceBuffer,
+    /// The maximum slot the next quantization uses.
+    next_slot: AtomicU32,
 }
 
 impl Fp8Tensor {
     /// Room for `len` values.
     pub fn alloc(gpu: &Gpu, len: usize) -> anyhow::Result<Self> {
+        let scale = gpu.alloc(12)?;
+        gpu.zero(scale.ptr, 12)?;
         Ok(Fp8Tensor {
             codes: gpu.alloc(len)?,
-            scale: gpu.alloc(8)?,
+            scale,
+            next_slot: AtomicU32::new(0),
         })
     }
 
     /// Quantizes `len` values at `x` into these buffers (queued on the stream): the
     /// maximum magnitude, then the codes. `len` must be even and fit.
+    ///
+    /// The maximum is found with atomics into a slot that must start at zero. Calls take
+    /// the two slots in turn and each one's second kernel zeroes the other slot, so that
+    /// no launch is spent on zeroing. A runner's steps make an even number of calls, so
+    /// graphs replay the same turns; were a call ever to find a slot not zeroed, its scale
+    /// would come out larger (coarser codes), never too small.
     pub fn quantize(&self, gpu: &Gpu, x: u64, len: usize) -> anyhow::Result<()> {
         anyhow::ensure!(
             len <= self.codes.bytes && len.is_multiple_of(2),
             "FP8 tensor: {len} values do not fit"
         );
-        let max_bits = self.scale.ptr + 4;
-        gpu.zero(max_bits, 4)?;
+        let slot = self.next_slot.fetch_xor(1, Ordering::Relaxed) as i32;
+        let max_bits = self.scale.ptr + 4 + 4 * slot as u64;
         let blocks = len.div_ceil(QUANTIZE_THREADS as usize * 8).clamp(1, 1024);
         gpu.launch(
             "absmax_bits",
@@ -122,7 +134,13 @@ impl Fp8Tensor {
         gpu.launch(
             "quantize_fp8_tensor",
             grid(blocks, QUANTIZE_THREADS),
-            &[&x, &self.codes.ptr, &self.scale.ptr, &(len as i64 / 2)],
+            &[
+                &x,
+                &self.codes.ptr,
+                &self.scale.ptr,
+                &(len as i64 / 2),
+                &slot,
+            ],
         )
     }
 
@@ -279,6 +297,9 @@ impl Fp8Gemms {
         let problem = Problem::new(rows, n, k, f32_out)?;
         let layouts = problem.layouts()?;
         let mut algorithms = self.algorithms.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the lock is held; the pointers are live. cuBLASLt's heuristic reads them
+        // (with per-row scales it refuses a descriptor without them).
+        unsafe { self.set_scales(w_scales, x_scales)? };
         let algo = match algorithms.get(&problem) {
             Some(algo) => *algo,
             None => {
@@ -296,7 +317,6 @@ impl Fp8Gemms {
         // pointers address live buffers of the stated shapes; the workspace is the
         // runner's and outlives the call.
         unsafe {
-            self.set_scales(w_scales, x_scales)?;
             self.matmul.run(
                 &algo,
                 &layouts,

@@ -1288,13 +1288,18 @@ absmax_bits(const elem_t* x, long long n, unsigned* max_bits) {
 }
 
 // q = e4m3(x * 448 / max|x|) over a whole tensor of 2 * pairs values, the maximum read
-// from scale[1] (absmax_bits' output); scale[0] = max|x| / 448.
+// from maximum slot `slot` (scale[1 + slot], absmax_bits' output); scale[0] = max|x| / 448.
+// The other slot is zeroed for the next tensor's maximum (fp8.rs: `Fp8Tensor::quantize`).
 extern "C" __global__ void __launch_bounds__(QUANTIZE_THREADS)
-quantize_fp8_tensor(const elem_t* x, unsigned short* q, float* scale, long long pairs) {
-    float m = fmaxf(__uint_as_float(((const unsigned*)scale)[1]), MIN_ABS_MAX);
+quantize_fp8_tensor(const elem_t* x, unsigned short* q, float* scale, long long pairs,
+                    int slot) {
+    float m = fmaxf(__uint_as_float(((const unsigned*)scale)[1 + slot]), MIN_ABS_MAX);
     float inverse = E4M3_MAX / m;
     for (long long i = (long long)blockIdx.x * QUANTIZE_THREADS + threadIdx.x; i < pairs;
          i += (long long)gridDim.x * QUANTIZE_THREADS)
         q[i] = e4m3x2(to_f(x[2 * i]) * inverse, to_f(x[2 * i + 1]) * inverse);
-    if (blockIdx.x == 0 && threadIdx.x == 0) scale[0] = m / E4M3_MAX;
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        scale[0] = m / E4M3_MAX;
+        ((unsigned*)scale)[2 - slot] = 0u;
+    }
 }

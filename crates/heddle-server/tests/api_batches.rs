@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use api_support::{assert_error, model, model_path, post_json, start, test_config, ADMIN_KEY};
+use api_support::{
+    assert_error, get_json, model, model_path, post_json, start, test_config, ADMIN_KEY,
+};
 use heddle_server::api::auth::{ApiKey, KeyTier};
 use serde_json::{json, Value};
 
@@ -85,12 +87,6 @@ async fn create_batch(http: &reqwest::Client, base: &str, file_id: &str, endpoin
     assert!(batch["id"].as_str().unwrap().starts_with("batch_"));
     assert_eq!(batch["metadata"]["suite"], "api_batches");
     batch
-}
-
-async fn get_json(http: &reqwest::Client, url: &str) -> (reqwest::StatusCode, Value) {
-    let response = http.get(url).send().await.expect("answered");
-    let status = response.status();
-    (status, response.json().await.expect("a JSON body"))
 }
 
 /// Polls a batch until its status is one of `statuses`.

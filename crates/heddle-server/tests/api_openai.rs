@@ -6,8 +6,8 @@ mod api_support;
 use std::sync::OnceLock;
 
 use api_support::{
-    fetch_metrics, model, model_path, post_json, shared_server, test_config, SharedServer,
-    SseReader,
+    fetch_metrics, get_json, model, model_path, post_json, shared_server, test_config,
+    SharedServer, SseReader,
 };
 use heddle_model::chat_template::ChatMessage;
 use heddle_model::tokenizer::TokenizerBundle;
@@ -361,14 +361,7 @@ async fn n_choices_are_indexed_and_counted() {
 #[tokio::test]
 async fn models_health_ready_and_metrics_answer() {
     let http = reqwest::Client::new();
-    let list: Value = http
-        .get(server().url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(&http, &server().url("/v1/models")).await.1;
     assert_eq!(list["object"], "list");
     assert_eq!(list["data"][0]["id"], MODEL);
     assert_eq!(list["data"][0]["object"], "model");

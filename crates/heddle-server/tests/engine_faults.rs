@@ -9,7 +9,7 @@ mod api_support;
 use std::time::Duration;
 
 use api_support::{
-    assert_error, eventually, model, post_json, start, test_config, SseReader, TestServer,
+    assert_error, eventually, get_json, model, post_json, start, test_config, SseReader, TestServer,
 };
 use serde_json::{json, Value};
 
@@ -191,9 +191,4 @@ async fn a_panicking_engine_fails_its_requests_restarts_and_answers_as_before() 
         before
     );
     server.server.shutdown().await.unwrap();
-}
-
-async fn get_json(http: &reqwest::Client, url: &str) -> (reqwest::StatusCode, Value) {
-    let response = http.get(url).send().await.unwrap();
-    (response.status(), response.json().await.unwrap())
 }

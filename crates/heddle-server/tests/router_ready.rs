@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use api_support::{eventually, model, post_json, start, test_config, SseReader, ADMIN_KEY};
+use api_support::{
+    eventually, get_json, model, post_json, start, test_config, SseReader, ADMIN_KEY,
+};
 use heddle_core::kv::block_hash;
 use heddle_server::kv_events::KvEventsConfig;
 use serde_json::{json, Value};
@@ -23,15 +25,7 @@ async fn server_info_and_models_name_the_served_model_and_its_aliases() {
     let mut spec = model("org/smollm2-135m");
     spec.aliases = vec!["smollm2".into()];
     let server = start(test_config(vec![spec])).await;
-    let info: Value = server
-        .http
-        .get(server.url("/server_info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_json(&server.http, &server.url("/server_info")).await.1;
     assert_eq!(info["served_model_name"], "org/smollm2-135m", "{info}");
     assert_eq!(
         info["served_model_names"],
@@ -39,15 +33,7 @@ async fn server_info_and_models_name_the_served_model_and_its_aliases() {
     );
     assert_eq!(info["max_running_requests"], 8);
 
-    let models: Value = server
-        .http
-        .get(server.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_json(&server.http, &server.url("/v1/models")).await.1;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
@@ -69,15 +55,7 @@ async fn server_info_and_models_name_the_served_model_and_its_aliases() {
 
     // With two models no single name is the served one.
     let server = start(test_config(vec![model("a"), model("b")])).await;
-    let info: Value = server
-        .http
-        .get(server.url("/server_info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_json(&server.http, &server.url("/server_info")).await.1;
     assert!(info.get("served_model_name").is_none(), "{info}");
     assert_eq!(info["served_model_names"], json!(["a", "b"]));
     server.server.shutdown().await.unwrap();

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api_support::{eventually, fetch_metrics};
+use api_support::{eventually, fetch_metrics, get_json};
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
@@ -339,14 +339,9 @@ async fn two_replicas_behind_sglang_router() {
 
     // The router lists the model under the replicas' served name, and serves it.
     let router = start_router(&http, &dir, "cache_aware", &[&a, &b], &[]).await;
-    let models: Value = http
-        .get(format!("{}/v1/models", router.base))
-        .send()
+    let models: Value = get_json(&http, &format!("{}/v1/models", router.base))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .1;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

@@ -131,6 +131,13 @@ pub async fn post_json(
     (status, body)
 }
 
+/// Gets a URL and returns the status and the body as JSON.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> (reqwest::StatusCode, Value) {
+    let response = http.get(url).send().await.expect("answered");
+    let status = response.status();
+    (status, response.json().await.expect("a JSON body"))
+}
+
 /// Asserts an OpenAI-format error body with the given status and type.
 pub fn assert_error(status: reqwest::StatusCode, body: &Value, expected: u16, kind: &str) {
     assert_eq!(status.as_u16(), expected, "{body}");

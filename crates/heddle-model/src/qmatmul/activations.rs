@@ -76,8 +76,13 @@ pub(super) struct RowPtrs<const R: usize> {
 }
 
 impl<const R: usize> RowPtrs<R> {
+    /// Inlined into the tiles: out of line it returned its 320 bytes through memory, and
+    /// those stores queued behind the previous tile's output stores (docs/PERFORMANCE.md,
+    /// "The qmatmul/ split").
+    ///
     /// # Safety
     /// Rows r0..r0 + R exist in `x`.
+    #[inline(always)]
     pub(super) unsafe fn new(x: &QuantizedRows, r0: usize) -> Self {
         let (nb, nbp) = (x.nb, padded_blocks(x.nb));
         // SAFETY: row starts inside the buffers.

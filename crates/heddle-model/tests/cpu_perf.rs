@@ -82,6 +82,26 @@ fn step_times() {
         prefill * 1e3,
         128.0 / prefill
     );
+    // The served benchmark's prefill: 16 prompts of 128 tokens admitted in one step.
+    let batch_prefill = (0..2)
+        .map(|round| {
+            let mut seqs: Vec<Seq> = (0..16)
+                .map(|i| {
+                    let id = 100 + 16 * round + i;
+                    Seq::new(id, &prompt(id as u32, 128), SamplingParams::greedy())
+                })
+                .collect();
+            let start = Instant::now();
+            driver.generate(&mut seqs, usize::MAX, 1);
+            let seconds = start.elapsed().as_secs_f64();
+            driver.release(seqs);
+            seconds
+        })
+        .fold(f64::INFINITY, f64::min);
+    eprintln!(
+        "prefill 16 x 128 tokens in one step: {:.1} ms",
+        batch_prefill * 1e3
+    );
 
     // The fastest of three rounds: other processes on the machine only ever slow a
     // round down.

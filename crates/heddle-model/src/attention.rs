@@ -365,40 +365,15 @@ impl AttentionTask<'_> {
         out: &mut [f32],
     ) {
         use std::arch::x86_64::*;
-        let hd = self.head_dim;
-        let bs = self.block_size;
-        let mut even = [_mm256_setzero_ps(); 4];
-        let mut odd = [_mm256_setzero_ps(); 4];
-        for (bi, values) in values.chunks_exact(bs * hd).enumerate() {
-            let start = bi * bs;
-            let len = bs.min(self.n_ctx - start);
-            let ws = &w[start..start + len];
-            let mut pairs = ws.chunks_exact(2);
-            for (p, w2) in (&mut pairs).enumerate() {
-                let v0 = values[2 * p * hd + off..][..32].as_ptr();
-                let v1 = values[(2 * p + 1) * hd + off..][..32].as_ptr();
-                let (w0, w1) = (_mm256_set1_ps(w2[0]), _mm256_set1_ps(w2[1]));
-                for i in 0..4 {
-                    // SAFETY: v0 and v1 point at 32 floats.
-                    let (a, b) = unsafe {
-                        (
-                            _mm256_loadu_ps(v0.add(8 * i)),
-                            _mm256_loadu_ps(v1.add(8 * i)),
-                        )
-                    };
-                    even[i] = _mm256_fmadd_ps(w0, a, even[i]);
-                    odd[i] = _mm256_fmadd_ps(w1, b, odd[i]);
-                }
+        let mut sums = [[_mm256_setzero_ps(); 4]; 2];
+        self.weighted_positions(values, w, off, 32, |slot, w, v| {
+            let w = _mm256_set1_ps(w);
+            for (i, sum) in sums[slot].iter_mut().enumerate() {
+                // SAFETY: v holds 32 floats.
+                *sum = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * i)) }, *sum);
             }
-            if let [wl] = pairs.remainder() {
-                let v = values[(len - 1) * hd + off..][..32].as_ptr();
-                let wl = _mm256_set1_ps(*wl);
-                for (i, even) in even.iter_mut().enumerate() {
-                    // SAFETY: v points at 32 floats.
-                    *even = _mm256_fmadd_ps(wl, unsafe { _mm256_loadu_ps(v.add(8 * i)) }, *even);
-                }
-            }
-        }
+        });
+        let [even, odd] = sums;
         let inv = _mm256_set1_ps(inv);
         for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
             let sum = _mm256_mul_ps(_mm256_add_ps(even[i], odd[i]), inv);
@@ -420,32 +395,43 @@ impl AttentionTask<'_> {
         inv: f32,
         out: &mut [f32],
     ) {
-        let hd = self.head_dim;
-        let bs = self.block_size;
-        let mut even = [0f32; W];
-        let mut odd = [0f32; W];
+        let mut sums = [[0f32; W]; 2];
+        self.weighted_positions(values, w, off, W, |slot, w, v| {
+            for (sum, &v) in sums[slot].iter_mut().zip(v) {
+                *sum = w.mul_add(v, *sum);
+            }
+        });
+        let [even, odd] = sums;
+        for l in 0..W {
+            out[l] = (even[l] + odd[l]) * inv;
+        }
+    }
+
+    /// The order of the weighted sums of values: `add(slot, w[j], V[j][off..off + width])`
+    /// for every position j of the context, block by block, slot 0 for even slots of a
+    /// block and 1 for odd ones (each pair of slots together, for two chains in flight).
+    #[inline(always)]
+    fn weighted_positions(
+        &self,
+        values: &[f32],
+        w: &[f32],
+        off: usize,
+        width: usize,
+        mut add: impl FnMut(usize, f32, &[f32]),
+    ) {
+        let (hd, bs) = (self.head_dim, self.block_size);
         for (bi, values) in values.chunks_exact(bs * hd).enumerate() {
             let start = bi * bs;
             let len = bs.min(self.n_ctx - start);
-            let ws = &w[start..start + len];
-            let mut pairs = ws.chunks_exact(2);
+            let at = |p: usize| &values[p * hd + off..][..width];
+            let mut pairs = w[start..start + len].chunks_exact(2);
             for (p, w2) in (&mut pairs).enumerate() {
-                let v0 = &values[2 * p * hd + off..][..W];
-                let v1 = &values[(2 * p + 1) * hd + off..][..W];
-                for l in 0..W {
-                    even[l] = w2[0].mul_add(v0[l], even[l]);
-                    odd[l] = w2[1].mul_add(v1[l], odd[l]);
-                }
+                add(0, w2[0], at(2 * p));
+                add(1, w2[1], at(2 * p + 1));
             }
             if let [wl] = pairs.remainder() {
-                let v = &values[(len - 1) * hd + off..][..W];
-                for l in 0..W {
-                    even[l] = wl.mul_add(v[l], even[l]);
-                }
+                add(0, *wl, at(len - 1));
             }
-        }
-        for l in 0..W {
-            out[l] = (even[l] + odd[l]) * inv;
         }
     }
 }
@@ -467,5 +453,38 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert!(tasks(&[], 3).is_empty());
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_weighted_values_equal_the_generic_ones() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"))
+        {
+            return;
+        }
+        // An odd last block (37 = 2·16 + 5) and an odd block size, both with remainders.
+        for (bs, n_ctx) in [(16usize, 37usize), (5, 23)] {
+            let hd = 64;
+            let blocks = n_ctx.div_ceil(bs);
+            let values: Vec<f32> = (0..blocks * bs * hd)
+                .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
+                .collect();
+            let w: Vec<f32> = (0..n_ctx).map(|j| ((j * 31) % 17) as f32 / 17.0).collect();
+            let task = AttentionTask {
+                block_size: bs,
+                head_dim: hd,
+                n_ctx,
+                blocks,
+                q: &[],
+            };
+            for off in [0, 32] {
+                let (mut generic, mut avx2) = ([0f32; 32], [0f32; 32]);
+                task.weighted_values::<32>(&values, &w, off, 0.7, &mut generic);
+                // SAFETY: the CPU has the features.
+                unsafe { task.weighted_values_avx2(&values, &w, off, 0.7, &mut avx2) };
+                assert_eq!(generic, avx2, "block size {bs}, offset {off}");
+            }
+        }
     }
 }

@@ -1,10 +1,13 @@
 //! Causal attention over the paged KV cache: each new token attends to its own
-//! sequence's cached positions through the sequence's block table, one task per (token,
-//! KV head), the query heads sharing that KV head together. Each task's arithmetic
-//! depends on nothing but its own token and context, so results do not depend on the
-//! batch.
+//! sequence's cached positions through the sequence's block table. One task per (run of
+//! up to [`TOKENS_PER_TASK`] consecutive tokens of one sequence, KV head): the task reads
+//! the run's context out of the cache once, then each token's query heads that share that
+//! KV head attend to their own prefix of it. Each token's arithmetic depends on nothing
+//! but its own query and context, so results do not depend on the batch or on how tokens
+//! are grouped into tasks.
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use heddle_core::kv::BlockId;
 use rayon::prelude::*;
@@ -14,8 +17,10 @@ use crate::kv_cache::KvCache;
 use crate::llama::SeqInput;
 use crate::math::{exp, lanes};
 
-/// Below this many query·key products per layer, attention stays on the calling thread.
-const PAR_MIN_ATTENTION: usize = 1 << 14;
+/// Below this many query·key products per layer, attention stays on the calling thread:
+/// one sequence's decode step (74 K at context 128 on the embedded model, 3 tasks of a
+/// few microseconds) does not pay for a fork and join; a batch of 16 (1.2 M) does.
+const PAR_MIN_ATTENTION: usize = 1 << 18;
 
 /// Scores this far below a row's maximum get a soft-max weight of exactly 0 instead of
 /// e^-60 ≈ 9e-27 or less. Together such weights move the row's sum, which holds the
@@ -28,6 +33,12 @@ const NEGLIGIBLE_SCORE: f32 = -60.0;
 /// How many blocks ahead of the one it converts an attention task prefetches its
 /// context: a block of 16 positions converts in about as long as one trip to memory.
 const CONTEXT_PREFETCH_BLOCKS: usize = 4;
+
+/// Consecutive tokens of one sequence (a prefill) that share one conversion of their
+/// context: a 128-token prompt converts 16 + 32 + … + 128 = 576 positions per KV head
+/// instead of 1 + 2 + … + 128 = 8,256, and still makes 8 tasks per KV head to share
+/// among threads.
+const TOKENS_PER_TASK: usize = 16;
 
 /// Per-thread scratch of one attention task, reused across calls.
 #[derive(Default)]
@@ -43,9 +54,26 @@ thread_local! {
     static ATTENTION_SCRATCH: RefCell<AttentionScratch> = RefCell::new(AttentionScratch::default());
 }
 
+/// The attention output shared by the tasks, which write disjoint rows of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32, usize);
+// SAFETY: only `attention` writes through it, each task its own tokens' rows.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// No other live reference covers `at..at + len`.
+    unsafe fn rows<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+        assert!(at + len <= self.1);
+        // SAFETY: in bounds (checked); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
+}
+
 /// Causal attention of every new token over its own sequence's cached positions
-/// `0..=position`, one task per (token, KV head) covering the query heads that share
-/// that KV head.
+/// `0..=position`, one task per (run of a sequence's tokens, KV head) covering the query
+/// heads that share that KV head.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     config: &ModelConfig,
@@ -61,30 +89,100 @@ pub(crate) fn attention(
     let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
     let group = nh / nkv;
     let bs = cache.block_size();
-    let task = |idx: usize, out: &mut [f32]| {
-        let (t, g) = (idx / nkv, idx % nkv);
-        let n_ctx = positions[t] + 1;
-        let task = AttentionTask {
-            cache,
-            layer,
-            kv_head: g,
-            head_dim: hd,
-            table: &seqs[token_seq[t]].block_table[..n_ctx.div_ceil(bs)],
-            n_ctx,
-            q: &q[(t * nh + g * group) * hd..][..group * hd],
-        };
-        ATTENTION_SCRATCH.with_borrow_mut(|scratch| task.run(scratch, out));
+    assert_eq!(out.len(), positions.len() * nh * hd);
+    let shared = SharedOut(out.as_mut_ptr(), out.len());
+    let tasks = tasks(token_seq, nkv);
+    // The blocks holding the context of the last of `tokens`.
+    let context_of = |tokens: &Range<usize>| {
+        let last = tokens.end - 1;
+        let n_ctx = positions[last] + 1;
+        &seqs[token_seq[last]].block_table[..n_ctx.div_ceil(bs)]
+    };
+    let run = |i: usize| {
+        let (tokens, g) = &tasks[i];
+        let table = context_of(tokens);
+        // The next task (most often the next one this thread runs) starts on its first
+        // blocks from memory instead of waiting for them.
+        if let Some((next, next_g)) = tasks.get(i + 1) {
+            for &block in table_prefix(context_of(next)) {
+                cache.prefetch(layer, block, *next_g);
+            }
+        }
+        ATTENTION_SCRATCH.with_borrow_mut(|scratch| {
+            convert_context(cache, layer, *g, hd, table, scratch);
+            for t in tokens.clone() {
+                let n_ctx = positions[t] + 1;
+                let at = (t * nh + g * group) * hd;
+                let task = AttentionTask {
+                    block_size: bs,
+                    head_dim: hd,
+                    n_ctx,
+                    blocks: n_ctx.div_ceil(bs),
+                    q: &q[at..][..group * hd],
+                };
+                // SAFETY: token t's query heads of KV head g belong to this task alone.
+                task.run(scratch, unsafe { shared.rows(at, group * hd) });
+            }
+        });
     };
     let work: usize = positions.iter().map(|p| p + 1).sum::<usize>() * nh * hd;
     // With one thread in the pool, handing the work to it only adds a wake-up.
     if work < PAR_MIN_ATTENTION || rayon::current_num_threads() == 1 {
-        out.chunks_exact_mut(group * hd)
-            .enumerate()
-            .for_each(|(i, o)| task(i, o));
+        (0..tasks.len()).for_each(run);
     } else {
-        out.par_chunks_exact_mut(group * hd)
-            .enumerate()
-            .for_each(|(i, o)| task(i, o));
+        (0..tasks.len()).into_par_iter().for_each(run);
+    }
+}
+
+/// The attention tasks of a batch whose token `t` belongs to sequence `token_seq[t]`:
+/// runs of up to [`TOKENS_PER_TASK`] consecutive tokens of one sequence, each with every
+/// KV head in turn.
+fn tasks(token_seq: &[usize], nkv: usize) -> Vec<(Range<usize>, usize)> {
+    let mut tasks = Vec::new();
+    let mut start = 0;
+    while start < token_seq.len() {
+        let seq = token_seq[start];
+        let run = token_seq[start..]
+            .iter()
+            .take(TOKENS_PER_TASK)
+            .take_while(|&&s| s == seq)
+            .count();
+        tasks.extend((0..nkv).map(|g| (start..start + run, g)));
+        start += run;
+    }
+    tasks
+}
+
+/// The blocks of `table` that a task prefetches before it starts converting.
+fn table_prefix(table: &[BlockId]) -> &[BlockId] {
+    &table[..table.len().min(CONTEXT_PREFETCH_BLOCKS)]
+}
+
+/// Reads the keys and values of KV head `head` in the blocks of `table` out of the cache
+/// as f32, whole blocks in the cache's layouts, so the loops below read each converted
+/// value from L1/L2 however many tokens, query heads and dimension slices pass over it.
+fn convert_context(
+    cache: &KvCache,
+    layer: usize,
+    head: usize,
+    head_dim: usize,
+    table: &[BlockId],
+    scratch: &mut AttentionScratch,
+) {
+    let block_len = cache.block_size() * head_dim;
+    let len = table.len() * block_len;
+    scratch.keys.resize(len, 0.0);
+    scratch.values.resize(len, 0.0);
+    for &block in table_prefix(table) {
+        cache.prefetch(layer, block, head);
+    }
+    for (bi, &block) in table.iter().enumerate() {
+        if let Some(&ahead) = table.get(bi + CONTEXT_PREFETCH_BLOCKS) {
+            cache.prefetch(layer, ahead, head);
+        }
+        let at = bi * block_len..(bi + 1) * block_len;
+        cache.read_keys(layer, block, head, &mut scratch.keys[at.clone()]);
+        cache.read_values(layer, block, head, &mut scratch.values[at]);
     }
 }
 
@@ -141,16 +239,14 @@ fn block_scores_any(q: &[f32], keys: &[f32], acc: &mut [f32], out: &mut [f32]) {
     }
 }
 
-/// One query group's attention: the query heads that share KV head `kv_head`, for one
-/// token whose context is the first `n_ctx` positions of its sequence.
+/// One query group's attention: the query heads that share one KV head, for one token
+/// whose context is the first `n_ctx` positions of the converted context in the scratch.
 struct AttentionTask<'a> {
-    cache: &'a KvCache,
-    layer: usize,
-    kv_head: usize,
+    block_size: usize,
     head_dim: usize,
-    /// The blocks holding positions 0..n_ctx.
-    table: &'a [BlockId],
     n_ctx: usize,
+    /// The blocks holding positions 0..n_ctx.
+    blocks: usize,
     /// The group's query heads, one after the other.
     q: &'a [f32],
 }
@@ -158,7 +254,6 @@ struct AttentionTask<'a> {
 impl AttentionTask<'_> {
     /// Writes the group's outputs (laid out like `q`).
     fn run(&self, scratch: &mut AttentionScratch, out: &mut [f32]) {
-        self.convert_context(scratch);
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
@@ -170,30 +265,6 @@ impl AttentionTask<'_> {
             return unsafe { self.run_avx2(scratch, out) };
         }
         self.run_generic(scratch, out, false)
-    }
-
-    /// Reads the context's keys and values out of the cache as f32, whole blocks in the
-    /// cache's layouts, so the loops below read each converted value from L1/L2
-    /// however many query heads and dimension slices pass over it.
-    fn convert_context(&self, scratch: &mut AttentionScratch) {
-        let block_len = self.cache.block_size() * self.head_dim;
-        let len = self.table.len() * block_len;
-        scratch.keys.resize(len, 0.0);
-        scratch.values.resize(len, 0.0);
-        let (layer, head) = (self.layer, self.kv_head);
-        for &block in &self.table[..self.table.len().min(CONTEXT_PREFETCH_BLOCKS)] {
-            self.cache.prefetch(layer, block, head);
-        }
-        for (bi, &block) in self.table.iter().enumerate() {
-            if let Some(&ahead) = self.table.get(bi + CONTEXT_PREFETCH_BLOCKS) {
-                self.cache.prefetch(layer, ahead, head);
-            }
-            let at = bi * block_len..(bi + 1) * block_len;
-            self.cache
-                .read_keys(layer, block, head, &mut scratch.keys[at.clone()]);
-            self.cache
-                .read_values(layer, block, head, &mut scratch.values[at]);
-        }
     }
 
     /// Compiled for AVX-512: the score and soft-max loops become 16-wide.
@@ -224,7 +295,9 @@ impl AttentionTask<'_> {
         let hd = self.head_dim;
         let heads = self.q.len() / hd;
         let n = self.n_ctx;
-        let bs = self.cache.block_size();
+        let bs = self.block_size;
+        let context = self.blocks * bs * hd;
+        let (keys, values) = (&keys[..context], &values[..context]);
         let scale = 1.0 / (hd as f32).sqrt();
         // Each head's n scores, one block's raw scores, partial sums for odd block sizes.
         scores.resize(heads * n + 5 * bs, 0.0);
@@ -294,40 +367,15 @@ impl AttentionTask<'_> {
         out: &mut [f32],
     ) {
         use std::arch::x86_64::*;
-        let hd = self.head_dim;
-        let bs = self.cache.block_size();
-        let mut even = [_mm256_setzero_ps(); 4];
-        let mut odd = [_mm256_setzero_ps(); 4];
-        for (bi, values) in values.chunks_exact(bs * hd).enumerate() {
-            let start = bi * bs;
-            let len = bs.min(self.n_ctx - start);
-            let ws = &w[start..start + len];
-            let mut pairs = ws.chunks_exact(2);
-            for (p, w2) in (&mut pairs).enumerate() {
-                let v0 = values[2 * p * hd + off..][..32].as_ptr();
-                let v1 = values[(2 * p + 1) * hd + off..][..32].as_ptr();
-                let (w0, w1) = (_mm256_set1_ps(w2[0]), _mm256_set1_ps(w2[1]));
-                for i in 0..4 {
-                    // SAFETY: v0 and v1 point at 32 floats.
-                    let (a, b) = unsafe {
-                        (
-                            _mm256_loadu_ps(v0.add(8 * i)),
-                            _mm256_loadu_ps(v1.add(8 * i)),
-                        )
-                    };
-                    even[i] = _mm256_fmadd_ps(w0, a, even[i]);
-                    odd[i] = _mm256_fmadd_ps(w1, b, odd[i]);
-                }
+        let mut sums = [[_mm256_setzero_ps(); 4]; 2];
+        self.weighted_positions(values, w, off, 32, |slot, w, v| {
+            let w = _mm256_set1_ps(w);
+            for (i, sum) in sums[slot].iter_mut().enumerate() {
+                // SAFETY: v holds 32 floats.
+                *sum = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * i)) }, *sum);
             }
-            if let [wl] = pairs.remainder() {
-                let v = values[(len - 1) * hd + off..][..32].as_ptr();
-                let wl = _mm256_set1_ps(*wl);
-                for (i, even) in even.iter_mut().enumerate() {
-                    // SAFETY: v points at 32 floats.
-                    *even = _mm256_fmadd_ps(wl, unsafe { _mm256_loadu_ps(v.add(8 * i)) }, *even);
-                }
-            }
-        }
+        });
+        let [even, odd] = sums;
         let inv = _mm256_set1_ps(inv);
         for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
             let sum = _mm256_mul_ps(_mm256_add_ps(even[i], odd[i]), inv);
@@ -349,32 +397,96 @@ impl AttentionTask<'_> {
         inv: f32,
         out: &mut [f32],
     ) {
-        let hd = self.head_dim;
-        let bs = self.cache.block_size();
-        let mut even = [0f32; W];
-        let mut odd = [0f32; W];
+        let mut sums = [[0f32; W]; 2];
+        self.weighted_positions(values, w, off, W, |slot, w, v| {
+            for (sum, &v) in sums[slot].iter_mut().zip(v) {
+                *sum = w.mul_add(v, *sum);
+            }
+        });
+        let [even, odd] = sums;
+        for l in 0..W {
+            out[l] = (even[l] + odd[l]) * inv;
+        }
+    }
+
+    /// The order of the weighted sums of values: `add(slot, w[j], V[j][off..off + width])`
+    /// for every position j of the context, block by block, slot 0 for even slots of a
+    /// block and 1 for odd ones (each pair of slots together, for two chains in flight).
+    #[inline(always)]
+    fn weighted_positions(
+        &self,
+        values: &[f32],
+        w: &[f32],
+        off: usize,
+        width: usize,
+        mut add: impl FnMut(usize, f32, &[f32]),
+    ) {
+        let (hd, bs) = (self.head_dim, self.block_size);
         for (bi, values) in values.chunks_exact(bs * hd).enumerate() {
             let start = bi * bs;
             let len = bs.min(self.n_ctx - start);
-            let ws = &w[start..start + len];
-            let mut pairs = ws.chunks_exact(2);
+            let at = |p: usize| &values[p * hd + off..][..width];
+            let mut pairs = w[start..start + len].chunks_exact(2);
             for (p, w2) in (&mut pairs).enumerate() {
-                let v0 = &values[2 * p * hd + off..][..W];
-                let v1 = &values[(2 * p + 1) * hd + off..][..W];
-                for l in 0..W {
-                    even[l] = w2[0].mul_add(v0[l], even[l]);
-                    odd[l] = w2[1].mul_add(v1[l], odd[l]);
-                }
+                add(0, w2[0], at(2 * p));
+                add(1, w2[1], at(2 * p + 1));
             }
             if let [wl] = pairs.remainder() {
-                let v = &values[(len - 1) * hd + off..][..W];
-                for l in 0..W {
-                    even[l] = wl.mul_add(v[l], even[l]);
-                }
+                add(0, *wl, at(len - 1));
             }
         }
-        for l in 0..W {
-            out[l] = (even[l] + odd[l]) * inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_are_runs_of_one_sequence_with_every_kv_head() {
+        // Sequence 0 prefills 20 tokens, 1 and 2 decode one each, 3 prefills 3.
+        let mut token_seq = vec![0; 20];
+        token_seq.extend([1, 2, 3, 3, 3]);
+        let got = tasks(&token_seq, 2);
+        let runs = [0..16, 16..20, 20..21, 21..22, 22..25];
+        let want: Vec<(Range<usize>, usize)> = runs
+            .iter()
+            .flat_map(|r| (0..2).map(move |g| (r.clone(), g)))
+            .collect();
+        assert_eq!(got, want);
+        assert!(tasks(&[], 3).is_empty());
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_weighted_values_equal_the_generic_ones() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"))
+        {
+            return;
+        }
+        // An odd last block (37 = 2·16 + 5) and an odd block size, both with remainders.
+        for (bs, n_ctx) in [(16usize, 37usize), (5, 23)] {
+            let hd = 64;
+            let blocks = n_ctx.div_ceil(bs);
+            let values: Vec<f32> = (0..blocks * bs * hd)
+                .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
+                .collect();
+            let w: Vec<f32> = (0..n_ctx).map(|j| ((j * 31) % 17) as f32 / 17.0).collect();
+            let task = AttentionTask {
+                block_size: bs,
+                head_dim: hd,
+                n_ctx,
+                blocks,
+                q: &[],
+            };
+            for off in [0, 32] {
+                let (mut generic, mut avx2) = ([0f32; 32], [0f32; 32]);
+                task.weighted_values::<32>(&values, &w, off, 0.7, &mut generic);
+                // SAFETY: the CPU has the features.
+                unsafe { task.weighted_values_avx2(&values, &w, off, 0.7, &mut avx2) };
+                assert_eq!(generic, avx2, "block size {bs}, offset {off}");
+            }
         }
     }
 }

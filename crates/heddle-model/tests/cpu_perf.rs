@@ -82,6 +82,26 @@ fn step_times() {
         prefill * 1e3,
         128.0 / prefill
     );
+    // The served benchmark's prefill: 16 prompts of 128 tokens admitted in one step.
+    let batch_prefill = (0..2)
+        .map(|round| {
+            let mut seqs: Vec<Seq> = (0..16)
+                .map(|i| {
+                    let id = 100 + 16 * round + i;
+                    Seq::new(id, &prompt(id as u32, 128), SamplingParams::greedy())
+                })
+                .collect();
+            let start = Instant::now();
+            driver.generate(&mut seqs, usize::MAX, 1);
+            let seconds = start.elapsed().as_secs_f64();
+            driver.release(seqs);
+            seconds
+        })
+        .fold(f64::INFINITY, f64::min);
+    eprintln!(
+        "prefill 16 x 128 tokens in one step: {:.1} ms",
+        batch_prefill * 1e3
+    );
 
     // The fastest of three rounds: other processes on the machine only ever slow a
     // round down.
@@ -153,6 +173,8 @@ fn decode_times_with_an_f32_cache() {
 /// all its rows. "hot" multiplies one matrix over and over (its weights stay in the
 /// caches); "cold" cycles through copies of it filling 256 MB, so that every product
 /// streams its weights from memory, as a model's decode step does.
+/// `HEDDLE_KERNEL_RATES=pattern,...` keeps only the lines whose label (as printed, e.g.
+/// `Q4_1 49152x576 hot`) contains one of the patterns.
 #[test]
 #[ignore = "a measurement; run with --ignored --nocapture"]
 fn kernel_rates() {
@@ -161,6 +183,9 @@ fn kernel_rates() {
     use heddle_model::qmatmul::{Input, Linear, QuantizedRows};
 
     let shapes: [(usize, usize); 4] = [(576, 576), (1536, 576), (576, 1536), (49_152, 576)];
+    let patterns = std::env::var("HEDDLE_KERNEL_RATES").unwrap_or_default();
+    let wanted =
+        |label: &str| patterns.is_empty() || patterns.split(',').any(|p| label.contains(p.trim()));
     for dtype in [
         GgmlDType::Q4_1,
         GgmlDType::Q8_0,
@@ -169,18 +194,29 @@ fn kernel_rates() {
     ] {
         for (n, k) in shapes {
             let k = k.next_multiple_of(dtype.block_size());
+            let labels = ["hot", "cold"].map(|l| format!("{dtype:?} {n}x{k} {l}"));
+            if !labels.iter().any(|l| wanted(l)) {
+                continue;
+            }
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
                 .collect();
             let t = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype)
                 .unwrap();
             let one = Linear::from_qtensor("w", &t).unwrap();
-            let copies = (256 << 20) / one.bytes() + 1;
+            let copies = if wanted(&labels[1]) {
+                (256 << 20) / one.bytes() + 1
+            } else {
+                1
+            };
             let mats: Vec<Linear> = (0..copies)
                 .map(|_| Linear::from_qtensor("w", &t).unwrap())
                 .collect();
-            for (label, cycle) in [("hot", 1), ("cold", copies)] {
-                let mut line = format!("{dtype:?} {n}x{k} {label}:");
+            for (label, cycle) in labels.iter().zip([1, copies]) {
+                if !wanted(label) {
+                    continue;
+                }
+                let mut line = format!("{label}:");
                 for rows in [1, 16, 128] {
                     let x: Vec<f32> = (0..rows * k)
                         .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0)

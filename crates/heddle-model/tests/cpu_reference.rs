@@ -188,9 +188,9 @@ fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
     check_greedy_near_ties(embedded_runner(256), &reference());
 }
 
-fn check_greedy_near_ties(runner: CpuRunner, reference: &Reference) {
-    let near_tie = 0.5 * rounding_relative_to_embedded(reference).max(1.0) as f32;
-    let mut driver = Driver::new(runner);
+/// Every reference prompt continued greedily for 32 tokens, together, in prefill chunks
+/// of 64.
+fn greedy_generations(driver: &mut Driver, reference: &Reference) -> Vec<Seq> {
     let mut seqs: Vec<Seq> = reference
         .cases
         .iter()
@@ -198,6 +198,13 @@ fn check_greedy_near_ties(runner: CpuRunner, reference: &Reference) {
         .map(|(i, c)| Seq::new(i as u64, &c.prompt_ids, SamplingParams::greedy()))
         .collect();
     driver.generate(&mut seqs, 64, 32);
+    seqs
+}
+
+fn check_greedy_near_ties(runner: CpuRunner, reference: &Reference) {
+    let near_tie = 0.5 * rounding_relative_to_embedded(reference).max(1.0) as f32;
+    let mut driver = Driver::new(runner);
+    let seqs = greedy_generations(&mut driver, reference);
     let mut matched = 0;
     for (case, seq) in reference.cases.iter().zip(&seqs) {
         let Some(at) = case
@@ -293,13 +300,7 @@ fn check_f32_greedy_equals_float64(model: Llama, reference: &Reference) {
     let blocks = 256;
     let runner = CpuRunner::new(model, blocks, BLOCK_SIZE, KvDtype::F32).unwrap();
     let mut driver = Driver::new(runner);
-    let mut seqs: Vec<Seq> = reference
-        .cases
-        .iter()
-        .enumerate()
-        .map(|(i, c)| Seq::new(i as u64, &c.prompt_ids, SamplingParams::greedy()))
-        .collect();
-    driver.generate(&mut seqs, 64, 32);
+    let seqs = greedy_generations(&mut driver, reference);
     for (case, seq) in reference.cases.iter().zip(&seqs) {
         assert_eq!(seq.generated(), case.f64.greedy_ids, "{}", case.name);
     }

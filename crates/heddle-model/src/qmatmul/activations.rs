@@ -2,6 +2,7 @@
 //! (32 values, one scale), once per input and shared by every matrix that reads it.
 
 use half::f16;
+use rayon::prelude::*;
 
 use super::{family, padded_blocks, Family, QK};
 
@@ -48,22 +49,54 @@ impl QuantizedRows {
             v.resize(rows * nbp, 0);
         }
         let simd = family() != Family::Portable;
-        let blocks = x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK));
-        for (i, (src, dst)) in blocks.enumerate() {
-            let at = (i / nb) * nbp + i % nb;
-            let block = match simd {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2 and F16C were detected.
-                true => unsafe { quantize_block_avx2(src, dst) },
-                _ => quantize_block(src, dst),
-            };
-            self.d[at] = block.d;
-            self.s[at] = block.s;
-            self.sums[at] = block.sum;
-            self.lo_sums[at] = block.lo_sum;
+        // Each row on its own: values, then its padded per-block numbers.
+        let row = |x: &[f32],
+                   qs: &mut [i8],
+                   d: &mut [f32],
+                   s: &mut [f32],
+                   sums: &mut [i32],
+                   lo: &mut [i32]| {
+            let blocks = x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK));
+            for (b, (src, dst)) in blocks.enumerate() {
+                let block = match simd {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2 and F16C were detected.
+                    true => unsafe { quantize_block_avx2(src, dst) },
+                    _ => quantize_block(src, dst),
+                };
+                (d[b], s[b], sums[b], lo[b]) = (block.d, block.s, block.sum, block.lo_sum);
+            }
+        };
+        // A prefill's rows on the pool; a decode batch's few on the calling thread.
+        if rows >= PAR_MIN_ROWS && k > 0 && rayon::current_num_threads() > 1 {
+            let parts = x.par_chunks(k).zip(self.qs.par_chunks_mut(k));
+            let parts = parts
+                .zip(self.d.par_chunks_mut(nbp))
+                .zip(self.s.par_chunks_mut(nbp));
+            let parts = parts
+                .zip(self.sums.par_chunks_mut(nbp))
+                .zip(self.lo_sums.par_chunks_mut(nbp));
+            parts
+                .with_min_len(16)
+                .for_each(|(((((x, qs), d), s), sums), lo)| row(x, qs, d, s, sums, lo));
+        } else {
+            for r in 0..rows {
+                let at = r * nbp..(r + 1) * nbp;
+                row(
+                    &x[r * k..][..k],
+                    &mut self.qs[r * k..][..k],
+                    &mut self.d[at.clone()],
+                    &mut self.s[at.clone()],
+                    &mut self.sums[at.clone()],
+                    &mut self.lo_sums[at],
+                );
+            }
         }
     }
 }
+
+/// Rows from which quantization runs on the pool.
+const PAR_MIN_ROWS: usize = 64;
 
 /// Activation pointers of a tile of rows: values (as 4-byte units), scales, scaled
 /// sums and exact sums.
@@ -76,8 +109,13 @@ pub(super) struct RowPtrs<const R: usize> {
 }
 
 impl<const R: usize> RowPtrs<R> {
+    /// Inlined into the tiles: out of line it returned its 320 bytes through memory, and
+    /// those stores queued behind the previous tile's output stores (docs/PERFORMANCE.md,
+    /// "The qmatmul/ split").
+    ///
     /// # Safety
     /// Rows r0..r0 + R exist in `x`.
+    #[inline(always)]
     pub(super) unsafe fn new(x: &QuantizedRows, r0: usize) -> Self {
         let (nb, nbp) = (x.nb, padded_blocks(x.nb));
         // SAFETY: row starts inside the buffers.
@@ -259,5 +297,28 @@ mod tests {
         // An all-zero block gets scale 0 and zero values, not NaN.
         assert_eq!(q.d[1], 0.0);
         assert!(q.qs[32..].iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn rows_quantized_on_the_pool_equal_rows_quantized_alone() {
+        let (rows, k) = (PAR_MIN_ROWS + 13, 96);
+        let x = noise(rows * k, 4);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut all = QuantizedRows::default();
+        pool.install(|| all.quantize(&x, rows));
+        let nbp = padded_blocks(k / QK);
+        let mut one = QuantizedRows::default();
+        for r in 0..rows {
+            one.quantize(&x[r * k..][..k], 1);
+            assert_eq!(one.qs, all.qs[r * k..][..k], "row {r}");
+            let at = r * nbp..(r + 1) * nbp;
+            assert_eq!(one.d, all.d[at.clone()]);
+            assert_eq!(one.s, all.s[at.clone()]);
+            assert_eq!(one.sums, all.sums[at.clone()]);
+            assert_eq!(one.lo_sums, all.lo_sums[at]);
+        }
     }
 }

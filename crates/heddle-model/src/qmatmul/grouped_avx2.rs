@@ -25,8 +25,11 @@ use super::vnni::{GroupBlock, GroupedWeights, Q4_1x16, Q8_0x16};
 use super::{OutPtr, QuantizedRows, LANES};
 
 /// Rows per tile: their 16-bit and f32 accumulators, the block's two unpacked units and
-/// the constants fill the 16 vector registers.
-const ROWS: usize = 4;
+/// the nibble mask take 15 of the 16 vector registers. Each row shares the unpacking of
+/// the block's nibbles (3 of the ≈ 23 vector operations a row spent per block and 8
+/// columns at 4 rows, 2 at 6): 4 → 6 rows took Q4_1 at 16 and 128 rows from 134–138 to
+/// 138–142 G multiply-adds/s per core (docs/PERFORMANCE.md).
+const ROWS: usize = 6;
 
 /// Columns per half of a group: one f32 lane each in a 256-bit vector.
 const HALF: usize = LANES / 2;
@@ -199,6 +202,8 @@ pub(super) unsafe fn run<W: HalfGroups>(
                 // SAFETY: the caller's contract.
                 unsafe {
                     match left {
+                        6 => tile::<W, 6>(w, nb, x, r, g, h, n, out),
+                        5 => tile::<W, 5>(w, nb, x, r, g, h, n, out),
                         4 => tile::<W, 4>(w, nb, x, r, g, h, n, out),
                         3 => tile::<W, 3>(w, nb, x, r, g, h, n, out),
                         2 => tile::<W, 2>(w, nb, x, r, g, h, n, out),

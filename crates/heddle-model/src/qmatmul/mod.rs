@@ -61,9 +61,14 @@ const LANES: usize = 16;
 /// that sums per-block scales can run in whole vectors.
 const SCALE_PAD: usize = 16;
 
-/// Below this many multiply-adds a matmul runs on the calling thread: handing work to the
-/// pool costs a few microseconds, as much as the product itself.
-const PAR_MIN_MACS: usize = 1 << 17;
+/// Below this many multiply-adds (about 30 µs of one core at one row, where a product is
+/// bound by memory) a matmul runs on the calling thread: handing work to the pool costs a
+/// few microseconds, more when the other cores are busy, and every region waits for its
+/// slowest thread. At 2^17 the embedded model's one-sequence decode step had ≈ 150
+/// parallel regions and ran faster on one thread than on two; at 2^21 its one-row
+/// products (0.3–1.8 M) stay on the calling thread, while a 1B model's (4–34 M) and every
+/// batch of 16 still use the pool (docs/PERFORMANCE.md, session 7).
+const PAR_MIN_MACS: usize = 1 << 21;
 
 fn padded_blocks(nb: usize) -> usize {
     nb.div_ceil(SCALE_PAD) * SCALE_PAD
@@ -803,7 +808,8 @@ mod tests {
 
     #[test]
     fn matrices_run_together_as_they_run_alone() {
-        let (k, rows) = (192, 7);
+        // 16 rows: 2.6 M multiply-adds in all, above PAR_MIN_MACS, so the pool splits them.
+        let (k, rows) = (192, 16);
         let x = noise(rows * k, 8);
         let mut q = QuantizedRows::default();
         q.quantize(&x, rows);
@@ -818,6 +824,8 @@ mod tests {
         .zip(10..)
         .map(|(&(n, dtype), seed)| Linear::from_qtensor("w", &qtensor(dtype, n, k, seed)).unwrap())
         .collect();
+        let macs: usize = mats.iter().map(|m| rows * m.n * m.k).sum();
+        assert!(macs >= PAR_MIN_MACS);
         let alone: Vec<Vec<f32>> = mats.iter().map(|m| run(m, &x, rows)).collect();
         let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; rows * m.n]).collect();
         let mut jobs: Vec<(&Linear, &mut [f32])> = mats

@@ -1,8 +1,8 @@
 //! Causal attention over the paged KV cache: each new token attends to its own
-//! sequence's cached positions through the sequence's block table. One task per (run of
-//! up to [`TOKENS_PER_TASK`] consecutive tokens of one sequence, KV head): the task reads
-//! the run's context out of the cache once, then each token's query heads that share that
-//! KV head attend to their own prefix of it. Each token's arithmetic depends on nothing
+//! sequence's cached positions through the sequence's block table. One task per run of
+//! up to [`TOKENS_PER_TASK`] consecutive tokens of one sequence: the task reads the run's
+//! context out of the cache once, every KV head of a block together, then for each KV
+//! head each token's query heads that share it attend to their own prefix of it. Each token's arithmetic depends on nothing
 //! but its own query and context, so results do not depend on the batch or on how tokens
 //! are grouped into tasks.
 
@@ -72,8 +72,7 @@ impl SharedOut {
 }
 
 /// Causal attention of every new token over its own sequence's cached positions
-/// `0..=position`, one task per (run of a sequence's tokens, KV head) covering the query
-/// heads that share that KV head.
+/// `0..=position`, one task per run of a sequence's tokens.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     config: &ModelConfig,
@@ -91,7 +90,7 @@ pub(crate) fn attention(
     let bs = cache.block_size();
     assert_eq!(out.len(), positions.len() * nh * hd);
     let shared = SharedOut(out.as_mut_ptr(), out.len());
-    let tasks = tasks(token_seq, nkv);
+    let tasks = tasks(token_seq);
     // The blocks holding the context of the last of `tokens`.
     let context_of = |tokens: &Range<usize>| {
         let last = tokens.end - 1;
@@ -99,29 +98,31 @@ pub(crate) fn attention(
         &seqs[token_seq[last]].block_table[..n_ctx.div_ceil(bs)]
     };
     let run = |i: usize| {
-        let (tokens, g) = &tasks[i];
+        let tokens = &tasks[i];
         let table = context_of(tokens);
         // The next task (most often the next one this thread runs) starts on its first
         // blocks from memory instead of waiting for them.
-        if let Some((next, next_g)) = tasks.get(i + 1) {
+        if let Some(next) = tasks.get(i + 1) {
             for &block in table_prefix(context_of(next)) {
-                cache.prefetch(layer, block, *next_g);
+                (0..nkv).for_each(|g| cache.prefetch(layer, block, g));
             }
         }
         ATTENTION_SCRATCH.with_borrow_mut(|scratch| {
-            convert_context(cache, layer, *g, hd, table, scratch);
-            for t in tokens.clone() {
-                let n_ctx = positions[t] + 1;
-                let at = (t * nh + g * group) * hd;
-                let task = AttentionTask {
-                    block_size: bs,
-                    head_dim: hd,
-                    n_ctx,
-                    blocks: n_ctx.div_ceil(bs),
-                    q: &q[at..][..group * hd],
-                };
-                // SAFETY: token t's query heads of KV head g belong to this task alone.
-                task.run(scratch, unsafe { shared.rows(at, group * hd) });
+            let per_head = convert_context(cache, layer, nkv, hd, table, scratch);
+            for g in 0..nkv {
+                for t in tokens.clone() {
+                    let n_ctx = positions[t] + 1;
+                    let at = (t * nh + g * group) * hd;
+                    let task = AttentionTask {
+                        block_size: bs,
+                        head_dim: hd,
+                        n_ctx,
+                        context: g * per_head..g * per_head + n_ctx.div_ceil(bs) * bs * hd,
+                        q: &q[at..][..group * hd],
+                    };
+                    // SAFETY: token t's query heads belong to this task alone.
+                    task.run(scratch, unsafe { shared.rows(at, group * hd) });
+                }
             }
         });
     };
@@ -135,9 +136,8 @@ pub(crate) fn attention(
 }
 
 /// The attention tasks of a batch whose token `t` belongs to sequence `token_seq[t]`:
-/// runs of up to [`TOKENS_PER_TASK`] consecutive tokens of one sequence, each with every
-/// KV head in turn.
-fn tasks(token_seq: &[usize], nkv: usize) -> Vec<(Range<usize>, usize)> {
+/// runs of up to [`TOKENS_PER_TASK`] consecutive tokens of one sequence.
+fn tasks(token_seq: &[usize]) -> Vec<Range<usize>> {
     let mut tasks = Vec::new();
     let mut start = 0;
     while start < token_seq.len() {
@@ -147,7 +147,7 @@ fn tasks(token_seq: &[usize], nkv: usize) -> Vec<(Range<usize>, usize)> {
             .take(TOKENS_PER_TASK)
             .take_while(|&&s| s == seq)
             .count();
-        tasks.extend((0..nkv).map(|g| (start..start + run, g)));
+        tasks.push(start..start + run);
         start += run;
     }
     tasks
@@ -158,32 +158,39 @@ fn table_prefix(table: &[BlockId]) -> &[BlockId] {
     &table[..table.len().min(CONTEXT_PREFETCH_BLOCKS)]
 }
 
-/// Reads the keys and values of KV head `head` in the blocks of `table` out of the cache
+/// Reads the keys and values of every KV head in the blocks of `table` out of the cache
 /// as f32, whole blocks in the cache's layouts, so the loops below read each converted
 /// value from L1/L2 however many tokens, query heads and dimension slices pass over it.
+/// Block by block, every head of a block in turn: the cache holds a block's heads side
+/// by side, and reading them in that order ran 1.5–4.5× faster than one head's blocks
+/// after another (docs/PERFORMANCE.md, session 7). Head g's context lands at
+/// g·(returned length) in the scratch.
 fn convert_context(
     cache: &KvCache,
     layer: usize,
-    head: usize,
+    heads: usize,
     head_dim: usize,
     table: &[BlockId],
     scratch: &mut AttentionScratch,
-) {
+) -> usize {
     let block_len = cache.block_size() * head_dim;
-    let len = table.len() * block_len;
-    scratch.keys.resize(len, 0.0);
-    scratch.values.resize(len, 0.0);
+    let per_head = table.len() * block_len;
+    scratch.keys.resize(heads * per_head, 0.0);
+    scratch.values.resize(heads * per_head, 0.0);
     for &block in table_prefix(table) {
-        cache.prefetch(layer, block, head);
+        (0..heads).for_each(|g| cache.prefetch(layer, block, g));
     }
     for (bi, &block) in table.iter().enumerate() {
         if let Some(&ahead) = table.get(bi + CONTEXT_PREFETCH_BLOCKS) {
-            cache.prefetch(layer, ahead, head);
+            (0..heads).for_each(|g| cache.prefetch(layer, ahead, g));
         }
-        let at = bi * block_len..(bi + 1) * block_len;
-        cache.read_keys(layer, block, head, &mut scratch.keys[at.clone()]);
-        cache.read_values(layer, block, head, &mut scratch.values[at]);
+        for g in 0..heads {
+            let at = g * per_head + bi * block_len..g * per_head + (bi + 1) * block_len;
+            cache.read_keys(layer, block, g, &mut scratch.keys[at.clone()]);
+            cache.read_values(layer, block, g, &mut scratch.values[at]);
+        }
     }
+    per_head
 }
 
 /// One query head's scores against a block of keys stored transposed (`head_dim × BS`):
@@ -245,8 +252,9 @@ struct AttentionTask<'a> {
     block_size: usize,
     head_dim: usize,
     n_ctx: usize,
-    /// The blocks holding positions 0..n_ctx.
-    blocks: usize,
+    /// Where the converted context's blocks holding positions 0..n_ctx lie in the
+    /// scratch.
+    context: Range<usize>,
     /// The group's query heads, one after the other.
     q: &'a [f32],
 }
@@ -296,8 +304,7 @@ impl AttentionTask<'_> {
         let heads = self.q.len() / hd;
         let n = self.n_ctx;
         let bs = self.block_size;
-        let context = self.blocks * bs * hd;
-        let (keys, values) = (&keys[..context], &values[..context]);
+        let (keys, values) = (&keys[self.context.clone()], &values[self.context.clone()]);
         let scale = 1.0 / (hd as f32).sqrt();
         // Each head's n scores, one block's raw scores, partial sums for odd block sizes.
         scores.resize(heads * n + 5 * bs, 0.0);
@@ -443,18 +450,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tasks_are_runs_of_one_sequence_with_every_kv_head() {
+    fn tasks_are_runs_of_one_sequence() {
         // Sequence 0 prefills 20 tokens, 1 and 2 decode one each, 3 prefills 3.
         let mut token_seq = vec![0; 20];
         token_seq.extend([1, 2, 3, 3, 3]);
-        let got = tasks(&token_seq, 2);
-        let runs = [0..16, 16..20, 20..21, 21..22, 22..25];
-        let want: Vec<(Range<usize>, usize)> = runs
-            .iter()
-            .flat_map(|r| (0..2).map(move |g| (r.clone(), g)))
-            .collect();
-        assert_eq!(got, want);
-        assert!(tasks(&[], 3).is_empty());
+        assert_eq!(tasks(&token_seq), [0..16, 16..20, 20..21, 21..22, 22..25]);
+        assert!(tasks(&[]).is_empty());
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -477,7 +478,7 @@ mod tests {
                 block_size: bs,
                 head_dim: hd,
                 n_ctx,
-                blocks,
+                context: 0..blocks * bs * hd,
                 q: &[],
             };
             for off in [0, 32] {

@@ -329,30 +329,27 @@ impl Fp8Gemms {
         .with_context(|| format!("cuBLASLt FP8 GEMM {rows}x{n}x{k}"))
     }
 
-    /// Times cuBLASLt's first candidates for `rows` (bf16 output) and keeps the fastest
-    /// for every row count of its power-of-two class: a step's row counts use it from now
-    /// on. Waits for the stream; overwrites `y`; the inputs' values do not matter.
+    /// Times cuBLASLt's first candidates for `rows` rows of `x` times `w` [n, k] (bf16
+    /// output into `y`) and keeps the fastest for every row count of its power-of-two
+    /// class: a step's row counts use it from now on. Waits for the stream; overwrites
+    /// `y`; the inputs' values do not matter.
     ///
     /// # Safety
-    /// The pointers address live buffers of the problem's shapes (scales included); the
-    /// stream is not capturing.
-    #[allow(clippy::too_many_arguments)]
+    /// `x` holds at least `rows` × `k` codes, `w` is [n, k], `y` has room for `rows` × `n`
+    /// bf16 values; the stream is not capturing.
     pub unsafe fn time_choice(
         &self,
         stream: &CudaStream,
         y: u64,
-        x_q: u64,
-        x_scales: u64,
-        w_q: u64,
-        w_scales: u64,
-        rows: usize,
-        n: usize,
-        k: usize,
+        x: &Fp8Tensor,
+        w: &Fp8Tensor,
+        (rows, n, k): (usize, usize, usize),
     ) -> anyhow::Result<()> {
         let problem = Problem::new(rows, n, k, false)?;
         let layouts = problem.layouts()?;
         let algorithms = self.algorithms.lock().unwrap_or_else(|e| e.into_inner());
-        self.set_scales(w_scales, x_scales)?;
+        self.set_scales(w.scale.ptr, x.scale.ptr)?;
+        let (w_q, x_q) = (w.codes.ptr, x.codes.ptr);
         let mut fastest: Option<(f64, sys::cublasLtMatmulAlgo_t)> = None;
         for algo in self.matmul.candidates(&layouts, false, TIMED_CANDIDATES)? {
             // A candidate that fails to run is passed over.

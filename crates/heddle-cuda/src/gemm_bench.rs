@@ -129,13 +129,9 @@ pub fn run(
                         timed.time_choice(
                             &gpu.stream,
                             y.ptr,
-                            activations.codes.ptr,
-                            activations.scale.ptr,
-                            codes[0].codes.ptr,
-                            codes[0].scale.ptr,
-                            rows,
-                            n,
-                            k,
+                            activations,
+                            &codes[0],
+                            (rows, n, k),
                         )?;
                     }
                     let [first, first_fast, timed] = [first, first_fast, timed].map(|gemms| {

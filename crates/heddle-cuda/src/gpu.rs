@@ -429,19 +429,7 @@ impl Gpu {
         self.bind()?;
         // SAFETY: the buffers are live and large enough (checked); the runner times its
         // choices before it captures or runs any step.
-        unsafe {
-            gemms.time_choice(
-                &self.stream,
-                y.ptr,
-                activations.codes.ptr,
-                activations.scale.ptr,
-                w.codes.ptr,
-                w.scale.ptr,
-                rows,
-                n,
-                k,
-            )
-        }
+        unsafe { gemms.time_choice(&self.stream, y.ptr, activations, w, (rows, n, k)) }
     }
 
     /// y[rows, n] = x[rows, k] · w[n, k]ᵀ for an FP8 weight: x (the runner's dtype) is

@@ -93,7 +93,7 @@ else
   echo "== embedded GGUF: not here (or not the committed file), skipped"
 fi
 
-echo "== weight GEMMs alone at decode row counts (8B shape, random weights)"
+echo "== weight GEMMs alone, decode to prefill row counts, bf16 and FP8 (8B shape, random weights)"
 "$BIN/heddle-cuda" gemm --config configs/llama-3.1-8b.json 2>"$LOGS/gemm.log" \
   | tee "$LOGS/gemm.txt" | grep -v "^RESULT"
 grep "^RESULT gemm" "$LOGS/gemm.txt" >>"$LOGS/results.txt"

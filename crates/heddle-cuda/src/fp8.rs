@@ -215,7 +215,7 @@ pub enum Accumulation {
 }
 
 /// Candidates timed when an algorithm is chosen by timing.
-pub const TIMED_CANDIDATES: usize = 8;
+const TIMED_CANDIDATES: usize = 8;
 const TIMING_REPEATS: usize = 5;
 
 /// cuBLASLt FP8 GEMMs: y[rows, n] = (x_q[rows, k] · w_q[n, k]ᵀ) scaled by each row's and

@@ -28,6 +28,12 @@ pub struct ScheduledSeq {
     /// Tokens generated so far; with the seed it makes seeded sampling independent of
     /// the batch and of preemption.
     pub num_generated: usize,
+    /// Whether the last of `tokens` is still unknown: the token that the step in flight
+    /// when this one was scheduled samples for this sequence (see
+    /// [`crate::Scheduler::schedule_into`]). `tokens` holds 0 in its place; the runner
+    /// takes it from that step's output, or the scheduler fills it in
+    /// ([`crate::Scheduler::resolve_pending`]) once that step's update is applied.
+    pub last_token_pending: bool,
 }
 
 impl ScheduledSeq {

@@ -124,6 +124,11 @@ impl RequestStatus {
         matches!(self, RequestStatus::Waiting | RequestStatus::Preempted)
     }
 
+    /// Admitted and not ended: prefilling or decoding.
+    pub fn is_running(self) -> bool {
+        matches!(self, RequestStatus::Prefilling | RequestStatus::Running)
+    }
+
     /// Whether `self → to` is a legal step of the lifecycle.
     pub fn can_become(self, to: RequestStatus) -> bool {
         use RequestStatus::*;

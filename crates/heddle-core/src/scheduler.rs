@@ -17,8 +17,16 @@
 //! one token since it was last admitted, so every admission makes progress. Urgency keys
 //! are time-invariant (see [`crate::queue`]), so two requests can never preempt each
 //! other back and forth.
+//!
+//! One step ahead: the next step may be scheduled while the last one is still in flight
+//! (a GPU runner then queues it behind the running one, so the host's planning overlaps
+//! the device's work). Its tokens are credited when scheduled: a sequence whose step in
+//! flight samples a token decodes that token next, not yet known
+//! ([`ScheduledSeq::last_token_pending`]); one that the sampled token finishes by length
+//! is left out, one that it finishes otherwise (a stop token, a stop string, a cancel)
+//! computes one step for nothing, whose output `update` drops.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use rustc_hash::FxHashMap;
 
@@ -150,6 +158,10 @@ struct Sequence {
     tokens: Vec<TokenId>,
     /// Tokens whose keys and values are in the cache.
     num_computed: usize,
+    /// `num_computed` plus the tokens of the steps in flight.
+    num_scheduled: usize,
+    /// Tokens that the steps in flight sample for it, not yet applied by `update`.
+    pending_samples: usize,
     table: BlockTable,
     /// Prompt tokens served from the prefix cache at first admission (for usage).
     cached_prompt_tokens: Option<usize>,
@@ -160,6 +172,13 @@ struct Sequence {
 impl Sequence {
     fn num_generated(&self) -> usize {
         self.tokens.len() - self.request.prompt.len()
+    }
+
+    /// Whether the token a step in flight samples is certain to end the sequence by
+    /// length: then nothing is scheduled for it until that step's update.
+    fn ends_by_length_in_flight(&self) -> bool {
+        self.pending_samples > 0
+            && self.num_generated() + self.pending_samples >= self.request.stop.max_tokens
     }
 
     /// The top-N of the prompt log-probabilities still to compute: until the first token
@@ -185,8 +204,11 @@ pub struct Scheduler {
     /// Running (and prefilling) sequences by urgency.
     running: BTreeMap<UrgencyKey, RequestId>,
     seqs: FxHashMap<RequestId, Sequence>,
-    /// (id, tokens) computed by the last scheduled batch, applied by `update`.
-    in_flight: Vec<(RequestId, usize)>,
+    /// What the scheduled steps not yet updated compute, oldest step first.
+    in_flight: Vec<InFlight>,
+    /// The tags of those steps, oldest first: at most two (one running, one ahead).
+    steps_in_flight: VecDeque<u64>,
+    next_step_tag: u64,
     /// Reused by `schedule_into` for the order of running sequences.
     order_scratch: Vec<RequestId>,
     preemptions: u64,
@@ -203,6 +225,8 @@ impl Scheduler {
             running: BTreeMap::new(),
             seqs: FxHashMap::default(),
             in_flight: Vec::new(),
+            steps_in_flight: VecDeque::new(),
+            next_step_tag: 0,
             order_scratch: Vec::new(),
             preemptions: 0,
             refused: 0,
@@ -251,6 +275,8 @@ impl Scheduler {
                 tokens: request.prompt.clone(),
                 request,
                 num_computed: 0,
+                num_scheduled: 0,
+                pending_samples: 0,
                 table: BlockTable::default(),
                 cached_prompt_tokens: None,
                 len_at_admission: 0,
@@ -317,11 +343,13 @@ impl Scheduler {
     }
 
     /// [`Self::schedule`] into a batch kept by the caller: its buffers are reused, so a
-    /// steady-state step allocates nothing.
+    /// steady-state step allocates nothing. May be called once while the last step is in
+    /// flight (not yet given to [`Self::update`]): the new step follows it (see the
+    /// module's "one step ahead").
     pub fn schedule_into(&mut self, batch: &mut ScheduledBatch) {
         debug_assert!(
-            self.in_flight.is_empty(),
-            "schedule called twice without update"
+            self.steps_in_flight.len() <= 1,
+            "scheduled more than one step ahead of the updates"
         );
         batch.preempted.clear();
         let mut filled = 0;
@@ -337,8 +365,51 @@ impl Scheduler {
         }
 
         batch.seqs.truncate(filled);
-        self.in_flight
-            .extend(batch.seqs.iter().map(|s| (s.id, s.tokens.len())));
+        if batch.is_empty() {
+            return; // not a step: no update follows
+        }
+        let step = self.next_step_tag;
+        self.next_step_tag += 1;
+        self.steps_in_flight.push_back(step);
+        for scheduled in &batch.seqs {
+            let seq = self.seqs.get_mut(&scheduled.id).expect("scheduled exists");
+            seq.num_scheduled += scheduled.tokens.len();
+            seq.pending_samples += scheduled.needs_logits as usize;
+            self.in_flight.push(InFlight {
+                step,
+                id: scheduled.id,
+                tokens: scheduled.tokens.len(),
+                samples: scheduled.needs_logits,
+            });
+        }
+    }
+
+    /// Fills in the pending tokens of a batch scheduled ahead that was not launched before
+    /// the step it followed was updated: each is now known, or its sequence has ended, and
+    /// its row is dropped (nothing of it is in flight any more). A batch left empty is no
+    /// longer a step: no update follows it.
+    pub fn resolve_pending(&mut self, batch: &mut ScheduledBatch) {
+        batch.seqs.retain_mut(|scheduled| {
+            if !scheduled.last_token_pending {
+                return true;
+            }
+            let position = scheduled.end_position() - 1;
+            let Some(&token) = self.seqs.get(&scheduled.id).and_then(|seq| {
+                seq.status
+                    .is_running()
+                    .then(|| seq.tokens.get(position))
+                    .flatten()
+            }) else {
+                return false;
+            };
+            *scheduled.tokens.last_mut().expect("a pending token") = token;
+            scheduled.last_token_pending = false;
+            true
+        });
+        if batch.is_empty() {
+            // Its sequences all ended, and with them their entries.
+            self.steps_in_flight.pop_back();
+        }
     }
 
     /// Applies a step's sampled tokens: appends them, applies EOS / stop-token /
@@ -379,40 +450,44 @@ impl Scheduler {
         events
     }
 
-    /// Credits the tokens the step in flight computed to the sequences still running,
-    /// registering their full blocks in the prefix cache.
+    /// Credits the tokens the oldest step in flight computed to the sequences still
+    /// running, registering their full blocks in the prefix cache.
     fn credit_in_flight(&mut self) {
-        let mut in_flight = std::mem::take(&mut self.in_flight);
-        for &(id, n) in &in_flight {
-            let Some(seq) = self.seqs.get_mut(&id) else {
+        let Some(step) = self.steps_in_flight.pop_front() else {
+            return;
+        };
+        // Entries are kept in step order, so the oldest step's are the first ones.
+        let done = self.in_flight.partition_point(|e| e.step == step);
+        for entry in self.in_flight.drain(..done) {
+            let Some(seq) = self.seqs.get_mut(&entry.id) else {
                 continue;
             };
-            if !matches!(
-                seq.status,
-                RequestStatus::Prefilling | RequestStatus::Running
-            ) {
+            if !seq.status.is_running() {
                 continue;
             }
-            seq.num_computed += n;
+            seq.num_computed += entry.tokens;
+            seq.pending_samples -= entry.samples as usize;
             if self.config.enable_prefix_cache {
                 self.pool
                     .register_computed(&mut seq.table, &seq.tokens, seq.num_computed);
             }
         }
-        in_flight.clear();
-        self.in_flight = in_flight;
     }
 
-    /// Abandons the step in flight when the model failed to compute it: its tokens are not
-    /// credited, its blocks are not registered in the prefix cache (their K/V may never have
-    /// been written), and every sequence it scheduled ends with [`FinishReason::Error`],
-    /// its blocks returned to the pool. Returns those sequences, in batch order.
+    /// Abandons the steps in flight when the model failed to compute one: their tokens
+    /// are not credited, their blocks are not registered in the prefix cache (their K/V
+    /// may never have been written), and every sequence they scheduled ends with
+    /// [`FinishReason::Error`], its blocks returned to the pool. Returns those sequences,
+    /// in batch order.
     pub fn abort_step(&mut self) -> Vec<RequestId> {
-        let in_flight = std::mem::take(&mut self.in_flight);
-        let failed: Vec<RequestId> = in_flight.iter().map(|&(id, _)| id).collect();
-        for &id in &failed {
+        self.steps_in_flight.clear();
+        let mut failed = Vec::new();
+        // Ending a sequence removes all its entries, so each is ended once.
+        while let Some(entry) = self.in_flight.first() {
+            let id = entry.id;
             self.end(id, RequestStatus::Finished(FinishReason::Error))
                 .expect("a scheduled sequence can fail");
+            failed.push(id);
         }
         failed
     }
@@ -460,9 +535,13 @@ impl Scheduler {
                 continue; // preempted to make room for a more urgent sequence
             }
             let seq = &self.seqs[&id];
-            let remaining = seq.tokens.len() - seq.num_computed;
+            if seq.ends_by_length_in_flight() {
+                continue;
+            }
+            let remaining = seq.tokens.len() + seq.pending_samples - seq.num_scheduled;
+            debug_assert!(remaining > 0, "a running sequence has a next token");
             let n = remaining.min(budget).min(self.config.prefill_chunk);
-            let target = seq.num_computed + n;
+            let target = seq.num_scheduled + n;
             if !self.make_room(id, target, batch) {
                 continue; // preempted itself: nothing less urgent was left to take
             }
@@ -552,6 +631,8 @@ impl Scheduler {
         }
         seq.table = table;
         seq.num_computed = cached;
+        seq.num_scheduled = cached;
+        seq.pending_samples = 0;
         seq.len_at_admission = seq.tokens.len();
         seq.status
             .transition(RequestStatus::Prefilling)
@@ -571,6 +652,10 @@ impl Scheduler {
         let table = std::mem::take(&mut seq.table);
         self.pool.free_table(table).expect("a table is freed once");
         seq.num_computed = 0;
+        seq.num_scheduled = 0;
+        seq.pending_samples = 0;
+        // What a step in flight computes for it is dropped with its blocks.
+        self.in_flight.retain(|e| e.id != id);
         self.waiting.requeue(id, seq.priority, seq.arrival, ());
         // The queue assigns a fresh tie-breaker; keep the sequence's key in sync.
         seq.key = self.waiting.key(id).expect("just requeued");
@@ -590,7 +675,9 @@ impl Scheduler {
         n: usize,
     ) {
         let seq = &self.seqs[&id];
-        let start = seq.num_computed;
+        let start = seq.num_scheduled;
+        let end = start + n;
+        let known = end.min(seq.tokens.len());
         if *filled == batch.seqs.len() {
             batch.seqs.push(ScheduledSeq {
                 id,
@@ -601,20 +688,29 @@ impl Scheduler {
                 sampling: seq.request.sampling,
                 prompt_logprobs: None,
                 num_generated: 0,
+                last_token_pending: false,
             });
         }
         let slot = &mut batch.seqs[*filled];
         *filled += 1;
         slot.id = id;
         slot.tokens.clear();
-        slot.tokens.extend_from_slice(&seq.tokens[start..start + n]);
+        slot.tokens.extend_from_slice(&seq.tokens[start..known]);
+        // Only the token a step in flight samples can be unknown, and it is the last.
+        debug_assert!(end - known <= 1 && end - known <= seq.pending_samples);
+        slot.last_token_pending = end > known;
+        if slot.last_token_pending {
+            slot.tokens.push(0);
+        }
         slot.start_position = start;
         slot.block_table.clear();
         slot.block_table.extend_from_slice(seq.table.blocks());
-        slot.needs_logits = start + n == seq.tokens.len();
+        slot.needs_logits = end == seq.tokens.len() + seq.pending_samples;
         slot.sampling = seq.request.sampling;
-        slot.prompt_logprobs = seq.prompt_logprobs_due();
-        slot.num_generated = seq.num_generated();
+        slot.prompt_logprobs = seq
+            .prompt_logprobs_due()
+            .filter(|_| seq.pending_samples == 0);
+        slot.num_generated = seq.num_generated() + seq.pending_samples;
     }
 
     fn end(&mut self, id: RequestId, to: RequestStatus) -> Result<(), CoreError> {
@@ -626,9 +722,20 @@ impl Scheduler {
         let seq = self.seqs.remove(&id).expect("checked above");
         self.waiting.remove(id);
         self.running.remove(&seq.key);
-        self.in_flight.retain(|(other, _)| *other != id);
+        self.in_flight.retain(|e| e.id != id);
         self.pool.free_table(seq.table)
     }
+}
+
+/// One sequence's share of a step in flight.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    /// The step's tag.
+    step: u64,
+    id: RequestId,
+    tokens: usize,
+    /// Whether the step samples a token for it.
+    samples: bool,
 }
 
 impl Drop for Scheduler {

@@ -6,26 +6,31 @@ use std::collections::{HashMap, HashSet};
 use heddle_core::scheduler::AddError;
 use heddle_core::{
     AddOutcome, FinishReason, Priority, Request, RequestId, SampledToken, SamplingParams,
-    ScheduledBatch, Scheduler, SchedulerConfig, StopCriteria, TokenId,
+    ScheduledBatch, Scheduler, SchedulerConfig, SequenceTokens, StopCriteria, TokenId,
 };
 use proptest::prelude::*;
 
 const EOS: TokenId = 0;
 
-/// The fake model: a token from the sequence id and position; EOS now and then.
+/// The fake model's token for sequence `id` at `position`; EOS now and then.
+fn fake_token(id: RequestId, position: usize) -> TokenId {
+    let x = id.wrapping_mul(0x9e37_79b9) ^ (position as u64 * 31);
+    if x.is_multiple_of(23) {
+        EOS
+    } else {
+        1 + (x % 97) as TokenId
+    }
+}
+
+/// The fake model: a token from the sequence id and position.
 fn fake_sample(batch: &ScheduledBatch) -> Vec<SampledToken> {
     batch
         .seqs
         .iter()
         .filter(|s| s.needs_logits)
-        .map(|s| {
-            let x = s.id.wrapping_mul(0x9e37_79b9) ^ (s.end_position() as u64 * 31);
-            let token = if x.is_multiple_of(23) {
-                EOS
-            } else {
-                1 + (x % 97) as TokenId
-            };
-            SampledToken { id: s.id, token }
+        .map(|s| SampledToken {
+            id: s.id,
+            token: fake_token(s.id, s.end_position()),
         })
         .collect()
 }
@@ -303,5 +308,143 @@ proptest! {
         prop_assert_eq!(finished, 9);
         let kv = sched.stats().kv;
         prop_assert_eq!(kv.used_blocks, 0);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Scheduling one step ahead of the updates keeps every invariant of the plain loop,
+    /// and every token is the one the model gives for its sequence and position: a
+    /// pending input is always the token the step before sampled for that sequence.
+    #[test]
+    fn stepping_one_ahead_gives_the_same_tokens(
+        cfg in config(),
+        ops in proptest::collection::vec(op(), 1..150),
+        launch_choices in proptest::collection::vec(any::<bool>(), 64),
+    ) {
+        let mut sched = Scheduler::new(cfg.clone()).unwrap();
+        let mut live: Vec<RequestId> = Vec::new();
+        let mut ended: HashSet<RequestId> = HashSet::new();
+        // By request: (prompt length, max_tokens).
+        let mut lengths: HashMap<RequestId, (usize, usize)> = HashMap::new();
+        let mut generated: HashMap<RequestId, Vec<TokenId>> = HashMap::new();
+        let mut in_flight: Option<ScheduledBatch> = None;
+        let mut next_id: RequestId = 0;
+        let mut steps = 0usize;
+
+        let mut step = |sched: &mut Scheduler,
+                        in_flight: &mut Option<ScheduledBatch>,
+                        live: &mut Vec<RequestId>,
+                        ended: &mut HashSet<RequestId>,
+                        generated: &mut HashMap<RequestId, Vec<TokenId>>,
+                        lengths: &HashMap<RequestId, (usize, usize)>|
+         -> Result<(), TestCaseError> {
+            steps += 1;
+            let current = match in_flight.take() {
+                Some(batch) => batch,
+                None => {
+                    let batch = sched.schedule();
+                    if batch.is_empty() {
+                        return Ok(());
+                    }
+                    batch
+                }
+            };
+            // Scheduled while `current` is in flight; given to the model before its update
+            // (`launched`) or kept until after it and completed by `resolve_pending`.
+            let mut ahead = sched.schedule();
+            let launched = launch_choices[steps % launch_choices.len()];
+            prop_assert!(ahead.num_tokens() <= cfg.max_batched_tokens, "budget exceeded");
+            prop_assert!(ahead.seqs.len() <= cfg.max_running, "too many sequences");
+            for s in &ahead.seqs {
+                prop_assert!(s.block_table.len() * cfg.block_size >= s.end_position(), "blocks do not cover the tokens");
+                if s.last_token_pending {
+                    // Its input is the token the step in flight samples for it.
+                    let before = current.seqs.iter().find(|c| c.id == s.id);
+                    prop_assert!(before.is_some_and(|c| c.needs_logits && c.end_position() + 1 == s.end_position()), "a pending token no step in flight samples");
+                }
+            }
+            let outputs = fake_sample(&current);
+            for event in sched.update(&outputs) {
+                prop_assert!(!ended.contains(&event.id), "event after the end");
+                let tokens = generated.entry(event.id).or_default();
+                tokens.push(event.token);
+                let (prompt_len, max_tokens) = lengths[&event.id];
+                let position = prompt_len + tokens.len() - 1;
+                prop_assert_eq!(event.token, fake_token(event.id, position), "a token the model never gave there");
+                prop_assert!(tokens.len() <= max_tokens, "max_tokens exceeded");
+                if let Some(reason) = event.finish {
+                    prop_assert!(reason == FinishReason::Stop || tokens.len() == max_tokens);
+                    prop_assert!(ended.insert(event.id), "ended twice");
+                    live.retain(|&id| id != event.id);
+                }
+            }
+            if !launched {
+                sched.resolve_pending(&mut ahead);
+                for s in &ahead.seqs {
+                    prop_assert!(!s.last_token_pending);
+                    let sequence = sched.sequence_tokens(s.id);
+                    prop_assert_eq!(s.tokens.last(), sequence.get(s.end_position() - 1), "a resolved token differs from the sequence's");
+                }
+            }
+            *in_flight = (!ahead.is_empty()).then_some(ahead);
+            Ok(())
+        };
+
+        let mut now = 0.0;
+        for op in ops {
+            now += 0.25;
+            match op {
+                Op::Add { prefix, prompt_len, max_tokens: mt, priority } => {
+                    let id = next_id;
+                    next_id += 1;
+                    let request = Request {
+                        id,
+                        prompt: prompt(prefix, prompt_len, id),
+                        priority: Priority::from_value(i64::from(priority)).unwrap(),
+                        sampling: SamplingParams::greedy(),
+                        stop: StopCriteria { eos_token_ids: vec![EOS], ..StopCriteria::new(mt) },
+                        arrival: now,
+                    };
+                    lengths.insert(id, (prompt_len, mt));
+                    match sched.add(request) {
+                        Ok(AddOutcome::Queued) => live.push(id),
+                        Ok(AddOutcome::QueuedDisplacing(victim)) => {
+                            live.push(id);
+                            live.retain(|&other| other != victim);
+                            prop_assert!(ended.insert(victim));
+                        }
+                        Err(AddError::QueueFull) | Err(AddError::Invalid(_)) => {
+                            prop_assert!(ended.insert(id));
+                        }
+                    }
+                }
+                Op::Cancel(pick) | Op::Finish(pick) if !live.is_empty() => {
+                    let id = live[pick % live.len()];
+                    let ok = if matches!(op, Op::Cancel(_)) {
+                        sched.cancel(id)
+                    } else {
+                        sched.finish(id, FinishReason::Stop).is_ok()
+                    };
+                    if ok {
+                        live.retain(|&other| other != id);
+                        prop_assert!(ended.insert(id));
+                    }
+                }
+                Op::Cancel(_) | Op::Finish(_) => {}
+                Op::Step => step(&mut sched, &mut in_flight, &mut live, &mut ended, &mut generated, &lengths)?,
+            }
+        }
+        let mut drain = 0;
+        while sched.has_work() || in_flight.is_some() {
+            step(&mut sched, &mut in_flight, &mut live, &mut ended, &mut generated, &lengths)?;
+            drain += 1;
+            prop_assert!(drain < 10_000, "the scheduler stopped making progress");
+        }
+        prop_assert!(live.is_empty(), "requests never ended: {:?}", live);
+        prop_assert_eq!(ended.len() as u64, next_id, "every request ends exactly once");
+        let kv = sched.stats().kv;
+        prop_assert_eq!(kv.free_blocks, kv.total_blocks, "blocks leaked");
     }
 }

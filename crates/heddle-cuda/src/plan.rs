@@ -387,6 +387,7 @@ mod tests {
             sampling: SamplingParams::default(),
             prompt_logprobs: None,
             num_generated: 0,
+            last_token_pending: false,
         }
     }
 

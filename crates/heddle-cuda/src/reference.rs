@@ -150,6 +150,7 @@ pub fn run(runner: &mut CudaRunner, job: &Job) -> anyhow::Result<Output> {
             sampling: greedy,
             prompt_logprobs: None,
             num_generated: generated,
+            last_token_pending: false,
         };
     // Logits by (prompt, position).
     let mut rows: HashMap<(usize, usize), Vec<f32>> = HashMap::new();

@@ -11,7 +11,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvDtype};
 use crate::llama::{Llama, Logits, Scratch, SeqInput};
 use crate::logits_processing::{LogitsAdjustment, PendingAdjustments, StepAdjustments};
-use crate::runner::{ModelRunner, PromptTokenLogprobs, SampledOutput};
+use crate::runner::{refuse_pending, ModelRunner, PromptTokenLogprobs, SampledOutput};
 use crate::sampling::{token_logprobs, Sampler};
 
 pub struct CpuRunner {
@@ -98,6 +98,7 @@ impl ModelRunner for CpuRunner {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        refuse_pending(batch)?;
         let inputs: Vec<SeqInput> = batch
             .seqs
             .iter()

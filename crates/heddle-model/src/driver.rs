@@ -1,12 +1,14 @@
 //! One way to drive a runner from the scheduler, step after step: schedule → step →
 //! update. The engine loop schedules and updates through [`StepDriver`] around its own
 //! step (logit adjustments, injected faults); the in-process benches and self-tests run
-//! whole steps with [`StepDriver::step`].
+//! whole steps with [`StepDriver::step`]. With a runner that overlaps steps,
+//! [`StepDriver::step_overlapped`] schedules and launches step N + 1 before it waits for
+//! step N.
 
 use heddle_core::{RequestId, SampledToken, ScheduledBatch, Scheduler, StepEvent};
 
 use crate::error::ModelError;
-use crate::runner::{ModelRunner, SampledOutput};
+use crate::runner::{ModelRunner, OverlappedSteps, SampledOutput};
 
 /// The batch and sampled tokens of a step, kept from step to step so that a steady step
 /// allocates nothing.
@@ -14,6 +16,10 @@ use crate::runner::{ModelRunner, SampledOutput};
 pub struct StepDriver {
     batch: ScheduledBatch,
     sampled: Vec<SampledToken>,
+    /// The step scheduled while `batch` is in flight (overlapped stepping).
+    ahead: ScheduledBatch,
+    /// Whether `batch` is launched and not yet collected (overlapped stepping).
+    launched: bool,
 }
 
 /// What a step that ran produced: the runner's outputs, in batch order, and the
@@ -55,6 +61,82 @@ impl StepDriver {
         self.sampled.clear();
         self.sampled.extend(outputs.iter().map(SampledToken::from));
         scheduler.update(&self.sampled)
+    }
+
+    /// Whether an overlapped step is launched and not yet collected: the next call must
+    /// be [`Self::step_overlapped`] (with `ahead` false to stop overlapping).
+    pub fn has_launched(&self) -> bool {
+        self.launched
+    }
+
+    /// One step through a runner that overlaps steps: the step in flight (or, with none,
+    /// one scheduled now) is collected and applied; before the wait, with `ahead`, the
+    /// next step is scheduled and, when the runner can take it then, launched behind it
+    /// (otherwise it is completed with the update's tokens and launched after it). So
+    /// while the device computes a step, the host has already queued the next one.
+    /// `on_scheduled` sees every batch as it is scheduled. Returns the collected step;
+    /// `Ok(None)` when nothing was in flight and nothing could be scheduled. A failure
+    /// abandons every step in flight (their sequences end with an error).
+    pub fn step_overlapped(
+        &mut self,
+        scheduler: &mut Scheduler,
+        runner: &mut dyn OverlappedSteps,
+        ahead: bool,
+        mut on_scheduled: impl FnMut(&ScheduledBatch, &Scheduler),
+    ) -> Result<Option<StepResult>, StepFailed> {
+        if !self.launched {
+            if self.schedule(scheduler).is_empty() {
+                return Ok(None);
+            }
+            on_scheduled(&self.batch, scheduler);
+            let launched = runner.launch(&self.batch, scheduler);
+            self.after_launch(launched, scheduler, runner)?;
+        }
+        self.ahead.seqs.clear();
+        let mut ahead_launched = false;
+        if ahead {
+            scheduler.schedule_into(&mut self.ahead);
+            if !self.ahead.is_empty() {
+                on_scheduled(&self.ahead, scheduler);
+                if runner.can_launch_ahead(&self.ahead) {
+                    let launched = runner.launch(&self.ahead, scheduler);
+                    self.after_launch(launched, scheduler, runner)?;
+                    ahead_launched = true;
+                }
+            }
+        }
+        let collected = runner.collect();
+        let outputs = self.after_launch(collected, scheduler, runner)?;
+        let events = self.update(scheduler, &outputs);
+        if !ahead_launched && !self.ahead.is_empty() {
+            scheduler.resolve_pending(&mut self.ahead);
+            if !self.ahead.is_empty() {
+                let launched = runner.launch(&self.ahead, scheduler);
+                self.after_launch(launched, scheduler, runner)?;
+                ahead_launched = true;
+            }
+        }
+        std::mem::swap(&mut self.batch, &mut self.ahead);
+        self.launched = ahead_launched;
+        Ok(Some(StepResult { outputs, events }))
+    }
+
+    /// Passes a runner call's value on; on its failure, forgets the runner's launched
+    /// steps and abandons the scheduler's steps in flight.
+    fn after_launch<T>(
+        &mut self,
+        result: Result<T, ModelError>,
+        scheduler: &mut Scheduler,
+        runner: &mut dyn OverlappedSteps,
+    ) -> Result<T, StepFailed> {
+        result.map_err(|error| {
+            runner.abandon();
+            self.launched = false;
+            StepFailed {
+                error,
+                ended: scheduler.abort_step(),
+            }
+        })
     }
 
     /// One whole step through `runner`; `Ok(None)` when nothing was scheduled. A failed

@@ -29,4 +29,4 @@ pub use cpu_model::{load_cpu, CpuModel, KvSize};
 pub use cpu_runner::CpuRunner;
 pub use embedded::embedded_model_path;
 pub use error::ModelError;
-pub use runner::{BatchLimits, ModelRunner, PromptTokenLogprobs, SampledOutput};
+pub use runner::{BatchLimits, ModelRunner, OverlappedSteps, PromptTokenLogprobs, SampledOutput};

@@ -57,6 +57,41 @@ pub trait ModelRunner: Send {
     fn take_prompt_logprobs(&mut self) -> Vec<PromptTokenLogprobs> {
         Vec::new()
     }
+
+    /// Steps queued one behind another, where the runner offers them (see
+    /// [`OverlappedSteps`]).
+    fn overlapped(&mut self) -> Option<&mut dyn OverlappedSteps> {
+        None
+    }
+}
+
+/// Steps launched one behind another: a runner whose device computes asynchronously
+/// lets the host schedule and queue step N + 1 while step N runs, so that the host's
+/// share of a step (scheduling, packing, launches) is hidden behind the device's. At
+/// most two steps are launched and not collected at a time.
+pub trait OverlappedSteps {
+    /// Whether `batch` may be launched while the step launched last is not collected:
+    /// every sequence with a pending last token must find it on the device, and what the
+    /// batch asks of the host (penalties over a history that lacks the pending token,
+    /// prompt scores) must not need that step's results.
+    fn can_launch_ahead(&self, batch: &ScheduledBatch) -> bool;
+
+    /// Queues a step and returns without waiting for it. A sequence whose last token is
+    /// pending ([`ScheduledSeq::last_token_pending`](heddle_core::ScheduledSeq)) takes it
+    /// from the sample the step launched just before made for it.
+    fn launch(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+    ) -> Result<(), ModelError>;
+
+    /// Waits for the oldest step not yet collected and returns what
+    /// [`ModelRunner::step`] would have (its prompt log-probabilities then wait in
+    /// [`ModelRunner::take_prompt_logprobs`]).
+    fn collect(&mut self) -> Result<Vec<SampledOutput>, ModelError>;
+
+    /// Forgets every step not yet collected, after one of them failed.
+    fn abandon(&mut self);
 }
 
 /// What a runner's model and KV cache hold. Every runner checks each scheduled sequence
@@ -129,12 +164,26 @@ impl BatchLimits {
         Ok(())
     }
 
-    /// [`Self::check_sequence`] for every sequence of `batch`.
+    /// [`Self::check_sequence`] for every sequence of `batch`, which must have no pending
+    /// token ([`refuse_pending`]).
     pub fn check_batch(&self, batch: &ScheduledBatch) -> Result<(), ModelError> {
+        refuse_pending(batch)?;
         for (i, s) in batch.seqs.iter().enumerate() {
             self.check_sequence(i, &s.tokens, s.start_position, &s.block_table)?;
         }
         Ok(())
+    }
+}
+
+/// Refuses a batch with a pending token: a step takes every token from its batch; only
+/// [`OverlappedSteps::launch`] takes a pending one from the step before.
+pub fn refuse_pending(batch: &ScheduledBatch) -> Result<(), ModelError> {
+    match batch.seqs.iter().position(|s| s.last_token_pending) {
+        Some(i) => Err(ModelError::InvalidBatch(format!(
+            "sequence {i}: its last token is pending, and a step takes every token from its \
+             batch"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -195,6 +244,7 @@ mod tests {
                 sampling: SamplingParams::greedy(),
                 prompt_logprobs: None,
                 num_generated: 0,
+                last_token_pending: false,
             }],
             ..ScheduledBatch::default()
         }

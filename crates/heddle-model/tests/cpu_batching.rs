@@ -209,6 +209,7 @@ fn malformed_batches_are_refused() {
         sampling: SamplingParams::greedy(),
         prompt_logprobs: None,
         num_generated: 0,
+        last_token_pending: false,
     };
     let step = |runner: &mut heddle_model::CpuRunner, seq: ScheduledSeq| {
         let batch = ScheduledBatch {

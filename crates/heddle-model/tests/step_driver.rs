@@ -1,11 +1,15 @@
 //! The step driver over the real scheduler and the CPU runner on the embedded model:
-//! requests run to their length, and a failed step ends the requests it held.
+//! requests run to their length, a failed step ends the requests it held, and stepping
+//! one step ahead gives the same tokens as stepping one at a time.
+
+use std::collections::{HashMap, VecDeque};
 
 use heddle_core::{
-    FinishReason, Request, ScheduledBatch, Scheduler, SchedulerConfig, SequenceTokens,
+    FinishReason, Request, RequestId, SamplingParams, ScheduledBatch, Scheduler, SchedulerConfig,
+    SequenceTokens, StepEvent, TokenId,
 };
-use heddle_model::driver::StepDriver;
-use heddle_model::runner::{ModelRunner, SampledOutput};
+use heddle_model::driver::{StepDriver, StepResult};
+use heddle_model::runner::{ModelRunner, OverlappedSteps, SampledOutput};
 use heddle_model::{embedded_model_path, CpuRunner, ModelConfig, ModelError};
 
 const BLOCKS: usize = 16;
@@ -76,4 +80,151 @@ fn a_failed_step_ends_the_requests_it_held() {
     assert!(failed.to_string().contains("2 requests ended"), "{failed}");
     assert!(!scheduler.has_work());
     assert!(driver.step(&mut scheduler, &mut runner).unwrap().is_none());
+}
+
+/// The CPU runner behind the overlapped interface: it computes each step when launched
+/// (so a pending token is already known: the one its own last launch sampled) and hands
+/// the outputs over in launch order. It lets the driver's and the scheduler's overlapped
+/// stepping run on the real model here; only a GPU runner gains time by it.
+struct ComputedAtLaunch {
+    runner: CpuRunner,
+    outputs: VecDeque<Vec<SampledOutput>>,
+    /// The tokens the last launch sampled, by sequence.
+    last_sampled: HashMap<RequestId, TokenId>,
+    /// Pending tokens taken from the last launch's samples, and those not found there.
+    pending_taken: usize,
+    pending_missing: usize,
+}
+
+impl OverlappedSteps for ComputedAtLaunch {
+    fn can_launch_ahead(&self, _: &ScheduledBatch) -> bool {
+        true
+    }
+
+    fn launch(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+    ) -> Result<(), ModelError> {
+        let mut resolved = batch.clone();
+        for seq in resolved.seqs.iter_mut().filter(|s| s.last_token_pending) {
+            match self.last_sampled.get(&seq.id) {
+                Some(&token) => {
+                    *seq.tokens.last_mut().unwrap() = token;
+                    self.pending_taken += 1;
+                }
+                None => self.pending_missing += 1,
+            }
+            seq.last_token_pending = false;
+        }
+        let outputs = self.runner.step(&resolved, history)?;
+        self.last_sampled = outputs.iter().map(|o| (o.id, o.token)).collect();
+        self.outputs.push_back(outputs);
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<Vec<SampledOutput>, ModelError> {
+        Ok(self.outputs.pop_front().expect("a launched step"))
+    }
+
+    fn abandon(&mut self) {
+        self.outputs.clear();
+    }
+}
+
+/// Six requests into a pool too small for all of them at once (so some are preempted
+/// and recomputed), of different lengths, greedy but one (seeded), one ending on a stop
+/// token that the scheduler cannot foresee.
+fn mixed_workload(stop_token: Option<TokenId>) -> Scheduler {
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        num_blocks: 10,
+        block_size: BLOCK_SIZE,
+        max_running: 4,
+        max_batched_tokens: 48,
+        prefill_chunk: 24,
+        max_model_len: 128,
+        ..SchedulerConfig::default()
+    })
+    .unwrap();
+    for id in 0..6u64 {
+        let prompt: Vec<TokenId> = (0..12 + 5 * id as u32)
+            .map(|i| 200 + 37 * i + id as u32)
+            .collect();
+        let mut request = Request::new(id, prompt, 20 + 7 * id as usize, 0.0);
+        request.stop.ignore_eos = true;
+        request.sampling = SamplingParams::greedy();
+        if id == 1 {
+            request.stop.stop_token_ids = stop_token.into_iter().collect();
+        }
+        if id == 4 {
+            request.sampling = SamplingParams {
+                temperature: 0.8,
+                seed: Some(7),
+                ..SamplingParams::default()
+            };
+        }
+        scheduler.add(request).unwrap();
+    }
+    scheduler
+}
+
+fn record(events: &mut HashMap<RequestId, Vec<StepEvent>>, step: StepResult) {
+    for event in step.events {
+        events.entry(event.id).or_default().push(event);
+    }
+}
+
+#[test]
+fn stepping_one_ahead_gives_the_tokens_of_stepping_one_at_a_time() {
+    let run_plain = |stop_token| {
+        let (mut runner, mut scheduler) = (runner(), mixed_workload(stop_token));
+        let mut driver = StepDriver::default();
+        let mut events = HashMap::new();
+        while let Some(step) = driver.step(&mut scheduler, &mut runner).unwrap() {
+            record(&mut events, step);
+        }
+        assert!(scheduler.stats().preemptions > 0, "the workload preempts");
+        events
+    };
+    // Request 1 stops on the fifth token it generates when run without a stop token.
+    let stop_token = run_plain(None)[&1][4].token;
+    let plain = run_plain(Some(stop_token));
+    assert_eq!(plain[&1].len(), 5);
+    assert_eq!(plain[&1][4].finish, Some(FinishReason::Stop));
+
+    let mut runner = ComputedAtLaunch {
+        runner: runner(),
+        outputs: VecDeque::new(),
+        last_sampled: HashMap::new(),
+        pending_taken: 0,
+        pending_missing: 0,
+    };
+    let mut scheduler = mixed_workload(Some(stop_token));
+    let mut driver = StepDriver::default();
+    let mut overlapped = HashMap::new();
+    let mut steps = 0;
+    while let Some(step) = driver
+        .step_overlapped(&mut scheduler, &mut runner, true, |_, _| {})
+        .unwrap()
+    {
+        record(&mut overlapped, step);
+        steps += 1;
+        assert!(
+            steps < 10_000,
+            "the overlapped loop stopped making progress"
+        );
+    }
+    assert_eq!(
+        runner.pending_missing, 0,
+        "pending tokens that no launch sampled"
+    );
+    assert!(
+        runner.pending_taken > 100,
+        "{} pending tokens",
+        runner.pending_taken
+    );
+    assert!(!driver.has_launched());
+    assert_eq!(overlapped, plain);
+    let kv = scheduler.stats().kv;
+    assert_eq!(kv.free_blocks, kv.total_blocks, "blocks leaked");
 }

@@ -213,5 +213,6 @@ fn seq(id: RequestId, tokens: Vec<TokenId>, start: usize, table: &[u32]) -> Sche
         sampling: greedy(),
         prompt_logprobs: None,
         num_generated: 0,
+        last_token_pending: false,
     }
 }

@@ -87,6 +87,7 @@ pub(super) fn sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>>
                 sampling: p,
                 prompt_logprobs: None,
                 num_generated: i,
+                last_token_pending: false,
                 ..seq(i as RequestId, vec![0], 0, &[0])
             })
             .collect(),
@@ -264,6 +265,7 @@ fn adjusted_sampler_checks(gpu: &Gpu, tag: &str) -> anyhow::Result<Vec<Check>> {
                 sampling: drawn,
                 prompt_logprobs: None,
                 num_generated: i,
+                last_token_pending: false,
                 ..seq(i as RequestId, vec![0], 0, &[0])
             }
         })

@@ -128,6 +128,7 @@ impl Driver {
                 sampling: s.params,
                 prompt_logprobs: None,
                 num_generated: s.tokens.len() - s.prompt_len,
+                last_token_pending: false,
             });
         }
         let history = History(seqs.iter().map(|s| &**s).collect());

@@ -18,6 +18,9 @@ pub struct Load {
     pub max_running: usize,
     pub max_batched_tokens: usize,
     pub seed: u64,
+    /// Queue each step behind the one in flight (`StepDriver::step_overlapped`), as the
+    /// server does, instead of one step at a time.
+    pub overlap: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -85,10 +88,17 @@ pub fn run(runner: &mut CudaRunner, load: Load) -> anyhow::Result<Measured> {
     let mut driver = StepDriver::default();
     while finished < load.requests {
         let step_started = Instant::now();
-        let step = driver
-            .step(&mut scheduler, runner)?
-            .context("the scheduler stalled")?;
-        let decode_only = driver.batch().seqs.iter().all(|s| s.tokens.len() == 1);
+        let step = if load.overlap {
+            driver.step_overlapped(&mut scheduler, runner, true, |_, _| {})?
+        } else {
+            driver.step(&mut scheduler, runner)?
+        }
+        .context("the scheduler stalled")?;
+        let decode_only = driver
+            .collected_batch()
+            .seqs
+            .iter()
+            .all(|s| s.tokens.len() == 1);
         for event in step.events {
             output_tokens += 1;
             first_token[event.id as usize].get_or_insert(started.elapsed().as_secs_f64());

@@ -238,6 +238,35 @@ impl Gpu {
         Ok(StagingBuffer { words })
     }
 
+    /// Page-locked host memory for `len` i32 words that copies from the GPU land in, for
+    /// [`Self::read_staged`]: cached, unlike [`Self::alloc_staging`]'s write-combined
+    /// words, which the host reads slowly.
+    pub fn alloc_readback(&self, len: usize) -> anyhow::Result<StagingBuffer> {
+        // SAFETY: the words are only read after a copy into them has completed.
+        let words = unsafe { self.ctx.alloc_pinned_with_flags::<i32>(len.max(1), 0) }
+            .with_context(|| format!("allocating {} KiB of page-locked memory", len >> 8))?;
+        Ok(StagingBuffer { words })
+    }
+
+    /// Queues a copy of the first `len` words of `buffer` into `staging` and returns at
+    /// once: the words hold the copy once the stream has passed it (an event recorded
+    /// after it has completed).
+    pub fn read_staged(
+        &self,
+        buffer: &DeviceBuffer,
+        staging: &mut StagingBuffer,
+        len: usize,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(len * 4 <= buffer.bytes, "buffer too small");
+        let words = staging.words(len)?;
+        self.bind()?;
+        // SAFETY: checked above; the caller reads the words only after the copy is done.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(words, buffer.ptr, self.stream.cu_stream())
+        }
+        .context("copying from the GPU")
+    }
+
     /// Queues a copy of the first `len` words of `staging` to the start of `buffer` and
     /// returns at once: a copy from page-locked memory needs no wait, where one from
     /// ordinary memory first waits for the stream's queued work. `staging` must not be

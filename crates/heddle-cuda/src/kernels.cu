@@ -132,6 +132,15 @@ extern "C" __global__ void embed_gather(const int* tokens, const elem_t* table, 
         residual[(long long)t * hidden + i] = mine ? to_f(values[i]) : 0.0f;
 }
 
+// A step queued behind the one before it (overlapped stepping) gets, for each sequence
+// whose last input token that step samples, the sampled id: `pending` holds `count` pairs
+// (index into `tokens`, row of `sampled`), `sampled` the step before's ids.
+extern "C" __global__ void take_pending_tokens(int* tokens, const int* pending, int count,
+                                               const int* sampled) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x)
+        tokens[pending[2 * i]] = sampled[pending[2 * i + 1]];
+}
+
 // acc[i] += x[i] over n elements, as f32 or as bf16 bits (rounded to nearest even) whatever
 // the build's element type: the sum of the ranks' partial results when every rank runs on
 // one stream (the tensor-parallel test mode; NCCL sums them otherwise).

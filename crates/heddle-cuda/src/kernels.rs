@@ -11,9 +11,10 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the runner launches, by its `extern "C"` name (the decode ones only where
 /// [`KernelShape::has_decode_kernel`]).
-pub const KERNEL_NAMES: [&str; 14] = [
+pub const KERNEL_NAMES: [&str; 15] = [
     "init_random",
     "embed_gather",
+    "take_pending_tokens",
     "add_into_f32",
     "add_into_bf16",
     "add_rmsnorm",

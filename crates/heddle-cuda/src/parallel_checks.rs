@@ -156,6 +156,49 @@ pub fn graphs_against_launches(
     Ok((differing, replayed.len(), captured))
 }
 
+/// Eight prompts of different lengths, all there from the first step, greedy through the
+/// scheduler with each step queued behind the one in flight and one step at a time, on
+/// one runner at `options` (16 sequences and 2048 tokens a step at most): how many tokens
+/// differ, of how many. With every request admitted at once, both ways run the same
+/// batches, so the tokens must be identical in any mode: what is checked is that a token
+/// sampled by one step reaches the next one's input on the GPUs.
+pub fn overlapped_against_single(
+    config: &ModelConfig,
+    source: &WeightSource,
+    options: CudaOptions,
+) -> anyhow::Result<(usize, usize)> {
+    let prompts: Vec<(usize, Vec<TokenId>)> = (0..8)
+        .map(|i| {
+            (
+                0,
+                random_prompt(40 + 29 * i, config.vocab_size, 70 + i as u64),
+            )
+        })
+        .collect();
+    let options = CudaOptions {
+        max_batched_tokens: 2048,
+        max_running: 16,
+        kv: KvBudget::Blocks(512),
+        ..options
+    };
+    let mut runner = CudaRunner::new(config.clone(), source, options)?;
+    let overlapped: Vec<TokenId> = selftest::generate_stepping(&mut runner, &prompts, 24, true)?
+        .into_iter()
+        .flatten()
+        .collect();
+    let single: Vec<TokenId> = selftest::generate_stepping(&mut runner, &prompts, 24, false)?
+        .into_iter()
+        .flatten()
+        .collect();
+    let differing = overlapped
+        .iter()
+        .zip(&single)
+        .filter(|(a, b)| a != b)
+        .count()
+        + overlapped.len().abs_diff(single.len());
+    Ok((differing, single.len()))
+}
+
 /// The self-test's tensor-parallel checks on the small random checkpoint in `dir` (Llama
 /// with tied embeddings, or Qwen2 with biases and its own head): two ranks on this GPU
 /// against one, in f32 (greedy tokens identical) and bf16 (within bf16 rounding).
@@ -206,7 +249,16 @@ pub fn same_gpu_ranks(dir: &Path, qwen2: bool) -> anyhow::Result<Vec<Check>> {
         tensor_parallel: parallel,
         ..CudaOptions::default()
     };
-    let (differing, tokens, captured) = graphs_against_launches(&config, &source, options)?;
+    let (differing, tokens, captured) = graphs_against_launches(&config, &source, options.clone())?;
+    let (overlap_differing, overlap_tokens) = overlapped_against_single(&config, &source, options)?;
+    checks.push(Check {
+        name: format!(
+            "tensor parallel, 2 ranks on one GPU, {model} bf16: greedy tokens differing \
+             with vs without overlapped steps (of {overlap_tokens})"
+        ),
+        error: overlap_differing as f64,
+        limit: Some(0.0),
+    });
     checks.extend([
         Check {
             name: format!(

@@ -3,6 +3,8 @@
 //! tables, the rows that get logits, each sampled row's parameters and its penalty list,
 //! and the prompt tokens scored for requests that ask for prompt log-probabilities.
 
+use rustc_hash::FxHashMap;
+
 use heddle_core::{
     RequestId, SamplingParams, ScheduledBatch, ScheduledSeq, SequenceTokens, TokenId,
 };
@@ -33,6 +35,9 @@ pub struct Offsets {
     pub score_rows: usize,
     pub score_targets: usize,
     pub score_tops: usize,
+    /// Per pending token: its index among the step's tokens and the row of the step
+    /// before that sampled it (pairs).
+    pub pending: usize,
 }
 
 /// A sampled row: whose it is and what it asked for back.
@@ -80,6 +85,10 @@ pub struct StepPlan {
     pub num_penalties: usize,
     /// The prompt tokens scored, in batch order.
     pub scored: Vec<ScoredToken>,
+    /// Pending tokens, filled on the device from the step before's samples.
+    pub num_pending: usize,
+    /// Pending tokens whose sequence the step before did not sample.
+    pub unmatched_pending: usize,
     tokens: Vec<i32>,
     positions: Vec<i32>,
     slots: Vec<i32>,
@@ -93,6 +102,7 @@ pub struct StepPlan {
     score_rows: Vec<i32>,
     score_targets: Vec<i32>,
     score_tops: Vec<i32>,
+    pending: Vec<i32>,
 }
 
 /// The uniform number in [0, 1) a sampled row draws with, from the same generator as the
@@ -139,7 +149,10 @@ pub fn penalty_entries(
 impl StepPlan {
     /// Packs `batch`. `tokens_per_tile` is the attention kernel's tile length; with
     /// `split_decode`, single-token tiles are set apart for the decode kernel. `padding`
-    /// is only for batches of single-token sequences that all need logits.
+    /// is only for batches of single-token sequences that all need logits. A pending
+    /// token comes from the row that the plan built before this one sampled for its
+    /// sequence (overlapped steps are planned in launch order); one with no such row is
+    /// counted in `unmatched_pending`.
     #[allow(clippy::too_many_arguments)]
     pub fn build(
         &mut self,
@@ -151,6 +164,17 @@ impl StepPlan {
         vocab_size: usize,
         padding: Option<Padding>,
     ) {
+        let previous_rows: FxHashMap<RequestId, usize> =
+            if batch.seqs.iter().any(|s| s.last_token_pending) {
+                self.rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (r.id, i))
+                    .collect()
+            } else {
+                FxHashMap::default()
+            };
+        self.unmatched_pending = 0;
         for v in [
             &mut self.tokens,
             &mut self.positions,
@@ -165,6 +189,7 @@ impl StepPlan {
             &mut self.score_rows,
             &mut self.score_targets,
             &mut self.score_tops,
+            &mut self.pending,
         ] {
             v.clear();
         }
@@ -182,6 +207,14 @@ impl StepPlan {
                 let block = seq.block_table[pos / block_size] as usize;
                 self.slots
                     .push((block * block_size + pos % block_size) as i32);
+            }
+            if seq.last_token_pending {
+                match previous_rows.get(&seq.id) {
+                    Some(&row) => self
+                        .pending
+                        .extend([(self.tokens.len() - 1) as i32, row as i32]),
+                    None => self.unmatched_pending += 1,
+                }
             }
             for start in (0..seq.tokens.len()).step_by(tokens_per_tile) {
                 let n = tokens_per_tile.min(seq.tokens.len() - start);
@@ -289,6 +322,7 @@ impl StepPlan {
         self.num_decode_tiles = self.decode_tiles.len() / 4;
         self.tiles.extend_from_slice(&self.decode_tiles);
         self.num_penalties = self.penalties.len() / 2;
+        self.num_pending = self.pending.len() / 2;
         self.words.clear();
         let mut offsets = Offsets::default();
         for (part, offset) in [
@@ -304,6 +338,7 @@ impl StepPlan {
             (&self.score_rows, &mut offsets.score_rows),
             (&self.score_targets, &mut offsets.score_targets),
             (&self.score_tops, &mut offsets.score_tops),
+            (&self.pending, &mut offsets.pending),
         ] {
             // Parts start on 4-word boundaries so every device pointer is 16-byte aligned.
             while !self.words.len().is_multiple_of(4) {
@@ -389,6 +424,37 @@ mod tests {
             num_generated: 0,
             last_token_pending: false,
         }
+    }
+
+    #[test]
+    fn pending_tokens_point_at_the_rows_the_step_before_sampled() {
+        let history = History(HashMap::new());
+        let mut plan = StepPlan::default();
+        let before = ScheduledBatch {
+            seqs: vec![seq(4, vec![1], 3, vec![0]), seq(9, vec![2], 5, vec![1])],
+            preempted: vec![],
+        };
+        plan.build(&before, &history, 16, 8, true, 100, None);
+        assert_eq!(plan.num_pending, 0);
+        // Sequence 9 sampled row 1, sequence 4 row 0; sequence 7 was not sampled.
+        let pending = |id, start| ScheduledSeq {
+            last_token_pending: true,
+            ..seq(id, vec![0], start, vec![2])
+        };
+        let after = ScheduledBatch {
+            seqs: vec![
+                pending(9, 6),
+                seq(5, vec![3, 4], 0, vec![3]),
+                pending(4, 4),
+                pending(7, 2),
+            ],
+            preempted: vec![],
+        };
+        plan.build(&after, &history, 16, 8, true, 100, None);
+        let o = plan.offsets;
+        assert_eq!(plan.num_pending, 2);
+        assert_eq!(&plan.words[o.pending..o.pending + 4], &[0, 1, 3, 0]);
+        assert_eq!(plan.unmatched_pending, 1);
     }
 
     #[test]

@@ -19,6 +19,12 @@
 //! scores and copies the results back (plain greedy steps with peer-to-peer sums instead
 //! pick each row's token from the ranks' own slices); the scheduler and the step's metadata
 //! are the same for every rank.
+//!
+//! Steps can also be queued one behind another (overlap.rs): the host plans and queues
+//! step N + 1 while the GPU computes step N, and a token that step N samples reaches step
+//! N + 1's input on the GPU.
+
+mod overlap;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -26,7 +32,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use heddle_core::{ScheduledBatch, SequenceTokens};
 use heddle_model::logits_processing::{PendingAdjustments, StepAdjustments};
-use heddle_model::runner::{BatchLimits, ModelRunner, PromptTokenLogprobs, SampledOutput};
+use heddle_model::runner::{
+    BatchLimits, ModelRunner, OverlappedSteps, PromptTokenLogprobs, SampledOutput,
+};
 use heddle_model::{ModelConfig, ModelError};
 
 use crate::collective::{Collective, Part};
@@ -38,7 +46,7 @@ use crate::kernels::{
 };
 use crate::memory::{blocks_for_fraction, kv_bytes_per_block};
 use crate::peer_sums::{PeerSums, Slot};
-use crate::plan::{Padding, StepPlan};
+use crate::plan::{Padding, SampledRow, StepPlan};
 use crate::tensor_parallel::{AllReduce, Partition, RankPlacement, TensorParallel};
 use crate::weights::{Dims, Matrix, Weights};
 
@@ -165,6 +173,9 @@ struct Rank {
     v_cache: DeviceBuffer,
     /// With FP8 projections: a step's activations quantized before each projection.
     fp8_activations: Option<Fp8Tensor>,
+    /// On a GPU other than rank 0's: the ids that greedy sampling over the ranks' slices
+    /// writes here too, where the next overlapped step takes its pending tokens from.
+    sampled_ids: Option<DeviceBuffer>,
 }
 
 pub struct CudaRunner {
@@ -189,6 +200,13 @@ pub struct CudaRunner {
     plan: StepPlan,
     /// The step's packed metadata, one copy per GPU; grows as needed.
     metadata: Vec<DeviceBuffer>,
+    /// Page-locked copies of the metadata that the copies to the GPUs start from, two per
+    /// GPU taken in turn: a step may be queued while the one before it still waits for
+    /// its copy (overlapped stepping).
+    metadata_staging: Vec<[StagingBuffer; 2]>,
+    staging_turn: usize,
+    /// Steps launched and not yet collected (overlapped stepping).
+    overlap: overlap::Launched,
     /// The rest is on rank 0's GPU. The f32 logits of the sampled (or scored) rows,
     /// [rows, vocab].
     logits: DeviceBuffer,
@@ -422,6 +440,10 @@ impl CudaRunner {
                         Some(Fp8Tensor::alloc(gpu, options.max_batched_tokens * widest)?)
                     }
                 },
+                sampled_ids: match device {
+                    0 => None,
+                    _ => Some(gpu.alloc(rows * 4)?),
+                },
             });
         }
         if options.quantization == Quantization::Fp8 {
@@ -453,6 +475,16 @@ impl CudaRunner {
             ?rank_ordinals,
             "CUDA runner ready"
         );
+        let metadata_staging = gpus
+            .iter()
+            .map(|gpu| {
+                Ok([
+                    gpu.alloc_staging(INITIAL_METADATA_WORDS)?,
+                    gpu.alloc_staging(INITIAL_METADATA_WORDS)?,
+                ])
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let overlap = overlap::Launched::new(&gpus[0], rows * SAMPLED_WORDS_PER_ROW)?;
         Ok(CudaRunner {
             graphs: HashMap::new(),
             collective,
@@ -465,6 +497,9 @@ impl CudaRunner {
             num_blocks,
             plan: StepPlan::default(),
             metadata,
+            metadata_staging,
+            staging_turn: 0,
+            overlap,
             logits,
             sampled,
             originals,
@@ -538,7 +573,9 @@ impl CudaRunner {
         std::mem::take(&mut self.times)
     }
 
-    fn check(&self, batch: &ScheduledBatch) -> Result<(), ModelError> {
+    /// Checks a batch against the runner's sizes and every runner's limits; pending tokens
+    /// only with `pending_allowed` (overlapped launches).
+    fn check(&self, batch: &ScheduledBatch, pending_allowed: bool) -> Result<(), ModelError> {
         let bad = |why: String| Err(ModelError::InvalidBatch(why));
         let tokens = batch.num_tokens();
         if tokens > self.options.max_batched_tokens {
@@ -557,7 +594,14 @@ impl CudaRunner {
             return bad(format!("{rows} sampled sequences in one step is too many"));
         }
         // Each sequence as every runner checks it.
-        BatchLimits::new(&self.config, self.options.block_size, self.num_blocks).check_batch(batch)
+        let limits = BatchLimits::new(&self.config, self.options.block_size, self.num_blocks);
+        if !pending_allowed {
+            return limits.check_batch(batch);
+        }
+        for (i, s) in batch.seqs.iter().enumerate() {
+            limits.check_sequence(i, &s.tokens, s.start_position, &s.block_table)?;
+        }
+        Ok(())
     }
 
     /// Whether single-token tiles go to the decode attention kernel.
@@ -614,6 +658,14 @@ impl CudaRunner {
             self.plan.mark_adjusted();
         }
         let words = &self.plan.words;
+        let score_bytes = self.plan.scored.len() * SCORE_WORDS * 4;
+        let grows = words.len() * 4 > self.metadata[0].bytes
+            || score_bytes > self.scores.bytes
+            || self.plan.num_penalties * 4 > self.originals.bytes;
+        if grows {
+            // A launched step may still read the buffers about to be replaced.
+            self.overlap.wait_for_gpus(&self.gpus)?;
+        }
         if words.len() * 4 > self.metadata[0].bytes {
             self.graphs.clear();
             let bytes = (words.len() * 4).next_power_of_two();
@@ -624,7 +676,6 @@ impl CudaRunner {
                 .collect::<anyhow::Result<_>>()?;
         }
         let first = &self.gpus[0];
-        let score_bytes = self.plan.scored.len() * SCORE_WORDS * 4;
         if score_bytes > self.scores.bytes {
             // Scoring runs outside graphs: no graph holds this buffer's address.
             self.scores = first.alloc(score_bytes.next_power_of_two())?;
@@ -633,8 +684,18 @@ impl CudaRunner {
             self.graphs.clear();
             self.originals = first.alloc((self.plan.num_penalties * 4).next_power_of_two())?;
         }
-        for (gpu, metadata) in self.gpus.iter().zip(&self.metadata) {
-            gpu.write(metadata, words)?;
+        // The other turn's copy may belong to a step still queued; this turn's step is
+        // done (at most two steps are in flight, and the older was collected).
+        let turn = self.staging_turn;
+        self.staging_turn ^= 1;
+        let copies = self.gpus.iter().zip(&self.metadata);
+        for ((gpu, metadata), staging) in copies.zip(&mut self.metadata_staging) {
+            let staging = &mut staging[turn];
+            if staging.len() < words.len() {
+                *staging = gpu.alloc_staging(words.len().next_power_of_two())?;
+            }
+            staging.words(words.len())?.copy_from_slice(words);
+            gpu.write_staged(staging, words.len(), metadata)?;
         }
         self.times.pack_seconds += packing.elapsed().as_secs_f64();
         Ok(())
@@ -1021,7 +1082,11 @@ impl CudaRunner {
         let rows = self.plan.sampled_rows;
         let parts = self.enqueue_slice_logits(self.plan.offsets.logit_rows, rows)?;
         for (rank, part) in self.ranks.iter().zip(&parts) {
-            let out = if rank.index == 0 { self.sampled.ptr } else { 0 };
+            let out = match (rank.index, &rank.sampled_ids) {
+                (0, _) => self.sampled.ptr,
+                (_, Some(ids)) => ids.ptr,
+                (_, None) => 0,
+            };
             peer.greedy(
                 part.gpu,
                 rank.index,
@@ -1141,7 +1206,7 @@ impl CudaRunner {
         batch: &ScheduledBatch,
         history: &dyn SequenceTokens,
     ) -> Result<Vec<f32>, ModelError> {
-        self.check(batch)?;
+        self.check(batch, false)?;
         self.pack(batch, history, None, false)
             .map_err(device_error)?;
         self.enqueue(false).map_err(device_error)?;
@@ -1191,29 +1256,34 @@ impl CudaRunner {
         self.times.steps += 1;
         self.times.host_seconds += (queued - started).as_secs_f64();
         self.times.wait_seconds += queued.elapsed().as_secs_f64();
-        let out = &self.host_sampled;
-        Ok(self
-            .plan
-            .rows
-            .iter()
-            .enumerate()
-            .map(|(i, row)| {
-                let top = &out
-                    .get(2 * rows + i * 2 * MAX_TOP_LOGPROBS..)
-                    .unwrap_or(&[]);
-                SampledOutput {
-                    id: row.id,
-                    token: out[i] as u32,
-                    logprob: row.logprob.then(|| f32::from_bits(out[rows + i] as u32)),
-                    top_logprobs: top
-                        .chunks_exact(2)
-                        .take(row.top_logprobs.min(MAX_TOP_LOGPROBS))
-                        .map(|p| (p[0] as u32, f32::from_bits(p[1] as u32)))
-                        .collect(),
-                }
-            })
-            .collect())
+        Ok(sampled_outputs(&self.plan.rows, rows, &self.host_sampled))
     }
+}
+
+/// The outputs of a step's sampled `rows` from the sampler's words: `sampled_rows` ids
+/// (padding included), then as many log-probabilities, then the top pairs of each row
+/// (those two parts only when some row asked for log-probabilities).
+fn sampled_outputs(rows: &[SampledRow], sampled_rows: usize, out: &[i32]) -> Vec<SampledOutput> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let top = &out
+                .get(2 * sampled_rows + i * 2 * MAX_TOP_LOGPROBS..)
+                .unwrap_or(&[]);
+            SampledOutput {
+                id: row.id,
+                token: out[i] as u32,
+                logprob: row
+                    .logprob
+                    .then(|| f32::from_bits(out[sampled_rows + i] as u32)),
+                top_logprobs: top
+                    .chunks_exact(2)
+                    .take(row.top_logprobs.min(MAX_TOP_LOGPROBS))
+                    .map(|p| (p[0] as u32, f32::from_bits(p[1] as u32)))
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 fn device_error(e: anyhow::Error) -> ModelError {
@@ -1235,7 +1305,7 @@ impl ModelRunner for CudaRunner {
             return Ok(Vec::new());
         }
         let started = std::time::Instant::now();
-        self.check(batch)?;
+        self.check(batch, false)?;
         let padding = self.graph_padding(batch);
         self.pack(batch, history, padding, false)
             .map_err(device_error)?;
@@ -1259,6 +1329,10 @@ impl ModelRunner for CudaRunner {
         std::mem::take(&mut self.prompt_logprobs)
     }
 
+    fn overlapped(&mut self) -> Option<&mut dyn OverlappedSteps> {
+        Some(self)
+    }
+
     /// The forward pass is queued first; the host then waits for the masks while the GPU
     /// runs it, copies them on the same stream, and queues the sampler behind the copy.
     fn step_adjusted(
@@ -1273,7 +1347,7 @@ impl ModelRunner for CudaRunner {
             return Ok(Vec::new());
         }
         let started = std::time::Instant::now();
-        self.check(batch)?;
+        self.check(batch, false)?;
         let padding = self.graph_padding(batch);
         self.pack(batch, history, padding, true)
             .map_err(device_error)?;

@@ -20,6 +20,8 @@ pub struct StepDriver {
     ahead: ScheduledBatch,
     /// Whether `batch` is launched and not yet collected (overlapped stepping).
     launched: bool,
+    /// Whether the step last returned is `ahead`'s (overlapped) rather than `batch`'s.
+    collected_ahead: bool,
 }
 
 /// What a step that ran produced: the runner's outputs, in batch order, and the
@@ -49,6 +51,16 @@ impl StepDriver {
     /// The batch of the last step scheduled.
     pub fn batch(&self) -> &ScheduledBatch {
         &self.batch
+    }
+
+    /// The batch of the step whose results [`Self::step`] or [`Self::step_overlapped`]
+    /// returned last.
+    pub fn collected_batch(&self) -> &ScheduledBatch {
+        if self.collected_ahead {
+            &self.ahead
+        } else {
+            &self.batch
+        }
     }
 
     /// Applies a step's outputs: the scheduler appends the sampled tokens and ends the
@@ -118,6 +130,7 @@ impl StepDriver {
         }
         std::mem::swap(&mut self.batch, &mut self.ahead);
         self.launched = ahead_launched;
+        self.collected_ahead = true;
         Ok(Some(StepResult { outputs, events }))
     }
 
@@ -146,6 +159,7 @@ impl StepDriver {
         scheduler: &mut Scheduler,
         runner: &mut R,
     ) -> Result<Option<StepResult>, StepFailed> {
+        self.collected_ahead = false;
         if self.schedule(scheduler).is_empty() {
             return Ok(None);
         }

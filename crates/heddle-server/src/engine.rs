@@ -24,8 +24,8 @@ use anyhow::Context;
 
 use heddle_core::scheduler::AddError;
 use heddle_core::{
-    FinishReason, Priority, Request, RequestId, SamplingParams, Scheduler, SchedulerConfig,
-    SchedulerStats, StepEvent, StopCriteria, TokenId,
+    FinishReason, Priority, Request, RequestId, SamplingParams, ScheduledBatch, Scheduler,
+    SchedulerConfig, SchedulerStats, StepEvent, StopCriteria, TokenId,
 };
 use heddle_model::detokenizer::IncrementalDetokenizer;
 use heddle_model::driver::StepDriver;
@@ -527,8 +527,8 @@ impl Engine {
 
     fn run(&mut self, commands: &mpsc::Receiver<Command>) {
         loop {
-            // Block only when there is nothing to compute.
-            if !self.scheduler.has_work() {
+            // Block only when there is nothing to compute (nor a step in flight to collect).
+            if !self.scheduler.has_work() && !self.driver.has_launched() {
                 match commands.recv_timeout(IDLE_WAIT) {
                     Ok(command) => self.apply(command),
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
@@ -678,40 +678,20 @@ impl Engine {
         }
     }
 
+    /// One step, queued behind the one in flight where the runner can (see
+    /// [`Self::overlaps_steps`]), else by itself; then its tokens are delivered.
     fn compute_step(&mut self) {
         let started = Instant::now();
-        let batch = self.driver.schedule(&mut self.scheduler);
-        if batch.is_empty() {
+        let mut failed_grammars = Vec::new();
+        let overlap = self.overlaps_steps();
+        let computed = if overlap || self.driver.has_launched() {
+            self.overlapped_step(overlap)
+        } else {
+            self.single_step(&mut failed_grammars)
+        };
+        let Some((outputs, events)) = computed else {
             self.publish_stats();
             return;
-        }
-        for seq in batch.seqs.iter().filter(|s| s.num_generated == 0) {
-            if let (Some(live), Some(cached)) = (
-                self.live.get_mut(&seq.id),
-                self.scheduler.cached_prompt_tokens(seq.id),
-            ) {
-                live.usage.cached_tokens = cached;
-            }
-        }
-        let mut failed_grammars = Vec::new();
-        let model_started = Instant::now();
-        let result = match self.faults.take() {
-            None => self.run_model(&mut failed_grammars),
-            Some(StepFault::Fail) => Err("an injected step failure".to_string()),
-            Some(StepFault::Panic) => panic!("an injected engine panic"),
-        };
-        self.metrics
-            .model_step
-            .observe(model_started.elapsed().as_secs_f64());
-        let outputs = match result {
-            Ok(outputs) => outputs,
-            Err(error) => {
-                tracing::error!(%error, "model step failed; failing its requests");
-                for id in self.scheduler.abort_step() {
-                    self.end(id, FinishReason::Error);
-                }
-                return;
-            }
         };
         for scored in self.runner.take_prompt_logprobs() {
             let slot = self
@@ -726,7 +706,6 @@ impl Engine {
                 });
             }
         }
-        let events = self.driver.update(&mut self.scheduler, &outputs);
         let mut grammars = self.advance_grammars(&events);
         // `update` reports at most one event per sampled token, in the same order, so
         // each event's output is found by walking the outputs once.
@@ -746,6 +725,97 @@ impl Engine {
         self.metrics
             .engine_step
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Whether the next step is queued behind the one in flight: the runner can, no live
+    /// request's logits are adjusted (their masks come between a step's forward pass and
+    /// its sampler, from the tokens before), and no fault is armed (faults are injected
+    /// into steps run by themselves).
+    fn overlaps_steps(&mut self) -> bool {
+        !self.faults.armed()
+            && self.live.values().all(|live| live.logits.is_unchanged())
+            && self.runner.overlapped().is_some()
+    }
+
+    /// Records the prompt tokens that `batch` found in the prefix cache for the requests
+    /// it admits.
+    fn record_cached_tokens(
+        live: &mut HashMap<RequestId, Live>,
+        batch: &ScheduledBatch,
+        scheduler: &Scheduler,
+    ) {
+        for seq in batch.seqs.iter().filter(|s| s.num_generated == 0) {
+            if let (Some(live), Some(cached)) = (
+                live.get_mut(&seq.id),
+                scheduler.cached_prompt_tokens(seq.id),
+            ) {
+                live.usage.cached_tokens = cached;
+            }
+        }
+    }
+
+    /// Schedules and runs one step by itself; its outputs and the scheduler's events, or
+    /// None when nothing was scheduled or the step failed (its requests then ended).
+    fn single_step(
+        &mut self,
+        failed_grammars: &mut Vec<(RequestId, String)>,
+    ) -> Option<(Vec<SampledOutput>, Vec<StepEvent>)> {
+        let batch = self.driver.schedule(&mut self.scheduler);
+        if batch.is_empty() {
+            return None;
+        }
+        Self::record_cached_tokens(&mut self.live, batch, &self.scheduler);
+        let model_started = Instant::now();
+        let result = match self.faults.take() {
+            None => self.run_model(failed_grammars),
+            Some(StepFault::Fail) => Err("an injected step failure".to_string()),
+            Some(StepFault::Panic) => panic!("an injected engine panic"),
+        };
+        self.metrics
+            .model_step
+            .observe(model_started.elapsed().as_secs_f64());
+        match result {
+            Ok(outputs) => {
+                let events = self.driver.update(&mut self.scheduler, &outputs);
+                Some((outputs, events))
+            }
+            Err(error) => {
+                tracing::error!(%error, "model step failed; failing its requests");
+                for id in self.scheduler.abort_step() {
+                    self.end(id, FinishReason::Error);
+                }
+                None
+            }
+        }
+    }
+
+    /// Collects the step in flight (or runs one if none is), with `ahead` queueing the
+    /// next one behind it first; as [`Self::single_step`] returns.
+    fn overlapped_step(&mut self, ahead: bool) -> Option<(Vec<SampledOutput>, Vec<StepEvent>)> {
+        let runner = self
+            .runner
+            .overlapped()
+            .expect("only a runner that overlaps steps launches them");
+        let live = &mut self.live;
+        let model_started = Instant::now();
+        let result =
+            self.driver
+                .step_overlapped(&mut self.scheduler, runner, ahead, |batch, scheduler| {
+                    Self::record_cached_tokens(live, batch, scheduler)
+                });
+        self.metrics
+            .model_step
+            .observe(model_started.elapsed().as_secs_f64());
+        match result {
+            Ok(step) => step.map(|step| (step.outputs, step.events)),
+            Err(failed) => {
+                tracing::error!(error = %failed.error, "model step failed; failing its requests");
+                for id in failed.ended {
+                    self.end(id, FinishReason::Error);
+                }
+                None
+            }
+        }
     }
 
     /// Advances the grammars of the sequences that accepted a token this step, all at

@@ -47,6 +47,13 @@ impl FaultInjection {
         self.hold_restarts.store(hold, Ordering::SeqCst);
     }
 
+    /// Whether a step fault is armed (the next step is then run by itself, not
+    /// overlapped with another).
+    pub fn armed(&self) -> bool {
+        self.panicking_steps.load(Ordering::Relaxed) > 0
+            || self.failing_steps.load(Ordering::Relaxed) > 0
+    }
+
     /// The fault for the step about to run, if one is armed (panics first).
     pub fn take(&self) -> Option<StepFault> {
         if take_one(&self.panicking_steps) {

@@ -189,6 +189,10 @@ struct BenchArgs {
     /// Launch every step's kernels directly instead of replaying decode steps as graphs.
     #[arg(long)]
     no_cuda_graphs: bool,
+    /// Run one step at a time instead of queueing each behind the one in flight (the
+    /// server's way; see docs/CUDA.md "Overlapped steps").
+    #[arg(long)]
+    no_overlap: bool,
     /// The batch-invariant mode (pinned GEMM algorithms, no decode attention kernel).
     #[arg(long)]
     batch_invariant: bool,
@@ -501,6 +505,22 @@ fn main() -> anyhow::Result<()> {
                  tokens_differing={differing}/{tokens} layouts_captured={captured} {}",
                 if passed { "ok" } else { "FAIL" }
             );
+            let (differing, tokens) = parallel_checks::overlapped_against_single(
+                &config,
+                &source,
+                CudaOptions {
+                    tensor_parallel: parallel,
+                    ..CudaOptions::default()
+                },
+            )?;
+            let passed = differing == 0;
+            failed |= !passed;
+            println!(
+                "RESULT tensor_parallel_overlap size={size} placement={where_} dtype=bf16 \
+                 tokens_differing={differing}/{tokens} (overlapped steps against one at a \
+                 time) {}",
+                if passed { "ok" } else { "FAIL" }
+            );
             if failed {
                 bail!("tensor parallelism at {size} ranks departs from one rank");
             }
@@ -693,7 +713,8 @@ fn main() -> anyhow::Result<()> {
                     "+fp8kv"
                 } else {
                     ""
-                };
+                }
+                + if args.no_overlap { "+nooverlap" } else { "" };
             let load = Load {
                 requests: args.requests,
                 prompt_len: args.prompt_len,
@@ -701,6 +722,7 @@ fn main() -> anyhow::Result<()> {
                 max_running: args.max_running,
                 max_batched_tokens: args.max_batched_tokens,
                 seed: 1,
+                overlap: !args.no_overlap,
             };
             // A short warm-up (cuBLAS picks and loads its kernels on first use).
             bench::run(

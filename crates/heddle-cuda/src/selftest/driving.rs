@@ -91,6 +91,17 @@ pub fn generate(
     prompts: &[(usize, Vec<TokenId>)],
     max_tokens: usize,
 ) -> anyhow::Result<Vec<Vec<TokenId>>> {
+    generate_stepping(runner, prompts, max_tokens, false)
+}
+
+/// [`generate`], with each step queued behind the one in flight when `overlap`
+/// (`StepDriver::step_overlapped`); a step then counts as one collected.
+pub fn generate_stepping(
+    runner: &mut CudaRunner,
+    prompts: &[(usize, Vec<TokenId>)],
+    max_tokens: usize,
+    overlap: bool,
+) -> anyhow::Result<Vec<Vec<TokenId>>> {
     let mut scheduler = Scheduler::new(SchedulerConfig {
         max_running: 16,
         max_batched_tokens: 2048,
@@ -119,7 +130,12 @@ pub fn generate(
                     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             }
         }
-        let events = match driver.step(&mut scheduler, runner)? {
+        let step_result = if overlap {
+            driver.step_overlapped(&mut scheduler, runner, true, |_, _| {})?
+        } else {
+            driver.step(&mut scheduler, runner)?
+        };
+        let events = match step_result {
             Some(step) => step.events,
             None => Vec::new(),
         };

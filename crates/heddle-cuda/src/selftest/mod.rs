@@ -49,7 +49,7 @@ mod runner;
 mod sampler;
 
 pub(crate) use driving::drive;
-pub use driving::generate;
+pub use driving::{generate, generate_stepping};
 use kernels::{decode_attention_checks, kernel_checks};
 pub use runner::write_tiny_model;
 use runner::{graph_replay, prompt_scoring, runner_vs_cpu};

@@ -242,25 +242,38 @@ pub(super) fn graph_replay(dir: &Path) -> anyhow::Result<Vec<Check>> {
     let replayed = generate(&mut with_graphs, &prompts, 32)?;
     drop(with_graphs);
     let mut direct = CudaRunner::new(
-        config,
+        config.clone(),
         &source,
         CudaOptions {
             cuda_graphs: false,
-            ..options
+            ..options.clone()
         },
     )?;
     let launched = generate(&mut direct, &prompts, 32)?;
+    drop(direct);
     let differing = replayed
         .iter()
         .flatten()
         .zip(launched.iter().flatten())
         .filter(|(a, b)| a != b)
         .count();
-    Ok(vec![Check {
-        name: "CUDA graphs: greedy tokens differing with vs without graph replay (of 256)".into(),
-        error: differing as f64,
-        limit: Some(0.0),
-    }])
+    let (overlap_differing, overlap_tokens) =
+        crate::parallel_checks::overlapped_against_single(&config, &source, options)?;
+    Ok(vec![
+        Check {
+            name: "CUDA graphs: greedy tokens differing with vs without graph replay (of 256)"
+                .into(),
+            error: differing as f64,
+            limit: Some(0.0),
+        },
+        Check {
+            name: format!(
+                "overlapped steps: greedy tokens differing with vs without (of {overlap_tokens})"
+            ),
+            error: overlap_differing as f64,
+            limit: Some(0.0),
+        },
+    ])
 }
 
 /// Prompt log-probabilities on the small random checkpoint in `dir`: a prompt generates 8

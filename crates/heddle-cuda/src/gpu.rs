@@ -270,8 +270,9 @@ impl Gpu {
     /// Queues a copy of the first `len` words of `staging` to the start of `buffer` and
     /// returns at once: a copy from page-locked memory needs no wait, where one from
     /// ordinary memory first waits for the stream's queued work. `staging` must not be
-    /// written again before the stream has passed this copy (a runner's steps end with a
-    /// synchronising read, so the next step may).
+    /// written again before the stream has passed this copy (the runner's metadata takes
+    /// two staging buffers in turn, and writes one only once the step that used it last
+    /// is done).
     pub fn write_staged(
         &self,
         staging: &mut StagingBuffer,

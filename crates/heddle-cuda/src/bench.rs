@@ -19,7 +19,7 @@ pub struct Load {
     pub max_batched_tokens: usize,
     pub seed: u64,
     /// Queue each step behind the one in flight (`StepDriver::step_overlapped`), as the
-    /// server does, instead of one step at a time.
+    /// server does with `--overlap-steps`, instead of one step at a time.
     pub overlap: bool,
 }
 

@@ -88,6 +88,10 @@ pub struct CudaOptions {
     /// decode kernel, so no batch-dependent split of contexts). Costs speed; see
     /// docs/CUDA.md.
     pub batch_invariant: bool,
+    /// Offer overlapped steps ([`ModelRunner::overlapped`]): the engine then queues each
+    /// step behind the one in flight (runner/overlap.rs). Off by default until measured
+    /// on a GPU.
+    pub overlap_steps: bool,
     /// How many ranks the model is split over, and where they run (one rank by default).
     pub tensor_parallel: TensorParallel,
     /// How the layers' projections are stored and multiplied.
@@ -119,6 +123,7 @@ impl Default for CudaOptions {
             kv: KvBudget::MemoryFraction(0.9),
             cuda_graphs: true,
             batch_invariant: false,
+            overlap_steps: false,
             tensor_parallel: TensorParallel::default(),
             quantization: Quantization::None,
             kv_cache_dtype: KvCacheDtype::Auto,
@@ -1330,7 +1335,11 @@ impl ModelRunner for CudaRunner {
     }
 
     fn overlapped(&mut self) -> Option<&mut dyn OverlappedSteps> {
-        Some(self)
+        if self.options.overlap_steps {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     /// The forward pass is queued first; the host then waits for the masks while the GPU

@@ -38,6 +38,7 @@
 //! device = "cuda"                   # or "cpu" (the default)
 //! gpu_memory_fraction = 0.9
 //! batch_invariant = false
+//! overlap_steps = false             # experimental: see --overlap-steps
 //! tensor_parallel_size = 2
 //! quantization = "fp8"
 //! kv_cache_dtype = "fp8"            # or "auto" (the default)
@@ -196,6 +197,11 @@ pub struct ServeArgs {
     /// runner always is.
     #[arg(long, env = "HEDDLE_BATCH_INVARIANT")]
     pub batch_invariant: bool,
+    /// On cuda, experimental: queue each step behind the one in flight, so that the
+    /// host's share of a step overlaps the GPU's (docs/CUDA.md "Overlapped steps"; not yet
+    /// measured on a GPU, hence off by default).
+    #[arg(long, env = "HEDDLE_OVERLAP_STEPS")]
+    pub overlap_steps: bool,
     /// On cuda: split each model over this many GPUs of this machine (tensor parallelism
     /// through NCCL; the GPUs are the first N that CUDA_VISIBLE_DEVICES leaves visible)
     /// [default: 1]. The model's attention heads, KV heads, intermediate size and
@@ -602,6 +608,9 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
             if fp8_kv_cache {
                 bail!("--kv-cache-dtype fp8 needs --device cuda");
             }
+            if args.overlap_steps {
+                bail!("--overlap-steps needs --device cuda (the CPU runner computes one step at a time)");
+            }
             Ok(Device::Cpu)
         }
         DeviceKind::Cuda if !cfg!(feature = "cuda") => {
@@ -637,6 +646,7 @@ fn resolve_device(args: &ServeArgs) -> anyhow::Result<Device> {
                 gpu_memory_fraction: fraction,
                 dummy_weights: args.dummy_weights,
                 batch_invariant: args.batch_invariant,
+                overlap_steps: args.overlap_steps,
                 tensor_parallel_size,
                 fp8: args.quantization == Some(QuantizationKind::Fp8),
                 fp8_kv_cache,
@@ -827,6 +837,7 @@ struct FileGpu {
     device: Option<DeviceKind>,
     gpu_memory_fraction: Option<f64>,
     batch_invariant: Option<bool>,
+    overlap_steps: Option<bool>,
     tensor_parallel_size: Option<usize>,
     quantization: Option<QuantizationKind>,
     kv_cache_dtype: Option<KvCacheDtypeKind>,
@@ -839,6 +850,7 @@ impl FileGpu {
             device: args.device.or(self.device),
             gpu_memory_fraction: args.gpu_memory_fraction.or(self.gpu_memory_fraction),
             batch_invariant: args.batch_invariant || self.batch_invariant.unwrap_or(false),
+            overlap_steps: args.overlap_steps || self.overlap_steps.unwrap_or(false),
             tensor_parallel_size: args.tensor_parallel_size.or(self.tensor_parallel_size),
             quantization: args.quantization.or(self.quantization),
             kv_cache_dtype: args.kv_cache_dtype.or(self.kv_cache_dtype),
@@ -1288,6 +1300,19 @@ mod tests {
             err.to_string().contains("--kv-cache-dtype fp8 needs"),
             "{err}"
         );
+        let overlap_on_cpu = ServeArgs {
+            config: Some(temp_file(
+                "gpu-overlap.toml",
+                "[gpu]\noverlap_steps = true\n",
+            )),
+            ..ServeArgs::default()
+        };
+        let err = ServerConfig::resolve(&overlap_on_cpu).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--overlap-steps needs --device cuda"),
+            "{err}"
+        );
         let typo = ServeArgs {
             config: Some(temp_file("gpu-typo.toml", "[gpu]\ndevise = \"cuda\"\n")),
             ..ServeArgs::default()
@@ -1357,6 +1382,7 @@ mod tests {
                     gpu_memory_fraction: 0.9,
                     dummy_weights: true,
                     batch_invariant: false,
+                    overlap_steps: false,
                     tensor_parallel_size: 1,
                     fp8: false,
                     fp8_kv_cache: false,

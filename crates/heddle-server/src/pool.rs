@@ -54,6 +54,8 @@ pub enum Device {
         dummy_weights: bool,
         /// Each request's output independent of its batch (docs/CUDA.md).
         batch_invariant: bool,
+        /// Each step queued behind the one in flight (docs/CUDA.md "Overlapped steps").
+        overlap_steps: bool,
         /// GPUs each model is split over (tensor parallelism, docs/DEPLOY.md).
         tensor_parallel_size: usize,
         /// The layers' projections in FP8 (`--quantization fp8`, docs/CUDA.md).
@@ -703,6 +705,7 @@ mod cuda {
             gpu_memory_fraction,
             dummy_weights,
             batch_invariant,
+            overlap_steps,
             tensor_parallel_size,
             fp8,
             fp8_kv_cache,
@@ -745,6 +748,7 @@ mod cuda {
                     max_running: base.max_running,
                     kv: KvBudget::MemoryFraction(gpu_memory_fraction),
                     batch_invariant,
+                    overlap_steps,
                     tensor_parallel: TensorParallel::across_gpus(tensor_parallel_size),
                     quantization: if fp8 {
                         Quantization::Fp8

@@ -189,10 +189,10 @@ struct BenchArgs {
     /// Launch every step's kernels directly instead of replaying decode steps as graphs.
     #[arg(long)]
     no_cuda_graphs: bool,
-    /// Run one step at a time instead of queueing each behind the one in flight (the
-    /// server's way; see docs/CUDA.md "Overlapped steps").
+    /// Queue each step behind the one in flight (`heddle serve --overlap-steps`; see
+    /// docs/CUDA.md "Overlapped steps") instead of running one step at a time.
     #[arg(long)]
-    no_overlap: bool,
+    overlap: bool,
     /// The batch-invariant mode (pinned GEMM algorithms, no decode attention kernel).
     #[arg(long)]
     batch_invariant: bool,
@@ -327,6 +327,7 @@ fn main() -> anyhow::Result<()> {
                 tensor_parallel: TensorParallel::default(),
                 quantization: quantization.into(),
                 kv_cache_dtype: kv_cache_dtype.into(),
+                ..CudaOptions::default()
             };
             let mut runner = CudaRunner::new(config, &WeightSource::Checkpoint(model), options)?;
             let output = reference::run(&mut runner, &job)?;
@@ -714,7 +715,7 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     ""
                 }
-                + if args.no_overlap { "+nooverlap" } else { "" };
+                + if args.overlap { "+overlap" } else { "" };
             let load = Load {
                 requests: args.requests,
                 prompt_len: args.prompt_len,
@@ -722,7 +723,7 @@ fn main() -> anyhow::Result<()> {
                 max_running: args.max_running,
                 max_batched_tokens: args.max_batched_tokens,
                 seed: 1,
-                overlap: !args.no_overlap,
+                overlap: args.overlap,
             };
             // A short warm-up (cuBLAS picks and loads its kernels on first use).
             bench::run(

@@ -3,6 +3,7 @@
 
 mod attention;
 pub mod chat_template;
+pub mod computed_at_launch;
 pub mod config;
 pub mod cpu_model;
 pub mod cpu_runner;

@@ -1,14 +1,16 @@
 //! Batch invariance through the whole engine: the real scheduler drives the real CPU
 //! runner on the embedded model. Each prompt's greedy output must be identical whether
 //! it runs alone or with the others — arriving at different times, sharing a cached
-//! prefix, and after being preempted.
+//! prefix, and after being preempted — and whether the engine runs one step at a time
+//! or queues each behind the one in flight (overlapped steps).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use heddle_core::{FinishReason, Priority, SamplingParams, SchedulerConfig, StopCriteria, TokenId};
 use heddle_model::chat_template::ChatMessage;
-use heddle_model::{embedded_model_path, load_cpu, KvSize};
+use heddle_model::computed_at_launch::ComputedAtLaunch;
+use heddle_model::{embedded_model_path, load_cpu, KvSize, ModelRunner};
 use heddle_server::engine::{Engine, EngineEvent, EngineHandle, GenerationRequest, Submitted};
 
 const OUTPUT_TOKENS: usize = 24;
@@ -77,6 +79,16 @@ fn engine(
     num_blocks: usize,
     max_running: usize,
 ) -> (EngineHandle, heddle_model::chat_template::ChatTemplate) {
+    engine_with(num_blocks, max_running, false)
+}
+
+/// An engine on the embedded model; with `overlapped`, its runner offers overlapped steps
+/// (computed at launch), so the engine queues each step behind the one in flight.
+fn engine_with(
+    num_blocks: usize,
+    max_running: usize,
+    overlapped: bool,
+) -> (EngineHandle, heddle_model::chat_template::ChatTemplate) {
     let path = embedded_model_path().expect("the embedded model (run scripts/fetch-model.sh)");
     let model = load_cpu(&path, KvSize::Blocks(num_blocks), BLOCK_SIZE).unwrap();
     let config = SchedulerConfig {
@@ -90,8 +102,12 @@ fn engine(
     };
     let template = model.text.chat_template;
     let tokenizer = Arc::new(model.text.tokenizer);
-    let (handle, _thread) =
-        Engine::spawn("test", Box::new(model.runner), tokenizer, config).unwrap();
+    let runner: Box<dyn ModelRunner> = if overlapped {
+        Box::new(ComputedAtLaunch::new(model.runner))
+    } else {
+        Box::new(model.runner)
+    };
+    let (handle, _thread) = Engine::spawn("test", runner, tokenizer, config).unwrap();
     (handle, template)
 }
 
@@ -143,5 +159,114 @@ fn greedy_outputs_do_not_depend_on_the_batch() {
     let again = collect(busy.submit_blocking(request(&prompts[0])).unwrap());
     assert_eq!(again, alone[0]);
     let stats = busy.stats();
+    assert_eq!(stats.kv.used_blocks, 0, "blocks leaked: {stats:?}");
+}
+
+/// What a request produced: its tokens, text, prompt log-probabilities (how many, and
+/// the first finite one) and how it ended.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    tokens: Vec<TokenId>,
+    text: String,
+    prompt_logprobs: Option<(usize, Option<f32>)>,
+    reason: FinishReason,
+}
+
+fn outcome(mut submitted: Submitted) -> Outcome {
+    let (mut tokens, mut text, mut prompt_logprobs) = (Vec::new(), String::new(), None);
+    while let Some(event) = submitted.events.blocking_recv() {
+        match event {
+            EngineEvent::Token { token, text: t, .. } => {
+                tokens.push(token);
+                text.push_str(&t);
+            }
+            EngineEvent::PromptLogprobs(scores) => {
+                let first = scores.iter().flatten().next().map(|s| s.logprob);
+                prompt_logprobs = Some((scores.len(), first));
+            }
+            EngineEvent::Finished {
+                reason, text: t, ..
+            } => {
+                text.push_str(&t);
+                return Outcome {
+                    tokens,
+                    text,
+                    prompt_logprobs,
+                    reason,
+                };
+            }
+        }
+    }
+    panic!("the engine dropped a request");
+}
+
+#[test]
+fn overlapped_steps_give_the_outputs_of_single_steps() {
+    let (plain, template) = engine_with(48, 8, false);
+    let prompts = prompts(&plain, &template);
+    // Prompt 0 alone says where a stop string will cut it.
+    let alone = outcome(plain.submit_blocking(request(&prompts[0])).unwrap());
+    let stop = alone
+        .text
+        .chars()
+        .skip(alone.text.chars().count() / 2)
+        .take(3)
+        .collect::<String>();
+    // The stepping paths the engine can take: pending tokens decoded ahead, a stop string
+    // (an end the scheduler cannot foresee), EOS, prompt scoring (launched only after the
+    // step before is collected), penalties (the same), a logit bias (one step at a time),
+    // and seeded sampling.
+    let variants: Vec<GenerationRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut r = request(p);
+            match i {
+                0 => r.stop.stop_strings = vec![stop.clone()],
+                1 => r.stop.ignore_eos = false,
+                2 => r.sampling.prompt_logprobs = Some(2),
+                3 => r.sampling.frequency_penalty = 0.5,
+                // Short, so that the engine goes back to overlapped steps after it.
+                4 => {
+                    r.logits.bias = vec![(13, 3.0)].into();
+                    r.stop.max_tokens = 4;
+                }
+                5 => {
+                    r.sampling = SamplingParams {
+                        temperature: 0.9,
+                        seed: Some(11),
+                        ..SamplingParams::default()
+                    };
+                }
+                _ => {}
+            }
+            r
+        })
+        .collect();
+    let run = |engine: &EngineHandle| -> Vec<Outcome> {
+        let mut pending = Vec::new();
+        for (i, r) in variants.iter().enumerate() {
+            pending.push(engine.submit_blocking(r.clone()).unwrap());
+            if i % 3 == 2 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        pending.into_iter().map(outcome).collect()
+    };
+    let single = run(&plain);
+    let (overlapped, _) = engine_with(48, 8, true);
+    let queued = run(&overlapped);
+    assert_eq!(
+        single[0].reason,
+        FinishReason::Stop,
+        "the stop string {stop:?} must end prompt 0"
+    );
+    assert!(single[2]
+        .prompt_logprobs
+        .is_some_and(|(n, first)| n == prompts[2].len() && first.is_some()));
+    for (i, (s, q)) in single.iter().zip(&queued).enumerate() {
+        assert_eq!(s, q, "request {i} differs with overlapped steps");
+    }
+    let stats = overlapped.stats();
     assert_eq!(stats.kv.used_blocks, 0, "blocks leaked: {stats:?}");
 }

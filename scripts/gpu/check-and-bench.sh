@@ -19,7 +19,8 @@
 #    256 sampled outputs under a schema, each checked (1B shape, the embedded tokenizer);
 # 6. throughput in process on random Llama-3.2-1B and Llama-3.1-8B weights (256 requests
 #    × 512 random prompt tokens → 128 output tokens, greedy, ignore_eos, all at once),
-#    8B also in the batch-invariant mode, single-stream decode, and the weight GEMMs alone
+#    each also with overlapped steps (`--overlap`), 8B also in the batch-invariant mode,
+#    single-stream decode, and the weight GEMMs alone
 #    at decode row counts (`heddle-cuda gemm`); the same load through
 #    `heddle serve` and `heddle bench` over HTTP; the transformers peer (unless `quick`).
 # A summary table comes last. Logs go to $OUT (or /tmp/heddle-gpu).
@@ -106,11 +107,13 @@ echo "== FP8 on this GPU: quantization vs the CPU, FP8 GEMMs vs f64, FP8 vs bf16
 # point TensorRT-LLM publishes its FP8 figure at), bf16 and FP8.
 MAX_LOAD="--prompt-len 128 --output-len 128 --requests 1024 --max-running 512"
 for run in llama-3.2-1b:--single-stream llama-3.1-8b:--single-stream \
+  "llama-3.2-1b:--single-stream --overlap" "llama-3.1-8b:--single-stream --overlap" \
   "llama-3.1-8b:--single-stream --batch-invariant" \
   "llama-3.2-1b:--single-stream --quantization fp8" "llama-3.1-8b:--single-stream --quantization fp8" \
   "llama-3.1-8b:--single-stream --quantization fp8 --kv-cache-dtype fp8" \
   "llama-3.1-8b:$MAX_LOAD" "llama-3.1-8b:$MAX_LOAD --quantization fp8" \
-  "llama-3.1-8b:$MAX_LOAD --quantization fp8 --kv-cache-dtype fp8"; do
+  "llama-3.1-8b:$MAX_LOAD --quantization fp8 --kv-cache-dtype fp8" \
+  "llama-3.1-8b:$MAX_LOAD --quantization fp8 --kv-cache-dtype fp8 --overlap"; do
   shape=${run%%:*}
   extra=${run#*:}
   echo "== heddle in-process bench $shape $extra"
@@ -222,8 +225,9 @@ for line in lines:
     if m: peer[m.group(1)] = (float(m.group(2)), float(m.group(3)))
 print("throughput, output tokens/s, 256 x 512 -> 128 (128/128: 1,024 x 128 -> 128, 512 at a time), random weights (in process: heddle-cuda bench; HTTP: heddle serve + heddle bench):")
 print(f"  {'model':20} {'heddle s':>9} {'in-process':>11} {'HTTP':>8} {'peer':>7} {'single-stream ms/token':>23}")
-for k in ["1b", "1b+fp8", "8b", "8b+fp8", "8b+fp8+fp8kv", "8b+invariant", "8b 128/128",
-          "8b+fp8 128/128", "8b+fp8+fp8kv 128/128"]:
+for k in ["1b", "1b+overlap", "1b+fp8", "8b", "8b+overlap", "8b+fp8", "8b+fp8+fp8kv",
+          "8b+invariant", "8b 128/128", "8b+fp8 128/128", "8b+fp8+fp8kv 128/128",
+          "8b+fp8+fp8kv+overlap 128/128"]:
     if k not in heddle: continue
     s, t = heddle[k]
     p = peer.get(k, (None, None))[1]

@@ -19,8 +19,9 @@
 #    random prompt tokens -> 128, and single-stream decode) at TP=1, and at TP=2 when two
 #    GPUs are visible: peer-to-peer sums for every step (the default with two ranks), for
 #    steps of up to 512 tokens only (prefill through NCCL), NCCL for every step, and no
-#    sums at all (wrong tokens: what the collectives cost). Goals: TP=2 throughput >=
-#    1.7x TP=1's, single-stream decode <= 0.6x TP=1's time;
+#    sums at all (wrong tokens: what the collectives cost); TP=1 and peer-to-peer TP=2
+#    also with overlapped steps (`--overlap`). Goals: TP=2 throughput >= 1.7x TP=1's,
+#    single-stream decode <= 0.6x TP=1's time;
 # 4. with two GPUs of 120 GB or more, the Llama-3.1-70B shape at TP=2 (about 70 GB of
 #    weights a GPU): throughput and single-stream decode.
 # TP_SKIP="serve checks 70b" leaves those parts out. A summary comes last. Logs go to $OUT
@@ -114,14 +115,17 @@ except Exception as e:
 fi
 
 echo "== timings, Llama-3.1-8B shape: TP=1 and TP=2"
-$T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stream \
-  2>"$LOGS/bench-tp1.log" | tee -a "$RESULTS"
-grep -E "CUDA runner ready|ERROR|panicked" "$LOGS/bench-tp1.log" | cut -c1-300
+for overlap in "" --overlap; do
+  $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stream $overlap \
+    2>"$LOGS/bench-tp1$overlap.log" | tee -a "$RESULTS"
+  grep -E "CUDA runner ready|ERROR|panicked" "$LOGS/bench-tp1$overlap.log" | cut -c1-300
+done
 if [ "$GPUS" -ge 2 ]; then
-  for sums in peer-to-peer peer-to-peer-small-steps nccl skip-for-timing; do
+  for sums in peer-to-peer "peer-to-peer --overlap" peer-to-peer-small-steps nccl skip-for-timing; do
+    log="$LOGS/bench-tp2-$(echo $sums | tr -d ' ').log"
     $T 300 "$BIN/heddle-cuda" bench --config configs/llama-3.1-8b.json --single-stream \
-      --tensor-parallel-size 2 --all-reduce $sums 2>"$LOGS/bench-tp2-$sums.log" | tee -a "$RESULTS"
-    grep -E "CUDA runner ready|NCCL|peer-to-peer|ERROR|WARN|panicked" "$LOGS/bench-tp2-$sums.log" | cut -c1-300
+      --tensor-parallel-size 2 --all-reduce $sums 2>"$log" | tee -a "$RESULTS"
+    grep -E "CUDA runner ready|NCCL|peer-to-peer|ERROR|WARN|panicked" "$log" | cut -c1-300
   done
 fi
 GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | sort -n | head -1)
@@ -152,6 +156,8 @@ for l in lines:
     if m: single[m.group(1)] = float(m.group(2))
 print("timings, random weights, 256 x 512 -> 128 (in process):")
 names = [("llama-3.1-8b", "8B TP=1"), ("llama-3.1-8b+tp2", "8B TP=2 (peer-to-peer)"),
+         ("llama-3.1-8b+overlap", "8B TP=1, overlapped steps"),
+         ("llama-3.1-8b+tp2+overlap", "8B TP=2 (peer-to-peer), overlapped"),
          ("llama-3.1-8b+tp2+p2psmall", "8B TP=2 (peer-to-peer <= 512 tokens)"),
          ("llama-3.1-8b+tp2+nccl", "8B TP=2 (NCCL)"), ("llama-3.1-8b+tp2+nosums", "8B TP=2 (no sums, timing only)"),
          ("llama-3.1-70b+tp2", "70B TP=2 (peer-to-peer)")]
@@ -159,8 +165,8 @@ for k, name in names:
     if k in runs:
         s, t, step, host, pack = runs[k]
         print(f"  {name:36} {s:7.2f} s {t:9.0f} output tok/s  decode step {step:6.2f} ms (host {host:.2f}, packing {pack:.2f})  single-stream {single.get(k, float('nan')):.2f} ms/token")
-one = "llama-3.1-8b"
-for k, name in names[1:5]:
+for one, k, name in [("llama-3.1-8b", k, name) for k, name in names[1:2] + names[4:7]] + [
+        ("llama-3.1-8b+overlap", "llama-3.1-8b+tp2+overlap", "8B TP=2 (peer-to-peer), overlapped")]:
     if one in runs and k in runs:
         speedup = runs[k][1] / runs[one][1]
         ratio = single[k] / single[one]

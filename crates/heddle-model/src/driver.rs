@@ -104,9 +104,12 @@ impl StepDriver {
             let launched = runner.launch(&self.batch, scheduler);
             self.after_launch(launched, scheduler, runner)?;
         }
-        self.ahead.seqs.clear();
         let mut ahead_launched = false;
-        if ahead {
+        if !ahead {
+            self.ahead.seqs.clear();
+        } else {
+            // Into the slots of the batch before last, so that a steady step allocates
+            // nothing.
             scheduler.schedule_into(&mut self.ahead);
             if !self.ahead.is_empty() {
                 on_scheduled(&self.ahead, scheduler);
@@ -159,6 +162,7 @@ impl StepDriver {
         scheduler: &mut Scheduler,
         runner: &mut R,
     ) -> Result<Option<StepResult>, StepFailed> {
+        debug_assert!(!self.launched, "an overlapped step is still in flight");
         self.collected_ahead = false;
         if self.schedule(scheduler).is_empty() {
             return Ok(None);

@@ -653,3 +653,54 @@ fn a_low_request_is_not_starved_by_a_stream_of_high_ones() {
         "saturated: it cannot go before the crossover"
     );
 }
+
+#[test]
+fn one_step_ahead_decodes_the_pending_token_and_skips_what_ends_by_length() {
+    let mut sched = Scheduler::new(config(16, 4)).unwrap();
+    sched.add(req(1, 6, 3, Priority::Normal, 0.0)).unwrap();
+    sched.add(req(2, 5, 1, Priority::Normal, 0.0)).unwrap();
+    let prefill = sched.schedule();
+    assert!(prefill.seqs.iter().all(|s| s.needs_logits));
+    // Scheduled while the prefill is in flight: request 1 decodes the token the prefill
+    // samples for it (pending, at position 6); request 2's one token ends it by length.
+    let ahead = sched.schedule();
+    assert_eq!(ids(&ahead), vec![1]);
+    let decode = &ahead.seqs[0];
+    assert!(decode.last_token_pending && decode.needs_logits);
+    assert_eq!((decode.start_position, decode.tokens.len()), (6, 1));
+    assert_eq!(decode.num_generated, 1);
+    let events = sched.update(&fake_sample(&prefill));
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].finish, Some(FinishReason::Length));
+    // The pending token is the one the prefill sampled.
+    assert_eq!(sched.sequence_tokens(1)[6], events[0].token);
+    // Request 1 now has two pending samples' worth of scheduling; the next step ahead
+    // decodes position 7, and after its third token nothing more is scheduled.
+    let next = sched.schedule();
+    assert_eq!(next.seqs[0].start_position, 7);
+    sched.update(&fake_sample(&ahead));
+    assert!(
+        sched.schedule().is_empty(),
+        "the third token ends it by length"
+    );
+    let events = sched.update(&fake_sample(&next));
+    assert_eq!(events[0].finish, Some(FinishReason::Length));
+    assert!(!sched.has_work());
+    assert_eq!(sched.stats().kv.used_blocks, 0);
+}
+
+#[test]
+fn a_failure_one_step_ahead_ends_each_sequence_once() {
+    let mut sched = Scheduler::new(config(16, 4)).unwrap();
+    sched.add(req(1, 6, 8, Priority::Normal, 0.0)).unwrap();
+    sched.add(req(2, 5, 8, Priority::Normal, 0.0)).unwrap();
+    let _prefill = sched.schedule();
+    let ahead = sched.schedule();
+    assert_eq!(ids(&ahead), vec![1, 2]);
+    // Both steps are abandoned: each sequence ends once, with all its blocks.
+    assert_eq!(sched.abort_step(), vec![1, 2]);
+    assert!(!sched.has_work());
+    assert_eq!(sched.stats().kv.used_blocks, 0);
+    // Nothing of them is left to credit.
+    assert!(sched.update(&fake_sample(&ahead)).is_empty());
+}

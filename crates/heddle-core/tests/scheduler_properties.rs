@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use heddle_core::scheduler::AddError;
 use heddle_core::{
     AddOutcome, FinishReason, Priority, Request, RequestId, SampledToken, SamplingParams,
-    ScheduledBatch, Scheduler, SchedulerConfig, SequenceTokens, StopCriteria, TokenId,
+    ScheduledBatch, Scheduler, SchedulerConfig, SequenceTokens, StepEvent, StopCriteria, TokenId,
 };
 use proptest::prelude::*;
 
@@ -96,20 +96,112 @@ fn prompt(prefix: usize, len: usize, id: RequestId) -> Vec<TokenId> {
         .collect()
 }
 
+/// The requests a property test has sent, and what became of them.
+#[derive(Default)]
+struct Sent {
+    live: Vec<RequestId>,
+    ended: HashSet<RequestId>,
+    /// By request: (prompt length, max_tokens).
+    lengths: HashMap<RequestId, (usize, usize)>,
+    next_id: RequestId,
+    now: f64,
+}
+
+impl Sent {
+    /// Applies an `Add`, `Cancel` or `Finish` (a `Step` is the test's own).
+    fn apply(&mut self, sched: &mut Scheduler, op: &Op) -> Result<(), TestCaseError> {
+        self.now += 0.25;
+        match *op {
+            Op::Add {
+                prefix,
+                prompt_len,
+                max_tokens,
+                priority,
+            } => {
+                let id = self.next_id;
+                self.next_id += 1;
+                let request = Request {
+                    id,
+                    prompt: prompt(prefix, prompt_len, id),
+                    priority: Priority::from_value(i64::from(priority)).unwrap(),
+                    sampling: SamplingParams::greedy(),
+                    stop: StopCriteria {
+                        eos_token_ids: vec![EOS],
+                        ..StopCriteria::new(max_tokens)
+                    },
+                    arrival: self.now,
+                };
+                self.lengths.insert(id, (prompt_len, max_tokens));
+                match sched.add(request) {
+                    Ok(AddOutcome::Queued) => self.live.push(id),
+                    Ok(AddOutcome::QueuedDisplacing(victim)) => {
+                        self.live.push(id);
+                        prop_assert!(self.live.contains(&victim));
+                        self.live.retain(|&other| other != victim);
+                        prop_assert!(self.ended.insert(victim));
+                    }
+                    Err(AddError::QueueFull) | Err(AddError::Invalid(_)) => {
+                        prop_assert!(self.ended.insert(id));
+                    }
+                }
+            }
+            Op::Cancel(pick) | Op::Finish(pick) if !self.live.is_empty() => {
+                let id = self.live[pick % self.live.len()];
+                let ok = if matches!(op, Op::Cancel(_)) {
+                    sched.cancel(id)
+                } else {
+                    // Only a request that is computing can be finished from outside.
+                    sched.finish(id, FinishReason::Stop).is_ok()
+                };
+                if ok {
+                    self.live.retain(|&other| other != id);
+                    prop_assert!(self.ended.insert(id));
+                }
+            }
+            Op::Cancel(_) | Op::Finish(_) | Op::Step => {}
+        }
+        Ok(())
+    }
+
+    /// Checks an event, the `count`-th token of its request.
+    fn check_event(&mut self, event: &StepEvent, count: usize) -> Result<(), TestCaseError> {
+        let max_tokens = self.lengths[&event.id].1;
+        prop_assert!(count <= max_tokens, "max_tokens exceeded");
+        prop_assert!(!self.ended.contains(&event.id), "event after the end");
+        if let Some(reason) = event.finish {
+            prop_assert!(reason == FinishReason::Stop || count == max_tokens);
+            prop_assert!(self.ended.insert(event.id), "ended twice");
+            self.live.retain(|&id| id != event.id);
+        }
+        Ok(())
+    }
+
+    /// Checks that every request sent has ended, once.
+    fn check_all_ended(&self) -> Result<(), TestCaseError> {
+        prop_assert!(
+            self.live.is_empty(),
+            "requests never ended: {:?}",
+            self.live
+        );
+        prop_assert_eq!(
+            self.ended.len() as u64,
+            self.next_id,
+            "every request ends exactly once"
+        );
+        Ok(())
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
     #[test]
     fn every_request_ends_once_and_nothing_leaks(cfg in config(), ops in proptest::collection::vec(op(), 1..150)) {
         let mut sched = Scheduler::new(cfg.clone()).unwrap();
-        let mut live: Vec<RequestId> = Vec::new();
-        let mut ended: HashSet<RequestId> = HashSet::new();
-        let mut max_tokens: HashMap<RequestId, usize> = HashMap::new();
+        let mut sent = Sent::default();
         let mut generated: HashMap<RequestId, usize> = HashMap::new();
-        let mut next_id: RequestId = 0;
-        let mut now = 0.0;
 
-        let run_step = |sched: &mut Scheduler, live: &mut Vec<RequestId>, ended: &mut HashSet<RequestId>, generated: &mut HashMap<RequestId, usize>, max_tokens: &HashMap<RequestId, usize>| -> Result<(), TestCaseError> {
+        let run_step = |sched: &mut Scheduler, sent: &mut Sent, generated: &mut HashMap<RequestId, usize>| -> Result<(), TestCaseError> {
             let batch = sched.schedule();
             prop_assert!(batch.num_tokens() <= cfg.max_batched_tokens, "budget exceeded");
             prop_assert!(batch.seqs.len() <= cfg.max_running, "too many sequences");
@@ -136,71 +228,25 @@ proptest! {
             for event in sched.update(&fake_sample(&batch)) {
                 let count = generated.entry(event.id).or_default();
                 *count += 1;
-                prop_assert!(*count <= max_tokens[&event.id], "max_tokens exceeded");
-                prop_assert!(!ended.contains(&event.id), "event after the end");
-                if let Some(reason) = event.finish {
-                    prop_assert!(reason == FinishReason::Stop || *count == max_tokens[&event.id]);
-                    prop_assert!(ended.insert(event.id), "ended twice");
-                    live.retain(|&id| id != event.id);
-                }
+                sent.check_event(&event, *count)?;
             }
             Ok(())
         };
 
         for op in ops {
-            now += 0.25;
             match op {
-                Op::Add { prefix, prompt_len, max_tokens: mt, priority } => {
-                    let id = next_id;
-                    next_id += 1;
-                    let request = Request {
-                        id,
-                        prompt: prompt(prefix, prompt_len, id),
-                        priority: Priority::from_value(i64::from(priority)).unwrap(),
-                        sampling: SamplingParams::greedy(),
-                        stop: StopCriteria { eos_token_ids: vec![EOS], ..StopCriteria::new(mt) },
-                        arrival: now,
-                    };
-                    max_tokens.insert(id, mt);
-                    match sched.add(request) {
-                        Ok(AddOutcome::Queued) => live.push(id),
-                        Ok(AddOutcome::QueuedDisplacing(victim)) => {
-                            live.push(id);
-                            prop_assert!(live.contains(&victim));
-                            live.retain(|&other| other != victim);
-                            prop_assert!(ended.insert(victim));
-                        }
-                        Err(AddError::QueueFull) | Err(AddError::Invalid(_)) => {
-                            prop_assert!(ended.insert(id));
-                        }
-                    }
-                }
-                Op::Cancel(pick) | Op::Finish(pick) if !live.is_empty() => {
-                    let id = live[pick % live.len()];
-                    let ok = if matches!(op, Op::Cancel(_)) {
-                        sched.cancel(id)
-                    } else {
-                        // Only a request that is computing can be finished from outside.
-                        sched.finish(id, FinishReason::Stop).is_ok()
-                    };
-                    if ok {
-                        live.retain(|&other| other != id);
-                        prop_assert!(ended.insert(id));
-                    }
-                }
-                Op::Cancel(_) | Op::Finish(_) => {}
-                Op::Step => run_step(&mut sched, &mut live, &mut ended, &mut generated, &max_tokens)?,
+                Op::Step => run_step(&mut sched, &mut sent, &mut generated)?,
+                other => sent.apply(&mut sched, &other)?,
             }
         }
         // Drain: everything left must finish within a bounded number of steps.
         let mut steps = 0;
         while sched.has_work() {
-            run_step(&mut sched, &mut live, &mut ended, &mut generated, &max_tokens)?;
+            run_step(&mut sched, &mut sent, &mut generated)?;
             steps += 1;
             prop_assert!(steps < 10_000, "the scheduler stopped making progress");
         }
-        prop_assert!(live.is_empty(), "requests never ended: {:?}", live);
-        prop_assert_eq!(ended.len() as u64, next_id, "every request ends exactly once");
+        sent.check_all_ended()?;
         let kv = sched.stats().kv;
         prop_assert_eq!(kv.free_blocks, kv.total_blocks, "blocks leaked");
         prop_assert_eq!(kv.used_blocks, 0);
@@ -324,21 +370,15 @@ proptest! {
         launch_choices in proptest::collection::vec(any::<bool>(), 64),
     ) {
         let mut sched = Scheduler::new(cfg.clone()).unwrap();
-        let mut live: Vec<RequestId> = Vec::new();
-        let mut ended: HashSet<RequestId> = HashSet::new();
-        // By request: (prompt length, max_tokens).
-        let mut lengths: HashMap<RequestId, (usize, usize)> = HashMap::new();
+        let mut sent = Sent::default();
         let mut generated: HashMap<RequestId, Vec<TokenId>> = HashMap::new();
         let mut in_flight: Option<ScheduledBatch> = None;
-        let mut next_id: RequestId = 0;
         let mut steps = 0usize;
 
         let mut step = |sched: &mut Scheduler,
                         in_flight: &mut Option<ScheduledBatch>,
-                        live: &mut Vec<RequestId>,
-                        ended: &mut HashSet<RequestId>,
-                        generated: &mut HashMap<RequestId, Vec<TokenId>>,
-                        lengths: &HashMap<RequestId, (usize, usize)>|
+                        sent: &mut Sent,
+                        generated: &mut HashMap<RequestId, Vec<TokenId>>|
          -> Result<(), TestCaseError> {
             steps += 1;
             let current = match in_flight.take() {
@@ -365,20 +405,12 @@ proptest! {
                     prop_assert!(before.is_some_and(|c| c.needs_logits && c.end_position() + 1 == s.end_position()), "a pending token no step in flight samples");
                 }
             }
-            let outputs = fake_sample(&current);
-            for event in sched.update(&outputs) {
-                prop_assert!(!ended.contains(&event.id), "event after the end");
+            for event in sched.update(&fake_sample(&current)) {
                 let tokens = generated.entry(event.id).or_default();
                 tokens.push(event.token);
-                let (prompt_len, max_tokens) = lengths[&event.id];
-                let position = prompt_len + tokens.len() - 1;
+                let position = sent.lengths[&event.id].0 + tokens.len() - 1;
                 prop_assert_eq!(event.token, fake_token(event.id, position), "a token the model never gave there");
-                prop_assert!(tokens.len() <= max_tokens, "max_tokens exceeded");
-                if let Some(reason) = event.finish {
-                    prop_assert!(reason == FinishReason::Stop || tokens.len() == max_tokens);
-                    prop_assert!(ended.insert(event.id), "ended twice");
-                    live.retain(|&id| id != event.id);
-                }
+                sent.check_event(&event, tokens.len())?;
             }
             if !launched {
                 sched.resolve_pending(&mut ahead);
@@ -392,58 +424,19 @@ proptest! {
             Ok(())
         };
 
-        let mut now = 0.0;
         for op in ops {
-            now += 0.25;
             match op {
-                Op::Add { prefix, prompt_len, max_tokens: mt, priority } => {
-                    let id = next_id;
-                    next_id += 1;
-                    let request = Request {
-                        id,
-                        prompt: prompt(prefix, prompt_len, id),
-                        priority: Priority::from_value(i64::from(priority)).unwrap(),
-                        sampling: SamplingParams::greedy(),
-                        stop: StopCriteria { eos_token_ids: vec![EOS], ..StopCriteria::new(mt) },
-                        arrival: now,
-                    };
-                    lengths.insert(id, (prompt_len, mt));
-                    match sched.add(request) {
-                        Ok(AddOutcome::Queued) => live.push(id),
-                        Ok(AddOutcome::QueuedDisplacing(victim)) => {
-                            live.push(id);
-                            live.retain(|&other| other != victim);
-                            prop_assert!(ended.insert(victim));
-                        }
-                        Err(AddError::QueueFull) | Err(AddError::Invalid(_)) => {
-                            prop_assert!(ended.insert(id));
-                        }
-                    }
-                }
-                Op::Cancel(pick) | Op::Finish(pick) if !live.is_empty() => {
-                    let id = live[pick % live.len()];
-                    let ok = if matches!(op, Op::Cancel(_)) {
-                        sched.cancel(id)
-                    } else {
-                        sched.finish(id, FinishReason::Stop).is_ok()
-                    };
-                    if ok {
-                        live.retain(|&other| other != id);
-                        prop_assert!(ended.insert(id));
-                    }
-                }
-                Op::Cancel(_) | Op::Finish(_) => {}
-                Op::Step => step(&mut sched, &mut in_flight, &mut live, &mut ended, &mut generated, &lengths)?,
+                Op::Step => step(&mut sched, &mut in_flight, &mut sent, &mut generated)?,
+                other => sent.apply(&mut sched, &other)?,
             }
         }
         let mut drain = 0;
         while sched.has_work() || in_flight.is_some() {
-            step(&mut sched, &mut in_flight, &mut live, &mut ended, &mut generated, &lengths)?;
+            step(&mut sched, &mut in_flight, &mut sent, &mut generated)?;
             drain += 1;
             prop_assert!(drain < 10_000, "the scheduler stopped making progress");
         }
-        prop_assert!(live.is_empty(), "requests never ended: {:?}", live);
-        prop_assert_eq!(ended.len() as u64, next_id, "every request ends exactly once");
+        sent.check_all_ended()?;
         let kv = sched.stats().kv;
         prop_assert_eq!(kv.free_blocks, kv.total_blocks, "blocks leaked");
     }

@@ -491,14 +491,12 @@ fn main() -> anyhow::Result<()> {
                 c.relative_error,
                 if passed { "ok" } else { "FAIL" }
             );
-            let (differing, tokens, captured) = parallel_checks::graphs_against_launches(
-                &config,
-                &source,
-                CudaOptions {
-                    tensor_parallel: parallel,
-                    ..CudaOptions::default()
-                },
-            )?;
+            let split = CudaOptions {
+                tensor_parallel: parallel,
+                ..CudaOptions::default()
+            };
+            let (differing, tokens, captured) =
+                parallel_checks::graphs_against_launches(&config, &source, split.clone())?;
             let passed = differing == 0 && captured > 0;
             failed |= !passed;
             println!(
@@ -506,14 +504,8 @@ fn main() -> anyhow::Result<()> {
                  tokens_differing={differing}/{tokens} layouts_captured={captured} {}",
                 if passed { "ok" } else { "FAIL" }
             );
-            let (differing, tokens) = parallel_checks::overlapped_against_single(
-                &config,
-                &source,
-                CudaOptions {
-                    tensor_parallel: parallel,
-                    ..CudaOptions::default()
-                },
-            )?;
+            let (differing, tokens) =
+                parallel_checks::overlapped_against_single(&config, &source, split)?;
             let passed = differing == 0;
             failed |= !passed;
             println!(

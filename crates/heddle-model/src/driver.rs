@@ -30,6 +30,9 @@ pub struct StepDriver {
 pub struct StepResult {
     pub outputs: Vec<SampledOutput>,
     pub events: Vec<StepEvent>,
+    /// Whether the next step was launched before these results were applied
+    /// (overlapped stepping).
+    pub launched_ahead: bool,
 }
 
 /// A step the runner failed: its error, and the requests the abandoned step ended.
@@ -123,6 +126,7 @@ impl StepDriver {
         let collected = runner.collect();
         let outputs = self.after_launch(collected, scheduler, runner)?;
         let events = self.update(scheduler, &outputs);
+        let launched_ahead = ahead_launched;
         if !ahead_launched && !self.ahead.is_empty() {
             scheduler.resolve_pending(&mut self.ahead);
             if !self.ahead.is_empty() {
@@ -134,7 +138,11 @@ impl StepDriver {
         std::mem::swap(&mut self.batch, &mut self.ahead);
         self.launched = ahead_launched;
         self.collected_ahead = true;
-        Ok(Some(StepResult { outputs, events }))
+        Ok(Some(StepResult {
+            outputs,
+            events,
+            launched_ahead,
+        }))
     }
 
     /// Passes a runner call's value on; on its failure, forgets the runner's launched
@@ -170,7 +178,11 @@ impl StepDriver {
         match runner.step(&self.batch, scheduler) {
             Ok(outputs) => {
                 let events = self.update(scheduler, &outputs);
-                Ok(Some(StepResult { outputs, events }))
+                Ok(Some(StepResult {
+                    outputs,
+                    events,
+                    launched_ahead: false,
+                }))
             }
             Err(error) => Err(StepFailed {
                 error,

@@ -147,11 +147,12 @@ fn stepping_one_ahead_gives_the_tokens_of_stepping_one_at_a_time() {
     let mut scheduler = mixed_workload(Some(stop_token));
     let mut driver = StepDriver::default();
     let mut overlapped = HashMap::new();
-    let mut steps = 0;
+    let (mut steps, mut launched_ahead) = (0, 0);
     while let Some(step) = driver
         .step_overlapped(&mut scheduler, &mut runner, true, |_, _| {})
         .unwrap()
     {
+        launched_ahead += step.launched_ahead as usize;
         record(&mut overlapped, step);
         steps += 1;
         assert!(
@@ -165,6 +166,7 @@ fn stepping_one_ahead_gives_the_tokens_of_stepping_one_at_a_time() {
         "{} pending tokens",
         runner.pending_taken()
     );
+    assert!(launched_ahead * 2 > steps, "{launched_ahead} of {steps} steps launched ahead");
     assert!(!driver.has_launched());
     assert_eq!(overlapped, plain);
     let kv = scheduler.stats().kv;

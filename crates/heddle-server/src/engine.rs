@@ -807,7 +807,12 @@ impl Engine {
             .model_step
             .observe(model_started.elapsed().as_secs_f64());
         match result {
-            Ok(step) => step.map(|step| (step.outputs, step.events)),
+            Ok(step) => step.map(|step| {
+                if step.launched_ahead {
+                    self.metrics.record_overlapped_step();
+                }
+                (step.outputs, step.events)
+            }),
             Err(failed) => {
                 tracing::error!(error = %failed.error, "model step failed; failing its requests");
                 for id in failed.ended {

@@ -14,8 +14,8 @@
 //! Elements are f16 by default, as llama.cpp keeps its cache: decode attention at a batch
 //! of 16 reads every sequence's whole cache once per layer, far more than fits in the
 //! caches, so it is bound by memory traffic, and half the bytes is nearly half the time.
-//! Attention reads a context's blocks out as f32 once per (token, KV head), converted with
-//! F16C, and then works in f32. f32 elements are kept for exact comparisons (an f16 cache
+//! Attention reads a context's blocks out as f32 a block (every KV head) at a time,
+//! converted with F16C, and then works in f32. f32 elements are kept for exact comparisons (an f16 cache
 //! turns f32 rounding differences into f16 rounding differences, ~5e-4). Memory is
 //! `2 × layers × kv_heads × head_dim × element bytes` per token (23 KB for SmolLM2-135M
 //! in f16).
@@ -162,38 +162,56 @@ impl KvCache {
         }
     }
 
-    /// Asks the CPU to bring the keys and values of KV head `head` in block `block` of
-    /// `layer` into its caches. A sequence's blocks lie anywhere in the cache, and the
-    /// hardware prefetchers do not follow them: attention that reads its context block
-    /// after block without this waits for memory at each one.
-    pub fn prefetch(&self, layer: usize, block: BlockId, head: usize) {
-        let at = self.offset(block, head, 0)..self.offset(block, head + 1, 0);
+    /// The elements of block `block` in one layer's buffer: every KV head's keys (or
+    /// values), side by side.
+    fn block_range(&self, block: BlockId) -> std::ops::Range<usize> {
+        self.offset(block, 0, 0)..self.offset(block + 1, 0, 0)
+    }
+
+    /// Part `part` of `parts` of [`Self::block_range`], in whole cache lines.
+    fn part_range(&self, block: BlockId, part: usize, parts: usize) -> std::ops::Range<usize> {
+        let at = self.block_range(block);
+        let line = 64 / self.dtype().bytes();
+        let lines = at.len().div_ceil(line);
+        let bound = |p: usize| (at.start + lines * p / parts * line).min(at.end);
+        bound(part)..bound(part + 1)
+    }
+
+    /// Asks the CPU to bring part `part` of `parts` of the keys of every KV head in block
+    /// `block` of `layer` into its caches. A sequence's blocks lie anywhere in the cache,
+    /// and the hardware prefetchers do not follow them: attention that reads its context
+    /// block after block without this waits for memory at each one.
+    pub fn prefetch_keys(&self, layer: usize, block: BlockId, part: usize, parts: usize) {
+        let at = self.part_range(block, part, parts);
         match &self.storage {
-            Storage::F16 { keys, values } => {
-                prefetch(&keys[layer][at.clone()]);
-                prefetch(&values[layer][at]);
-            }
-            Storage::F32 { keys, values } => {
-                prefetch(&keys[layer][at.clone()]);
-                prefetch(&values[layer][at]);
-            }
+            Storage::F16 { keys, .. } => prefetch(&keys[layer][at]),
+            Storage::F32 { keys, .. } => prefetch(&keys[layer][at]),
         }
     }
 
-    /// Reads the keys of KV head `head` in block `block` of `layer` as f32, transposed:
-    /// `head_dim × block_size` into `out`.
-    pub fn read_keys(&self, layer: usize, block: BlockId, head: usize, out: &mut [f32]) {
-        let at = self.offset(block, head, 0)..self.offset(block, head + 1, 0);
+    /// [`Self::prefetch_keys`] for the values.
+    pub fn prefetch_values(&self, layer: usize, block: BlockId, part: usize, parts: usize) {
+        let at = self.part_range(block, part, parts);
+        match &self.storage {
+            Storage::F16 { values, .. } => prefetch(&values[layer][at]),
+            Storage::F32 { values, .. } => prefetch(&values[layer][at]),
+        }
+    }
+
+    /// Reads the keys of every KV head in block `block` of `layer` as f32, each head's
+    /// transposed: `num_kv_heads × head_dim × block_size` into `out`.
+    pub fn read_keys(&self, layer: usize, block: BlockId, out: &mut [f32]) {
+        let at = self.block_range(block);
         match &self.storage {
             Storage::F16 { keys, .. } => widen(&keys[layer][at], out),
             Storage::F32 { keys, .. } => out.copy_from_slice(&keys[layer][at]),
         }
     }
 
-    /// Reads the values of KV head `head` in block `block` of `layer` as f32:
-    /// `block_size × head_dim` into `out`.
-    pub fn read_values(&self, layer: usize, block: BlockId, head: usize, out: &mut [f32]) {
-        let at = self.offset(block, head, 0)..self.offset(block, head + 1, 0);
+    /// Reads the values of every KV head in block `block` of `layer` as f32:
+    /// `num_kv_heads × block_size × head_dim` into `out`.
+    pub fn read_values(&self, layer: usize, block: BlockId, out: &mut [f32]) {
+        let at = self.block_range(block);
         match &self.storage {
             Storage::F16 { values, .. } => widen(&values[layer][at], out),
             Storage::F32 { values, .. } => out.copy_from_slice(&values[layer][at]),
@@ -307,22 +325,45 @@ mod tests {
             let k: Vec<f32> = (0..8).map(|i| ((i / 4) * 10 + i % 4) as f32).collect();
             let v: Vec<f32> = k.iter().map(|x| x + 0.5).collect();
             cache.write(1, 2, 1, &k, &v);
-            let mut keys = vec![f32::NAN; 8];
-            let mut values = vec![f32::NAN; 8];
-            cache.read_keys(1, 2, 1, &mut keys);
-            cache.read_values(1, 2, 1, &mut values);
-            // Keys transposed (dim, slot); values (slot, dim); slot 0 never written.
-            assert_eq!(
-                keys,
-                [0.0, 10.0, 0.0, 11.0, 0.0, 12.0, 0.0, 13.0],
-                "{dtype:?}"
-            );
-            assert_eq!(
-                values,
-                [0.0, 0.0, 0.0, 0.0, 10.5, 11.5, 12.5, 13.5],
-                "{dtype:?}"
-            );
+            let mut keys = vec![f32::NAN; 16];
+            let mut values = vec![f32::NAN; 16];
+            cache.read_keys(1, 2, &mut keys);
+            cache.read_values(1, 2, &mut values);
+            // Per head, keys transposed (dim, slot) and values (slot, dim); slot 0 never
+            // written.
+            #[rustfmt::skip]
+            let want_keys = [
+                0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0, 3.0,
+                0.0, 10.0, 0.0, 11.0, 0.0, 12.0, 0.0, 13.0,
+            ];
+            #[rustfmt::skip]
+            let want_values = [
+                0.0, 0.0, 0.0, 0.0, 0.5, 1.5, 2.5, 3.5,
+                0.0, 0.0, 0.0, 0.0, 10.5, 11.5, 12.5, 13.5,
+            ];
+            assert_eq!(keys, want_keys, "{dtype:?}");
+            assert_eq!(values, want_values, "{dtype:?}");
             assert_eq!(cache.size_in_bytes(), 2 * 2 * 3 * 2 * 2 * 4 * dtype.bytes());
+        }
+    }
+
+    #[test]
+    fn prefetch_parts_cover_a_block_in_whole_lines() {
+        // A block of 2 heads × 4 dims × 16 slots: 128 elements, 4 lines of f16, 8 of f32.
+        for (dtype, lines) in [(KvDtype::F16, 4usize), (KvDtype::F32, 8)] {
+            let cache = KvCache::new(&tiny(), 3, 16, dtype).unwrap();
+            let line = 64 / dtype.bytes();
+            for parts in [1, 3, 4, 9] {
+                let ranges: Vec<_> = (0..parts).map(|p| cache.part_range(1, p, parts)).collect();
+                assert_eq!(ranges[0].start, 128, "{dtype:?}, {parts} parts");
+                assert_eq!(ranges[parts - 1].end, 256, "{dtype:?}, {parts} parts");
+                for pair in ranges.windows(2) {
+                    assert_eq!(pair[0].end, pair[1].start);
+                    assert_eq!(pair[0].end % line, 0);
+                }
+                let largest = ranges.iter().map(|r| r.len()).max().unwrap();
+                assert_eq!(largest, lines.div_ceil(parts) * line);
+            }
         }
     }
 
@@ -347,8 +388,8 @@ mod tests {
         let mut cache = KvCache::new(&tiny(), 1, 1, KvDtype::F16).unwrap();
         let x = 1.0 + 1.0 / 3.0;
         cache.write(0, 0, 0, &[x; 8], &[x; 8]);
-        let mut out = [0f32; 4];
-        cache.read_values(0, 0, 0, &mut out);
+        let mut out = [0f32; 8];
+        cache.read_values(0, 0, &mut out);
         assert_eq!(out[0], f16::from_f32(x).to_f32());
         assert!((out[0] - x).abs() <= x * 2f32.powi(-11));
     }

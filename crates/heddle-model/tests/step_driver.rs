@@ -166,7 +166,10 @@ fn stepping_one_ahead_gives_the_tokens_of_stepping_one_at_a_time() {
         "{} pending tokens",
         runner.pending_taken()
     );
-    assert!(launched_ahead * 2 > steps, "{launched_ahead} of {steps} steps launched ahead");
+    assert!(
+        launched_ahead * 2 > steps,
+        "{launched_ahead} of {steps} steps launched ahead"
+    );
     assert!(!driver.has_launched());
     assert_eq!(overlapped, plain);
     let kv = scheduler.stats().kv;

@@ -389,6 +389,7 @@ impl Scheduler {
     /// its row is dropped (nothing of it is in flight any more). A batch left empty is no
     /// longer a step: no update follows it.
     pub fn resolve_pending(&mut self, batch: &mut ScheduledBatch) {
+        let was_a_step = !batch.is_empty();
         batch.seqs.retain_mut(|scheduled| {
             if !scheduled.last_token_pending {
                 return true;
@@ -406,7 +407,7 @@ impl Scheduler {
             scheduled.last_token_pending = false;
             true
         });
-        if batch.is_empty() {
+        if was_a_step && batch.is_empty() {
             // Its sequences all ended, and with them their entries.
             self.steps_in_flight.pop_back();
         }

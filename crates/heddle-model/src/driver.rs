@@ -20,6 +20,10 @@ pub struct StepDriver {
     ahead: ScheduledBatch,
     /// Whether `batch` is launched and not yet collected (overlapped stepping).
     launched: bool,
+    /// Whether `batch` is scheduled and waits to be launched by the next overlapped step
+    /// (it could not be launched ahead; launching it then, not right after the update,
+    /// keeps the step just collected apart from a failure of its launch).
+    awaiting_launch: bool,
     /// Whether the step last returned is `ahead`'s (overlapped) rather than `batch`'s.
     collected_ahead: bool,
 }
@@ -78,17 +82,19 @@ impl StepDriver {
         scheduler.update(&self.sampled)
     }
 
-    /// Whether an overlapped step is launched and not yet collected: the next call must
-    /// be [`Self::step_overlapped`] (with `ahead` false to stop overlapping).
-    pub fn has_launched(&self) -> bool {
-        self.launched
+    /// Whether an overlapped step is launched and not yet collected, or scheduled and not
+    /// yet launched: the next call must be [`Self::step_overlapped`] (with `ahead` false
+    /// to stop overlapping).
+    pub fn has_pending_step(&self) -> bool {
+        self.launched || self.awaiting_launch
     }
 
     /// One step through a runner that overlaps steps: the step in flight (or, with none,
-    /// one scheduled now) is collected and applied; before the wait, with `ahead`, the
-    /// next step is scheduled and, when the runner can take it then, launched behind it
-    /// (otherwise it is completed with the update's tokens and launched after it). So
-    /// while the device computes a step, the host has already queued the next one.
+    /// the one waiting or one scheduled now, launched first) is collected and applied;
+    /// before the wait, with `ahead`, the next step is scheduled and, when the runner can
+    /// take it then, launched behind it (otherwise it is completed with the update's tokens
+    /// and waits for the next call). So while the device computes a step, the host has
+    /// already queued the next one.
     /// `on_scheduled` sees every batch as it is scheduled. Returns the collected step;
     /// `Ok(None)` when nothing was in flight and nothing could be scheduled. A failure
     /// abandons every step in flight (their sequences end with an error).
@@ -100,10 +106,13 @@ impl StepDriver {
         mut on_scheduled: impl FnMut(&ScheduledBatch, &Scheduler),
     ) -> Result<Option<StepResult>, StepFailed> {
         if !self.launched {
-            if self.schedule(scheduler).is_empty() {
-                return Ok(None);
+            if !self.awaiting_launch {
+                if self.schedule(scheduler).is_empty() {
+                    return Ok(None);
+                }
+                on_scheduled(&self.batch, scheduler);
             }
-            on_scheduled(&self.batch, scheduler);
+            self.awaiting_launch = false;
             let launched = runner.launch(&self.batch, scheduler);
             self.after_launch(launched, scheduler, runner)?;
         }
@@ -126,22 +135,17 @@ impl StepDriver {
         let collected = runner.collect();
         let outputs = self.after_launch(collected, scheduler, runner)?;
         let events = self.update(scheduler, &outputs);
-        let launched_ahead = ahead_launched;
         if !ahead_launched && !self.ahead.is_empty() {
             scheduler.resolve_pending(&mut self.ahead);
-            if !self.ahead.is_empty() {
-                let launched = runner.launch(&self.ahead, scheduler);
-                self.after_launch(launched, scheduler, runner)?;
-                ahead_launched = true;
-            }
         }
         std::mem::swap(&mut self.batch, &mut self.ahead);
         self.launched = ahead_launched;
+        self.awaiting_launch = !ahead_launched && !self.batch.is_empty();
         self.collected_ahead = true;
         Ok(Some(StepResult {
             outputs,
             events,
-            launched_ahead,
+            launched_ahead: ahead_launched,
         }))
     }
 
@@ -156,6 +160,7 @@ impl StepDriver {
         result.map_err(|error| {
             runner.abandon();
             self.launched = false;
+            self.awaiting_launch = false;
             StepFailed {
                 error,
                 ended: scheduler.abort_step(),
@@ -170,7 +175,7 @@ impl StepDriver {
         scheduler: &mut Scheduler,
         runner: &mut R,
     ) -> Result<Option<StepResult>, StepFailed> {
-        debug_assert!(!self.launched, "an overlapped step is still in flight");
+        debug_assert!(!self.has_pending_step(), "an overlapped step is pending");
         self.collected_ahead = false;
         if self.schedule(scheduler).is_empty() {
             return Ok(None);

@@ -84,8 +84,9 @@ fn a_failed_step_ends_the_requests_it_held() {
 }
 
 /// Six requests into a pool too small for all of them at once (so some are preempted
-/// and recomputed), of different lengths, greedy but one (seeded), one ending on a stop
-/// token that the scheduler cannot foresee.
+/// and recomputed), of different lengths, greedy but one (seeded, with a penalty, which
+/// keeps its pending tokens from being launched ahead), one ending on a stop token that
+/// the scheduler cannot foresee.
 fn mixed_workload(stop_token: Option<TokenId>) -> Scheduler {
     let mut scheduler = Scheduler::new(SchedulerConfig {
         num_blocks: 10,
@@ -111,6 +112,7 @@ fn mixed_workload(stop_token: Option<TokenId>) -> Scheduler {
             request.sampling = SamplingParams {
                 temperature: 0.8,
                 seed: Some(7),
+                frequency_penalty: 0.3,
                 ..SamplingParams::default()
             };
         }
@@ -162,16 +164,75 @@ fn stepping_one_ahead_gives_the_tokens_of_stepping_one_at_a_time() {
     }
     // A pending token the step before did not sample fails its launch (and the test).
     assert!(
-        runner.pending_taken() > 100,
+        runner.pending_taken() > 50,
         "{} pending tokens",
         runner.pending_taken()
     );
     assert!(
-        launched_ahead * 2 > steps,
+        launched_ahead * 3 > steps,
         "{launched_ahead} of {steps} steps launched ahead"
     );
-    assert!(!driver.has_launched());
+    assert!(!driver.has_pending_step());
     assert_eq!(overlapped, plain);
     let kv = scheduler.stats().kv;
     assert_eq!(kv.free_blocks, kv.total_blocks, "blocks leaked");
+}
+
+/// The CPU runner, failing its `failing`-th step (only that one).
+struct FailingOnce {
+    runner: CpuRunner,
+    failing: usize,
+}
+
+impl ModelRunner for FailingOnce {
+    fn config(&self) -> &ModelConfig {
+        self.runner.config()
+    }
+
+    fn step(
+        &mut self,
+        batch: &ScheduledBatch,
+        history: &dyn SequenceTokens,
+    ) -> Result<Vec<SampledOutput>, ModelError> {
+        self.failing = self.failing.wrapping_sub(1);
+        if self.failing == 0 {
+            return Err(ModelError::InvalidBatch("refused".into()));
+        }
+        self.runner.step(batch, history)
+    }
+}
+
+#[test]
+fn a_failure_while_overlapping_ends_every_request_once() {
+    for failing in 1..12 {
+        let mut runner = ComputedAtLaunch::new(FailingOnce {
+            runner: runner(),
+            failing,
+        });
+        let mut scheduler = mixed_workload(None);
+        let mut driver = StepDriver::default();
+        let (mut ended, mut failures) = (Vec::new(), 0);
+        for _ in 0..10_000 {
+            match driver.step_overlapped(&mut scheduler, &mut runner, true, |_, _| {}) {
+                Ok(Some(step)) => ended.extend(
+                    step.events
+                        .iter()
+                        .filter(|e| e.finish.is_some())
+                        .map(|e| e.id),
+                ),
+                Ok(None) => break,
+                Err(failed) => {
+                    assert!(!failed.ended.is_empty());
+                    ended.extend(failed.ended);
+                    failures += 1;
+                }
+            }
+        }
+        assert_eq!(failures, 1);
+        ended.sort_unstable();
+        assert_eq!(ended, (0..6).collect::<Vec<_>>(), "step {failing} failing");
+        assert!(!scheduler.has_work() && !driver.has_pending_step());
+        let kv = scheduler.stats().kv;
+        assert_eq!(kv.free_blocks, kv.total_blocks, "blocks leaked");
+    }
 }

@@ -528,7 +528,7 @@ impl Engine {
     fn run(&mut self, commands: &mpsc::Receiver<Command>) {
         loop {
             // Block only when there is nothing to compute (nor a step in flight to collect).
-            if !self.scheduler.has_work() && !self.driver.has_launched() {
+            if !self.scheduler.has_work() && !self.driver.has_pending_step() {
                 match commands.recv_timeout(IDLE_WAIT) {
                     Ok(command) => self.apply(command),
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
@@ -684,7 +684,7 @@ impl Engine {
         let started = Instant::now();
         let mut failed_grammars = Vec::new();
         let overlap = self.overlaps_steps();
-        let computed = if overlap || self.driver.has_launched() {
+        let computed = if overlap || self.driver.has_pending_step() {
             self.overlapped_step(overlap)
         } else {
             self.single_step(&mut failed_grammars)
